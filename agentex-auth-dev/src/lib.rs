@@ -1,0 +1,281 @@
+//! `agentex-auth-dev`: a stand-in for agentex-auth backed by a real SpiceDB
+//! engine, with fault injection.
+//!
+//! It speaks the agentex-auth HTTP contract (`/v1/authz/register`,
+//! `deregister`, `check`, `search`, `grant`, `revoke`) on top of an embedded,
+//! in-memory SpiceDB: the real server, built as a C shared library
+//! (`libspicedb.so`) and loaded at run time, so the product binary never links
+//! it. Its relationships can be read over gRPC as from any SpiceDB
+//! (`ReadRelationships`, `LookupResources`) on a TCP endpoint. Faults (5xx,
+//! 429, hangs, writes that commit but answer 503, latency, 401) are injected
+//! from a seeded RNG, so a failing run can be replayed.
+//!
+//! The library comes from `scripts/fetch-spicedb.sh`:
+//!
+//! ```sh
+//! export SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh)
+//! ```
+//!
+//! # In a test
+//!
+//! ```no_run
+//! use agentex_auth_dev::{DevServer, DevServerConfig, Fault, FaultRates, Faults};
+//!
+//! # async fn demo() -> Result<(), agentex_auth_dev::DevServerError> {
+//! let server = DevServer::start(DevServerConfig::ephemeral()).await?;
+//! let register = format!("{}/v1/authz/register", server.base_url());
+//! // ... drive the code under test against `register` ...
+//!
+//! // Then make every register commit but answer 503:
+//! server.set_faults(Faults {
+//!     seed: Some(42),
+//!     all: FaultRates::always(Fault::AppliedThen503),
+//!     ..Faults::none()
+//! });
+//! assert_eq!(server.stats().writes_applied, 0);
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Each [`DevServer`] runs its own engine (its own datastore and socket);
+//! several can run in one process. The library itself is loaded once per
+//! process and never unloaded.
+
+mod engine;
+mod faults;
+mod ffi;
+mod grpc_proxy;
+mod http;
+mod schema;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use crate::engine::EngineError;
+pub use crate::faults::{Endpoint, Fault, FaultRates, Faults};
+pub use crate::ffi::{FfiError, LIBRARY_PATH_ENV, SETUP_COMMAND};
+pub use crate::schema::DEFAULT_SCHEMA;
+pub use crate::stats::Stats;
+
+use crate::engine::Engine;
+use crate::faults::FaultInjector;
+use crate::ffi::Library;
+use crate::schema::Schema;
+use crate::stats::StatsRecorder;
+
+/// How to start a [`DevServer`].
+#[derive(Debug, Clone)]
+pub struct DevServerConfig {
+    /// The HTTP (agentex-auth contract) address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// The SpiceDB gRPC address; port 0 picks a free one.
+    pub grpc_listen: SocketAddr,
+    /// `libspicedb.so`; `None` reads `SPICEDB_LIBRARY_PATH`. Only the first
+    /// server of a process loads the library; later ones reuse it.
+    pub library_path: Option<PathBuf>,
+    /// The SpiceDB schema text; defaults to `agentex-auth-dev/schema.zed`.
+    pub schema: String,
+    pub faults: Faults,
+}
+
+impl Default for DevServerConfig {
+    /// The binary's defaults: HTTP on 127.0.0.1:8181, gRPC on 127.0.0.1:50051.
+    fn default() -> Self {
+        DevServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            library_path: None,
+            schema: DEFAULT_SCHEMA.to_string(),
+            faults: Faults::none(),
+        }
+    }
+}
+
+impl DevServerConfig {
+    /// Both endpoints on 127.0.0.1 with ports the OS picks: for tests.
+    pub fn ephemeral() -> Self {
+        DevServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..DevServerConfig::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevServerError {
+    /// The library is missing or unusable; the message names the setup
+    /// command.
+    #[error(transparent)]
+    Library(#[from] FfiError),
+    #[error("cannot start SpiceDB: {0}")]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid fault configuration: {0}")]
+    Faults(String),
+}
+
+/// A running agentex-auth stand-in. Stop it with [`DevServer::shutdown`];
+/// dropping it leaves the server running until the tokio runtime ends.
+pub struct DevServer {
+    http_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    faults: Arc<FaultInjector>,
+    stats: Arc<StatsRecorder>,
+    shutdown: watch::Sender<bool>,
+    http_task: JoinHandle<()>,
+    grpc_task: JoinHandle<()>,
+    engine: Engine,
+}
+
+impl DevServer {
+    /// Loads the library (once per process), starts an in-memory SpiceDB,
+    /// writes the schema, and serves HTTP and gRPC.
+    pub async fn start(cfg: DevServerConfig) -> Result<DevServer, DevServerError> {
+        cfg.faults.validate().map_err(DevServerError::Faults)?;
+        let library = {
+            let path = cfg.library_path.clone();
+            tokio::task::spawn_blocking(move || Library::get(path.as_deref()))
+                .await
+                .map_err(EngineError::from)??
+        };
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| DevServerError::Bind { what, addr, source })
+        };
+        let http_listener = bind("http", cfg.listen).await?;
+        let grpc_listener = bind("grpc", cfg.grpc_listen).await?;
+        let local = |listener: &TcpListener, what, addr| {
+            listener
+                .local_addr()
+                .map_err(|source| DevServerError::Bind { what, addr, source })
+        };
+        let http_addr = local(&http_listener, "http", cfg.listen)?;
+        let grpc_addr = local(&grpc_listener, "grpc", cfg.grpc_listen)?;
+
+        let engine = Engine::start(library, &cfg.schema).await?;
+        let faults = Arc::new(FaultInjector::new(cfg.faults));
+        let stats = Arc::new(StatsRecorder::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let grpc_task = grpc_proxy::spawn(
+            grpc_listener,
+            engine.streaming_socket().to_path_buf(),
+            shutdown_rx.clone(),
+        );
+        let app = http::router(http::AppState {
+            engine: engine.clone(),
+            schema: Arc::new(Schema::parse(&cfg.schema)),
+            faults: Arc::clone(&faults),
+            stats: Arc::clone(&stats),
+            shutdown: shutdown_rx.clone(),
+        });
+        let http_task = tokio::spawn(async move {
+            let mut stop = shutdown_rx;
+            let result = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "http server failed");
+            }
+        });
+        tracing::info!(
+            http = %http_addr,
+            grpc = %grpc_addr,
+            library = %library.path().display(),
+            "agentex-auth-dev listening"
+        );
+        Ok(DevServer {
+            http_addr,
+            grpc_addr,
+            faults,
+            stats,
+            shutdown,
+            http_task,
+            grpc_task,
+            engine,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`: the agentex-auth base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// `http://127.0.0.1:PORT`: the SpiceDB gRPC endpoint (streaming RPCs).
+    pub fn grpc_endpoint(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Replaces the fault configuration; a `seed` in it reseeds the RNG.
+    /// An invalid configuration (probabilities outside 0..=1 or summing to
+    /// more than 1) is rejected.
+    pub fn try_set_faults(&self, faults: Faults) -> Result<(), DevServerError> {
+        faults.validate().map_err(DevServerError::Faults)?;
+        self.faults.set(faults);
+        Ok(())
+    }
+
+    /// Replaces the fault configuration; a `seed` in it reseeds the RNG.
+    ///
+    /// # Panics
+    /// On an invalid configuration: this is for tests, where a typo in the
+    /// rates should fail loudly. Use [`DevServer::try_set_faults`] otherwise.
+    pub fn set_faults(&self, faults: Faults) {
+        if let Err(error) = self.try_set_faults(faults) {
+            panic!("{error}");
+        }
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.faults.get()
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.snapshot()
+    }
+
+    pub fn reset_stats(&self) {
+        self.stats.reset();
+    }
+
+    /// Stops serving (in-flight injected hangs end at once), then disposes
+    /// the engine.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.http_task.await;
+        let _ = self.grpc_task.await;
+        // Disposing blocks on the engine; do it off the async threads.
+        let engine = self.engine;
+        let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+    }
+
+    /// Serves until `signal` completes, then shuts down: for the binary.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}

@@ -1,0 +1,117 @@
+//! The SpiceDB schema the server writes, and the names it defines.
+//!
+//! The HTTP layer needs to know, before it asks SpiceDB, whether a resource
+//! type exists and which operations it defines: an unknown type is the
+//! caller's mistake (4xx), and an operation a type does not define is a plain
+//! "denied" (403), whereas SpiceDB would answer both with an error. So the
+//! schema text is scanned once for its `definition`, `relation` and
+//! `permission` names. SpiceDB itself still validates the full text.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The schema shipped in the repository (`agentex-auth-dev/schema.zed`).
+pub const DEFAULT_SCHEMA: &str = include_str!("../schema.zed");
+
+/// The names one `definition` block declares.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Definition {
+    pub relations: BTreeSet<String>,
+    pub permissions: BTreeSet<String>,
+}
+
+impl Definition {
+    pub fn has_relation(&self, name: &str) -> bool {
+        self.relations.contains(name)
+    }
+
+    pub fn has_permission(&self, name: &str) -> bool {
+        self.permissions.contains(name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Schema {
+    definitions: BTreeMap<String, Definition>,
+}
+
+impl Schema {
+    pub fn parse(text: &str) -> Schema {
+        let mut definitions = BTreeMap::new();
+        let mut current: Option<(String, Definition)> = None;
+        for line in text.lines() {
+            let line = line.split("//").next().unwrap_or_default();
+            let mut words = line.split(|c: char| c.is_whitespace() || "{}:=".contains(c));
+            let words: Vec<&str> = words.by_ref().filter(|w| !w.is_empty()).collect();
+            match words.as_slice() {
+                ["definition", name, ..] => {
+                    if let Some((name, definition)) = current.take() {
+                        definitions.insert(name, definition);
+                    }
+                    current = Some((name.to_string(), Definition::default()));
+                }
+                ["relation", name, ..] => {
+                    if let Some((_, definition)) = current.as_mut() {
+                        definition.relations.insert(name.to_string());
+                    }
+                }
+                ["permission", name, ..] => {
+                    if let Some((_, definition)) = current.as_mut() {
+                        definition.permissions.insert(name.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some((name, definition)) = current {
+            definitions.insert(name, definition);
+        }
+        Schema { definitions }
+    }
+
+    pub fn definition(&self, name: &str) -> Option<&Definition> {
+        self.definitions.get(name)
+    }
+}
+
+impl Default for Schema {
+    fn default() -> Self {
+        Schema::parse(DEFAULT_SCHEMA)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_schema_defines_the_contract_types() {
+        let schema = Schema::default();
+        for ty in ["agent", "api_key", "task", "schedule"] {
+            let definition = schema.definition(ty).expect(ty);
+            assert!(definition.has_relation("owner"), "{ty} has owner");
+            assert!(definition.has_permission("read"), "{ty} has read");
+        }
+        let agent = schema.definition("agent").expect("agent");
+        assert!(!agent.has_relation("parent_agent"));
+        assert!(!agent.has_permission("execute"));
+        let key = schema.definition("api_key").expect("api_key");
+        assert!(key.has_relation("parent_agent"));
+        assert!(key.has_permission("delete"));
+        assert!(
+            schema
+                .definition("user")
+                .is_some_and(|d| d.relations.is_empty())
+        );
+    }
+
+    #[test]
+    fn comments_are_ignored() {
+        let schema = Schema::parse(
+            "// definition ghost {}\ndefinition a { // relation x: a\n relation y: a\n}",
+        );
+        assert!(schema.definition("ghost").is_none());
+        let a = schema.definition("a").expect("a");
+        assert!(!a.has_relation("x"));
+        assert!(a.has_relation("y"));
+    }
+}
