@@ -1,0 +1,324 @@
+//! The agentex-auth contract against the real engine.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{resource, spawn, user};
+
+#[tokio::test]
+async fn key_is_readable_by_its_owner_only_once_its_agent_is_readable() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let bob = user("bob");
+    let key = || resource("api_key", "key-1");
+
+    assert_eq!(
+        t.register(&alice, key(), Some(resource("agent", "agent-1")))
+            .await,
+        StatusCode::OK
+    );
+    // The parent agent is not registered yet: the key fails closed.
+    assert_eq!(t.check(&alice, key(), "read").await, StatusCode::FORBIDDEN);
+
+    assert_eq!(
+        t.register(&alice, resource("agent", "agent-1"), None).await,
+        StatusCode::OK
+    );
+    assert_eq!(t.check(&alice, key(), "read").await, StatusCode::OK);
+    assert_eq!(t.check(&alice, key(), "delete").await, StatusCode::OK);
+    assert_eq!(t.check(&bob, key(), "read").await, StatusCode::FORBIDDEN);
+    // An operation api_key does not define is denied, not an error.
+    assert_eq!(
+        t.check(&alice, key(), "execute").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(t.search(&alice, "api_key", "read").await, vec!["key-1"]);
+    assert!(t.search(&bob, "api_key", "read").await.is_empty());
+    assert!(t.search(&alice, "agent", "cancel").await.is_empty());
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn key_without_parent_edge_is_denied() {
+    let t = spawn().await;
+    let alice = user("alice");
+    assert_eq!(
+        t.register(&alice, resource("agent", "agent-1"), None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.register(&alice, resource("api_key", "orphan"), None)
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.check(&alice, resource("api_key", "orphan"), "read").await,
+        StatusCode::FORBIDDEN
+    );
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn register_and_deregister_are_idempotent_and_deregister_removes_everything() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let key = || resource("api_key", "key-1");
+    t.register(&alice, resource("agent", "agent-1"), None).await;
+    for _ in 0..2 {
+        let (status, body) = t
+            .post(
+                "/v1/authz/register",
+                &json!({"principal": alice, "resource": key(), "parent": resource("agent", "agent-1")}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body["consistency_token"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "register answers a ZedToken: {body}"
+        );
+    }
+    // A second owner, through the legacy grant.
+    let (status, _) = t
+        .post(
+            "/v1/authz/grant",
+            &json!({"principal": user("bob"), "resource": key(), "operation": "read"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        crate::grpc::relationships_of(&t, "api_key", "key-1")
+            .await
+            .len(),
+        3,
+        "owner alice, owner bob, parent agent"
+    );
+
+    for _ in 0..2 {
+        let (status, body) = t
+            .post(
+                "/v1/authz/deregister",
+                &json!({"principal": alice, "resource": key()}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "deleting nothing is success: {body}"
+        );
+        assert!(body["consistency_token"].is_string());
+    }
+    assert!(
+        crate::grpc::relationships_of(&t, "api_key", "key-1")
+            .await
+            .is_empty()
+    );
+    assert_eq!(t.check(&alice, key(), "read").await, StatusCode::FORBIDDEN);
+    // The agent is untouched.
+    assert_eq!(
+        t.check(&alice, resource("agent", "agent-1"), "read").await,
+        StatusCode::OK
+    );
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn grant_and_revoke_touch_only_the_owner_edge() {
+    let t = spawn().await;
+    let bob = user("bob");
+    let agent = || resource("agent", "agent-1");
+    t.register(&user("alice"), agent(), None).await;
+    let body = json!({"principal": bob, "resource": agent(), "operation": "read"});
+    assert_eq!(t.check(&bob, agent(), "read").await, StatusCode::FORBIDDEN);
+    assert_eq!(t.post("/v1/authz/grant", &body).await.0, StatusCode::OK);
+    assert_eq!(t.check(&bob, agent(), "update").await, StatusCode::OK);
+    assert_eq!(t.post("/v1/authz/revoke", &body).await.0, StatusCode::OK);
+    assert_eq!(t.check(&bob, agent(), "read").await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        t.post("/v1/authz/revoke", &body).await.0,
+        StatusCode::OK,
+        "revoking twice is fine"
+    );
+    assert_eq!(
+        t.check(&user("alice"), agent(), "read").await,
+        StatusCode::OK
+    );
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn service_accounts_and_all_resource_types_register() {
+    let t = spawn().await;
+    let sa = json!({"user_id": null, "service_account_id": "svc-1"});
+    t.register(&sa, resource("agent", "agent-1"), None).await;
+    for ty in ["api_key", "task", "schedule"] {
+        assert_eq!(
+            t.register(&sa, resource(ty, "x-1"), Some(resource("agent", "agent-1")))
+                .await,
+            StatusCode::OK,
+            "{ty}"
+        );
+        assert_eq!(
+            t.check(&sa, resource(ty, "x-1"), "read").await,
+            StatusCode::OK,
+            "{ty}"
+        );
+    }
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_4xx_with_a_json_error() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let cases = [
+        (
+            "/v1/authz/register",
+            json!({"principal": {"account_id": "a"}, "resource": resource("agent", "a")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("widget", "a")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("user", "a")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("agent", "a b")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("agent", "")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": user("a@b.c"), "resource": resource("agent", "a")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("api_key", "k"), "parent": resource("task", "t")}),
+            422,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("agent", "a"), "parent": resource("agent", "p")}),
+            422,
+        ),
+        ("/v1/authz/register", json!({"principal": alice}), 422),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": {"type": "agent", "selector": 7}}),
+            422,
+        ),
+        ("/v1/authz/register", json!([1, 2]), 422),
+        (
+            "/v1/authz/deregister",
+            json!({"resource": resource("agent", "a")}),
+            422,
+        ),
+        (
+            "/v1/authz/check",
+            json!({"principal": alice, "resource": resource("agent", "a"), "operation": "fly"}),
+            422,
+        ),
+        (
+            "/v1/authz/check",
+            json!({"principal": alice, "resource": resource("agent", "a")}),
+            422,
+        ),
+        (
+            "/v1/authz/search",
+            json!({"principal": alice, "filter_resource": "widget", "filter_operation": "read"}),
+            422,
+        ),
+        (
+            "/v1/authz/grant",
+            json!({"principal": "alice", "resource": resource("agent", "a"), "operation": "read"}),
+            422,
+        ),
+        ("/_dev/faults", json!({"all": {"status_500": 2.0}}), 422),
+        ("/_dev/faults", json!({"no_such_knob": true}), 422),
+    ];
+    for (path, body, expected) in cases {
+        let (status, answer) = t.post(path, &body).await;
+        assert_eq!(status.as_u16(), expected, "{path} {body} -> {answer}");
+        assert!(answer["error"].is_string(), "{path} {body} -> {answer}");
+    }
+    for raw in ["{not json", "", "{,}", "{\"seed\": 1"] {
+        for path in ["/v1/authz/register", "/v1/authz/check", "/_dev/faults"] {
+            let response = t
+                .http
+                .post(t.url(path))
+                .body(raw)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path} {raw:?}");
+            let answer: serde_json::Value = response.json().await.expect("json error body");
+            assert!(answer["error"].is_string());
+        }
+    }
+    // Nothing was written, and the server still serves.
+    assert_eq!(t.server.stats().writes_applied, 0);
+    assert_eq!(
+        t.register(&alice, resource("agent", "a"), None).await,
+        StatusCode::OK
+    );
+    let health = t.http.get(t.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(health.status(), StatusCode::OK);
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn headers_of_the_real_client_are_accepted() {
+    let t = spawn().await;
+    let response = t
+        .http
+        .post(t.url("/v1/authz/register"))
+        .bearer_auth("some-token")
+        .header("Idempotency-Key", "register:agent:a1")
+        .json(&json!({"principal": user("alice"), "resource": resource("agent", "a1"), "parent": null}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), StatusCode::OK);
+    t.shutdown().await;
+}
+
+#[tokio::test]
+async fn servers_in_one_process_have_separate_engines() {
+    let (a, b) = tokio::join!(spawn(), spawn());
+    let alice = user("alice");
+    assert_eq!(
+        a.register(&alice, resource("agent", "agent-1"), None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        a.check(&alice, resource("agent", "agent-1"), "read").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.check(&alice, resource("agent", "agent-1"), "read").await,
+        StatusCode::FORBIDDEN
+    );
+    a.shutdown().await;
+    // b outlives a's disposal.
+    assert_eq!(
+        b.register(&alice, resource("agent", "agent-2"), None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.check(&alice, resource("agent", "agent-2"), "read").await,
+        StatusCode::OK
+    );
+    b.shutdown().await;
+}
