@@ -1,0 +1,51 @@
+use std::process::ExitCode;
+
+use super::{DbArgs, Format, print_json};
+use crate::outbox::stats;
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// How many of the newest dead rows to show.
+    #[arg(long, default_value_t = 10)]
+    dead: i64,
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let pool = args.db.connect(2).await?;
+    let s = stats::collect(&pool, args.dead).await?;
+    match args.format {
+        Format::Json => print_json(&s)?,
+        Format::Table => {
+            println!("{:<12} {:>10} {:>10} {:>10}", "STATE", "TOTAL", "REGISTER", "DEREGISTER");
+            for (state, total) in &s.counts {
+                let by_op = s.by_operation.get(state);
+                let n = |op: &str| by_op.and_then(|m| m.get(op)).copied().unwrap_or(0);
+                println!("{state:<12} {total:>10} {:>10} {:>10}", n("register"), n("deregister"));
+            }
+            println!();
+            println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
+            println!("leased now:         {}", s.leased);
+            if !s.recent_dead.is_empty() {
+                println!();
+                println!("newest dead rows:");
+                for d in &s.recent_dead {
+                    println!(
+                        "  #{} {} {}:{} attempts={} status={} {}",
+                        d.id,
+                        d.operation,
+                        d.resource_type,
+                        d.resource_id,
+                        d.attempts,
+                        d.last_status.map_or("-".into(), |s| s.to_string()),
+                        d.last_error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

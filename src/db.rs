@@ -1,0 +1,51 @@
+//! Connecting to PostgreSQL and applying the embedded migrations.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// The migrations in `migrations/`, compiled into the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid DATABASE_URL: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Opens a pool. The URL is parsed first so a typo is reported as such, and
+/// the password never appears in the error.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|e| DbError::Connect(redact(&e.to_string(), url)))
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Removes the URL (which may hold a password) from a driver message.
+fn redact(message: &str, url: &str) -> String {
+    let mut out = message.replace(url, "<DATABASE_URL>");
+    if let Ok(parsed) = url::Url::parse(url)
+        && let Some(password) = parsed.password()
+        && !password.is_empty()
+    {
+        out = out.replace(password, "<redacted>");
+    }
+    out
+}

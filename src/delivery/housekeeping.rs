@@ -1,0 +1,95 @@
+//! Periodic work beside delivery: gauges from the outbox, database health for
+//! `/readyz`, and pruning of finished rows past retention.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::gate::OpenReason;
+use super::worker::Health;
+use crate::metrics as m;
+use crate::outbox::{prune, stats};
+
+const TICK: Duration = Duration::from_secs(1);
+const STATS_EVERY: u32 = 5;
+const PRUNE_EVERY: u32 = 60;
+const PRUNE_BATCH: i64 = 1000;
+
+pub async fn run(
+    pool: PgPool,
+    health: Arc<Health>,
+    retention: Duration,
+    prune_enabled: bool,
+    cancel: CancellationToken,
+) {
+    let mut tick = 0u32;
+    loop {
+        let gate = health.gate.open_reason();
+        metrics::gauge!(m::CREDENTIAL_FAILURE).set(f64::from(u8::from(gate == Some(OpenReason::Credential))));
+        metrics::gauge!(m::CIRCUIT_OPEN).set(f64::from(u8::from(gate == Some(OpenReason::Outage))));
+        if tick % STATS_EVERY == 0 {
+            refresh_gauges(&pool, &health).await;
+        }
+        metrics::gauge!(m::READY).set(f64::from(u8::from(health.ready())));
+        if prune_enabled && tick % PRUNE_EVERY == PRUNE_EVERY - 1 {
+            prune_all(&pool, retention, &cancel).await;
+        }
+        tick = tick.wrapping_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+async fn refresh_gauges(pool: &PgPool, health: &Health) {
+    match stats::collect(pool, 0).await {
+        Ok(s) => {
+            health.database_ok.store(true, Ordering::Relaxed);
+            for (state, n) in &s.counts {
+                metrics::gauge!(m::ROWS, "state" => state.clone()).set(*n as f64);
+            }
+            metrics::gauge!(m::OLDEST_PENDING_AGE).set(s.oldest_pending_age_seconds);
+            metrics::gauge!(m::LEASED_ROWS).set(s.leased as f64);
+        }
+        Err(e) => {
+            health.database_ok.store(false, Ordering::Relaxed);
+            tracing::warn!(error = %e, "database unreachable; worker not ready");
+            return;
+        }
+    }
+    match stats::last_reconcile(pool).await {
+        Ok(Some(run)) => {
+            metrics::gauge!(m::RECONCILE_DRIFT).set(run.drift as f64);
+            metrics::gauge!(m::RECONCILE_LAST_RUN).set(run.finished_at.timestamp() as f64);
+        }
+        Ok(None) => {
+            metrics::gauge!(m::RECONCILE_DRIFT).set(0.0);
+            metrics::gauge!(m::RECONCILE_LAST_RUN).set(0.0);
+        }
+        Err(e) => tracing::debug!(error = %e, "reading the last reconcile run failed"),
+    }
+}
+
+async fn prune_all(pool: &PgPool, retention: Duration, cancel: &CancellationToken) {
+    loop {
+        match prune::prune(pool, retention, PRUNE_BATCH).await {
+            Ok(n) if n == PRUNE_BATCH as u64 && !cancel.is_cancelled() => {
+                tracing::debug!(rows = n, "pruned finished rows");
+            }
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(rows = n, "pruned finished rows");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning failed");
+                return;
+            }
+        }
+    }
+}

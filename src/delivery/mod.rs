@@ -1,0 +1,20 @@
+//! Delivery: claim → call agentex-auth → record, for one worker process.
+//!
+//! Follow a row: [`worker`] claims it (`outbox::claim`), checks it
+//! ([`prepare`]: bad data goes dead, a key created and deleted before
+//! delivery is superseded), sends it (`auth_client`), turns the answer into
+//! an outcome ([`outcome`], [`backoff`]) and hands that to the recorder,
+//! which writes outcomes in batches (`outbox::record`). [`gate`] decides how
+//! much may be claimed while agentex-auth is down or rejects our credential;
+//! [`listener`] wakes the claimer when a capture commits; [`housekeeping`]
+//! keeps the gauges fresh and prunes finished rows.
+
+pub mod backoff;
+pub mod gate;
+pub mod housekeeping;
+pub mod listener;
+pub mod outcome;
+pub mod prepare;
+pub mod worker;
+
+pub use worker::{RunReport, Worker, WorkerError};

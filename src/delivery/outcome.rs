@@ -1,0 +1,161 @@
+//! What an answer from agentex-auth means for a row, as the host service
+//! maps status codes (CONTRACT.md). Pure, so every branch is unit-tested.
+
+use std::time::Duration;
+
+use crate::auth_client::AuthAnswer;
+use crate::domain::Operation;
+
+/// The class of an answer, before attempts and age are considered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Applied (or, for a deregister, already gone).
+    Applied { consistency_token: Option<String> },
+    /// Might succeed later: network, timeout, 408, 429, 5xx.
+    Transient {
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        error: String,
+    },
+    /// Will not succeed as it is: other 4xx.
+    Permanent { status: u16, error: String },
+    /// 401: *our* credential is wrong. Not the row's fault.
+    Unauthorized { error: String },
+}
+
+pub fn classify(operation: Operation, answer: AuthAnswer) -> Verdict {
+    match answer {
+        AuthAnswer::Success { consistency_token } => Verdict::Applied { consistency_token },
+        AuthAnswer::Timeout => Verdict::Transient {
+            status: None,
+            retry_after: None,
+            error: "request timed out".into(),
+        },
+        AuthAnswer::Network(error) => Verdict::Transient {
+            status: None,
+            retry_after: None,
+            error: format!("unreachable: {error}"),
+        },
+        AuthAnswer::Status {
+            status,
+            retry_after,
+            message,
+        } => {
+            let error = describe(status, &message);
+            match status {
+                401 => Verdict::Unauthorized { error },
+                // Deleting what is not there is the goal reached.
+                404 if operation == Operation::Deregister => Verdict::Applied {
+                    consistency_token: None,
+                },
+                408 | 429 | 500..=599 => Verdict::Transient {
+                    status: Some(status),
+                    retry_after,
+                    error,
+                },
+                // 403 (principal not allowed), 400, 404 on register, 409,
+                // 422, and any other non-2xx: permanent, by class.
+                _ => Verdict::Permanent { status, error },
+            }
+        }
+    }
+}
+
+fn describe(status: u16, message: &str) -> String {
+    let label = match status {
+        401 => "credential rejected",
+        403 => "principal not allowed",
+        404 => "not found",
+        409 => "conflict",
+        422 => "unprocessable",
+        429 => "rate limited",
+        502 => "bad gateway",
+        503 => "temporarily unavailable",
+        400..=499 => "client error",
+        500..=599 => "server error",
+        _ => "unexpected status",
+    };
+    if message.is_empty() {
+        format!("HTTP {status} {label}")
+    } else {
+        format!("HTTP {status} {label}: {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> AuthAnswer {
+        AuthAnswer::Status {
+            status: code,
+            retry_after: None,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn retryable_classes() {
+        for code in [408, 429, 500, 502, 503, 504, 599] {
+            assert!(
+                matches!(classify(Operation::Register, status(code)), Verdict::Transient { status: Some(c), .. } if c == code),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            classify(Operation::Register, AuthAnswer::Timeout),
+            Verdict::Transient { status: None, .. }
+        ));
+        assert!(matches!(
+            classify(Operation::Deregister, AuthAnswer::Network("refused".into())),
+            Verdict::Transient { .. }
+        ));
+    }
+
+    #[test]
+    fn permanent_classes() {
+        for code in [400, 403, 404, 409, 418, 422, 302] {
+            assert!(
+                matches!(classify(Operation::Register, status(code)), Verdict::Permanent { status: c, .. } if c == code),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn deregister_of_something_already_gone_is_done() {
+        assert!(matches!(
+            classify(Operation::Deregister, status(404)),
+            Verdict::Applied { .. }
+        ));
+        assert!(matches!(
+            classify(Operation::Deregister, status(409)),
+            Verdict::Permanent { .. }
+        ));
+    }
+
+    #[test]
+    fn unauthorized_is_the_workers_problem() {
+        assert!(matches!(
+            classify(Operation::Register, status(401)),
+            Verdict::Unauthorized { .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_is_kept() {
+        let answer = AuthAnswer::Status {
+            status: 429,
+            retry_after: Some(Duration::from_secs(3)),
+            message: "slow down".into(),
+        };
+        assert_eq!(
+            classify(Operation::Register, answer),
+            Verdict::Transient {
+                status: Some(429),
+                retry_after: Some(Duration::from_secs(3)),
+                error: "HTTP 429 rate limited: slow down".into()
+            }
+        );
+    }
+}

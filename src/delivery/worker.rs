@@ -1,0 +1,674 @@
+//! The worker loop.
+//!
+//! One claimer loop leases rows while there is room (a semaphore of
+//! `concurrency` permits); each row is sent by its own task; outcomes go
+//! through one channel to a recorder task that writes them in batches. The
+//! claimer wakes on a capture's notification, on a recorded outcome (which
+//! may unblock the next row of a resource), or on the poll interval.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::backoff::retry_delay;
+use super::gate::{Admit, Gate, OpenReason, Signal};
+use super::outcome::{Verdict, classify};
+use super::prepare::{self, Deliverable};
+use super::{housekeeping, listener};
+use crate::auth_client::AuthClient;
+use crate::config::WorkerConfig;
+use crate::domain::Operation;
+use crate::metrics as m;
+use crate::outbox::record::{Recorded, RowUpdate, record};
+use crate::outbox::{ClaimedRow, claim};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// What one run did, for `run --once` and tests.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunReport {
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead: u64,
+    pub superseded: u64,
+    pub released: u64,
+    /// Outcomes dropped because the lease had passed to another worker.
+    pub lost_lease: u64,
+    /// agentex-auth was rejecting our credential when the run ended.
+    pub credential_failure: bool,
+}
+
+/// Liveness facts the health endpoint reports.
+#[derive(Debug)]
+pub struct Health {
+    pub(crate) database_ok: AtomicBool,
+    pub(crate) gate: Arc<Gate>,
+}
+
+impl Health {
+    /// Ready: the database answers and agentex-auth accepts our credential.
+    pub fn ready(&self) -> bool {
+        self.database_ok.load(Ordering::Relaxed)
+            && self.gate.open_reason() != Some(OpenReason::Credential)
+    }
+}
+
+/// A row settled by a delivery task (or without one), waiting to be written.
+struct Settled {
+    recorded: Recorded,
+    operation: Operation,
+}
+
+/// What the claimer and the recorder both track. The recorder holds only
+/// this (not [`Shared`]), so the outcome channel closes exactly when the
+/// claimer and every delivery task are gone.
+#[derive(Default)]
+struct Progress {
+    /// Wakes the claimer.
+    wake: Notify,
+    /// Rows claimed and not yet written back.
+    outstanding: AtomicUsize,
+    report: Mutex<RunReport>,
+}
+
+impl listener::Wake for Progress {
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// State shared by the claimer and the delivery tasks.
+struct Shared {
+    pool: PgPool,
+    client: AuthClient,
+    config: WorkerConfig,
+    gate: Arc<Gate>,
+    progress: Arc<Progress>,
+    /// Rows whose request is in flight: released if shutdown cuts them off.
+    in_flight: Mutex<HashMap<i64, (Uuid, Operation)>>,
+    settled: mpsc::UnboundedSender<Settled>,
+    /// When the last credential failure was logged, to log it once per interval.
+    last_credential_log: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    fn settle(&self, row: &ClaimedRow, operation: Operation, update: RowUpdate) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&row.id);
+        let settled = Settled {
+            recorded: Recorded {
+                id: row.id,
+                lease_token: row.lease_token,
+                update,
+            },
+            operation,
+        };
+        // The recorder outlives every sender; if it is gone the process is
+        // ending and the lease will hand the row to another worker.
+        let _ = self.settled.send(settled);
+    }
+}
+
+pub struct Worker {
+    pool: PgPool,
+    client: AuthClient,
+    config: WorkerConfig,
+    health: Arc<Health>,
+}
+
+impl Worker {
+    pub fn new(
+        pool: PgPool,
+        client: AuthClient,
+        config: WorkerConfig,
+    ) -> Result<Self, WorkerError> {
+        config.validate()?;
+        let gate = Arc::new(Gate::new(
+            config.circuit_threshold,
+            Duration::from_secs(1),
+            Duration::from_secs(60).max(config.poll_interval),
+        ));
+        let health = Arc::new(Health {
+            database_ok: AtomicBool::new(false),
+            gate,
+        });
+        Ok(Worker {
+            pool,
+            client,
+            config,
+            health,
+        })
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Delivers until `shutdown` fires, or — with `once` — until no row is due.
+    pub async fn run(self, shutdown: CancellationToken, once: bool) -> RunReport {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let progress = Arc::new(Progress::default());
+        let shared = Arc::new(Shared {
+            pool: self.pool.clone(),
+            client: self.client,
+            config: self.config,
+            gate: self.health.gate.clone(),
+            progress: progress.clone(),
+            in_flight: Mutex::new(HashMap::new()),
+            settled: tx,
+            last_credential_log: Mutex::new(None),
+        });
+        let background = CancellationToken::new();
+        let recorder = tokio::spawn(recorder(self.pool.clone(), progress.clone(), rx));
+        let listener = tokio::spawn(listener::listen(
+            self.pool.clone(),
+            progress.clone() as Arc<dyn listener::Wake>,
+            background.clone(),
+        ));
+        let housekeeping = tokio::spawn(housekeeping::run(
+            self.pool.clone(),
+            self.health.clone(),
+            shared.config.retention,
+            !once,
+            background.clone(),
+        ));
+
+        let mut tasks = claim_loop(&shared, &shutdown, once).await;
+        finish_in_flight(&shared, &mut tasks).await;
+
+        background.cancel();
+        let credential_failure = shared.gate.open_reason() == Some(OpenReason::Credential);
+        // Dropping the last sender ends the recorder once it has written
+        // everything queued.
+        drop(shared);
+        for handle in [recorder, listener, housekeeping] {
+            if let Err(e) = handle.await {
+                tracing::error!(error = %e, "worker task ended abnormally");
+            }
+        }
+        let mut report = progress.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        report.credential_failure = credential_failure;
+        report
+    }
+}
+
+/// Claims and dispatches until shutdown (or, with `once`, until idle).
+async fn claim_loop(
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    once: bool,
+) -> JoinSet<()> {
+    let permits = Arc::new(Semaphore::new(shared.config.concurrency));
+    let mut tasks = JoinSet::new();
+    let mut db_failures = 0u32;
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // Reap finished tasks so the set does not grow without bound.
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "delivery task failed");
+            }
+        }
+        let idle_before = shared.progress.outstanding.load(Ordering::SeqCst) == 0;
+        let room = permits.available_permits().min(shared.config.batch_size);
+        let admit = shared.gate.admit(Instant::now());
+        let limit = match admit {
+            Admit::All => room,
+            Admit::Probe => room.min(1),
+            Admit::Nothing { .. } => 0,
+        };
+        let claimed = if limit > 0 {
+            match claim_batch(shared, limit).await {
+                Ok(rows) => {
+                    db_failures = 0;
+                    rows
+                }
+                Err(e) => {
+                    db_failures += 1;
+                    tracing::warn!(error = %e, "claiming rows failed; retrying");
+                    if admit == Admit::Probe {
+                        shared.gate.probe_unused();
+                    }
+                    let pause = retry_delay(
+                        db_failures,
+                        Duration::from_millis(100),
+                        Duration::from_secs(5),
+                        None,
+                        rand::random(),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+
+        if claimed.is_empty() {
+            if admit == Admit::Probe {
+                shared.gate.probe_unused();
+            }
+            if once && idle_before && !matches!(admit, Admit::Nothing { .. }) {
+                break;
+            }
+            if once && idle_before && shared.gate.open_reason() == Some(OpenReason::Credential) {
+                // A one-shot run cannot wait out a wrong credential.
+                break;
+            }
+            let wait = match admit {
+                Admit::Nothing { until } => until
+                    .saturating_duration_since(Instant::now())
+                    .min(shared.config.poll_interval),
+                _ => shared.config.poll_interval,
+            };
+            tokio::select! {
+                _ = shared.progress.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            continue;
+        }
+
+        let is_probe = admit == Admit::Probe;
+        let deliverables = match settle_without_request(shared, claimed).await {
+            Ok(deliverables) => deliverables,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking claimed rows failed; they are released");
+                if is_probe {
+                    shared.gate.probe_unused();
+                }
+                continue;
+            }
+        };
+        if is_probe && deliverables.is_empty() {
+            shared.gate.probe_unused();
+        }
+        for deliverable in deliverables {
+            let permit = match permits.clone().acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => break,
+            };
+            shared
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    deliverable.row.id,
+                    (deliverable.row.lease_token, deliverable.operation),
+                );
+            tasks.spawn(deliver(shared.clone(), deliverable, is_probe, permit));
+        }
+    }
+    tasks
+}
+
+/// Deregisters first (revoking access is more urgent than granting it), then
+/// registers with the room left.
+async fn claim_batch(shared: &Shared, limit: usize) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    let c = &shared.config;
+    let mut rows = claim::claim(
+        &shared.pool,
+        &c.worker_id,
+        Operation::Deregister,
+        c.lease,
+        limit as i64,
+    )
+    .await?;
+    let left = limit.saturating_sub(rows.len());
+    if left > 0 {
+        rows.extend(
+            claim::claim(
+                &shared.pool,
+                &c.worker_id,
+                Operation::Register,
+                c.lease,
+                left as i64,
+            )
+            .await?,
+        );
+    }
+    shared.progress.outstanding.fetch_add(rows.len(), Ordering::SeqCst);
+    Ok(rows)
+}
+
+/// Settles what needs no request and returns the rest.
+///
+/// - bad data (from any writer) goes dead with the reason;
+/// - a never-attempted register followed directly by a deregister: both
+///   superseded, nothing sent;
+/// - a register whose key or agent row is gone: superseded (the delete's
+///   deregister cleans up whatever an earlier attempt applied);
+/// - a guarded deregister (from reconcile) whose row exists again: superseded.
+///
+/// On a database error every claimed row is released, not left leased.
+async fn settle_without_request(
+    shared: &Arc<Shared>,
+    claimed: Vec<ClaimedRow>,
+) -> Result<Vec<Deliverable>, sqlx::Error> {
+    let mut checked = Vec::with_capacity(claimed.len());
+    for row in claimed {
+        match prepare::check(row) {
+            Ok(d) => checked.push(d),
+            Err((row, reason)) => {
+                let operation = row.operation.parse().unwrap_or(Operation::Register);
+                tracing::warn!(row_id = row.id, resource = %format!("{}:{}", row.resource_type, row.resource_id),
+                    error = %reason, "outbox row can never be delivered; marked dead");
+                shared.settle(
+                    &row,
+                    operation,
+                    RowUpdate::Dead {
+                        status: None,
+                        error: reason,
+                    },
+                );
+            }
+        }
+    }
+    match settle_stale(shared, &checked).await {
+        Ok(stale) => Ok(checked
+            .into_iter()
+            .filter(|d| !stale.contains(&d.row.id))
+            .collect()),
+        Err(e) => {
+            for d in &checked {
+                shared.settle(
+                    &d.row,
+                    d.operation,
+                    RowUpdate::Release {
+                        at: Utc::now(),
+                        status: None,
+                        error: None,
+                    },
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Returns the ids of rows settled as superseded.
+async fn settle_stale(shared: &Arc<Shared>, checked: &[Deliverable]) -> Result<Vec<i64>, sqlx::Error> {
+    let fresh_registers: Vec<&ClaimedRow> = checked
+        .iter()
+        .filter(|d| d.operation == Operation::Register && d.row.never_attempted())
+        .map(|d| &d.row)
+        .collect();
+    // These were written by the statement itself; count them here.
+    let pairs = claim::supersede_create_then_delete(&shared.pool, &fresh_registers).await?;
+    if !pairs.is_empty() {
+        let n = pairs.len() as u64;
+        shared.progress.report.lock().unwrap_or_else(|p| p.into_inner()).superseded += n;
+        metrics::counter!(m::DELIVERIES, "operation" => "register", "outcome" => "superseded").increment(n);
+        metrics::counter!(m::DELIVERIES, "operation" => "deregister", "outcome" => "superseded").increment(n);
+        shared.progress.outstanding.fetch_sub(pairs.len(), Ordering::SeqCst);
+        shared.progress.wake.notify_one();
+    }
+    let registers: Vec<&ClaimedRow> = checked
+        .iter()
+        .filter(|d| d.operation == Operation::Register && !pairs.contains(&d.row.id))
+        .map(|d| &d.row)
+        .collect();
+    let guarded: Vec<&ClaimedRow> = checked
+        .iter()
+        .filter(|d| d.operation == Operation::Deregister && d.row.guarded)
+        .map(|d| &d.row)
+        .collect();
+    let existing_registers = claim::existing_resources(&shared.pool, &registers).await?;
+    let existing_guarded = claim::existing_resources(&shared.pool, &guarded).await?;
+
+    let mut stale = pairs;
+    for row in registers {
+        if !existing_registers.contains(&row.id) {
+            stale.push(row.id);
+            shared.settle(row, Operation::Register, RowUpdate::Superseded {
+                reason: "resource row no longer exists".into(),
+            });
+        }
+    }
+    for row in guarded {
+        if existing_guarded.contains(&row.id) {
+            stale.push(row.id);
+            shared.settle(row, Operation::Deregister, RowUpdate::Superseded {
+                reason: "guarded deregister: resource row exists again".into(),
+            });
+        }
+    }
+    Ok(stale)
+}
+
+/// Sends one row and settles it.
+async fn deliver(
+    shared: Arc<Shared>,
+    d: Deliverable,
+    is_probe: bool,
+    _permit: OwnedSemaphorePermit,
+) {
+    let op = d.operation.as_str();
+    metrics::counter!(m::ATTEMPTS, "operation" => op).increment(1);
+    let started = Instant::now();
+    let answer = shared.client.send(&d.request(), &d.idempotency_key()).await;
+    metrics::histogram!(m::DELIVERY_DURATION, "operation" => op).record(started.elapsed().as_secs_f64());
+
+    let verdict = classify(d.operation, answer);
+    let signal = match &verdict {
+        Verdict::Applied { .. } | Verdict::Permanent { .. } => Signal::Answered,
+        Verdict::Transient { .. } => Signal::Transient,
+        Verdict::Unauthorized { .. } => Signal::Unauthorized,
+    };
+    if let Some(reason) = shared.gate.record(signal, is_probe, Instant::now()) {
+        match reason {
+            OpenReason::Outage => tracing::warn!(
+                cooldown = ?shared.gate.cooldown(),
+                "agentex-auth looks down; circuit open, probing with one row"
+            ),
+            OpenReason::Credential => log_credential_failure(&shared),
+        }
+    }
+    let update = decide(&shared.config, &d.row, verdict, rand::random());
+    match &update {
+        RowUpdate::Delivered { .. } => {
+            tracing::debug!(row_id = d.row.id, resource = %d.resource, attempt = d.row.attempts, operation = op, "delivered")
+        }
+        RowUpdate::Retry { error, at, .. } => {
+            tracing::info!(row_id = d.row.id, resource = %d.resource, attempt = d.row.attempts, operation = op, %error, retry_at = %at, "delivery failed; will retry")
+        }
+        RowUpdate::Dead { error, .. } => {
+            tracing::warn!(row_id = d.row.id, resource = %d.resource, attempt = d.row.attempts, operation = op, %error, "delivery failed for good; row is dead")
+        }
+        RowUpdate::Release { .. } | RowUpdate::Superseded { .. } => {}
+    }
+    shared.settle(&d.row, d.operation, update);
+}
+
+fn log_credential_failure(shared: &Shared) {
+    let mut last = shared
+        .last_credential_log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    if last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
+        *last = Some(now);
+        tracing::error!(
+            "agentex-auth rejected our credential (401); delivery is paused and the worker is \
+             not ready. Check AGENTEX_AUTH_TOKEN / AGENTEX_AUTH_TOKEN_FILE"
+        );
+    }
+}
+
+/// The row's next state from the answer's class, its attempts and its age.
+pub fn decide(config: &WorkerConfig, row: &ClaimedRow, verdict: Verdict, jitter: f64) -> RowUpdate {
+    let now = Utc::now();
+    match verdict {
+        Verdict::Applied { consistency_token } => RowUpdate::Delivered { consistency_token },
+        Verdict::Permanent { status, error } => RowUpdate::Dead {
+            status: Some(status),
+            error,
+        },
+        Verdict::Unauthorized { error } => RowUpdate::Release {
+            at: now,
+            status: Some(401),
+            error: Some(error),
+        },
+        Verdict::Transient {
+            status,
+            retry_after,
+            error,
+        } => {
+            let attempts = u32::try_from(row.attempts).unwrap_or(0);
+            let age = (now - row.created_at).to_std().unwrap_or_default();
+            if attempts >= config.max_attempts && age >= config.dead_after {
+                RowUpdate::Dead {
+                    status,
+                    error: format!("gave up after {attempts} attempts: {error}"),
+                }
+            } else {
+                let delay = retry_delay(
+                    attempts,
+                    config.backoff_base,
+                    config.backoff_cap,
+                    retry_after,
+                    jitter,
+                );
+                RowUpdate::Retry {
+                    at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                    status,
+                    error,
+                }
+            }
+        }
+    }
+}
+
+/// Lets in-flight deliveries finish within the shutdown deadline, then
+/// releases whatever is still in flight so another worker can take it at once.
+async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) {
+    let deadline = tokio::time::sleep(shared.config.shutdown_timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { return },
+            _ = &mut deadline => break,
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let cut_off: Vec<(i64, Uuid, Operation)> = shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(id, (token, op))| (*id, *token, *op))
+        .collect();
+    tracing::info!(rows = cut_off.len(), "shutdown deadline reached; releasing in-flight rows");
+    for (id, lease_token, operation) in cut_off {
+        shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let _ = shared.settled.send(Settled {
+            recorded: Recorded {
+                id,
+                lease_token,
+                update: RowUpdate::Release {
+                    at: Utc::now(),
+                    status: None,
+                    error: Some("released at shutdown".into()),
+                },
+            },
+            operation,
+        });
+    }
+}
+
+/// Writes settled rows in batches: whatever queued up while the previous
+/// batch was written goes in the next one, so an idle worker writes at once
+/// and a busy one amortises round trips. Ends when every sender is gone and
+/// the queue is empty, so shutdown writes every settled row.
+async fn recorder(pool: PgPool, progress: Arc<Progress>, mut rx: mpsc::UnboundedReceiver<Settled>) {
+    let mut batch = Vec::with_capacity(512);
+    while rx.recv_many(&mut batch, 512).await > 0 {
+        write_batch(&pool, &progress, &mut batch).await;
+    }
+}
+
+async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled>) {
+    let outcomes: Vec<Recorded> = batch.iter().map(|s| s.recorded.clone()).collect();
+    let written = (|| record(pool, &outcomes))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(12),
+        )
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "recording outcomes failed; retrying"))
+        .await;
+    match written {
+        Ok(written) => {
+            let by_id: HashMap<i64, _> = written.into_iter().map(|w| (w.id, w)).collect();
+            let mut report = progress.report.lock().unwrap_or_else(|p| p.into_inner());
+            for s in batch.iter() {
+                let op = s.operation.as_str();
+                let Some(w) = by_id.get(&s.recorded.id) else {
+                    report.lost_lease += 1;
+                    tracing::warn!(row_id = s.recorded.id, "lease lost before the outcome was recorded; the new holder decides");
+                    continue;
+                };
+                let outcome = match &s.recorded.update {
+                    RowUpdate::Delivered { .. } => {
+                        report.delivered += 1;
+                        if let Some(finished) = w.finished_at {
+                            let latency = (finished - w.created_at).to_std().unwrap_or_default();
+                            metrics::histogram!(m::COMMIT_TO_DELIVERED).record(latency.as_secs_f64());
+                        }
+                        "delivered"
+                    }
+                    RowUpdate::Retry { .. } => {
+                        report.retried += 1;
+                        "retry"
+                    }
+                    RowUpdate::Release { .. } => {
+                        report.released += 1;
+                        "released"
+                    }
+                    RowUpdate::Dead { .. } => {
+                        report.dead += 1;
+                        metrics::counter!(m::DEAD_ROWS).increment(1);
+                        "dead"
+                    }
+                    RowUpdate::Superseded { .. } => {
+                        report.superseded += 1;
+                        "superseded"
+                    }
+                };
+                metrics::counter!(m::DELIVERIES, "operation" => op, "outcome" => outcome).increment(1);
+            }
+        }
+        Err(e) => {
+            // The rows stay leased; when the lease expires another claim
+            // re-delivers them (requests are idempotent). Nothing is lost.
+            tracing::error!(error = %e, rows = batch.len(), "could not record outcomes; rows return after their lease");
+        }
+    }
+    progress.outstanding.fetch_sub(batch.len(), Ordering::SeqCst);
+    batch.clear();
+    progress.wake.notify_one();
+}

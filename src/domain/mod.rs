@@ -1,0 +1,13 @@
+//! Types that parse at the boundary, so the rest of the code never
+//! re-validates: a [`Principal`] cannot hold a credential, a [`ResourceRef`]
+//! always names a known resource type.
+
+mod key_type;
+mod operation;
+mod principal;
+mod resource;
+
+pub use key_type::ApiKeyType;
+pub use operation::Operation;
+pub use principal::{Principal, PrincipalError};
+pub use resource::{ResourceRef, ResourceRefError, ResourceType};

@@ -1,0 +1,79 @@
+//! Metric names (a public contract: dashboards and alerts in `deploy/` use
+//! them) and the Prometheus recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const ROWS: &str = "authz_outbox_rows";
+pub const OLDEST_PENDING_AGE: &str = "authz_outbox_oldest_pending_age_seconds";
+pub const LEASED_ROWS: &str = "authz_outbox_leased_rows";
+pub const DELIVERIES: &str = "authz_outbox_deliveries_total";
+pub const DELIVERY_DURATION: &str = "authz_outbox_delivery_duration_seconds";
+pub const COMMIT_TO_DELIVERED: &str = "authz_outbox_commit_to_delivered_seconds";
+pub const ATTEMPTS: &str = "authz_outbox_attempts_total";
+pub const DEAD_ROWS: &str = "authz_outbox_dead_rows_total";
+pub const READY: &str = "authz_outbox_ready";
+pub const CREDENTIAL_FAILURE: &str = "authz_outbox_credential_failure";
+pub const CIRCUIT_OPEN: &str = "authz_outbox_circuit_open";
+pub const RECONCILE_DRIFT: &str = "authz_outbox_reconcile_drift_resources";
+pub const RECONCILE_LAST_RUN: &str = "authz_outbox_reconcile_last_run_timestamp_seconds";
+
+/// Every series the worker serves, for docs and the test that keeps
+/// `deploy/` honest.
+pub const ALL: &[&str] = &[
+    ROWS,
+    OLDEST_PENDING_AGE,
+    LEASED_ROWS,
+    DELIVERIES,
+    DELIVERY_DURATION,
+    COMMIT_TO_DELIVERED,
+    ATTEMPTS,
+    DEAD_ROWS,
+    READY,
+    CREDENTIAL_FAILURE,
+    CIRCUIT_OPEN,
+    RECONCILE_DRIFT,
+    RECONCILE_LAST_RUN,
+];
+
+/// Latency buckets, 1 ms to 60 s: delivery is milliseconds when healthy and
+/// minutes during an outage; both ends must be visible.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Installs the process-wide recorder once and returns its handle. Later
+/// calls (several workers in one test process) share it.
+pub fn install() -> Result<PrometheusHandle, String> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+            describe();
+            Ok(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(ROWS, "Outbox rows by state.");
+    describe_gauge!(OLDEST_PENDING_AGE, "Age of the oldest pending outbox row.");
+    describe_gauge!(LEASED_ROWS, "Pending rows currently leased by a worker.");
+    describe_counter!(DELIVERIES, "Delivery outcomes by operation and outcome.");
+    describe_histogram!(DELIVERY_DURATION, "Duration of agentex-auth requests.");
+    describe_histogram!(COMMIT_TO_DELIVERED, "From capture to recorded delivery.");
+    describe_counter!(ATTEMPTS, "Delivery attempts by operation.");
+    describe_counter!(DEAD_ROWS, "Rows this worker moved to dead.");
+    describe_gauge!(READY, "1 when the worker is ready to deliver.");
+    describe_gauge!(CREDENTIAL_FAILURE, "1 while agentex-auth rejects our credential.");
+    describe_gauge!(CIRCUIT_OPEN, "1 while agentex-auth looks down and only probes go out.");
+    describe_gauge!(RECONCILE_DRIFT, "Drifted resources found by the latest reconcile run.");
+    describe_gauge!(RECONCILE_LAST_RUN, "When the latest reconcile run finished.");
+}

@@ -1,0 +1,157 @@
+//! Leasing due rows to one worker, in per-resource order.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::ClaimedRow;
+use crate::domain::Operation;
+
+/// Leases up to `limit` due rows of one operation to `worker_id`.
+///
+/// A row is due when it is pending, its `next_attempt_at` has passed, no live
+/// lease holds it, and no *earlier* row of the same resource is still pending
+/// (leased or not, due or not): that last rule is what keeps a resource's
+/// operations in order across any number of replicas. `SKIP LOCKED` lets
+/// concurrent claimers pass over each other's rows instead of queueing; the
+/// row-level re-check PostgreSQL does after locking sees a lease another
+/// worker committed meanwhile, so a row is never leased twice.
+///
+/// The attempt is counted here, at claim time, so a row that crashes its
+/// worker every time still runs out of attempts.
+pub async fn claim(
+    pool: &PgPool,
+    worker_id: &str,
+    operation: Operation,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    const SQL: &str = r#"
+        WITH due AS (
+            SELECT o.id
+            FROM authz_outbox o
+            WHERE o.state = 'pending'
+              AND o.operation = $1
+              AND o.next_attempt_at <= now()
+              AND (o.locked_until IS NULL OR o.locked_until < now())
+              AND NOT EXISTS (
+                  SELECT 1 FROM authz_outbox e
+                  WHERE e.state = 'pending'
+                    AND e.resource_type = o.resource_type
+                    AND e.resource_id = o.resource_id
+                    AND e.id < o.id)
+            ORDER BY o.id
+            LIMIT $2
+            FOR UPDATE OF o SKIP LOCKED
+        )
+        UPDATE authz_outbox o
+        SET locked_by = $3,
+            locked_until = now() + $4 * interval '1 millisecond',
+            lease_token = gen_random_uuid(),
+            attempts = o.attempts + 1
+        FROM due
+        WHERE o.id = due.id
+        RETURNING o.id, o.resource_type, o.resource_id, o.parent_type, o.parent_id,
+                  o.operation, o.principal, o.attempts, o.created_at, o.lease_token,
+                  o.guarded
+    "#;
+    if limit <= 0 {
+        return Ok(Vec::new());
+    }
+    let mut rows: Vec<ClaimedRow> = sqlx::query_as(SQL)
+        .bind(operation.as_str())
+        .bind(limit)
+        .bind(worker_id)
+        .bind(lease.as_millis() as i64)
+        .fetch_all(pool)
+        .await?;
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// Supersedes pairs of a never-attempted register and the deregister that
+/// directly follows it for the same resource: a key created and deleted
+/// before delivery costs agentex-auth nothing. Returns the ids of the claimed
+/// registers that were superseded.
+///
+/// Only the *next* pending row counts: in register, register, deregister the
+/// second register must still be delivered before the deregister.
+pub async fn supersede_create_then_delete(
+    pool: &PgPool,
+    registers: &[&ClaimedRow],
+) -> Result<Vec<i64>, sqlx::Error> {
+    const SQL: &str = r#"
+        WITH claimed AS (
+            SELECT * FROM unnest($1::bigint[], $2::uuid[]) AS c(id, token)
+        ),
+        pairs AS (
+            SELECT r.id AS register_id, n.id AS deregister_id
+            FROM claimed c
+            JOIN authz_outbox r ON r.id = c.id AND r.lease_token = c.token AND r.state = 'pending'
+            CROSS JOIN LATERAL (
+                SELECT e.id, e.operation
+                FROM authz_outbox e
+                WHERE e.state = 'pending'
+                  AND e.resource_type = r.resource_type
+                  AND e.resource_id = r.resource_id
+                  AND e.id > r.id
+                ORDER BY e.id
+                LIMIT 1
+            ) n
+            WHERE n.operation = 'deregister'
+        )
+        UPDATE authz_outbox o
+        SET state = 'superseded', finished_at = now(),
+            locked_by = NULL, locked_until = NULL, lease_token = NULL,
+            last_error = 'created and deleted before delivery'
+        FROM pairs
+        WHERE o.id = pairs.register_id OR o.id = pairs.deregister_id
+        RETURNING o.id
+    "#;
+    if registers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = registers.iter().map(|r| r.id).collect();
+    let tokens: Vec<uuid::Uuid> = registers.iter().map(|r| r.lease_token).collect();
+    let superseded: Vec<i64> = sqlx::query_scalar(SQL)
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_all(pool)
+        .await?;
+    Ok(superseded.into_iter().filter(|id| ids.contains(id)).collect())
+}
+
+/// Of the given rows, those whose resource row exists in the host's tables
+/// right now. An api key counts only under the parent the row names, so a
+/// register for a key that moved to another agent is stale too. Resource
+/// types without a table here (task, schedule) always count as existing.
+pub async fn existing_resources(
+    pool: &PgPool,
+    rows: &[&ClaimedRow],
+) -> Result<Vec<i64>, sqlx::Error> {
+    const SQL: &str = r#"
+        SELECT c.id
+        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS c(id, rtype, rid, pid)
+        WHERE CASE c.rtype
+            WHEN 'api_key' THEN EXISTS (
+                SELECT 1 FROM agent_api_keys k
+                WHERE k.id = c.rid AND (c.pid IS NULL OR k.agent_id = c.pid))
+            WHEN 'agent' THEN EXISTS (SELECT 1 FROM agents a WHERE a.id = c.rid)
+            ELSE true
+        END
+    "#;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.resource_type.as_str()).collect();
+    let rids: Vec<&str> = rows.iter().map(|r| r.resource_id.as_str()).collect();
+    let pids: Vec<Option<&str>> = rows.iter().map(|r| r.parent_id.as_deref()).collect();
+    sqlx::query_scalar(SQL)
+        .bind(&ids)
+        .bind(&types)
+        .bind(&rids)
+        .bind(&pids)
+        .fetch_all(pool)
+        .await
+}

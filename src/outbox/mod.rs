@@ -1,0 +1,48 @@
+//! The outbox store: every SQL statement that touches `authz_outbox` lives
+//! under this module, one file per concern, next to the function that runs it.
+//!
+//! A row's life: the capture trigger inserts it `pending`; [`claim`] leases it
+//! to one worker with a fencing token; [`record`] writes the outcome
+//! (`delivered`, `dead`, `superseded`, or back to `pending` with a later
+//! `next_attempt_at`) only while that token still holds; [`prune`] deletes
+//! finished rows past retention.
+
+pub mod claim;
+pub mod enqueue;
+pub mod prune;
+pub mod record;
+pub mod stats;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Row states, as stored in `authz_outbox.state`.
+pub const STATES: [&str; 4] = ["pending", "delivered", "dead", "superseded"];
+
+/// The name of the `pg_notify` channel the capture trigger signals.
+pub const NOTIFY_CHANNEL: &str = "authz_outbox";
+
+/// A row leased to this worker. `lease_token` fences every later write.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedRow {
+    pub id: i64,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub parent_type: Option<String>,
+    pub parent_id: Option<String>,
+    pub operation: String,
+    pub principal: Option<Value>,
+    /// Attempts including the one this claim starts.
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub lease_token: Uuid,
+    pub guarded: bool,
+}
+
+impl ClaimedRow {
+    /// Whether an earlier claim may already have reached agentex-auth.
+    pub fn never_attempted(&self) -> bool {
+        self.attempts <= 1
+    }
+}

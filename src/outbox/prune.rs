@@ -1,0 +1,26 @@
+//! Deleting finished rows past retention, in small batches so a prune never
+//! holds many locks or bloats one transaction.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+/// Deletes up to `batch` delivered or superseded rows that finished more than
+/// `retention` ago. Dead rows are kept: they wait for an operator.
+pub async fn prune(pool: &PgPool, retention: Duration, batch: i64) -> Result<u64, sqlx::Error> {
+    const SQL: &str = r#"
+        DELETE FROM authz_outbox
+        WHERE id IN (
+            SELECT id FROM authz_outbox
+            WHERE state IN ('delivered', 'superseded')
+              AND finished_at < now() - $1 * interval '1 millisecond'
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED)
+    "#;
+    let done = sqlx::query(SQL)
+        .bind(retention.as_millis() as i64)
+        .bind(batch)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}

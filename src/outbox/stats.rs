@@ -1,0 +1,88 @@
+//! Read-only summaries of the outbox, for `status` and the metrics endpoint.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use std::collections::BTreeMap;
+
+/// Counts and ages an operator looks at first.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct OutboxStats {
+    /// Rows per state; every state is present, zero or not.
+    pub counts: BTreeMap<String, i64>,
+    /// Rows per state and operation (`"pending"` → `"register"` → N).
+    pub by_operation: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Age of the oldest pending row, 0 when nothing is pending.
+    pub oldest_pending_age_seconds: f64,
+    /// Pending rows currently leased by a live worker.
+    pub leased: i64,
+    /// The newest dead rows, newest first.
+    pub recent_dead: Vec<DeadRow>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeadRow {
+    pub id: i64,
+    pub operation: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Collects [`OutboxStats`], with up to `dead_limit` recent dead rows.
+pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx::Error> {
+    const COUNTS: &str = r#"
+        SELECT state, operation, count(*)::bigint
+        FROM authz_outbox
+        GROUP BY state, operation
+    "#;
+    const PENDING: &str = r#"
+        SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
+               count(*) FILTER (WHERE locked_until > now())::bigint
+        FROM authz_outbox
+        WHERE state = 'pending'
+    "#;
+    const DEAD: &str = r#"
+        SELECT id, operation, resource_type, resource_id, attempts, last_status, last_error, finished_at
+        FROM authz_outbox
+        WHERE state = 'dead'
+        ORDER BY finished_at DESC NULLS LAST, id DESC
+        LIMIT $1
+    "#;
+    let mut stats = OutboxStats::default();
+    for state in super::STATES {
+        stats.counts.insert(state.to_string(), 0);
+    }
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(COUNTS).fetch_all(pool).await?;
+    for (state, operation, n) in rows {
+        *stats.counts.entry(state.clone()).or_default() += n;
+        stats
+            .by_operation
+            .entry(state)
+            .or_default()
+            .insert(operation, n);
+    }
+    let (age, leased): (f64, i64) = sqlx::query_as(PENDING).fetch_one(pool).await?;
+    stats.oldest_pending_age_seconds = age.max(0.0);
+    stats.leased = leased;
+    stats.recent_dead = sqlx::query_as(DEAD).bind(dead_limit).fetch_all(pool).await?;
+    Ok(stats)
+}
+
+/// The outcome of the latest reconcile run, if any ran.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LastReconcile {
+    pub drift: i64,
+    pub finished_at: DateTime<Utc>,
+}
+
+pub async fn last_reconcile(pool: &PgPool) -> Result<Option<LastReconcile>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT drift, finished_at FROM authz_outbox_reconcile_runs ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+}
