@@ -27,19 +27,41 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::ffi::{FfiError, Instance, Library, Rpc};
 
+/// Each message carries its cause, so none is also a `source` (a chain
+/// printer would repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Ffi(#[from] FfiError),
+    Ffi(FfiError),
     #[error("cannot decode SpiceDB response: {0}")]
-    Decode(#[from] prost::DecodeError),
-    #[error("SpiceDB stream: {0}")]
-    Grpc(#[from] tonic::Status),
+    Decode(prost::DecodeError),
+    #[error("SpiceDB stream: {}", .0.message())]
+    Grpc(tonic::Status),
     #[error("SpiceDB call was cancelled: {0}")]
-    Join(#[from] tokio::task::JoinError),
+    Join(tokio::task::JoinError),
     #[error("cannot reach the SpiceDB streaming socket: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Connect(tonic::transport::Error),
+    #[error("SpiceDB rejected the schema: {0}")]
+    Schema(FfiError),
 }
+
+macro_rules! engine_error_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for EngineError {
+            fn from(error: $ty) -> Self {
+                EngineError::$variant(error)
+            }
+        }
+    )*};
+}
+
+engine_error_from!(
+    Ffi(FfiError),
+    Decode(prost::DecodeError),
+    Grpc(tonic::Status),
+    Join(tokio::task::JoinError),
+    Connect(tonic::transport::Error),
+);
 
 /// An object in SpiceDB: `type:id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,9 +130,10 @@ impl Engine {
         let request = WriteSchemaRequest {
             schema: schema.to_string(),
         };
-        engine
-            .call(Rpc::WriteSchema, request.encode_to_vec())
-            .await?;
+        match engine.call(Rpc::WriteSchema, request.encode_to_vec()).await {
+            Err(EngineError::Ffi(error)) => return Err(EngineError::Schema(error)),
+            other => other?,
+        };
         Ok(engine)
     }
 

@@ -41,16 +41,15 @@ pub enum FfiError {
         path = .0.display()
     )]
     Missing(PathBuf),
-    #[error("cannot load SpiceDB library {path}: {source}", path = .path.display())]
-    Load {
-        path: PathBuf,
-        source: libloading::Error,
-    },
-    #[error("SpiceDB library {path} lacks symbol {symbol}: {source}", path = .path.display())]
+    // The cause is part of the message (one line for the user), so it is
+    // deliberately not a `source` too: a chain printer would repeat it.
+    #[error("cannot load SpiceDB library {path}: {error}", path = .path.display())]
+    Load { path: PathBuf, error: String },
+    #[error("SpiceDB library {path} lacks symbol {symbol}: {error}", path = .path.display())]
     Symbol {
         path: PathBuf,
         symbol: &'static str,
-        source: libloading::Error,
+        error: String,
     },
     #[error("spicedb_start failed: {0}")]
     Start(String),
@@ -127,9 +126,9 @@ impl Library {
         // SAFETY: loading runs the library's initialisers: the Go runtime
         // start-up of a c-shared build, which has no preconditions on the host.
         let library =
-            unsafe { libloading::Library::new(&path) }.map_err(|source| FfiError::Load {
+            unsafe { libloading::Library::new(&path) }.map_err(|error| FfiError::Load {
                 path: path.clone(),
-                source,
+                error: describe(&error),
             })?;
         macro_rules! symbol {
             ($name:literal, $ty:ty) => {{
@@ -138,10 +137,10 @@ impl Library {
                 // out of the `Symbol`; it stays valid because `library` moves
                 // into the returned `Library`, which is never dropped.
                 let symbol = unsafe { library.get::<$ty>($name.as_bytes()) };
-                *symbol.map_err(|source| FfiError::Symbol {
+                *symbol.map_err(|error| FfiError::Symbol {
                     path: path.clone(),
                     symbol: $name,
-                    source,
+                    error: describe(&error),
                 })?
             }};
         }
@@ -202,6 +201,15 @@ impl Library {
         // SAFETY: see above.
         unsafe { (self.free)(raw) };
         Some(text)
+    }
+}
+
+/// libloading's errors keep the `dlerror` text in their source ("dlopen
+/// failed" alone says nothing); fold it into one line.
+fn describe(error: &libloading::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
     }
 }
 

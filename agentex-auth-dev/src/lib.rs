@@ -114,16 +114,27 @@ pub enum DevServerError {
     /// command.
     #[error(transparent)]
     Library(#[from] FfiError),
+    // Causes below are part of the message, not a `source` as well, so a
+    // chain printer (`{:#}`) says each thing once.
     #[error("cannot start SpiceDB: {0}")]
-    Engine(#[from] EngineError),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    Engine(EngineError),
+    #[error("cannot listen on {addr} ({what}): {error}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid fault configuration: {0}")]
     Faults(String),
+}
+
+impl From<EngineError> for DevServerError {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::Ffi(error) => DevServerError::Library(error),
+            error => DevServerError::Engine(error),
+        }
+    }
 }
 
 /// A running agentex-auth stand-in. Stop it with [`DevServer::shutdown`];
@@ -153,14 +164,14 @@ impl DevServer {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| DevServerError::Bind { what, addr, source })
+                .map_err(|error| DevServerError::Bind { what, addr, error })
         };
         let http_listener = bind("http", cfg.listen).await?;
         let grpc_listener = bind("grpc", cfg.grpc_listen).await?;
         let local = |listener: &TcpListener, what, addr| {
             listener
                 .local_addr()
-                .map_err(|source| DevServerError::Bind { what, addr, source })
+                .map_err(|error| DevServerError::Bind { what, addr, error })
         };
         let http_addr = local(&http_listener, "http", cfg.listen)?;
         let grpc_addr = local(&grpc_listener, "grpc", cfg.grpc_listen)?;
