@@ -119,9 +119,12 @@ impl AuthClient {
         }
         let authorization = token
             .map(|t| {
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", t.0)).map_err(|_| {
-                    ClientError::BadCredential("contains characters not allowed in a header".into())
-                })?;
+                let mut value =
+                    HeaderValue::from_str(&format!("Bearer {}", t.0)).map_err(|_| {
+                        ClientError::BadCredential(
+                            "contains characters not allowed in a header".into(),
+                        )
+                    })?;
                 value.set_sensitive(true);
                 Ok(value)
             })
@@ -207,9 +210,10 @@ fn short_message(body: &str) -> String {
     let detail = serde_json::from_str::<Value>(body)
         .ok()
         .and_then(|v| {
-            ["error", "detail", "message"]
-                .iter()
-                .find_map(|k| v.get(*k).map(|d| d.as_str().map_or(d.to_string(), str::to_string)))
+            ["error", "detail", "message"].iter().find_map(|k| {
+                v.get(*k)
+                    .map(|d| d.as_str().map_or(d.to_string(), str::to_string))
+            })
         })
         .unwrap_or_else(|| body.to_string());
     let line = detail.split_whitespace().collect::<Vec<_>>().join(" ");

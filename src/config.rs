@@ -125,7 +125,10 @@ mod tests {
             request_timeout: Duration::from_secs(5),
             ..WorkerConfig::default()
         };
-        assert!(matches!(config.validate(), Err(ConfigError::LeaseTooShort { .. })));
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::LeaseTooShort { .. })
+        ));
     }
 
     #[test]

@@ -72,8 +72,20 @@ fn describe() {
     describe_counter!(ATTEMPTS, "Delivery attempts by operation.");
     describe_counter!(DEAD_ROWS, "Rows this worker moved to dead.");
     describe_gauge!(READY, "1 when the worker is ready to deliver.");
-    describe_gauge!(CREDENTIAL_FAILURE, "1 while agentex-auth rejects our credential.");
-    describe_gauge!(CIRCUIT_OPEN, "1 while agentex-auth looks down and only probes go out.");
-    describe_gauge!(RECONCILE_DRIFT, "Drifted resources found by the latest reconcile run.");
-    describe_gauge!(RECONCILE_LAST_RUN, "When the latest reconcile run finished.");
+    describe_gauge!(
+        CREDENTIAL_FAILURE,
+        "1 while agentex-auth rejects our credential."
+    );
+    describe_gauge!(
+        CIRCUIT_OPEN,
+        "1 while agentex-auth looks down and only probes go out."
+    );
+    describe_gauge!(
+        RECONCILE_DRIFT,
+        "Drifted resources found by the latest reconcile run."
+    );
+    describe_gauge!(
+        RECONCILE_LAST_RUN,
+        "When the latest reconcile run finished."
+    );
 }

@@ -94,8 +94,14 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             let outbox_ids = match (id, agent_id, name, key_type) {
                 (Some(id), ..) => capture::delete_api_key(&pool, &id, principal.as_ref()).await?,
                 (None, Some(agent), Some(name), Some(key_type)) => {
-                    capture::delete_api_key_by_name(&pool, &agent, &name, key_type, principal.as_ref())
-                        .await?
+                    capture::delete_api_key_by_name(
+                        &pool,
+                        &agent,
+                        &name,
+                        key_type,
+                        principal.as_ref(),
+                    )
+                    .await?
                 }
                 _ => anyhow::bail!("give --id, or --agent-id with --name and --type"),
             };

@@ -22,7 +22,12 @@ pub struct RunArgs {
     #[arg(long, env = "AGENTEX_AUTH_URL")]
     agentex_auth_url: String,
     /// Service credential, sent as a bearer token.
-    #[arg(long, env = "AGENTEX_AUTH_TOKEN", hide_env_values = true, conflicts_with = "agentex_auth_token_file")]
+    #[arg(
+        long,
+        env = "AGENTEX_AUTH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "agentex_auth_token_file"
+    )]
     agentex_auth_token: Option<String>,
     /// File holding the service credential (e.g. a mounted Secret).
     #[arg(long, env = "AGENTEX_AUTH_TOKEN_FILE")]
@@ -138,7 +143,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             report.delivered, report.retried, report.dead, report.superseded, report.released
         );
         if report.credential_failure {
-            eprintln!("error: agentex-auth rejected the credential (401); nothing was dead-lettered");
+            eprintln!(
+                "error: agentex-auth rejected the credential (401); nothing was dead-lettered"
+            );
             return Ok(ExitCode::from(2));
         }
         if report.dead > 0 {

@@ -20,11 +20,18 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     match args.format {
         Format::Json => print_json(&s)?,
         Format::Table => {
-            println!("{:<12} {:>10} {:>10} {:>10}", "STATE", "TOTAL", "REGISTER", "DEREGISTER");
+            println!(
+                "{:<12} {:>10} {:>10} {:>10}",
+                "STATE", "TOTAL", "REGISTER", "DEREGISTER"
+            );
             for (state, total) in &s.counts {
                 let by_op = s.by_operation.get(state);
                 let n = |op: &str| by_op.and_then(|m| m.get(op)).copied().unwrap_or(0);
-                println!("{state:<12} {total:>10} {:>10} {:>10}", n("register"), n("deregister"));
+                println!(
+                    "{state:<12} {total:>10} {:>10} {:>10}",
+                    n("register"),
+                    n("deregister")
+                );
             }
             println!();
             println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);

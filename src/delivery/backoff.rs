@@ -37,7 +37,10 @@ mod tests {
 
     #[test]
     fn ceiling_doubles_per_attempt() {
-        assert_eq!(retry_delay(1, BASE, CAP, None, 1.0), Duration::from_millis(500));
+        assert_eq!(
+            retry_delay(1, BASE, CAP, None, 1.0),
+            Duration::from_millis(500)
+        );
         assert_eq!(retry_delay(2, BASE, CAP, None, 1.0), Duration::from_secs(1));
         assert_eq!(retry_delay(4, BASE, CAP, None, 1.0), Duration::from_secs(4));
     }
@@ -59,7 +62,10 @@ mod tests {
     #[test]
     fn retry_after_is_a_lower_bound_within_the_cap() {
         let after = Some(Duration::from_secs(7));
-        assert_eq!(retry_delay(1, BASE, CAP, after, 0.0), Duration::from_secs(7));
+        assert_eq!(
+            retry_delay(1, BASE, CAP, after, 0.0),
+            Duration::from_secs(7)
+        );
         assert_eq!(
             retry_delay(1, BASE, CAP, Some(Duration::from_secs(3600)), 0.0),
             CAP

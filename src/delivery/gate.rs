@@ -85,7 +85,11 @@ impl Gate {
         match s.open {
             None => Admit::All,
             Some((_, until)) if s.probe_in_flight || now < until => Admit::Nothing {
-                until: if s.probe_in_flight { now + self.base } else { until },
+                until: if s.probe_in_flight {
+                    now + self.base
+                } else {
+                    until
+                },
             },
             Some(_) => {
                 s.probe_in_flight = true;
@@ -168,16 +172,25 @@ mod tests {
         assert_eq!(g.record(Signal::Transient, false, t0), None);
         assert_eq!(g.record(Signal::Transient, false, t0), None);
         assert_eq!(g.admit(t0), Admit::All);
-        assert_eq!(g.record(Signal::Transient, false, t0), Some(OpenReason::Outage));
+        assert_eq!(
+            g.record(Signal::Transient, false, t0),
+            Some(OpenReason::Outage)
+        );
         assert!(matches!(g.admit(t0), Admit::Nothing { .. }));
         let later = t0 + Duration::from_secs(1);
         assert_eq!(g.admit(later), Admit::Probe);
         // Only one probe at a time.
         assert!(matches!(g.admit(later), Admit::Nothing { .. }));
         // A failed probe doubles the cool-down.
-        assert_eq!(g.record(Signal::Transient, true, later), Some(OpenReason::Outage));
+        assert_eq!(
+            g.record(Signal::Transient, true, later),
+            Some(OpenReason::Outage)
+        );
         assert_eq!(g.cooldown(), Duration::from_secs(2));
-        assert!(matches!(g.admit(later + Duration::from_secs(1)), Admit::Nothing { .. }));
+        assert!(matches!(
+            g.admit(later + Duration::from_secs(1)),
+            Admit::Nothing { .. }
+        ));
         assert_eq!(g.admit(later + Duration::from_secs(2)), Admit::Probe);
         assert_eq!(g.record(Signal::Answered, true, later), None);
         assert_eq!(g.admit(later), Admit::All);
@@ -198,7 +211,10 @@ mod tests {
     fn unauthorized_pauses_at_once_with_capped_backoff() {
         let g = gate();
         let mut now = Instant::now();
-        assert_eq!(g.record(Signal::Unauthorized, false, now), Some(OpenReason::Credential));
+        assert_eq!(
+            g.record(Signal::Unauthorized, false, now),
+            Some(OpenReason::Credential)
+        );
         assert_eq!(g.open_reason(), Some(OpenReason::Credential));
         for _ in 0..10 {
             now += g.cooldown();

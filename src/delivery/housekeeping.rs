@@ -28,7 +28,8 @@ pub async fn run(
     let mut tick = 0u32;
     loop {
         let gate = health.gate.open_reason();
-        metrics::gauge!(m::CREDENTIAL_FAILURE).set(f64::from(u8::from(gate == Some(OpenReason::Credential))));
+        metrics::gauge!(m::CREDENTIAL_FAILURE)
+            .set(f64::from(u8::from(gate == Some(OpenReason::Credential))));
         metrics::gauge!(m::CIRCUIT_OPEN).set(f64::from(u8::from(gate == Some(OpenReason::Outage))));
         if tick % STATS_EVERY == 0 {
             refresh_gauges(&pool, &health).await;

@@ -64,12 +64,21 @@ fn parse(row: &ClaimedRow) -> Result<Parsed, String> {
             Some(ResourceRef::new(kind, id).map_err(|e| format!("bad parent: {e}"))?)
         }
         (None, None) => None,
-        _ => return Err("bad parent: parent_type and parent_id must both be set or both null".into()),
+        _ => {
+            return Err(
+                "bad parent: parent_type and parent_id must both be set or both null".into(),
+            );
+        }
     };
     if operation == Operation::Register && resource.kind == ResourceType::ApiKey {
         match &parent {
             Some(p) if p.kind == ResourceType::Agent => {}
-            Some(p) => return Err(format!("an api_key's parent must be an agent, not {}", p.kind)),
+            Some(p) => {
+                return Err(format!(
+                    "an api_key's parent must be an agent, not {}",
+                    p.kind
+                ));
+            }
             // Without the parent edge the key fails closed on every read.
             None => return Err("an api_key register needs a parent agent".into()),
         }
@@ -91,7 +100,9 @@ fn parse(row: &ClaimedRow) -> Result<Parsed, String> {
                 .is_some_and(|s| !s.is_empty())
         });
         if !has_creator {
-            return Err("no creator resolvable: principal has no user_id or service_account_id".into());
+            return Err(
+                "no creator resolvable: principal has no user_id or service_account_id".into(),
+            );
         }
     }
     Ok((operation, resource, parent, principal))
@@ -102,7 +113,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn row(operation: &str, rtype: &str, parent: Option<&str>, principal: Option<Value>) -> ClaimedRow {
+    fn row(
+        operation: &str,
+        rtype: &str,
+        parent: Option<&str>,
+        principal: Option<Value>,
+    ) -> ClaimedRow {
         ClaimedRow {
             id: 1,
             resource_type: rtype.into(),
@@ -127,18 +143,35 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_key_register() {
-        let ok = check(row("register", "api_key", Some("a1"), Some(json!({"user_id": "u"}))));
+        let ok = check(row(
+            "register",
+            "api_key",
+            Some("a1"),
+            Some(json!({"user_id": "u"})),
+        ));
         assert!(ok.is_ok());
     }
 
     #[test]
     fn bad_rows_get_a_clear_reason() {
         let p = Some(json!({"user_id": "u"}));
-        assert!(reason(row("register", "widget", None, p.clone())).contains("unknown resource type"));
-        assert!(reason(row("register", "api_key", None, p.clone())).contains("needs a parent agent"));
+        assert!(
+            reason(row("register", "widget", None, p.clone())).contains("unknown resource type")
+        );
+        assert!(
+            reason(row("register", "api_key", None, p.clone())).contains("needs a parent agent")
+        );
         assert!(reason(row("register", "agent", None, Some(json!("u")))).contains("JSON object"));
         assert!(reason(row("register", "agent", None, None)).contains("no creator resolvable"));
-        assert!(reason(row("register", "agent", None, Some(json!({"account_id": "x"})))).contains("no creator"));
+        assert!(
+            reason(row(
+                "register",
+                "agent",
+                None,
+                Some(json!({"account_id": "x"}))
+            ))
+            .contains("no creator")
+        );
         assert!(reason(row("upsert", "agent", None, p)).contains("unknown operation"));
     }
 

@@ -203,18 +203,18 @@ impl Worker {
                 tracing::error!(error = %e, "worker task ended abnormally");
             }
         }
-        let mut report = progress.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut report = progress
+            .report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         report.credential_failure = credential_failure;
         report
     }
 }
 
 /// Claims and dispatches until shutdown (or, with `once`, until idle).
-async fn claim_loop(
-    shared: &Arc<Shared>,
-    shutdown: &CancellationToken,
-    once: bool,
-) -> JoinSet<()> {
+async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bool) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let mut tasks = JoinSet::new();
     let mut db_failures = 0u32;
@@ -349,7 +349,10 @@ async fn claim_batch(shared: &Shared, limit: usize) -> Result<Vec<ClaimedRow>, s
             .await?,
         );
     }
-    shared.progress.outstanding.fetch_add(rows.len(), Ordering::SeqCst);
+    shared
+        .progress
+        .outstanding
+        .fetch_add(rows.len(), Ordering::SeqCst);
     Ok(rows)
 }
 
@@ -409,7 +412,10 @@ async fn settle_without_request(
 }
 
 /// Returns the ids of rows settled as superseded.
-async fn settle_stale(shared: &Arc<Shared>, checked: &[Deliverable]) -> Result<Vec<i64>, sqlx::Error> {
+async fn settle_stale(
+    shared: &Arc<Shared>,
+    checked: &[Deliverable],
+) -> Result<Vec<i64>, sqlx::Error> {
     let fresh_registers: Vec<&ClaimedRow> = checked
         .iter()
         .filter(|d| d.operation == Operation::Register && d.row.never_attempted())
@@ -419,10 +425,20 @@ async fn settle_stale(shared: &Arc<Shared>, checked: &[Deliverable]) -> Result<V
     let pairs = claim::supersede_create_then_delete(&shared.pool, &fresh_registers).await?;
     if !pairs.is_empty() {
         let n = pairs.len() as u64;
-        shared.progress.report.lock().unwrap_or_else(|p| p.into_inner()).superseded += n;
-        metrics::counter!(m::DELIVERIES, "operation" => "register", "outcome" => "superseded").increment(n);
-        metrics::counter!(m::DELIVERIES, "operation" => "deregister", "outcome" => "superseded").increment(n);
-        shared.progress.outstanding.fetch_sub(pairs.len(), Ordering::SeqCst);
+        shared
+            .progress
+            .report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .superseded += n;
+        metrics::counter!(m::DELIVERIES, "operation" => "register", "outcome" => "superseded")
+            .increment(n);
+        metrics::counter!(m::DELIVERIES, "operation" => "deregister", "outcome" => "superseded")
+            .increment(n);
+        shared
+            .progress
+            .outstanding
+            .fetch_sub(pairs.len(), Ordering::SeqCst);
         shared.progress.wake.notify_one();
     }
     let registers: Vec<&ClaimedRow> = checked
@@ -442,17 +458,25 @@ async fn settle_stale(shared: &Arc<Shared>, checked: &[Deliverable]) -> Result<V
     for row in registers {
         if !existing_registers.contains(&row.id) {
             stale.push(row.id);
-            shared.settle(row, Operation::Register, RowUpdate::Superseded {
-                reason: "resource row no longer exists".into(),
-            });
+            shared.settle(
+                row,
+                Operation::Register,
+                RowUpdate::Superseded {
+                    reason: "resource row no longer exists".into(),
+                },
+            );
         }
     }
     for row in guarded {
         if existing_guarded.contains(&row.id) {
             stale.push(row.id);
-            shared.settle(row, Operation::Deregister, RowUpdate::Superseded {
-                reason: "guarded deregister: resource row exists again".into(),
-            });
+            shared.settle(
+                row,
+                Operation::Deregister,
+                RowUpdate::Superseded {
+                    reason: "guarded deregister: resource row exists again".into(),
+                },
+            );
         }
     }
     Ok(stale)
@@ -469,7 +493,8 @@ async fn deliver(
     metrics::counter!(m::ATTEMPTS, "operation" => op).increment(1);
     let started = Instant::now();
     let answer = shared.client.send(&d.request(), &d.idempotency_key()).await;
-    metrics::histogram!(m::DELIVERY_DURATION, "operation" => op).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::DELIVERY_DURATION, "operation" => op)
+        .record(started.elapsed().as_secs_f64());
 
     let verdict = classify(d.operation, answer);
     let signal = match &verdict {
@@ -581,9 +606,16 @@ async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) {
         .iter()
         .map(|(id, (token, op))| (*id, *token, *op))
         .collect();
-    tracing::info!(rows = cut_off.len(), "shutdown deadline reached; releasing in-flight rows");
+    tracing::info!(
+        rows = cut_off.len(),
+        "shutdown deadline reached; releasing in-flight rows"
+    );
     for (id, lease_token, operation) in cut_off {
-        shared.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let _ = shared.settled.send(Settled {
             recorded: Recorded {
                 id,
@@ -619,7 +651,9 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                 .with_max_delay(Duration::from_secs(5))
                 .with_max_times(12),
         )
-        .notify(|e, after| tracing::warn!(error = %e, ?after, "recording outcomes failed; retrying"))
+        .notify(
+            |e, after| tracing::warn!(error = %e, ?after, "recording outcomes failed; retrying"),
+        )
         .await;
     match written {
         Ok(written) => {
@@ -629,7 +663,10 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                 let op = s.operation.as_str();
                 let Some(w) = by_id.get(&s.recorded.id) else {
                     report.lost_lease += 1;
-                    tracing::warn!(row_id = s.recorded.id, "lease lost before the outcome was recorded; the new holder decides");
+                    tracing::warn!(
+                        row_id = s.recorded.id,
+                        "lease lost before the outcome was recorded; the new holder decides"
+                    );
                     continue;
                 };
                 let outcome = match &s.recorded.update {
@@ -637,7 +674,8 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                         report.delivered += 1;
                         if let Some(finished) = w.finished_at {
                             let latency = (finished - w.created_at).to_std().unwrap_or_default();
-                            metrics::histogram!(m::COMMIT_TO_DELIVERED).record(latency.as_secs_f64());
+                            metrics::histogram!(m::COMMIT_TO_DELIVERED)
+                                .record(latency.as_secs_f64());
                         }
                         "delivered"
                     }
@@ -659,7 +697,8 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                         "superseded"
                     }
                 };
-                metrics::counter!(m::DELIVERIES, "operation" => op, "outcome" => outcome).increment(1);
+                metrics::counter!(m::DELIVERIES, "operation" => op, "outcome" => outcome)
+                    .increment(1);
             }
         }
         Err(e) => {
@@ -668,7 +707,9 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
             tracing::error!(error = %e, rows = batch.len(), "could not record outcomes; rows return after their lease");
         }
     }
-    progress.outstanding.fetch_sub(batch.len(), Ordering::SeqCst);
+    progress
+        .outstanding
+        .fetch_sub(batch.len(), Ordering::SeqCst);
     batch.clear();
     progress.wake.notify_one();
 }

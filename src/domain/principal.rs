@@ -6,7 +6,12 @@ use serde_json::{Map, Value};
 /// The capture trigger applies the same list (`authz_outbox_current_principal`
 /// in the migrations), so whatever path a principal takes into the outbox,
 /// nothing outside this list — an api key, a bearer token — is ever stored.
-pub const IDENTITY_FIELDS: &[&str] = &["user_id", "service_account_id", "account_id", "principal_type"];
+pub const IDENTITY_FIELDS: &[&str] = &[
+    "user_id",
+    "service_account_id",
+    "account_id",
+    "principal_type",
+];
 
 /// The identity of whoever created (or deletes) a resource, as agentex-auth
 /// expects it in the `principal` field: a JSON object naming a user or a
@@ -109,7 +114,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_a_reason() {
-        assert!(matches!(Principal::parse("{"), Err(PrincipalError::NotJson(_))));
+        assert!(matches!(
+            Principal::parse("{"),
+            Err(PrincipalError::NotJson(_))
+        ));
         assert_eq!(Principal::parse("[1]"), Err(PrincipalError::NotAnObject));
         assert_eq!(
             Principal::parse(r#"{"user_id":5}"#),

@@ -103,7 +103,10 @@ mod tests {
         assert_eq!(r.to_string(), "api_key:k1");
         assert!("nope:k1".parse::<ResourceRef>().is_err());
         assert!("api_key".parse::<ResourceRef>().is_err());
-        assert_eq!("agent:".parse::<ResourceRef>(), Err(ResourceRefError::EmptyId));
+        assert_eq!(
+            "agent:".parse::<ResourceRef>(),
+            Err(ResourceRefError::EmptyId)
+        );
     }
 
     #[test]

@@ -118,7 +118,10 @@ pub async fn supersede_create_then_delete(
         .bind(&tokens)
         .fetch_all(pool)
         .await?;
-    Ok(superseded.into_iter().filter(|id| ids.contains(id)).collect())
+    Ok(superseded
+        .into_iter()
+        .filter(|id| ids.contains(id))
+        .collect())
 }
 
 /// Of the given rows, those whose resource row exists in the host's tables

@@ -68,7 +68,10 @@ pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx
     let (age, leased): (f64, i64) = sqlx::query_as(PENDING).fetch_one(pool).await?;
     stats.oldest_pending_age_seconds = age.max(0.0);
     stats.leased = leased;
-    stats.recent_dead = sqlx::query_as(DEAD).bind(dead_limit).fetch_all(pool).await?;
+    stats.recent_dead = sqlx::query_as(DEAD)
+        .bind(dead_limit)
+        .fetch_all(pool)
+        .await?;
     Ok(stats)
 }
 

@@ -1,0 +1,139 @@
+//! An in-process HTTP server that plays agentex-auth with scripted answers
+//! and records every request, for exact status-code and wire-format cases.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<u64>,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn ok() -> Self {
+        Answer::status(200).body(serde_json::json!({"consistency_token": "zed-1"}))
+    }
+    pub fn status(status: u16) -> Self {
+        Answer {
+            status,
+            body: serde_json::json!({}),
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn body(mut self, body: Value) -> Self {
+        self.body = body;
+        self
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+type Script = dyn Fn(&Seen, usize) -> Answer + Send + Sync;
+
+#[derive(Clone)]
+struct Inner {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    script: Arc<Mutex<Arc<Script>>>,
+}
+
+pub struct ScriptedAuth {
+    pub addr: SocketAddr,
+    inner: Inner,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedAuth {
+    /// Answers every request with `script(request, index_of_request)`.
+    pub async fn start(script: impl Fn(&Seen, usize) -> Answer + Send + Sync + 'static) -> Self {
+        let inner = Inner {
+            seen: Arc::new(Mutex::new(Vec::new())),
+            script: Arc::new(Mutex::new(Arc::new(script))),
+        };
+        let app = Router::new()
+            .route("/v1/authz/{op}", post(handle))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        ScriptedAuth {
+            addr,
+            inner,
+            _task: task,
+        }
+    }
+
+    pub async fn always(answer: Answer) -> Self {
+        Self::start(move |_, _| answer.clone()).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_script(&self, script: impl Fn(&Seen, usize) -> Answer + Send + Sync + 'static) {
+        *self.inner.script.lock().expect("lock") = Arc::new(script);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.inner.seen.lock().expect("lock").clone()
+    }
+}
+
+async fn handle(State(inner): State<Inner>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let seen = Seen {
+        path: uri.path().to_string(),
+        headers,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    };
+    let (answer, _index) = {
+        let mut all = inner.seen.lock().expect("lock");
+        let index = all.len();
+        all.push(seen.clone());
+        let script = inner.script.lock().expect("lock").clone();
+        (script(&seen, index), index)
+    };
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    let mut response = (
+        StatusCode::from_u16(answer.status).expect("valid status"),
+        axum::Json(answer.body),
+    )
+        .into_response();
+    if let Some(secs) = answer.retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", secs.to_string().parse().expect("header"));
+    }
+    response
+}
