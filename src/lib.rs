@@ -32,4 +32,5 @@ pub mod domain;
 pub mod http;
 pub mod metrics;
 pub mod outbox;
+pub mod reconcile;
 pub mod telemetry;

@@ -3,6 +3,8 @@
 
 mod agents;
 mod keys;
+mod reconcile;
+mod replay;
 mod run;
 mod status;
 
@@ -58,6 +60,10 @@ enum Command {
         #[command(subcommand)]
         command: agents::AgentsCommand,
     },
+    /// Compare SpiceDB with PostgreSQL; exit 1 on drift; `--apply` heals through the outbox.
+    Reconcile(reconcile::ReconcileArgs),
+    /// Re-drive dead outbox rows, unless a later change overtook them.
+    Replay(replay::ReplayArgs),
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code:
@@ -97,6 +103,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::status(args).await,
         Command::Keys { command } => keys::keys(command).await,
         Command::Agents { command } => agents::agents(command).await,
+        Command::Reconcile(args) => reconcile::reconcile_command(args).await,
+        Command::Replay(args) => replay::replay_command(args).await,
     }
 }
 

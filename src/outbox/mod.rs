@@ -11,6 +11,7 @@ pub mod claim;
 pub mod enqueue;
 pub mod prune;
 pub mod record;
+pub mod replay;
 pub mod stats;
 
 use chrono::{DateTime, Utc};

@@ -1,0 +1,250 @@
+//! What reconcile found, and how it is shown: a table for people, JSON for
+//! jobs that alert on it.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+/// The kinds of drift, as they appear in the JSON report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FindingKind {
+    /// Relationships in SpiceDB, no row: someone keeps access to a deleted key.
+    Orphan,
+    /// A row without its relationships (none, no owner edge, or no parent
+    /// edge): the key fails closed.
+    Missing,
+    /// The parent edge points at another agent than the row's.
+    ParentMismatch,
+    /// Missing or mismatched, and no creator is known to register it as.
+    NeedsOwner,
+}
+
+impl FindingKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingKind::Orphan => "orphan",
+            FindingKind::Missing => "missing",
+            FindingKind::ParentMismatch => "parent_mismatch",
+            FindingKind::NeedsOwner => "needs_owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "orphan" => Some(FindingKind::Orphan),
+            "missing" => Some(FindingKind::Missing),
+            "parent_mismatch" => Some(FindingKind::ParentMismatch),
+            "needs_owner" => Some(FindingKind::NeedsOwner),
+            _ => None,
+        }
+    }
+}
+
+/// One drifted resource.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// `api_key:ID` or `agent:ID`.
+    pub resource: String,
+    pub reason: String,
+    /// The parent agent the row names (api keys with a row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub row_parent: Option<String>,
+    /// The parent agents SpiceDB holds for it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub spicedb_parents: Vec<String>,
+    /// The owner SpiceDB holds, as `user:U` or `service_account:S`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// What `--apply` enqueues (or enqueued) for it.
+    pub fix: String,
+    /// Whether this run enqueued the fix.
+    pub enqueued: bool,
+}
+
+/// Counts by kind. `drift` is what the metric and the exit code use.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    pub consistent: u64,
+    pub orphan: u64,
+    pub missing: u64,
+    pub parent_mismatch: u64,
+    pub needs_owner: u64,
+    /// Drifted, but an undelivered outbox row will change it: left alone.
+    pub in_flight: u64,
+    /// Drifted, but younger than the grace period: left alone.
+    pub young: u64,
+    /// Relationships read from SpiceDB, and the resources they describe.
+    pub spicedb_relationships: u64,
+    pub spicedb_resources: u64,
+    /// Drifted resources: orphan + missing + parent_mismatch + needs_owner.
+    pub drift: u64,
+}
+
+impl Summary {
+    pub fn drift(&self) -> u64 {
+        self.orphan + self.missing + self.parent_mismatch + self.needs_owner
+    }
+
+    /// Deregisters `--apply` would enqueue: one per orphan and mismatch.
+    pub fn deregisters(&self) -> u64 {
+        self.orphan + self.parent_mismatch
+    }
+}
+
+/// Prints findings as they stream out, then the summary.
+pub struct Printer<W: Write> {
+    out: W,
+    json: bool,
+    first: bool,
+}
+
+impl<W: Write> Printer<W> {
+    pub fn new(out: W, json: bool) -> Self {
+        Printer {
+            out,
+            json,
+            first: true,
+        }
+    }
+
+    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        if self.json {
+            if self.first {
+                writeln!(self.out, "{{\"findings\": [")?;
+            } else {
+                writeln!(self.out, ",")?;
+            }
+            write!(self.out, "  {}", serde_json::to_string(f)?)?;
+        } else {
+            if self.first {
+                writeln!(
+                    self.out,
+                    "{:<16} {:<48} {:<28} REASON",
+                    "KIND", "RESOURCE", "FIX"
+                )?;
+            }
+            let fix = if f.enqueued {
+                format!("{} (enqueued)", f.fix)
+            } else {
+                f.fix.clone()
+            };
+            writeln!(
+                self.out,
+                "{:<16} {:<48} {:<28} {}",
+                f.kind.as_str(),
+                f.resource,
+                fix,
+                f.reason
+            )?;
+        }
+        self.first = false;
+        Ok(())
+    }
+
+    /// Ends the report; `extra` is added to the JSON object (applied, run id).
+    pub fn finish(
+        &mut self,
+        summary: &Summary,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> io::Result<()> {
+        if self.json {
+            if self.first {
+                write!(self.out, "{{\"findings\": [")?;
+            } else {
+                writeln!(self.out)?;
+            }
+            write!(
+                self.out,
+                "],\n\"summary\": {}",
+                serde_json::to_string(summary)?
+            )?;
+            for (k, v) in extra {
+                write!(self.out, ",\n{}: {}", serde_json::to_string(&k)?, v)?;
+            }
+            writeln!(self.out, "}}")?;
+        } else {
+            if !self.first {
+                writeln!(self.out)?;
+            }
+            let rows: [(&str, u64); 9] = [
+                ("consistent", summary.consistent),
+                ("orphan", summary.orphan),
+                ("missing", summary.missing),
+                ("parent_mismatch", summary.parent_mismatch),
+                ("needs_owner", summary.needs_owner),
+                ("in_flight", summary.in_flight),
+                ("young", summary.young),
+                ("drift", summary.drift),
+                ("spicedb_resources", summary.spicedb_resources),
+            ];
+            writeln!(self.out, "{:<18} {:>10}", "SUMMARY", "COUNT")?;
+            for (name, n) in rows {
+                writeln!(self.out, "{name:<18} {n:>10}")?;
+            }
+            for (k, v) in extra {
+                writeln!(self.out, "{k}: {v}")?;
+            }
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding() -> Finding {
+        Finding {
+            kind: FindingKind::ParentMismatch,
+            resource: "api_key:k1".into(),
+            reason: "parent edge points at another agent".into(),
+            row_parent: Some("a1".into()),
+            spicedb_parents: vec!["a2".into()],
+            owner: Some("user:u1".into()),
+            fix: "deregister + register".into(),
+            enqueued: false,
+        }
+    }
+
+    #[test]
+    fn json_report_is_one_valid_document() {
+        let mut out = Vec::new();
+        let mut p = Printer::new(&mut out, true);
+        p.finding(&finding()).expect("write");
+        p.finding(&finding()).expect("write");
+        let summary = Summary {
+            parent_mismatch: 2,
+            drift: 2,
+            ..Summary::default()
+        };
+        p.finish(&summary, Default::default()).expect("write");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+        assert_eq!(v["summary"]["parent_mismatch"], 2);
+        assert_eq!(v["findings"][1]["kind"], "parent_mismatch");
+        assert_eq!(v["findings"][0]["resource"], "api_key:k1");
+    }
+
+    #[test]
+    fn empty_json_report_is_valid() {
+        let mut out = Vec::new();
+        Printer::new(&mut out, true)
+            .finish(&Summary::default(), Default::default())
+            .expect("write");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+        assert_eq!(v["findings"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn deregisters_count_orphans_and_mismatches() {
+        let s = Summary {
+            orphan: 3,
+            parent_mismatch: 2,
+            missing: 7,
+            ..Summary::default()
+        };
+        assert_eq!(s.deregisters(), 5);
+        assert_eq!(s.drift(), 12);
+    }
+}
