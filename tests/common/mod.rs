@@ -112,3 +112,100 @@ pub async fn make_due(pool: &PgPool) {
         .await
         .expect("update");
 }
+
+// ---------------------------------------------------------------------------
+// Reconcile and replay helpers: the real SpiceDB behind agentex-auth-dev, and
+// drift planted behind the outbox's back.
+
+/// An agentex-auth-dev with its own in-memory SpiceDB. Needs
+/// `SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh)`.
+pub async fn dev_server() -> agentex_auth_dev::DevServer {
+    agentex_auth_dev::DevServer::start(agentex_auth_dev::DevServerConfig::ephemeral())
+        .await
+        .unwrap_or_else(|e| panic!("agentex-auth-dev: {e}"))
+}
+
+/// Registers `TYPE:ID` (with an optional parent agent) straight in SpiceDB
+/// through agentex-auth-dev, with no outbox row: how orphans and mismatches
+/// are planted.
+pub async fn plant_register(
+    base_url: &str,
+    user: &str,
+    resource_type: &str,
+    id: &str,
+    parent_agent: Option<&str>,
+) {
+    let body = serde_json::json!({
+        "principal": {"user_id": user},
+        "resource": {"type": resource_type, "selector": id},
+        "parent": parent_agent.map(|a| serde_json::json!({"type": "agent", "selector": a})),
+    });
+    let status = reqwest::Client::new()
+        .post(format!("{base_url}/v1/authz/register"))
+        .json(&body)
+        .send()
+        .await
+        .expect("register request")
+        .status();
+    assert_eq!(status, 200, "planting register of {resource_type}:{id}");
+}
+
+/// Deletes every relationship of `TYPE:ID` straight in SpiceDB.
+pub async fn plant_deregister(base_url: &str, resource_type: &str, id: &str) {
+    let body = serde_json::json!({
+        "principal": {"user_id": "u1"},
+        "resource": {"type": resource_type, "selector": id},
+    });
+    let status = reqwest::Client::new()
+        .post(format!("{base_url}/v1/authz/deregister"))
+        .json(&body)
+        .send()
+        .await
+        .expect("deregister request")
+        .status();
+    assert_eq!(status, 200, "planting deregister of {resource_type}:{id}");
+}
+
+/// Runs `sql` with the capture triggers off (as a legacy writer or a restore
+/// would): no outbox row is written.
+pub async fn uncaptured(pool: &PgPool, sql: &'static str, binds: &[&str]) {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .expect("replica role");
+    let mut q = sqlx::query(sql);
+    for b in binds {
+        q = q.bind(*b);
+    }
+    q.execute(&mut *tx).await.expect("uncaptured statement");
+    tx.commit().await.expect("commit");
+}
+
+/// A key row with no outbox row (a legacy key, or one restored from backup).
+pub async fn insert_key_uncaptured(pool: &PgPool, id: &str, agent_id: &str) {
+    uncaptured(
+        pool,
+        "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key)
+         VALUES ($1, $2, $1, 'EXTERNAL', 'secret')",
+        &[id, agent_id],
+    )
+    .await;
+}
+
+/// Deletes a key row without capturing the deregister.
+pub async fn delete_key_uncaptured(pool: &PgPool, id: &str) {
+    uncaptured(pool, "DELETE FROM agent_api_keys WHERE id = $1", &[id]).await;
+}
+
+/// The URL of the test's own database (for running the binary against it).
+pub async fn database_url(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .expect("database name");
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for sqlx::test");
+    let mut url = url::Url::parse(&base).expect("DATABASE_URL is a URL");
+    url.set_path(&name);
+    url.to_string()
+}

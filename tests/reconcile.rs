@@ -1,0 +1,467 @@
+//! Reconcile against the real SpiceDB engine (agentex-auth-dev) and a real
+//! PostgreSQL: each kind of drift is planted behind the outbox's back, then
+//! classified, healed through the outbox, and re-checked.
+
+mod common;
+
+use std::time::Duration;
+
+use agentex_auth_dev::DevServer;
+use authz_outbox::domain::Principal;
+use authz_outbox::reconcile::{
+    Finding, FindingKind, ReconcileOptions, ReconcileReport, Refusal, SpiceDbConfig, reconcile,
+};
+use common::{
+    agent, delete_key_uncaptured, dev_server, insert_key_uncaptured, key, plant_deregister,
+    plant_register, run_once,
+};
+use sqlx::PgPool;
+
+fn options() -> ReconcileOptions {
+    ReconcileOptions {
+        grace: Duration::ZERO,
+        ..ReconcileOptions::default()
+    }
+}
+
+async fn check(
+    pool: &PgPool,
+    dev: &DevServer,
+    options: &ReconcileOptions,
+) -> (ReconcileReport, Vec<Finding>) {
+    let mut spicedb = SpiceDbConfig::new(dev.grpc_endpoint());
+    // Small pages, so the cursor paging is exercised.
+    spicedb.page_size = 2;
+    let mut findings = Vec::new();
+    let report = reconcile(pool, &spicedb, options, &mut |f| findings.push(f.clone()))
+        .await
+        .expect("reconcile runs");
+    (report, findings)
+}
+
+fn find<'a>(findings: &'a [Finding], resource: &str) -> &'a Finding {
+    findings
+        .iter()
+        .find(|f| f.resource == resource)
+        .unwrap_or_else(|| panic!("no finding for {resource}: {findings:#?}"))
+}
+
+async fn reconcile_rows(pool: &PgPool) -> Vec<(String, String, String, bool)> {
+    sqlx::query_as(
+        "SELECT operation, resource_type || ':' || resource_id, state, guarded
+         FROM authz_outbox WHERE origin = 'reconcile' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("outbox readable")
+}
+
+/// Runs the worker until nothing is pending: under load a delivery may time
+/// out and be retried later, which a single `run --once` would not wait for.
+async fn deliver_all(pool: &PgPool, dev: &DevServer) -> authz_outbox::delivery::RunReport {
+    let mut total = authz_outbox::delivery::RunReport::default();
+    for _ in 0..50 {
+        let r = run_once(pool, &dev.base_url(), common::config("w")).await;
+        total.delivered += r.delivered;
+        total.dead += r.dead;
+        total.superseded += r.superseded;
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE state = 'pending'")
+                .fetch_one(pool)
+                .await
+                .expect("count");
+        if pending == 0 {
+            return total;
+        }
+        common::make_due(pool).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("outbox did not drain");
+}
+
+/// Agents a1, a2 and three keys under a1, all delivered: 5 resources in SpiceDB.
+async fn consistent_world(pool: &PgPool, dev: &DevServer) -> Vec<String> {
+    agent(pool, "a1").await;
+    agent(pool, "a2").await;
+    let mut keys = Vec::new();
+    for name in ["k1", "k2", "k3"] {
+        keys.push(key(pool, "a1", name).await.id);
+    }
+    let report = deliver_all(pool, dev).await;
+    assert_eq!(report.delivered, 5, "{report:?}");
+    keys
+}
+
+/// One of each kind of drift. Returns the resource of each.
+struct Planted {
+    orphan: String,
+    missing_tuples: String,
+    missing_parent: String,
+    missing_agent: String,
+    mismatch: String,
+    legacy: String,
+}
+
+async fn plant_drift(pool: &PgPool, dev: &DevServer, keys: &[String]) -> Planted {
+    let url = dev.base_url();
+    // Tuples, no row: the create failed after its register (the seed's bug).
+    plant_register(&url, "u9", "api_key", "ghost", Some("a1")).await;
+    // A row whose tuples vanished; its creator is on record in the outbox.
+    plant_deregister(&url, "api_key", &keys[0]).await;
+    // A legacy row registered without its parent edge (fails closed).
+    insert_key_uncaptured(pool, "no-parent", "a1").await;
+    plant_register(&url, "u7", "api_key", "no-parent", None).await;
+    // An agent whose owner edge is gone.
+    plant_deregister(&url, "agent", "a2").await;
+    // A key registered under the wrong agent.
+    insert_key_uncaptured(pool, "moved", "a1").await;
+    plant_register(&url, "u8", "api_key", "moved", Some("a2")).await;
+    // A legacy key nobody ever registered, with no creator on record.
+    insert_key_uncaptured(pool, "legacy", "a1").await;
+    Planted {
+        orphan: "api_key:ghost".into(),
+        missing_tuples: format!("api_key:{}", keys[0]),
+        missing_parent: "api_key:no-parent".into(),
+        missing_agent: "agent:a2".into(),
+        mismatch: "api_key:moved".into(),
+        legacy: "api_key:legacy".into(),
+    }
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn consistent_world_reports_no_drift_and_exits_zero(pool: PgPool) {
+    let dev = dev_server().await;
+    consistent_world(&pool, &dev).await;
+    let (report, findings) = check(&pool, &dev, &options()).await;
+    assert!(findings.is_empty(), "{findings:#?}");
+    assert_eq!(report.summary.consistent, 5);
+    assert_eq!(report.summary.drift, 0);
+    assert_eq!(report.summary.spicedb_resources, 5);
+    assert_eq!(report.exit_code(), 0);
+    let (drift, applied): (i64, bool) =
+        sqlx::query_as("SELECT drift, applied FROM authz_outbox_reconcile_runs WHERE id = $1")
+            .bind(report.run_id)
+            .fetch_one(&pool)
+            .await
+            .expect("run recorded");
+    assert_eq!((drift, applied), (0, false));
+    dev.shutdown().await;
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn classifies_each_kind_of_drift(pool: PgPool) {
+    let dev = dev_server().await;
+    let keys = consistent_world(&pool, &dev).await;
+    let p = plant_drift(&pool, &dev, &keys).await;
+
+    let (report, findings) = check(&pool, &dev, &options()).await;
+    let s = &report.summary;
+    assert_eq!(
+        (s.orphan, s.missing, s.parent_mismatch, s.needs_owner),
+        (1, 3, 1, 1),
+        "{s:?} {findings:#?}"
+    );
+    assert_eq!(s.consistent, 3, "a1, k2, k3");
+    assert_eq!(s.drift, 6);
+    assert_eq!(report.exit_code(), 1);
+    assert!(!report.applied);
+    assert_eq!(report.enqueued, 0);
+
+    let orphan = find(&findings, &p.orphan);
+    assert_eq!(orphan.kind, FindingKind::Orphan);
+    assert_eq!(orphan.owner.as_deref(), Some("user:u9"));
+    assert_eq!(
+        find(&findings, &p.missing_tuples).kind,
+        FindingKind::Missing
+    );
+    let no_parent = find(&findings, &p.missing_parent);
+    assert_eq!(no_parent.kind, FindingKind::Missing);
+    assert_eq!(no_parent.reason, "parent edge missing");
+    assert_eq!(find(&findings, &p.missing_agent).kind, FindingKind::Missing);
+    let mismatch = find(&findings, &p.mismatch);
+    assert_eq!(mismatch.kind, FindingKind::ParentMismatch);
+    assert_eq!(mismatch.row_parent.as_deref(), Some("a1"));
+    assert_eq!(mismatch.spicedb_parents, vec!["a2".to_string()]);
+    assert_eq!(find(&findings, &p.legacy).kind, FindingKind::NeedsOwner);
+
+    // A dry run changes nothing.
+    assert!(reconcile_rows(&pool).await.is_empty());
+    dev.shutdown().await;
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn apply_then_delivery_leaves_zero_drift(pool: PgPool) {
+    let dev = dev_server().await;
+    let keys = consistent_world(&pool, &dev).await;
+    let p = plant_drift(&pool, &dev, &keys).await;
+
+    let backfill = Principal::parse(r#"{"service_account_id":"backfill"}"#).expect("principal");
+    let apply = ReconcileOptions {
+        apply: true,
+        owner_principal: Some(backfill),
+        ..options()
+    };
+    let (report, findings) = check(&pool, &dev, &apply).await;
+    assert!(report.applied);
+    assert_eq!(
+        report.summary.needs_owner, 0,
+        "the backfill owner covers it"
+    );
+    assert_eq!(report.summary.drift, 6);
+    assert_eq!(report.exit_code(), 1, "drift was found, even if healed");
+    assert!(findings.iter().all(|f| f.enqueued), "{findings:#?}");
+
+    let rows = reconcile_rows(&pool).await;
+    assert_eq!(report.enqueued as usize, rows.len());
+    let ops_of = |resource: &str| -> Vec<(String, bool)> {
+        rows.iter()
+            .filter(|r| r.1 == resource)
+            .map(|r| (r.0.clone(), r.3))
+            .collect()
+    };
+    assert_eq!(ops_of(&p.orphan), vec![("deregister".into(), true)]);
+    assert_eq!(
+        ops_of(&p.mismatch),
+        vec![("deregister".into(), false), ("register".into(), false)],
+        "a mismatch's deregister is not guarded: its row exists"
+    );
+    assert_eq!(ops_of(&p.legacy), vec![("register".into(), false)]);
+    assert_eq!(ops_of(&p.missing_tuples), vec![("register".into(), false)]);
+    // The recorded creator is used, not the backfill owner.
+    let principal: serde_json::Value = sqlx::query_scalar(
+        "SELECT principal FROM authz_outbox WHERE origin = 'reconcile'
+           AND resource_type || ':' || resource_id = $1",
+    )
+    .bind(&p.missing_tuples)
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert_eq!(principal, serde_json::json!({"user_id": "u1"}));
+
+    let delivered = deliver_all(&pool, &dev).await;
+    assert_eq!(delivered.dead, 0, "{delivered:?}");
+    assert!(
+        reconcile_rows(&pool)
+            .await
+            .iter()
+            .all(|r| r.2 == "delivered"),
+        "{:?}",
+        reconcile_rows(&pool).await
+    );
+
+    let (after, findings) = check(&pool, &dev, &options()).await;
+    assert_eq!(after.summary.drift, 0, "{findings:#?}");
+    assert_eq!(after.exit_code(), 0);
+    assert_eq!(after.summary.consistent, 8);
+    let runs: Vec<(bool, i64)> =
+        sqlx::query_as("SELECT applied, drift FROM authz_outbox_reconcile_runs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("runs");
+    assert_eq!(runs, vec![(true, 6), (false, 0)]);
+    dev.shutdown().await;
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn in_flight_and_young_resources_are_left_alone(pool: PgPool) {
+    let dev = dev_server().await;
+    consistent_world(&pool, &dev).await;
+    // Captured, not yet delivered: a pending row will register it.
+    let pending = key(&pool, "a1", "pending").await;
+    // A row created just now with no tuples (its create may be committing).
+    insert_key_uncaptured(&pool, "fresh", "a1").await;
+    // Tuples with no row, but its outbox history is recent.
+    let recent = key(&pool, "a1", "recent").await;
+    deliver_all(&pool, &dev).await;
+    delete_key_uncaptured(&pool, &recent.id).await;
+    // `run_once` delivered `pending` too; capture a new one that stays pending.
+    let pending_after = key(&pool, "a1", "pending-2").await;
+    let _ = pending;
+
+    let young = ReconcileOptions {
+        apply: true,
+        grace: Duration::from_secs(3600),
+        ..ReconcileOptions::default()
+    };
+    let (report, findings) = check(&pool, &dev, &young).await;
+    assert!(findings.is_empty(), "{findings:#?}");
+    assert_eq!(report.summary.in_flight, 1, "{:?}", report.summary);
+    assert_eq!(report.summary.young, 2, "{:?}", report.summary);
+    assert_eq!(report.summary.drift, 0);
+    assert_eq!(report.enqueued, 0);
+    assert!(reconcile_rows(&pool).await.is_empty());
+
+    // With no grace the young ones are drift; the in-flight one still is not.
+    let (report, findings) = check(&pool, &dev, &options()).await;
+    assert_eq!(report.summary.in_flight, 1);
+    assert_eq!(
+        find(&findings, &format!("api_key:{}", recent.id)).kind,
+        FindingKind::Orphan
+    );
+    assert_eq!(
+        find(&findings, "api_key:fresh").kind,
+        FindingKind::NeedsOwner
+    );
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f.resource == format!("api_key:{}", pending_after.id))
+    );
+    dev.shutdown().await;
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn guarded_deregister_of_a_recreated_key_is_superseded(pool: PgPool) {
+    let dev = dev_server().await;
+    consistent_world(&pool, &dev).await;
+    let k = key(&pool, "a1", "flapping").await;
+    deliver_all(&pool, &dev).await;
+    delete_key_uncaptured(&pool, &k.id).await;
+
+    let apply = ReconcileOptions {
+        apply: true,
+        ..options()
+    };
+    let (report, _) = check(&pool, &dev, &apply).await;
+    assert_eq!(report.summary.orphan, 1);
+    assert_eq!(report.enqueued, 1);
+
+    // The key comes back (a restore, a create with the same id) before the
+    // worker delivers the deregister.
+    insert_key_uncaptured(&pool, &k.id, "a1").await;
+    let delivered = deliver_all(&pool, &dev).await;
+    assert_eq!(delivered.superseded, 1, "{delivered:?}");
+    let (state, error): (String, Option<String>) =
+        sqlx::query_as("SELECT state, last_error FROM authz_outbox WHERE origin = 'reconcile'")
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!(state, "superseded");
+    assert!(error.unwrap_or_default().contains("exists again"));
+
+    // Its tuples survived.
+    let (after, findings) = check(&pool, &dev, &options()).await;
+    assert_eq!(after.summary.drift, 0, "{findings:#?}");
+    dev.shutdown().await;
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn apply_refuses_mass_deregisters_unless_forced(pool: PgPool) {
+    let dev = dev_server().await;
+    let keys = consistent_world(&pool, &dev).await;
+    // As if pointed at the wrong (or a restored, older) database: every key
+    // row is gone, so 3 of the 5 resources SpiceDB holds look orphaned.
+    for k in &keys {
+        delete_key_uncaptured(&pool, k).await;
+    }
+    let apply = ReconcileOptions {
+        apply: true,
+        ..options()
+    };
+    let (report, findings) = check(&pool, &dev, &apply).await;
+    assert_eq!(
+        report.refused,
+        Some(Refusal::MostOfSpiceDb { count: 3, held: 5 })
+    );
+    assert_eq!(report.exit_code(), 2);
+    assert!(!report.applied);
+    assert_eq!(findings.len(), 3, "the findings are still reported");
+    assert!(findings.iter().all(|f| !f.enqueued));
+    assert!(reconcile_rows(&pool).await.is_empty());
+    assert!(
+        report
+            .refused
+            .as_ref()
+            .is_some_and(|r| r.to_string().contains("more than half"))
+    );
+
+    let capped = ReconcileOptions {
+        max_deregisters: 2,
+        ..apply.clone()
+    };
+    let (report, _) = check(&pool, &dev, &capped).await;
+    assert_eq!(
+        report.refused,
+        Some(Refusal::TooManyDeregisters { count: 3, limit: 2 })
+    );
+    assert!(reconcile_rows(&pool).await.is_empty());
+
+    let forced = ReconcileOptions {
+        force: true,
+        ..capped
+    };
+    let (report, _) = check(&pool, &dev, &forced).await;
+    assert_eq!(report.refused, None);
+    assert_eq!(report.enqueued, 3);
+    assert_eq!(report.exit_code(), 1);
+    let rows = reconcile_rows(&pool).await;
+    assert!(rows.iter().all(|r| r.0 == "deregister" && r.3), "{rows:?}");
+    dev.shutdown().await;
+}
+
+/// Runs the binary against the test's database; returns (exit code, stdout, stderr).
+async fn cli(pool: &PgPool, args: &[&str]) -> (i32, String, String) {
+    let url = common::database_url(pool).await;
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    // Blocking on the child inside the runtime would starve the dev server.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+            .args(&args)
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("binary runs")
+    })
+    .await
+    .expect("join");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn cli_exits_zero_when_consistent_one_on_drift_two_when_refused(pool: PgPool) {
+    let dev = dev_server().await;
+    consistent_world(&pool, &dev).await;
+    let endpoint = dev.grpc_endpoint();
+    let base = [
+        "reconcile",
+        "--spicedb-endpoint",
+        &endpoint,
+        "--grace",
+        "0s",
+    ];
+
+    let (code, stdout, stderr) = cli(&pool, &[&base[..], &["--format", "json"]].concat()).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(json["summary"]["drift"], 0);
+    assert_eq!(json["findings"], serde_json::json!([]));
+
+    plant_register(&dev.base_url(), "u9", "api_key", "ghost", Some("a1")).await;
+    let (code, stdout, stderr) = cli(&pool, &[&base[..], &["--format", "json"]].concat()).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON report");
+    assert_eq!(json["summary"]["orphan"], 1);
+    assert_eq!(json["findings"][0]["kind"], "orphan");
+    assert_eq!(json["findings"][0]["resource"], "api_key:ghost");
+
+    let (code, stdout, stderr) = cli(&pool, &base).await;
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stdout.contains("api_key:ghost"), "{stdout}");
+
+    let (code, _, stderr) = cli(
+        &pool,
+        &[&base[..], &["--apply", "--max-deregisters", "0"]].concat(),
+    )
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("--max-deregisters (0)"),
+        "{stderr}"
+    );
+    dev.shutdown().await;
+}

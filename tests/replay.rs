@@ -1,0 +1,326 @@
+//! Replay of dead rows: what it revives, what it refuses (and why), and a
+//! row that died from a fault being delivered once the fault is cleared.
+
+mod common;
+
+use authz_outbox::capture::{self, NewApiKey};
+use authz_outbox::domain::{ApiKeyType, Operation, Principal, ResourceRef};
+use authz_outbox::outbox::enqueue::{NewRow, enqueue};
+use authz_outbox::outbox::replay::{
+    ReplayAction, ReplayError, ReplayOptions, ReplayReport, Selector, replay,
+};
+use common::scripted_auth::{Answer, ScriptedAuth};
+use common::{agent, key, principal, row, run_once};
+use sqlx::PgPool;
+
+fn by_ids(ids: &[i64]) -> ReplayOptions {
+    ReplayOptions {
+        selector: Selector {
+            ids: ids.to_vec(),
+            ..Selector::default()
+        },
+        ..ReplayOptions::default()
+    }
+}
+
+async fn replay_ok(pool: &PgPool, options: &ReplayOptions) -> ReplayReport {
+    replay(pool, options).await.expect("replay runs")
+}
+
+/// An agent and a key whose registers died from a 403; the auth server
+/// still answers 403.
+async fn dead_key(pool: &PgPool) -> (ScriptedAuth, capture::CreatedApiKey) {
+    let auth = ScriptedAuth::always(Answer::status(403)).await;
+    agent(pool, "a1").await;
+    let k = key(pool, "a1", "ci").await;
+    let report = run_once(pool, &auth.url(), common::config("w")).await;
+    assert_eq!(report.dead, 2, "{report:?}");
+    (auth, k)
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn replayed_rows_are_delivered_once_the_fault_is_cleared(pool: PgPool) {
+    let (auth, k) = dead_key(&pool).await;
+
+    let all_dead = ReplayOptions {
+        selector: Selector {
+            all_dead: true,
+            ..Selector::default()
+        },
+        dry_run: true,
+        ..ReplayOptions::default()
+    };
+    let report = replay_ok(&pool, &all_dead).await;
+    assert_eq!(report.count(ReplayAction::Replayed), 2, "{report:?}");
+    assert_eq!(
+        row(&pool, k.outbox_id).await.state,
+        "dead",
+        "a dry run changes nothing"
+    );
+
+    let report = replay_ok(
+        &pool,
+        &ReplayOptions {
+            dry_run: false,
+            ..all_dead
+        },
+    )
+    .await;
+    assert_eq!(report.count(ReplayAction::Replayed), 2);
+    let revived = row(&pool, k.outbox_id).await;
+    assert_eq!(revived.state, "pending");
+    assert_eq!(revived.attempts, 0);
+    assert_eq!(revived.locked_by, None);
+
+    auth.set_script(|_, _| Answer::ok());
+    let delivered = run_once(&pool, &auth.url(), common::config("w")).await;
+    assert_eq!(delivered.delivered, 2, "{delivered:?}");
+    assert_eq!(row(&pool, k.outbox_id).await.state, "delivered");
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn selectors_narrow_and_one_is_required(pool: PgPool) {
+    let (_auth, k) = dead_key(&pool).await;
+    assert!(matches!(
+        replay(&pool, &ReplayOptions::default()).await,
+        Err(ReplayError::NoSelector)
+    ));
+
+    let by_resource = ReplayOptions {
+        selector: Selector {
+            resource: Some(ResourceRef::new("api_key", &k.id).expect("resource")),
+            since: Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+            error_contains: Some("403".into()),
+            ..Selector::default()
+        },
+        dry_run: true,
+        ..ReplayOptions::default()
+    };
+    let report = replay_ok(&pool, &by_resource).await;
+    assert_eq!(report.rows.len(), 1, "{report:?}");
+    assert_eq!(report.rows[0].id, k.outbox_id);
+
+    let too_late = ReplayOptions {
+        selector: Selector {
+            until: Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+            ..Selector::default()
+        },
+        ..ReplayOptions::default()
+    };
+    assert!(replay_ok(&pool, &too_late).await.rows.is_empty());
+
+    let no_match = ReplayOptions {
+        selector: Selector {
+            error_contains: Some("no such error".into()),
+            ..Selector::default()
+        },
+        ..ReplayOptions::default()
+    };
+    assert!(replay_ok(&pool, &no_match).await.rows.is_empty());
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn refuses_a_register_whose_key_is_gone(pool: PgPool) {
+    let (_auth, k) = dead_key(&pool).await;
+    capture::delete_api_key(&pool, &k.id, Some(&principal("u1")))
+        .await
+        .expect("deleted");
+
+    let report = replay_ok(&pool, &by_ids(&[k.outbox_id])).await;
+    assert_eq!(report.rows.len(), 1);
+    assert_eq!(report.rows[0].action, ReplayAction::Superseded);
+    assert_eq!(report.rows[0].reason, "resource row no longer exists");
+    let r = row(&pool, k.outbox_id).await;
+    assert_eq!(r.state, "superseded");
+    assert_eq!(
+        r.last_error.as_deref(),
+        Some("replay: resource row no longer exists")
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn refuses_a_register_overtaken_by_a_later_deregister(pool: PgPool) {
+    let (_auth, k) = dead_key(&pool).await;
+    // A later deregister of the same resource (here one reconcile enqueued).
+    let mut tx = pool.begin().await.expect("begin");
+    let later = enqueue(
+        &mut tx,
+        &[NewRow {
+            operation: Operation::Deregister,
+            resource: ResourceRef::new("api_key", &k.id).expect("resource"),
+            parent: None,
+            principal: Some(principal("u1")),
+            guarded: false,
+        }],
+        "reconcile",
+    )
+    .await
+    .expect("enqueued");
+    tx.commit().await.expect("commit");
+
+    let report = replay_ok(&pool, &by_ids(&[k.outbox_id])).await;
+    assert_eq!(report.rows[0].action, ReplayAction::Superseded);
+    assert_eq!(
+        report.rows[0].reason,
+        format!("overtaken by later deregister #{}", later[0])
+    );
+    assert_eq!(row(&pool, k.outbox_id).await.state, "superseded");
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn refuses_a_deregister_overtaken_by_a_later_register(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "ci").await;
+    run_once(&pool, &auth.url(), common::config("w")).await;
+    auth.set_script(|_, _| Answer::status(403));
+    let deregisters = capture::delete_api_key(&pool, &k.id, Some(&principal("u1")))
+        .await
+        .expect("deleted");
+    run_once(&pool, &auth.url(), common::config("w")).await;
+    assert_eq!(row(&pool, deregisters[0]).await.state, "dead");
+
+    // The key is restored with the same id: its register is pending.
+    let mut tx = pool.begin().await.expect("begin");
+    capture::set_principal(&mut tx, Some(&principal("u1")))
+        .await
+        .expect("principal");
+    sqlx::query(
+        "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key)
+         VALUES ($1, 'a1', 'ci', 'EXTERNAL', 's')",
+    )
+    .bind(&k.id)
+    .execute(&mut *tx)
+    .await
+    .expect("restored");
+    tx.commit().await.expect("commit");
+
+    let report = replay_ok(&pool, &by_ids(&[deregisters[0]])).await;
+    assert_eq!(
+        report.rows[0].action,
+        ReplayAction::Superseded,
+        "{report:?}"
+    );
+    assert!(
+        report.rows[0]
+            .reason
+            .starts_with("overtaken by later register #"),
+        "{report:?}"
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn no_creator_rows_need_a_principal(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    let k = capture::create_api_key(
+        &pool,
+        NewApiKey {
+            agent_id: "a1".into(),
+            name: "legacy".into(),
+            key_type: ApiKeyType::External,
+            secret: None,
+        },
+        None,
+    )
+    .await
+    .expect("created");
+    assert_eq!(row(&pool, k.outbox_id).await.state, "dead");
+
+    let selector = Selector {
+        error_contains: Some("NO CREATOR".into()),
+        ..Selector::default()
+    };
+    let report = replay_ok(
+        &pool,
+        &ReplayOptions {
+            selector: selector.clone(),
+            ..ReplayOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(report.rows.len(), 1);
+    assert_eq!(report.rows[0].action, ReplayAction::Skipped);
+    assert!(report.rows[0].reason.contains("--principal"));
+    assert_eq!(row(&pool, k.outbox_id).await.state, "dead");
+
+    let owner =
+        Principal::parse(r#"{"user_id":"u5","api_key":"sk-never-stored"}"#).expect("principal");
+    let report = replay_ok(
+        &pool,
+        &ReplayOptions {
+            selector,
+            principal: Some(owner),
+            dry_run: false,
+        },
+    )
+    .await;
+    assert_eq!(report.rows[0].action, ReplayAction::Replayed);
+    let revived = row(&pool, k.outbox_id).await;
+    assert_eq!(revived.state, "pending");
+    assert_eq!(
+        revived.principal,
+        Some(serde_json::json!({"user_id": "u5"}))
+    );
+
+    let delivered = run_once(&pool, &auth.url(), common::config("w")).await;
+    assert_eq!(delivered.delivered, 2, "agent and key: {delivered:?}");
+    let sent = auth.seen();
+    let key_register = sent
+        .iter()
+        .find(|s| s.body["resource"]["selector"] == k.id.as_str())
+        .expect("key register sent");
+    assert_eq!(
+        key_register.body["principal"],
+        serde_json::json!({"user_id": "u5"})
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn rows_selected_by_id_that_are_not_dead_are_skipped(pool: PgPool) {
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "ci").await;
+    let report = replay_ok(&pool, &by_ids(&[k.outbox_id])).await;
+    assert_eq!(report.rows[0].action, ReplayAction::Skipped);
+    assert_eq!(report.rows[0].reason, "row is pending, not dead");
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn cli_reports_per_row_and_requires_a_selector(pool: PgPool) {
+    let (_auth, k) = dead_key(&pool).await;
+    let url = common::database_url(&pool).await;
+    let run = |args: Vec<String>| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+                .args(args)
+                .env("DATABASE_URL", url)
+                .env("RUST_LOG", "warn")
+                .output()
+                .expect("binary runs")
+        })
+    };
+    let out = run(vec!["replay".into()]).await.expect("join");
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = run(vec![
+        "replay".into(),
+        "--id".into(),
+        k.outbox_id.to_string(),
+        "--format".into(),
+        "json".into(),
+    ])
+    .await
+    .expect("join");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["rows"][0]["id"], k.outbox_id);
+    assert_eq!(json["rows"][0]["action"], "replayed");
+    assert_eq!(json["rows"][0]["resource"], format!("api_key:{}", k.id));
+    assert_eq!(row(&pool, k.outbox_id).await.state, "pending");
+}
