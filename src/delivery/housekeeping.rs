@@ -31,7 +31,7 @@ pub async fn run(
         metrics::gauge!(m::CREDENTIAL_FAILURE)
             .set(f64::from(u8::from(gate == Some(OpenReason::Credential))));
         metrics::gauge!(m::CIRCUIT_OPEN).set(f64::from(u8::from(gate == Some(OpenReason::Outage))));
-        if tick % STATS_EVERY == 0 {
+        if tick.is_multiple_of(STATS_EVERY) {
             refresh_gauges(&pool, &health).await;
         }
         metrics::gauge!(m::READY).set(f64::from(u8::from(health.ready())));

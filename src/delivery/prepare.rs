@@ -40,7 +40,7 @@ impl Deliverable {
 /// Checks a row written by any writer (the triggers, reconcile, another
 /// language's code, a hand-written INSERT). Returns the reason it can never
 /// be delivered, which sends it dead without stopping the worker.
-pub fn check(row: ClaimedRow) -> Result<Deliverable, (ClaimedRow, String)> {
+pub fn check(row: ClaimedRow) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
     match parse(&row) {
         Ok((operation, resource, parent, principal)) => Ok(Deliverable {
             row,
@@ -49,7 +49,7 @@ pub fn check(row: ClaimedRow) -> Result<Deliverable, (ClaimedRow, String)> {
             parent,
             principal,
         }),
-        Err(reason) => Err((row, reason)),
+        Err(reason) => Err((Box::new(row), reason)),
     }
 }
 
@@ -131,6 +131,8 @@ mod tests {
             created_at: chrono::Utc::now(),
             lease_token: uuid::Uuid::new_v4(),
             guarded: false,
+            origin: "capture".into(),
+            last_error: None,
         }
     }
 

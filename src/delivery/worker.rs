@@ -102,6 +102,8 @@ struct Shared {
     /// Rows whose request is in flight: released if shutdown cuts them off.
     in_flight: Mutex<HashMap<i64, (Uuid, Operation)>>,
     settled: mpsc::UnboundedSender<Settled>,
+    /// For `--once`: only rows due when the run started.
+    due_by: Option<chrono::DateTime<Utc>>,
     /// When the last credential failure was logged, to log it once per interval.
     last_credential_log: Mutex<Option<Instant>>,
 }
@@ -173,6 +175,7 @@ impl Worker {
             progress: progress.clone(),
             in_flight: Mutex::new(HashMap::new()),
             settled: tx,
+            due_by: once.then(Utc::now),
             last_credential_log: Mutex::new(None),
         });
         let background = CancellationToken::new();
@@ -270,11 +273,16 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             if admit == Admit::Probe {
                 shared.gate.probe_unused();
             }
-            if once && idle_before && !matches!(admit, Admit::Nothing { .. }) {
-                break;
-            }
-            if once && idle_before && shared.gate.open_reason() == Some(OpenReason::Credential) {
-                // A one-shot run cannot wait out a wrong credential.
+            // A one-shot run ends when nothing it may send is due. While the
+            // gate is open (an outage, a rejected credential) that includes
+            // the rows held back: a one-shot run cannot wait either out.
+            if once && idle_before {
+                if let Some(reason) = shared.gate.open_reason() {
+                    tracing::warn!(
+                        ?reason,
+                        "agentex-auth unavailable; rows held back for the next run"
+                    );
+                }
                 break;
             }
             let wait = match admit {
@@ -334,6 +342,7 @@ async fn claim_batch(shared: &Shared, limit: usize) -> Result<Vec<ClaimedRow>, s
         Operation::Deregister,
         c.lease,
         limit as i64,
+        shared.due_by,
     )
     .await?;
     let left = limit.saturating_sub(rows.len());
@@ -345,6 +354,7 @@ async fn claim_batch(shared: &Shared, limit: usize) -> Result<Vec<ClaimedRow>, s
                 Operation::Register,
                 c.lease,
                 left as i64,
+                shared.due_by,
             )
             .await?,
         );
@@ -425,12 +435,13 @@ async fn settle_stale(
     let pairs = claim::supersede_create_then_delete(&shared.pool, &fresh_registers).await?;
     if !pairs.is_empty() {
         let n = pairs.len() as u64;
+        // Each pair is two rows: the claimed register and its deregister.
         shared
             .progress
             .report
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .superseded += n;
+            .superseded += 2 * n;
         metrics::counter!(m::DELIVERIES, "operation" => "register", "outcome" => "superseded")
             .increment(n);
         metrics::counter!(m::DELIVERIES, "operation" => "deregister", "outcome" => "superseded")

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::ClaimedRow;
@@ -19,12 +20,17 @@ use crate::domain::Operation;
 ///
 /// The attempt is counted here, at claim time, so a row that crashes its
 /// worker every time still runs out of attempts.
+///
+/// `due_by` narrows "due" to rows due at that instant: a one-shot run passes
+/// its start time so rows it retried (due again later) end the run instead
+/// of being retried until they die.
 pub async fn claim(
     pool: &PgPool,
     worker_id: &str,
     operation: Operation,
     lease: Duration,
     limit: i64,
+    due_by: Option<DateTime<Utc>>,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     const SQL: &str = r#"
         WITH due AS (
@@ -32,7 +38,7 @@ pub async fn claim(
             FROM authz_outbox o
             WHERE o.state = 'pending'
               AND o.operation = $1
-              AND o.next_attempt_at <= now()
+              AND o.next_attempt_at <= least(now(), coalesce($5, now()))
               AND (o.locked_until IS NULL OR o.locked_until < now())
               AND NOT EXISTS (
                   SELECT 1 FROM authz_outbox e
@@ -53,7 +59,7 @@ pub async fn claim(
         WHERE o.id = due.id
         RETURNING o.id, o.resource_type, o.resource_id, o.parent_type, o.parent_id,
                   o.operation, o.principal, o.attempts, o.created_at, o.lease_token,
-                  o.guarded
+                  o.guarded, o.origin, o.last_error
     "#;
     if limit <= 0 {
         return Ok(Vec::new());
@@ -63,6 +69,7 @@ pub async fn claim(
         .bind(limit)
         .bind(worker_id)
         .bind(lease.as_millis() as i64)
+        .bind(due_by)
         .fetch_all(pool)
         .await?;
     rows.sort_by_key(|r| r.id);

@@ -39,11 +39,18 @@ pub struct ClaimedRow {
     pub created_at: DateTime<Utc>,
     pub lease_token: Uuid,
     pub guarded: bool,
+    /// capture, reconcile or replay.
+    pub origin: String,
+    pub last_error: Option<String>,
 }
 
 impl ClaimedRow {
-    /// Whether an earlier claim may already have reached agentex-auth.
+    /// Whether this row is certain never to have reached agentex-auth: a
+    /// captured row on its first claim with no earlier error. Rows from
+    /// reconcile or replay may repair tuples that already exist, and any
+    /// earlier error (a timeout, an applied-then-failed answer, a release)
+    /// leaves it open whether something was applied.
     pub fn never_attempted(&self) -> bool {
-        self.attempts <= 1
+        self.attempts <= 1 && self.last_error.is_none() && self.origin == "capture"
     }
 }

@@ -1,0 +1,631 @@
+//! The worker against a scripted agentex-auth: wire format, status classes,
+//! retries, leases and fencing, per-resource order, pause and shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use authz_outbox::capture;
+use authz_outbox::domain::Operation;
+use authz_outbox::outbox::claim;
+use authz_outbox::outbox::record::{Recorded, RowUpdate, record};
+use common::scripted_auth::{Answer, ScriptedAuth, Seen};
+use common::{agent, config, key, make_due, row, rows, run_once};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn sends_the_contract_wire_format(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "wire").await;
+    let client = authz_outbox::auth_client::AuthClient::new(
+        &auth.url(),
+        authz_outbox::auth_client::BearerToken::new("svc-token"),
+        Duration::from_secs(2),
+        4,
+    )
+    .expect("client");
+    let worker =
+        authz_outbox::delivery::Worker::new(pool.clone(), client, config("w")).expect("worker");
+    worker.run(CancellationToken::new(), true).await;
+    capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    run_once(&pool, &auth.url(), config("w")).await;
+
+    let seen = auth.seen();
+    let agent_register = &seen[0];
+    assert_eq!(agent_register.path, "/v1/authz/register");
+    assert_eq!(
+        agent_register.body,
+        json!({"principal": {"user_id": "u1"}, "resource": {"type": "agent", "selector": "a1"}, "parent": null})
+    );
+    let key_register = &seen[1];
+    assert_eq!(
+        key_register.body,
+        json!({"principal": {"user_id": "u1"},
+               "resource": {"type": "api_key", "selector": k.id},
+               "parent": {"type": "agent", "selector": "a1"}})
+    );
+    assert_eq!(
+        key_register
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("authz-outbox-{}", k.outbox_id).as_str())
+    );
+    assert_eq!(
+        key_register
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer svc-token")
+    );
+    assert_eq!(
+        key_register
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    let deregister = &seen[2];
+    assert_eq!(deregister.path, "/v1/authz/deregister");
+    assert_eq!(
+        deregister.body,
+        json!({"principal": {"user_id": "u1"}, "resource": {"type": "api_key", "selector": k.id}})
+    );
+    assert_eq!(seen.len(), 3);
+    let r = row(&pool, k.outbox_id).await;
+    assert_eq!(r.state, "delivered");
+    assert_eq!(r.consistency_token.as_deref(), Some("zed-1"));
+}
+
+/// (status, operation) → final state, as the host service maps status codes.
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn each_status_class_ends_in_the_right_state(pool: PgPool) {
+    let cases: &[(u16, &str, &str)] = &[
+        (200, "register", "delivered"),
+        (204, "register", "delivered"),
+        (400, "register", "dead"),
+        (403, "register", "dead"),
+        (404, "register", "dead"),
+        (404, "deregister", "delivered"),
+        (409, "register", "dead"),
+        (422, "register", "dead"),
+        (418, "deregister", "dead"),
+        (408, "register", "pending"),
+        (429, "register", "pending"),
+        (500, "deregister", "pending"),
+        (502, "register", "pending"),
+        (503, "register", "pending"),
+    ];
+    let statuses: Arc<HashMap<String, u16>> = Arc::new(
+        cases
+            .iter()
+            .enumerate()
+            .map(|(i, (status, _, _))| (format!("t{i}"), *status))
+            .collect(),
+    );
+    let script = statuses.clone();
+    let auth = ScriptedAuth::start(move |seen: &Seen, _| {
+        let id = seen.body["resource"]["selector"]
+            .as_str()
+            .unwrap_or_default();
+        Answer::status(*script.get(id).unwrap_or(&200))
+    })
+    .await;
+    for (i, (_, operation, _)) in cases.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+             VALUES ('task', $1, $2, '{\"user_id\":\"u\"}')",
+        )
+        .bind(format!("t{i}"))
+        .bind(operation)
+        .execute(&pool)
+        .await
+        .expect("insert");
+    }
+    run_once(&pool, &auth.url(), config("w")).await;
+    let all = rows(&pool).await;
+    for (i, (status, operation, expected)) in cases.iter().enumerate() {
+        let r = all
+            .iter()
+            .find(|r| r.resource_id == format!("t{i}"))
+            .expect("row");
+        assert_eq!(&r.state, expected, "{status} on {operation}");
+        assert_eq!(r.attempts, 1, "{status} on {operation}");
+        if *expected != "delivered" {
+            assert_eq!(r.last_status, Some(i32::from(*status)), "{status}");
+            assert!(
+                r.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains(&status.to_string()))
+            );
+        }
+    }
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn retries_are_persisted_with_backoff_and_retry_after(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::status(429).retry_after(30)).await;
+    agent(&pool, "a1").await;
+    let cfg = authz_outbox::config::WorkerConfig {
+        backoff_cap: Duration::from_secs(60),
+        ..config("w")
+    };
+    run_once(&pool, &auth.url(), cfg.clone()).await;
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM authz_outbox",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert!(
+        (25.0..=31.0).contains(&wait),
+        "Retry-After honoured: {wait}"
+    );
+
+    // Without Retry-After the delay grows with attempts but stays under the cap.
+    auth.set_script(|_, _| Answer::status(503));
+    let mut last = 0.0;
+    for _ in 0..6 {
+        make_due(&pool).await;
+        run_once(&pool, &auth.url(), config("w")).await;
+        let (wait, attempts): (f64, i32) = sqlx::query_as(
+            "SELECT extract(epoch FROM next_attempt_at - now())::float8, attempts FROM authz_outbox",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+        assert!(wait <= 0.1 + 0.01, "within the 100ms cap: {wait}");
+        last = wait;
+        assert!(attempts >= 2);
+    }
+    let _ = last;
+    let r = rows(&pool).await.pop().expect("row");
+    assert_eq!((r.state.as_str(), r.attempts), ("pending", 7));
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn a_row_goes_dead_only_after_max_attempts_and_max_age(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::status(503)).await;
+    agent(&pool, "a1").await;
+    let young = authz_outbox::config::WorkerConfig {
+        max_attempts: 2,
+        ..config("w")
+    };
+    for _ in 0..4 {
+        make_due(&pool).await;
+        run_once(&pool, &auth.url(), young.clone()).await;
+    }
+    let r = rows(&pool).await.pop().expect("row");
+    assert_eq!(
+        (r.state.as_str(), r.attempts),
+        ("pending", 4),
+        "a young row outlives an outage"
+    );
+
+    let old_enough = authz_outbox::config::WorkerConfig {
+        max_attempts: 2,
+        dead_after: Duration::ZERO,
+        ..config("w")
+    };
+    make_due(&pool).await;
+    let report = run_once(&pool, &auth.url(), old_enough).await;
+    assert_eq!(report.dead, 1);
+    let r = rows(&pool).await.pop().expect("row");
+    assert_eq!(r.state, "dead");
+    assert!(
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("gave up after 5 attempts"))
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn an_expired_lease_hands_rows_to_another_worker_and_fences_the_old_one(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    // A worker claims and is then killed: it never records anything.
+    let crashed = claim::claim(
+        &pool,
+        "crashed",
+        Operation::Register,
+        Duration::from_millis(300),
+        10,
+        None,
+    )
+    .await
+    .expect("claim");
+    assert_eq!(crashed.len(), 1);
+
+    let report = run_once(&pool, &auth.url(), config("w2")).await;
+    assert_eq!(report.delivered, 0, "a live lease is respected");
+    assert!(auth.seen().is_empty());
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let report = run_once(&pool, &auth.url(), config("w2")).await;
+    assert_eq!(report.delivered, 1, "the expired lease is taken over");
+
+    // The old holder wakes up and tries to record a failure: fenced off.
+    let written = record(
+        &pool,
+        &[Recorded {
+            id: crashed[0].id,
+            lease_token: crashed[0].lease_token,
+            update: RowUpdate::Dead {
+                status: Some(500),
+                error: "stale".into(),
+            },
+        }],
+    )
+    .await
+    .expect("record");
+    assert!(written.is_empty());
+    assert_eq!(row(&pool, crashed[0].id).await.state, "delivered");
+}
+
+/// Keys deleted while their register is in flight, with two workers racing:
+/// the deregister must never reach agentex-auth before the register's answer.
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn two_workers_never_deliver_a_deregister_before_its_register(pool: PgPool) {
+    const IN_FLIGHT: Duration = Duration::from_millis(80);
+    // Arrival time of each key's register, and order violations seen.
+    let registered: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>> = Arc::default();
+    let violations: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let (reg, bad) = (registered.clone(), violations.clone());
+    let auth = ScriptedAuth::start(move |seen: &Seen, n| {
+        let id = seen.body["resource"]["selector"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if seen.body["resource"]["type"] != "api_key" {
+            return Answer::ok();
+        }
+        let now = std::time::Instant::now();
+        if seen.path == "/v1/authz/register" {
+            reg.lock().expect("lock").insert(id, now);
+            // Jitter so the two workers interleave differently each time.
+            return Answer::ok().delay(IN_FLIGHT + Duration::from_millis((n % 5) as u64));
+        }
+        match reg.lock().expect("lock").get(&id) {
+            Some(at) if now.duration_since(*at) >= IN_FLIGHT => {}
+            other => bad
+                .lock()
+                .expect("lock")
+                .push(format!("{id}: deregister while register {other:?}")),
+        }
+        Answer::ok()
+    })
+    .await;
+    agent(&pool, "a1").await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(key(&pool, "a1", &format!("k{i}")).await.id);
+    }
+    let stop = CancellationToken::new();
+    let w1 =
+        tokio::spawn(common::worker(&pool, &auth.url(), config("w1")).run(stop.clone(), false));
+    let w2 =
+        tokio::spawn(common::worker(&pool, &auth.url(), config("w2")).run(stop.clone(), false));
+    // Delete each key as soon as its register is on the wire.
+    for id in &ids {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !registered.lock().expect("lock").contains_key(id) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("register sent");
+        capture::delete_api_key(&pool, id, None)
+            .await
+            .expect("delete");
+    }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while rows(&pool).await.iter().any(|r| r.state == "pending") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("drained");
+    stop.cancel();
+    w1.await.expect("w1");
+    w2.await.expect("w2");
+
+    assert_eq!(
+        violations.lock().expect("lock").clone(),
+        Vec::<String>::new()
+    );
+    let mut per_key: HashMap<String, Vec<String>> = HashMap::new();
+    for seen in auth.seen() {
+        if seen.body["resource"]["type"] == "api_key" {
+            let id = seen.body["resource"]["selector"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            per_key.entry(id).or_default().push(seen.path.clone());
+        }
+    }
+    assert_eq!(per_key.len(), 40);
+    for (id, paths) in per_key {
+        assert_eq!(
+            paths,
+            ["/v1/authz/register", "/v1/authz/deregister"],
+            "{id}"
+        );
+    }
+    assert!(rows(&pool).await.iter().all(|r| r.state == "delivered"));
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn a_key_created_and_deleted_before_delivery_costs_nothing(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let before = auth.seen().len();
+    let k = key(&pool, "a1", "short-lived").await;
+    let d = capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    let report = run_once(&pool, &auth.url(), config("w")).await;
+    assert_eq!(auth.seen().len(), before, "nothing sent");
+    assert_eq!(report.superseded, 2);
+    assert_eq!(row(&pool, k.outbox_id).await.state, "superseded");
+    assert_eq!(row(&pool, d[0]).await.state, "superseded");
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn an_attempted_register_of_a_deleted_key_is_superseded_and_its_deregister_sent(
+    pool: PgPool,
+) {
+    let auth = ScriptedAuth::always(Answer::status(503)).await;
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "k").await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    // Another row for the same resource sits between, so the pair shortcut
+    // does not apply: a re-parent (deregister + register), then a delete.
+    let d = capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    auth.set_script(|_, _| Answer::ok());
+    make_due(&pool).await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let r = row(&pool, k.outbox_id).await;
+    assert_eq!(r.state, "superseded");
+    assert_eq!(
+        r.last_error.as_deref(),
+        Some("resource row no longer exists")
+    );
+    assert_eq!(row(&pool, d[0]).await.state, "delivered");
+    let last = auth.seen().pop().expect("a request");
+    assert_eq!(
+        last.path, "/v1/authz/deregister",
+        "the attempted register is cleaned up"
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn deregisters_are_delivered_before_registers(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    let old = key(&pool, "a1", "old").await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let _new = key(&pool, "a1", "new").await;
+    capture::delete_api_key(&pool, &old.id, None)
+        .await
+        .expect("delete");
+    let before = auth.seen().len();
+    let one_at_a_time = authz_outbox::config::WorkerConfig {
+        concurrency: 1,
+        batch_size: 1,
+        ..config("w")
+    };
+    run_once(&pool, &auth.url(), one_at_a_time).await;
+    let seen = auth.seen();
+    assert_eq!(seen[before].path, "/v1/authz/deregister");
+    assert_eq!(seen[before + 1].path, "/v1/authz/register");
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn a_guarded_deregister_of_a_row_that_exists_again_is_superseded(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "k").await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, guarded, origin)
+         VALUES ('api_key', $1, 'deregister', true, 'reconcile') RETURNING id",
+    )
+    .bind(&k.id)
+    .fetch_one(&pool)
+    .await
+    .expect("insert");
+    let before = auth.seen().len();
+    run_once(&pool, &auth.url(), config("w")).await;
+    assert_eq!(auth.seen().len(), before);
+    assert_eq!(row(&pool, id).await.state, "superseded");
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::status(401)).await;
+    agent(&pool, "a1").await;
+    for i in 0..5 {
+        key(&pool, "a1", &format!("k{i}")).await;
+    }
+    let worker = common::worker(&pool, &auth.url(), config("w"));
+    let health = worker.health();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone(), false));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !health.ready(),
+        "a rejected credential makes the worker not ready"
+    );
+    let all = rows(&pool).await;
+    assert!(
+        all.iter().all(|r| r.state == "pending" && r.attempts == 0),
+        "{all:?}"
+    );
+    let requests = auth.seen().len();
+    assert!(
+        requests <= 8 + 2,
+        "paused after the first answers: {requests}"
+    );
+
+    auth.set_script(|_, _| Answer::ok());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while rows(&pool).await.iter().any(|r| r.state != "delivered") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("delivery resumes once the credential is accepted");
+    stop.cancel();
+    run.await.expect("worker");
+    assert!(rows(&pool).await.iter().all(|r| r.attempts == 1));
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn an_outage_opens_the_circuit_and_holds_the_backlog(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::status(503)).await;
+    agent(&pool, "a1").await;
+    for i in 0..60 {
+        key(&pool, "a1", &format!("k{i}")).await;
+    }
+    let cfg = authz_outbox::config::WorkerConfig {
+        circuit_threshold: 3,
+        concurrency: 2,
+        batch_size: 2,
+        backoff_base: Duration::from_millis(1),
+        backoff_cap: Duration::from_millis(1),
+        ..config("w")
+    };
+    let worker = common::worker(&pool, &auth.url(), cfg);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone(), false));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    run.await.expect("worker");
+    let requests = auth.seen().len();
+    assert!(
+        requests < 12,
+        "only probes once the circuit is open: {requests}"
+    );
+    let untouched = rows(&pool).await.iter().filter(|r| r.attempts == 0).count();
+    assert!(
+        untouched >= 50,
+        "the backlog kept its attempts: {untouched}"
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn shutdown_releases_in_flight_leases(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok().delay(Duration::from_secs(30))).await;
+    agent(&pool, "a1").await;
+    let cfg = authz_outbox::config::WorkerConfig {
+        request_timeout: Duration::from_secs(40),
+        lease: Duration::from_secs(120),
+        shutdown_timeout: Duration::from_millis(200),
+        ..config("w")
+    };
+    let worker = common::worker(&pool, &auth.url(), cfg);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone(), false));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while auth.seen().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("request in flight");
+    stop.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("shutdown within the deadline")
+        .expect("worker");
+    assert_eq!(report.released, 1);
+    let r = rows(&pool).await.pop().expect("row");
+    assert_eq!(
+        (r.state.as_str(), r.attempts, r.locked_by.as_deref()),
+        ("pending", 0, None)
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    sqlx::raw_sql(
+        r#"
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal) VALUES
+          ('agent', 'bad-principal', 'register', '"just a string"'),
+          ('widget', 'w1', 'register', '{"user_id":"u"}'),
+          ('api_key', 'orphan-parent', 'register', '{"user_id":"u"}'),
+          ('agent', 'good', 'register', '{"user_id":"u"}');
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("insert");
+    // A row for an agent that exists, so the register is not stale.
+    sqlx::query("INSERT INTO agents (id, name) VALUES ('good', 'good')")
+        .execute(&pool)
+        .await
+        .expect("agent");
+    let report = run_once(&pool, &auth.url(), config("w")).await;
+    let all = rows(&pool).await;
+    let state = |id: &str| {
+        all.iter()
+            .find(|r| r.resource_id == id)
+            .map(|r| r.state.clone())
+    };
+    assert_eq!(state("bad-principal").as_deref(), Some("dead"));
+    assert_eq!(state("w1").as_deref(), Some("dead"));
+    assert_eq!(state("orphan-parent").as_deref(), Some("dead"));
+    assert_eq!(state("good").as_deref(), Some("delivered"));
+    assert_eq!(report.dead, 3);
+    let errors: Vec<_> = all.iter().filter_map(|r| r.last_error.clone()).collect();
+    assert!(
+        errors.iter().any(|e| e.contains("JSON object")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("unknown resource type")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.contains("parent agent")),
+        "{errors:?}"
+    );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    // A poll interval far longer than the test: only the notification can wake it.
+    let cfg = authz_outbox::config::WorkerConfig {
+        poll_interval: Duration::from_secs(600),
+        ..config("w")
+    };
+    let worker = common::worker(&pool, &auth.url(), cfg);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone(), false));
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while auth.seen().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("backlog drained at start");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let k = key(&pool, "a1", "late").await;
+    let state = capture::wait_until_delivered(&pool, k.outbox_id, Duration::from_secs(5)).await;
+    assert_eq!(state.expect("delivered"), capture::DeliveryState::Delivered);
+    stop.cancel();
+    run.await.expect("worker");
+}
