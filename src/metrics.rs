@@ -56,6 +56,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             describe();
+            // Alerts take increase() of this; the series must exist before
+            // the first dead row, or the first increase is invisible.
+            metrics::counter!(DEAD_ROWS).increment(0);
             Ok(handle)
         })
         .clone()
