@@ -629,3 +629,37 @@ async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
     stop.cancel();
     run.await.expect("worker");
 }
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn pruning_removes_only_finished_rows_past_retention_in_batches(pool: PgPool) {
+    sqlx::raw_sql(
+        r#"
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, finished_at)
+        SELECT 'task', 'old-' || i, 'register', '{"user_id":"u"}', 'delivered', now() - interval '8 days'
+        FROM generate_series(1, 5) i;
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, finished_at) VALUES
+          ('task', 'old-superseded', 'register', '{"user_id":"u"}', 'superseded', now() - interval '8 days'),
+          ('task', 'recent', 'register', '{"user_id":"u"}', 'delivered', now() - interval '1 day'),
+          ('task', 'old-dead', 'register', '{"user_id":"u"}', 'dead', now() - interval '30 days'),
+          ('task', 'pending', 'register', '{"user_id":"u"}', 'pending', NULL);
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let first = authz_outbox::outbox::prune::prune(&pool, week, 4)
+        .await
+        .expect("prune");
+    assert_eq!(first, 4, "one small batch at a time");
+    let second = authz_outbox::outbox::prune::prune(&pool, week, 4)
+        .await
+        .expect("prune");
+    assert_eq!(second, 2);
+    let left: Vec<String> = rows(&pool)
+        .await
+        .into_iter()
+        .map(|r| r.resource_id)
+        .collect();
+    assert_eq!(left, ["recent", "old-dead", "pending"]);
+}

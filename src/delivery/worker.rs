@@ -109,7 +109,28 @@ struct Shared {
 }
 
 impl Shared {
+    /// Every outcome passes here, so every one is logged the same way: row
+    /// id, resource, attempt — never the principal or a credential.
     fn settle(&self, row: &ClaimedRow, operation: Operation, update: RowUpdate) {
+        let resource = format_args!("{}:{}", row.resource_type, row.resource_id);
+        let (id, attempt, op) = (row.id, row.attempts, operation.as_str());
+        match &update {
+            RowUpdate::Delivered { .. } => {
+                tracing::debug!(row_id = id, %resource, attempt, operation = op, "delivered")
+            }
+            RowUpdate::Retry { error, at, .. } => {
+                tracing::info!(row_id = id, %resource, attempt, operation = op, %error, retry_at = %at, "delivery failed; will retry")
+            }
+            RowUpdate::Dead { error, .. } => {
+                tracing::warn!(row_id = id, %resource, attempt, operation = op, %error, "row is dead")
+            }
+            RowUpdate::Superseded { reason } => {
+                tracing::debug!(row_id = id, %resource, attempt, operation = op, %reason, "superseded")
+            }
+            RowUpdate::Release { error, .. } => {
+                tracing::debug!(row_id = id, %resource, attempt, operation = op, error = error.as_deref().unwrap_or(""), "released")
+            }
+        }
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -386,8 +407,6 @@ async fn settle_without_request(
             Ok(d) => checked.push(d),
             Err((row, reason)) => {
                 let operation = row.operation.parse().unwrap_or(Operation::Register);
-                tracing::warn!(row_id = row.id, resource = %format!("{}:{}", row.resource_type, row.resource_id),
-                    error = %reason, "outbox row can never be delivered; marked dead");
                 shared.settle(
                     &row,
                     operation,
@@ -523,18 +542,6 @@ async fn deliver(
         }
     }
     let update = decide(&shared.config, &d.row, verdict, rand::random());
-    match &update {
-        RowUpdate::Delivered { .. } => {
-            tracing::debug!(row_id = d.row.id, resource = %d.resource, attempt = d.row.attempts, operation = op, "delivered")
-        }
-        RowUpdate::Retry { error, at, .. } => {
-            tracing::info!(row_id = d.row.id, resource = %d.resource, attempt = d.row.attempts, operation = op, %error, retry_at = %at, "delivery failed; will retry")
-        }
-        RowUpdate::Dead { error, .. } => {
-            tracing::warn!(row_id = d.row.id, resource = %d.resource, attempt = d.row.attempts, operation = op, %error, "delivery failed for good; row is dead")
-        }
-        RowUpdate::Release { .. } | RowUpdate::Superseded { .. } => {}
-    }
     shared.settle(&d.row, d.operation, update);
 }
 
