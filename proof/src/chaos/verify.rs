@@ -1,0 +1,299 @@
+//! The assertions after the storm: the outbox drained, nothing dead,
+//! PostgreSQL holds exactly the keys the driver believes in, reconcile sees
+//! no drift, and agentex-auth answers `check` as the rows say.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use super::ChaosConfig;
+use super::driver::{DeletedKey, LiveKey};
+
+/// Outbox totals by state, and attempts.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct OutboxTotals {
+    pub rows: i64,
+    pub delivered: i64,
+    pub superseded: i64,
+    pub dead: i64,
+    pub pending: i64,
+    /// Claims counted over every row (a claim cut off by a kill counts too).
+    pub attempts: i64,
+    /// Claims beyond each row's first.
+    pub retries: i64,
+}
+
+pub async fn outbox_totals(pool: &PgPool) -> anyhow::Result<OutboxTotals> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT state, count(*), coalesce(sum(attempts), 0)::bigint,
+                coalesce(sum(greatest(attempts - 1, 0)), 0)::bigint
+         FROM authz_outbox GROUP BY state",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut t = OutboxTotals::default();
+    for (state, n, attempts, retries) in rows {
+        t.rows += n;
+        t.attempts += attempts;
+        t.retries += retries;
+        match state.as_str() {
+            "delivered" => t.delivered = n,
+            "superseded" => t.superseded = n,
+            "dead" => t.dead = n,
+            "pending" => t.pending = n,
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+/// Waits until no row is pending, up to `timeout`. Returns whether it did.
+pub async fn wait_for_quiescence(pool: &PgPool, timeout: Duration) -> anyhow::Result<bool> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE state = 'pending'")
+                .fetch_one(pool)
+                .await?;
+        if pending == 0 {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A row that did not finish cleanly (dead, or still pending).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct UnfinishedRow {
+    pub id: i64,
+    pub state: String,
+    pub operation: String,
+    pub resource_id: String,
+    pub parent_id: Option<String>,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub origin: String,
+    pub locked_by: Option<String>,
+}
+
+pub async fn unfinished_rows(pool: &PgPool) -> anyhow::Result<Vec<UnfinishedRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, state, operation, resource_id, parent_id, attempts, last_status, last_error,
+                origin, locked_by
+         FROM authz_outbox WHERE state IN ('dead', 'pending') ORDER BY id LIMIT 200",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Differences between the keys the driver tracked and the table.
+pub async fn table_mismatches(pool: &PgPool, live: &[LiveKey]) -> anyhow::Result<Vec<String>> {
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, agent_id FROM agent_api_keys")
+        .fetch_all(pool)
+        .await?;
+    let table: HashSet<(String, String)> = rows.into_iter().collect();
+    let tracked: HashSet<(String, String)> = live
+        .iter()
+        .map(|k| (k.id.clone(), k.agent_id.clone()))
+        .collect();
+    let mut out: Vec<String> = table
+        .difference(&tracked)
+        .map(|(id, a)| {
+            format!("row api_key {id} under {a} exists but the driver deleted or moved it")
+        })
+        .chain(tracked.difference(&table).map(|(id, a)| {
+            format!("driver expects api_key {id} under {a}; the table has no such row")
+        }))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `authz-outbox reconcile --grace 0s --format json`, the real CLI.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReconcileResult {
+    pub exit_code: Option<i32>,
+    pub drift: Option<u64>,
+    pub summary: Value,
+    /// The first findings, if any.
+    pub findings: Vec<Value>,
+    pub stderr: String,
+}
+
+pub async fn reconcile(
+    config: &ChaosConfig,
+    grpc_endpoint: &str,
+) -> anyhow::Result<ReconcileResult> {
+    let bin = config.bin_dir.join("authz-outbox");
+    let out = tokio::process::Command::new(&bin)
+        .args(["reconcile", "--grace", "0s", "--format", "json"])
+        .env("DATABASE_URL", &config.database_url)
+        .env("SPICEDB_ENDPOINT", grpc_endpoint)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {} reconcile", bin.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    let findings = report["findings"]
+        .as_array()
+        .map(|f| f.iter().take(20).cloned().collect())
+        .unwrap_or_default();
+    Ok(ReconcileResult {
+        exit_code: out.status.code(),
+        drift: report["summary"]["drift"].as_u64(),
+        summary: report["summary"].clone(),
+        findings,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+/// The results of the `/v1/authz/check` calls.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct CheckResults {
+    pub passed: u64,
+    pub failed: u64,
+    /// The first failures: what was asked, what was expected, what came back.
+    pub failures: Vec<String>,
+}
+
+/// For every live key: its creator may read it and another user may not.
+/// For every deleted key: its creator may not read it.
+pub async fn check_access(
+    base_url: &str,
+    live: &[LiveKey],
+    deleted: &[DeletedKey],
+    users: usize,
+) -> anyhow::Result<CheckResults> {
+    let mut cases: Vec<(String, String, bool)> = Vec::new();
+    for k in live {
+        cases.push((k.creator.clone(), k.id.clone(), true));
+        if users > 1 {
+            let other = (k
+                .creator
+                .trim_start_matches('u')
+                .parse::<usize>()
+                .unwrap_or(0)
+                + 1)
+                % users;
+            cases.push((super::driver::user(other), k.id.clone(), false));
+        }
+    }
+    for k in deleted {
+        cases.push((k.creator.clone(), k.id.clone(), false));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = format!("{base_url}/v1/authz/check");
+    let cases = Arc::new(cases);
+    let parallel = 16;
+    let mut set = tokio::task::JoinSet::new();
+    for shard in 0..parallel {
+        let (client, url, cases) = (client.clone(), url.clone(), cases.clone());
+        set.spawn(async move {
+            let mut r = CheckResults::default();
+            for (user, key, allowed) in cases.iter().skip(shard).step_by(parallel) {
+                let body = json!({
+                    "principal": {"user_id": user},
+                    "resource": {"type": "api_key", "selector": key},
+                    "operation": "read",
+                });
+                let got = match client.post(&url).json(&body).send().await {
+                    Ok(resp) => resp.status().as_u16(),
+                    Err(e) => {
+                        r.failed += 1;
+                        r.failures
+                            .push(format!("check {user} read api_key:{key}: {e}"));
+                        continue;
+                    }
+                };
+                let want = if *allowed { 200 } else { 403 };
+                if got == want {
+                    r.passed += 1;
+                } else {
+                    r.failed += 1;
+                    if r.failures.len() < 10 {
+                        r.failures.push(format!(
+                            "check {user} read api_key:{key}: expected {want}, got {got}"
+                        ));
+                    }
+                }
+            }
+            r
+        });
+    }
+    let mut total = CheckResults::default();
+    while let Some(r) = set.join_next().await {
+        let r = r?;
+        total.passed += r.passed;
+        total.failed += r.failed;
+        total.failures.extend(r.failures);
+    }
+    total.failures.truncate(30);
+    Ok(total)
+}
+
+/// Faults the dev server injected, by kind, from `GET /_dev/stats`.
+pub fn faults_injected(stats: &Value) -> (u64, BTreeMap<String, u64>) {
+    let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
+    if let Some(endpoints) = stats["endpoints"].as_object() {
+        for outcomes in endpoints.values() {
+            if let Some(outcomes) = outcomes.as_object() {
+                for (kind, n) in outcomes {
+                    if ["500", "502", "503", "429", "hang", "applied_then_503"]
+                        .contains(&kind.as_str())
+                    {
+                        *by_kind.entry(kind.clone()).or_default() += n.as_u64().unwrap_or(0);
+                    }
+                }
+            }
+        }
+    }
+    (by_kind.values().sum(), by_kind)
+}
+
+/// Which user created each deleted key is already known; this maps the
+/// deregister rows of a key, for explaining a failed check.
+pub async fn history(pool: &PgPool, key_id: &str) -> anyhow::Result<Vec<HashMap<String, Value>>> {
+    let rows: Vec<(
+        i64,
+        String,
+        Option<String>,
+        String,
+        i32,
+        Option<String>,
+        Option<Value>,
+    )> = sqlx::query_as(
+        "SELECT id, operation, parent_id, state, attempts, last_error, principal
+         FROM authz_outbox WHERE resource_type = 'api_key' AND resource_id = $1 ORDER BY id",
+    )
+    .bind(key_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, op, parent, state, attempts, err, principal)| {
+            HashMap::from([
+                ("id".to_string(), json!(id)),
+                ("operation".to_string(), json!(op)),
+                ("parent".to_string(), json!(parent)),
+                ("state".to_string(), json!(state)),
+                ("attempts".to_string(), json!(attempts)),
+                ("last_error".to_string(), json!(err)),
+                ("principal".to_string(), principal.unwrap_or(Value::Null)),
+            ])
+        })
+        .collect())
+}

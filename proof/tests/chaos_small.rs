@@ -1,0 +1,131 @@
+//! A small chaos convergence run (the same program as `scripts/chaos.sh`,
+//! about a thousand operations) as part of the test suite.
+//!
+//! It starts its own throwaway PostgreSQL cluster through `scripts/pg.sh`, so
+//! it can restart PostgreSQL mid-run without disturbing the tests that share
+//! the suite's cluster. It needs:
+//!
+//! - `SPICEDB_LIBRARY_PATH` (scripts/test.sh exports it) for agentex-auth-dev;
+//! - the `authz-outbox` and `agentex-auth-dev` binaries in the target
+//!   directory next to this test's (scripts/test.sh builds every target
+//!   before testing);
+//! - PostgreSQL's binaries (pg.sh finds them, or installs them).
+//!
+//! The workers and agentex-auth-dev are real processes: workers are
+//! SIGKILLed every two seconds and restarted.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use authz_outbox_proof::chaos::{self, ChaosConfig};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("proof/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// A PostgreSQL cluster of our own, stopped (and removed) on drop.
+struct PrivateCluster {
+    database_url: String,
+    pg_dir: String,
+    pg_bin: String,
+}
+
+impl PrivateCluster {
+    fn start() -> PrivateCluster {
+        let script = workspace_root().join("scripts/pg.sh");
+        // pg_start registers pg_stop on the shell's EXIT; lift that so the
+        // cluster outlives this shell, and stop it from Drop instead.
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source '{}' && pg_start && trap - EXIT && printf '%s\\n%s\\n%s\\n' \"$DATABASE_URL\" \"$PG_DIR\" \"$PG_BIN\"",
+                script.display()
+            ))
+            .env_remove("PG_PORT")
+            .output()
+            .expect("running scripts/pg.sh");
+        assert!(
+            out.status.success(),
+            "scripts/pg.sh could not start PostgreSQL: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut lines = text.lines();
+        let mut next = || lines.next().expect("pg_start's three lines").to_string();
+        PrivateCluster {
+            database_url: next(),
+            pg_dir: next(),
+            pg_bin: next(),
+        }
+    }
+
+    /// A shell command for the chaos run: `pg_restart` on this cluster.
+    fn restart_command(&self) -> String {
+        format!(
+            "export PG_DIR='{}' PG_BIN='{}'; source '{}' && pg_restart",
+            self.pg_dir,
+            self.pg_bin,
+            workspace_root().join("scripts/pg.sh").display()
+        )
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "export PG_DIR='{}' PG_BIN='{}'; source '{}' && pg_stop",
+                self.pg_dir,
+                self.pg_bin,
+                workspace_root().join("scripts/pg.sh").display()
+            ))
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_operations_under_faults_kills_and_a_restart_converge() {
+    assert!(
+        std::env::var_os("SPICEDB_LIBRARY_PATH").is_some(),
+        "SPICEDB_LIBRARY_PATH is not set: export SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh), or run scripts/test.sh"
+    );
+    let cluster = PrivateCluster::start();
+    let mut config = ChaosConfig::full(cluster.database_url.clone());
+    config.ops = 1_000;
+    config.rate = 50.0;
+    config.keys = 200;
+    config.agents = 10;
+    config.users = 5;
+    config.drivers = 4;
+    config.kill_every = Duration::from_secs(2);
+    config.pg_restart_cmd = Some(cluster.restart_command());
+    config.quiesce_timeout = Duration::from_secs(60);
+    config.seed = 7;
+
+    let summary = chaos::run(config)
+        .await
+        .expect("the chaos run could be carried out");
+    let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
+    eprintln!("{json}");
+    assert!(
+        summary.ok,
+        "chaos run failed: {:?}\n{json}",
+        summary.failures
+    );
+    assert_eq!(summary.ops_total, 1_000);
+    assert_eq!(summary.drift, Some(0));
+    assert_eq!(summary.pg_restarts, 1);
+    assert!(
+        summary.kills >= 3,
+        "expected several kills, got {}",
+        summary.kills
+    );
+    assert!(summary.faults_injected > 0, "no faults were injected");
+    assert!(summary.checks.passed > 0 && summary.checks.failed == 0);
+    drop(cluster);
+}
