@@ -137,7 +137,11 @@ pub struct ChaosSummary {
     pub outbox: verify::OutboxTotals,
     pub kills: u64,
     pub worker_starts: u64,
-    pub unexpected_worker_exits: Vec<String>,
+    /// Workers that ended with a failure status (a product crash: fails the run).
+    pub worker_crashes: Vec<String>,
+    /// Workers that shut down gracefully on a signal the run did not send
+    /// (another process on the machine); restarted, reported, not a failure.
+    pub workers_terminated_from_outside: Vec<String>,
     pub pg_restarts: u64,
     pub faults_injected: u64,
     pub faults_by_kind: BTreeMap<String, u64>,
@@ -299,7 +303,7 @@ async fn storm_and_verify(
     }
     reporter.abort();
     let _ = stop_tx.send(true);
-    let (returned, kills, unexpected) = killer.await.context("the killer panicked")??;
+    let (returned, kills, exits) = killer.await.context("the killer panicked")??;
     *workers = returned;
     let pg_restarts = restarter.await.context("the restarter panicked")??;
     elapsed.insert("storm", storm.elapsed().as_secs_f64());
@@ -334,11 +338,8 @@ async fn storm_and_verify(
     if config.pg_restart_cmd.is_some() && pg_restarts == 0 {
         failures.push("PostgreSQL was not restarted".into());
     }
-    if !unexpected.is_empty() {
-        failures.push(format!(
-            "{} worker processes exited on their own",
-            unexpected.len()
-        ));
+    if !exits.crashed.is_empty() {
+        failures.push(format!("{} worker processes crashed", exits.crashed.len()));
     }
     let outbox = verify::outbox_totals(pool).await?;
     if outbox.pending > 0 {
@@ -401,7 +402,8 @@ async fn storm_and_verify(
         outbox,
         kills,
         worker_starts: 0,
-        unexpected_worker_exits: unexpected,
+        worker_crashes: exits.crashed,
+        workers_terminated_from_outside: exits.terminated_from_outside,
         pg_restarts,
         faults_injected,
         faults_by_kind,
@@ -472,22 +474,16 @@ async fn killer(
     auth_url: String,
     mut workers: Vec<Worker>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<(Vec<Worker>, u64, Vec<String>)> {
+) -> anyhow::Result<(Vec<Worker>, u64, Exits)> {
     let mut rng = StdRng::seed_from_u64(config.seed ^ 0x6b69_6c6c);
     let mut kills = 0;
-    let mut unexpected = Vec::new();
+    let mut exits = Exits::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(config.kill_every) => {}
             _ = stop.changed() => break,
         }
-        for w in &mut workers {
-            if let Some(status) = w.exited() {
-                unexpected.push(format!("{} ended with {status}", w.id));
-                w.kill().await;
-                w.spawn(&config, &auth_url)?;
-            }
-        }
+        restart_exited(&config, &auth_url, &mut workers, &mut exits).await?;
         if workers.is_empty() {
             continue;
         }
@@ -498,14 +494,39 @@ async fn killer(
         tokio::time::sleep(Duration::from_millis(300)).await;
         workers[i].spawn(&config, &auth_url)?;
     }
-    for w in &mut workers {
+    restart_exited(&config, &auth_url, &mut workers, &mut exits).await?;
+    Ok((workers, kills, exits))
+}
+
+/// Workers that ended without being killed by us. `authz-outbox run` only
+/// ends with status 0 after SIGTERM/SIGINT (a graceful shutdown), which the
+/// run never sends mid-storm: someone else on the machine did. Any other
+/// status is a crash of the product.
+#[derive(Debug, Default)]
+pub struct Exits {
+    pub crashed: Vec<String>,
+    pub terminated_from_outside: Vec<String>,
+}
+
+async fn restart_exited(
+    config: &ChaosConfig,
+    auth_url: &str,
+    workers: &mut [Worker],
+    exits: &mut Exits,
+) -> anyhow::Result<()> {
+    for w in workers {
         if let Some(status) = w.exited() {
-            unexpected.push(format!("{} ended with {status}", w.id));
+            let line = format!("{} ended with {status}; see {}.log", w.id, w.id);
+            if status.success() {
+                exits.terminated_from_outside.push(line);
+            } else {
+                exits.crashed.push(line);
+            }
             w.kill().await;
-            w.spawn(&config, &auth_url)?;
+            w.spawn(config, auth_url)?;
         }
     }
-    Ok((workers, kills, unexpected))
+    Ok(())
 }
 
 /// Runs the restart command once, when enough operations are done.
