@@ -63,7 +63,7 @@ pub use crate::ffi::{FfiError, LIBRARY_PATH_ENV, SETUP_COMMAND};
 pub use crate::schema::DEFAULT_SCHEMA;
 pub use crate::stats::Stats;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Object, Tuple, WriteKind};
 use crate::faults::FaultInjector;
 use crate::ffi::Library;
 use crate::schema::Schema;
@@ -270,6 +270,30 @@ impl DevServer {
 
     pub fn reset_stats(&self) {
         self.stats.reset();
+    }
+
+    /// Touches many relationships fast, for loading large fixtures (e.g. a
+    /// million tuples for a reconcile benchmark): one `WriteRelationships`
+    /// per 1,000 (SpiceDB's default limit per request), straight into the
+    /// engine, bypassing HTTP, faults and stats. Each item is
+    /// `(resource_type, resource_id, relation, subject_type, subject_id)`.
+    pub async fn bulk_touch(
+        &self,
+        relationships: Vec<(String, String, String, String, String)>,
+    ) -> Result<(), EngineError> {
+        const PER_WRITE: usize = 1000;
+        let tuples: Vec<Tuple> = relationships
+            .into_iter()
+            .map(|(rt, rid, relation, st, sid)| Tuple {
+                resource: Object::new(rt, rid),
+                relation,
+                subject: Object::new(st, sid),
+            })
+            .collect();
+        for chunk in tuples.chunks(PER_WRITE) {
+            self.engine.write(WriteKind::Touch, chunk).await?;
+        }
+        Ok(())
     }
 
     /// Stops serving (in-flight injected hangs end at once), then disposes

@@ -161,3 +161,50 @@ async fn lookup_resources_works_and_bearer_tokens_are_ignored() {
     assert_eq!(ids, vec!["k1"], "k2 has no parent edge");
     t.shutdown().await;
 }
+
+#[tokio::test]
+async fn bulk_touch_writes_more_than_one_request_and_is_idempotent() {
+    let t = spawn().await;
+    let tuples: Vec<(String, String, String, String, String)> = (0..2500)
+        .map(|i| {
+            (
+                "api_key".into(),
+                format!("bulk-{i}"),
+                "owner".into(),
+                "user".into(),
+                "alice".into(),
+            )
+        })
+        .collect();
+    t.server
+        .bulk_touch(tuples.clone())
+        .await
+        .expect("bulk touch");
+    t.server
+        .bulk_touch(tuples)
+        .await
+        .expect("touching again is not an error");
+    assert_eq!(
+        relationships_of(&t, "api_key", "bulk-2499").await,
+        vec!["owner@user:alice".to_string()]
+    );
+    let request = ReadRelationshipsRequest {
+        consistency: fully_consistent(),
+        relationship_filter: Some(RelationshipFilter {
+            resource_type: "api_key".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client(&t)
+        .await
+        .read_relationships(request)
+        .await
+        .expect("read")
+        .into_inner();
+    let mut count = 0;
+    while stream.message().await.expect("stream").is_some() {
+        count += 1;
+    }
+    assert_eq!(count, 2500);
+}

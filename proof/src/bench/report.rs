@@ -1,0 +1,217 @@
+//! The results of one run: printed as a table, written as `results.json`.
+
+use serde::Serialize;
+
+use super::ceiling::CeilingResult;
+use super::delivery::DeliveryResult;
+use super::latency::LatencyResult;
+use super::reconcile::ReconcileResult;
+use super::write_path::WritePathResult;
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+    pub date: String,
+    pub git_commit: String,
+    pub postgres_fsync: String,
+    pub postgres_synchronous_commit: String,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Results {
+    pub machine: Option<Machine>,
+    pub write_path: Option<WritePathResult>,
+    pub delivery: Option<DeliveryResult>,
+    pub ceiling: Option<CeilingResult>,
+    pub latency: Option<LatencyResult>,
+    pub reconcile: Option<ReconcileResult>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+impl Results {
+    /// Checks each measured figure against its target.
+    pub fn judge(&mut self) {
+        let mut t = Vec::new();
+        let mut add = |name: &str, target: &str, measured: String, met: bool| {
+            t.push(Target {
+                name: name.into(),
+                target: target.into(),
+                measured,
+                met,
+            })
+        };
+        if let Some(w) = &self.write_path {
+            let cost = 1.0 - w.capture_vs_plain_throughput;
+            add(
+                "capture cost vs plain insert (throughput)",
+                "<= 15%",
+                format!("{:.1}%", cost * 100.0),
+                cost <= 0.15,
+            );
+            add(
+                "inline p50 / capture p50",
+                ">= 3x",
+                format!("{:.2}x", w.inline_vs_capture_p50),
+                w.inline_vs_capture_p50 >= 3.0,
+            );
+        }
+        if let Some(d) = &self.delivery {
+            add(
+                "1 worker / server capacity",
+                ">= 80%",
+                pct(d.one_worker_ratio),
+                d.one_worker_ratio >= 0.8,
+            );
+            add(
+                "2 workers / server capacity",
+                ">= 80%",
+                pct(d.two_workers_ratio),
+                d.two_workers_ratio >= 0.8,
+            );
+        }
+        if let Some(c) = &self.ceiling {
+            add(
+                "worker ceiling (1 process, wall)",
+                ">= 10,000/s",
+                format!("{:.0}/s", c.per_second),
+                c.per_second >= 10_000.0,
+            );
+            add(
+                "worker RSS under full load",
+                "< 50 MiB",
+                format!("{:.1} MiB", c.memory.peak_rss_mib),
+                c.memory.peak_rss_mib < 50.0,
+            );
+        }
+        if let Some(l) = &self.latency {
+            let s = &l.commit_to_delivered;
+            add(
+                "commit-to-delivered p50",
+                "<= 5 ms",
+                format!("{:.2} ms", s.p50_ms),
+                s.p50_ms <= 5.0,
+            );
+            add(
+                "commit-to-delivered p95",
+                "<= 25 ms",
+                format!("{:.2} ms", s.p95_ms),
+                s.p95_ms <= 25.0,
+            );
+            add(
+                "worker RSS idle / at 200 keys/s",
+                "< 50 MiB",
+                format!(
+                    "{:.1} / {:.1} MiB",
+                    l.worker_idle_rss_mib, l.worker_under_load.peak_rss_mib
+                ),
+                l.worker_under_load.peak_rss_mib < 50.0,
+            );
+        }
+        if let Some(r) = &self.reconcile {
+            add(
+                &format!("reconcile {} keys wall time", r.keys),
+                "< 60 s",
+                format!("{:.1} s", r.seconds),
+                r.seconds < 60.0,
+            );
+            add(
+                &format!("reconcile {} keys peak RSS", r.keys),
+                "< 200 MiB",
+                format!("{:.1} MiB", r.max_rss_mib),
+                r.max_rss_mib < 200.0,
+            );
+        }
+        self.targets = t;
+    }
+
+    pub fn print(&self) {
+        if let Some(w) = &self.write_path {
+            println!(
+                "\nWrite path ({} clients, {} rounds x {:.0} s, fsync+synchronous_commit on)",
+                w.concurrency, w.rounds, w.round_seconds
+            );
+            println!(
+                "{:<10} {:>10} {:>10} {:>10} {:>10}",
+                "variant", "keys/s", "p50 ms", "p95 ms", "p99 ms"
+            );
+            for v in &w.variants {
+                println!(
+                    "{:<10} {:>10.0} {:>10.2} {:>10.2} {:>10.2}",
+                    v.variant.name(),
+                    v.per_second,
+                    v.latency.p50_ms,
+                    v.latency.p95_ms,
+                    v.latency.p99_ms
+                );
+            }
+        }
+        if let Some(d) = &self.delivery {
+            println!(
+                "\nDelivery into agentex-auth-dev ({} rows per drain, {} in flight)",
+                d.rows, d.concurrency
+            );
+            println!(
+                "  direct {:.0}/s, 1 worker {:.0}/s ({}), 2 workers {:.0}/s ({})",
+                d.direct_per_second,
+                d.one_worker_per_second,
+                pct(d.one_worker_ratio),
+                d.two_workers_per_second,
+                pct(d.two_workers_ratio)
+            );
+        }
+        if let Some(c) = &self.ceiling {
+            println!(
+                "\nWorker ceiling: {} rows in {:.2} s = {:.0}/s (first-to-last delivery {:.0}/s); peak RSS {:.1} MiB",
+                c.rows, c.seconds, c.per_second, c.delivering_per_second, c.memory.peak_rss_mib
+            );
+        }
+        if let Some(l) = &self.latency {
+            let s = &l.commit_to_delivered;
+            println!(
+                "\nLatency at {} keys/s for {:.0} s: commit-to-delivered p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (histogram p50<={:?} p95<={:?} p99<={:?} ms)",
+                l.rate_per_second,
+                l.seconds,
+                s.p50_ms,
+                s.p95_ms,
+                s.p99_ms,
+                l.histogram_p50_le_ms,
+                l.histogram_p95_le_ms,
+                l.histogram_p99_le_ms
+            );
+            println!(
+                "  worker RSS idle {:.1} MiB, under load {:.1} MiB",
+                l.worker_idle_rss_mib, l.worker_under_load.peak_rss_mib
+            );
+        }
+        if let Some(r) = &self.reconcile {
+            println!(
+                "\nReconcile: {} keys, {} relationships: {:.1} s, peak RSS {:.1} MiB (exit {:?})",
+                r.keys, r.relationships, r.seconds, r.max_rss_mib, r.exit_code
+            );
+        }
+        println!("\n{:<42} {:>12} {:>22}  met", "target", "goal", "measured");
+        for t in &self.targets {
+            println!(
+                "{:<42} {:>12} {:>22}  {}",
+                t.name,
+                t.target,
+                t.measured,
+                if t.met { "yes" } else { "NO" }
+            );
+        }
+    }
+}
+
+fn pct(ratio: f64) -> String {
+    format!("{:.1}%", ratio * 100.0)
+}

@@ -1,0 +1,240 @@
+//! `bench`: the benchmarks behind BENCHMARKS.md. Run through
+//! `scripts/bench.sh`, which provides a durable PostgreSQL (fsync and
+//! synchronous_commit on), the SpiceDB library and release binaries.
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+
+use bench::report::{Machine, Results};
+use bench::svg::{Series, cdf_chart};
+use bench::{ceiling, delivery, env::Env, latency, reconcile, write_path};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Write,
+    Delivery,
+    Ceiling,
+    Latency,
+    Reconcile,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "authz-outbox benchmarks")]
+struct Args {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Directory of the release `authz-outbox` and `agentex-auth-dev` binaries.
+    #[arg(long, env = "BENCH_BIN_DIR", default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Benchmarks to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Which>,
+    /// Where results.json and latency.svg go.
+    #[arg(long, default_value = "docs/bench")]
+    out_dir: PathBuf,
+
+    #[arg(long, default_value_t = 8)]
+    write_concurrency: usize,
+    #[arg(long, default_value_t = 5)]
+    write_rounds: usize,
+    #[arg(long, default_value_t = 2.0)]
+    write_round_secs: f64,
+
+    /// Rows per delivery drain (agentex-auth-dev does about 1,000 registers/s).
+    #[arg(long, default_value_t = 10_000)]
+    delivery_rows: i64,
+    #[arg(long, default_value_t = 16)]
+    delivery_concurrency: usize,
+    #[arg(long, default_value_t = 2)]
+    delivery_rounds: usize,
+
+    #[arg(long, default_value_t = 50_000)]
+    ceiling_rows: i64,
+    #[arg(long, default_value_t = 64)]
+    ceiling_concurrency: usize,
+    #[arg(long, default_value_t = 100)]
+    ceiling_batch_size: usize,
+
+    #[arg(long, default_value_t = 200)]
+    latency_rate: u32,
+    #[arg(long, default_value_t = 20.0)]
+    latency_secs: f64,
+
+    /// Keys for the reconcile run (each has 2 relationships); 1000000 for the full-size run.
+    #[arg(long, default_value_t = 200_000)]
+    reconcile_keys: i64,
+    #[arg(long, default_value_t = 1000)]
+    reconcile_agents: i64,
+    #[arg(long, default_value_t = 100)]
+    reconcile_drift: i64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let env = Env {
+        database_url: args.database_url.clone(),
+        bin_dir: args.bin_dir.clone(),
+    };
+    let runs = |w: Which| args.only.is_empty() || args.only.contains(&w);
+    env.migrate().await?;
+    let mut results = Results {
+        machine: Some(machine(&env).await?),
+        ..Results::default()
+    };
+
+    if runs(Which::Write) {
+        eprintln!("bench: write path");
+        results.write_path = Some(
+            write_path::run(
+                &env,
+                &write_path::Config {
+                    concurrency: args.write_concurrency,
+                    rounds: args.write_rounds,
+                    round: Duration::from_secs_f64(args.write_round_secs),
+                    remote_delay: Duration::from_millis(5),
+                },
+            )
+            .await
+            .context("write path")?,
+        );
+    }
+    if runs(Which::Delivery) {
+        eprintln!("bench: delivery");
+        let config = delivery::Config {
+            rows: args.delivery_rows,
+            concurrency: args.delivery_concurrency,
+            rounds: args.delivery_rounds,
+        };
+        results.delivery = Some(delivery::run(&env, &config).await.context("delivery")?);
+    }
+    if runs(Which::Ceiling) {
+        eprintln!("bench: worker ceiling");
+        let config = ceiling::Config {
+            rows: args.ceiling_rows,
+            concurrency: args.ceiling_concurrency,
+            batch_size: args.ceiling_batch_size,
+        };
+        results.ceiling = Some(
+            ceiling::run(&env, &config)
+                .await
+                .context("worker ceiling")?,
+        );
+    }
+    if runs(Which::Latency) {
+        eprintln!("bench: latency");
+        let config = latency::Config {
+            rate: args.latency_rate,
+            duration: Duration::from_secs_f64(args.latency_secs),
+        };
+        results.latency = Some(latency::run(&env, &config).await.context("latency")?);
+    }
+    if runs(Which::Reconcile) {
+        eprintln!("bench: reconcile");
+        let config = reconcile::Config {
+            keys: args.reconcile_keys,
+            agents: args.reconcile_agents,
+            drift: args.reconcile_drift,
+        };
+        results.reconcile = Some(reconcile::run(&env, &config).await.context("reconcile")?);
+    }
+
+    results.judge();
+    results.print();
+    std::fs::create_dir_all(&args.out_dir)?;
+    let json = args.out_dir.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)? + "\n")?;
+    let svg = picture(&results);
+    if let Some(svg) = svg {
+        std::fs::write(args.out_dir.join("latency.svg"), svg)?;
+    }
+    eprintln!("bench: wrote {}", json.display());
+    Ok(())
+}
+
+/// Write-path latencies and commit-to-delivered latency in one chart.
+fn picture(results: &Results) -> Option<String> {
+    let mut series = Vec::new();
+    if let Some(w) = &results.write_path {
+        for (v, colour) in w.variants.iter().zip(["#1f77b4", "#2ca02c", "#d62728"]) {
+            series.push(Series {
+                label: format!(
+                    "create, {} (p50 {:.1} ms)",
+                    v.variant.name(),
+                    v.latency.p50_ms
+                ),
+                samples_ms: &v.samples_ms,
+                colour,
+            });
+        }
+    }
+    if let Some(l) = &results.latency {
+        series.push(Series {
+            label: format!(
+                "commit→delivered (p50 {:.1} ms)",
+                l.commit_to_delivered.p50_ms
+            ),
+            samples_ms: &l.samples_ms,
+            colour: "#9467bd",
+        });
+    }
+    (!series.is_empty()).then(|| {
+        cdf_chart(
+            "authz-outbox: key creation (8 clients) and commit-to-delivered (200 keys/s)",
+            &series,
+        )
+    })
+}
+
+async fn machine(env: &Env) -> anyhow::Result<Machine> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let pool = env.pool(1).await?;
+    let setting = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT current_setting($1)")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_default()
+        }
+    };
+    Ok(Machine {
+        nproc: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        cpu,
+        memory_gib: mem_kib / 1024.0 / 1024.0,
+        date,
+        git_commit: git,
+        postgres_fsync: setting("fsync").await,
+        postgres_synchronous_commit: setting("synchronous_commit").await,
+    })
+}
