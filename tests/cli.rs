@@ -22,6 +22,23 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("binary runs")
 }
 
+/// [`run`] off the test's runtime thread, so the in-process scripted server
+/// keeps answering while the child process waits on it.
+async fn run_async(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run(&args, &env)
+    })
+    .await
+    .expect("command thread")
+}
+
 fn assert_one_line_error(out: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
@@ -128,6 +145,17 @@ async fn url_of(pool: &PgPool) -> String {
     url.to_string()
 }
 
+/// Kills a child process when a failing assertion unwinds past it, so a
+/// failed test never leaves workers behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -230,12 +258,39 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
+                .map(Reaped)
                 .expect("worker starts")
         })
         .collect();
+    // Read-your-writes: with replicas running, --wait returns once delivered.
+    let out = run(
+        &[
+            "keys",
+            "create",
+            "--agent-id",
+            "a1",
+            "--name",
+            "waited",
+            "--type",
+            "github",
+            "--wait",
+            "20s",
+        ],
+        &env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" delivered"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let out = run(&["status", "--format", "json"], &env);
+            let out = run_async(&["status", "--format", "json"], &env).await;
             let status: serde_json::Value =
                 serde_json::from_slice(&out.stdout).expect("status json");
             if status["counts"]["pending"] == 0 {
@@ -249,9 +304,9 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
     .expect("backlog drained by two replicas");
     for mut w in workers {
         let _ = Command::new("kill")
-            .args(["-TERM", &w.id().to_string()])
+            .args(["-TERM", &w.0.id().to_string()])
             .status();
-        let status = w.wait().expect("worker exits");
+        let status = w.0.wait().expect("worker exits");
         assert!(status.success(), "graceful shutdown exits 0: {status:?}");
     }
     let (delivered, dead): (i64, i64) = sqlx::query_as(
@@ -260,7 +315,7 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .expect("counts");
-    assert_eq!((delivered, dead), (1 + 12 + 4, 0));
+    assert_eq!((delivered, dead), (1 + 13 + 4, 0));
     let holders: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT locked_by FROM authz_outbox WHERE locked_by IS NOT NULL",
     )

@@ -38,13 +38,19 @@ async fn sends_the_contract_wire_format(pool: PgPool) {
     run_once(&pool, &auth.url(), config("w")).await;
 
     let seen = auth.seen();
-    let agent_register = &seen[0];
-    assert_eq!(agent_register.path, "/v1/authz/register");
+    // The agent's and the key's registers go out concurrently; find each.
+    let find = |path: &str, kind: &str| {
+        seen.iter()
+            .find(|s| s.path == path && s.body["resource"]["type"] == kind)
+            .cloned()
+            .expect("request seen")
+    };
+    let agent_register = find("/v1/authz/register", "agent");
     assert_eq!(
         agent_register.body,
         json!({"principal": {"user_id": "u1"}, "resource": {"type": "agent", "selector": "a1"}, "parent": null})
     );
-    let key_register = &seen[1];
+    let key_register = find("/v1/authz/register", "api_key");
     assert_eq!(
         key_register.body,
         json!({"principal": {"user_id": "u1"},
@@ -72,8 +78,7 @@ async fn sends_the_contract_wire_format(pool: PgPool) {
             .and_then(|v| v.to_str().ok()),
         Some("application/json")
     );
-    let deregister = &seen[2];
-    assert_eq!(deregister.path, "/v1/authz/deregister");
+    let deregister = find("/v1/authz/deregister", "api_key");
     assert_eq!(
         deregister.body,
         json!({"principal": {"user_id": "u1"}, "resource": {"type": "api_key", "selector": k.id}})

@@ -65,11 +65,24 @@ struct Inner {
 pub struct ScriptedAuth {
     pub addr: SocketAddr,
     inner: Inner,
-    _task: tokio::task::JoinHandle<()>,
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ScriptedAuth {
+    fn drop(&mut self) {
+        if let Some(stop) = self._stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl ScriptedAuth {
     /// Answers every request with `script(request, index_of_request)`.
+    ///
+    /// The server runs on its own thread and runtime, so it keeps answering
+    /// whatever the test's own (current-thread) runtime is doing — a test
+    /// that waits on a child process must not starve the server.
     pub async fn start(script: impl Fn(&Seen, usize) -> Answer + Send + Sync + 'static) -> Self {
         let inner = Inner {
             seen: Arc::new(Mutex::new(Vec::new())),
@@ -78,17 +91,30 @@ impl ScriptedAuth {
         let app = Router::new()
             .route("/v1/authz/{op}", post(handle))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
         });
         ScriptedAuth {
             addr,
             inner,
-            _task: task,
+            _stop: Some(stop),
+            _thread: Some(thread),
         }
     }
 
