@@ -28,6 +28,8 @@ outbox="$bin/authz-outbox"
 
 SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh)
 export SPICEDB_LIBRARY_PATH
+# Command output only; the workers' logs go to files (info level).
+export RUST_LOG=warn
 
 say "Starting a throwaway PostgreSQL"
 # shellcheck source=scripts/pg.sh
@@ -66,7 +68,7 @@ say "authz-outbox migrate"
 worker_pid=()
 start_worker() {
   local n=$1
-  "$outbox" run --worker-id "demo-worker-$n" --metrics-addr "127.0.0.1:$(pg_free_port)" \
+  RUST_LOG=info "$outbox" run --worker-id "demo-worker-$n" --metrics-addr "127.0.0.1:$(pg_free_port)" \
     --request-timeout 1s --lease 3s --backoff-base 50ms --backoff-cap 1s --poll-interval 250ms \
     >>"$work/worker-$n.log" 2>&1 &
   worker_pid[n]=$!
@@ -100,7 +102,7 @@ for i in $(seq 1 40); do
   if (( i % 10 == 0 )); then echo "  $i keys created"; status_line; fi
   if (( i == 20 )); then
     say "SIGKILL worker 1 (its leased rows come back when the lease expires) and restart it"
-    kill -9 "${worker_pid[1]}"
+    { kill -9 "${worker_pid[1]}"; wait "${worker_pid[1]}"; } 2>/dev/null || true
     start_worker 1
   fi
 done

@@ -88,14 +88,24 @@ impl Drop for PrivateCluster {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_operations_under_faults_kills_and_a_restart_converge() {
+fn small(cluster: &PrivateCluster) -> ChaosConfig {
     assert!(
         std::env::var_os("SPICEDB_LIBRARY_PATH").is_some(),
         "SPICEDB_LIBRARY_PATH is not set: export SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh), or run scripts/test.sh"
     );
-    let cluster = PrivateCluster::start();
     let mut config = ChaosConfig::full(cluster.database_url.clone());
+    config.log_dir = std::env::temp_dir().join(format!(
+        "authz-outbox-chaos-test-{}-{}",
+        std::process::id(),
+        cluster.pg_dir.rsplit('.').next().unwrap_or("x")
+    ));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_operations_under_faults_kills_and_a_restart_converge() {
+    let cluster = PrivateCluster::start();
+    let mut config = small(&cluster);
     config.ops = 1_000;
     config.rate = 50.0;
     config.keys = 200;
@@ -127,5 +137,31 @@ async fn a_thousand_operations_under_faults_kills_and_a_restart_converge() {
     );
     assert!(summary.faults_injected > 0, "no faults were injected");
     assert!(summary.checks.passed > 0 && summary.checks.failed == 0);
+    drop(cluster);
+}
+
+/// The assertions can fail: a key row removed behind the outbox's back
+/// (triggers off, so no deregister) must show up as reconcile drift and as a
+/// deleted key its creator can still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_behind_the_outbox_fails_the_run() {
+    let cluster = PrivateCluster::start();
+    let mut config = small(&cluster);
+    config.ops = 200;
+    config.rate = 0.0;
+    config.keys = 50;
+    config.agents = 5;
+    config.users = 3;
+    config.drivers = 2;
+    config.fault_rate = 0.0;
+    config.kill_every = Duration::from_secs(3600);
+    config.sabotage = true;
+
+    let summary = chaos::run(config)
+        .await
+        .expect("the chaos run could be carried out");
+    assert!(!summary.ok, "a sabotaged run passed");
+    assert_eq!(summary.drift, Some(1), "{:?}", summary.reconcile);
+    assert_eq!(summary.checks.failed, 1, "{:?}", summary.checks);
     drop(cluster);
 }

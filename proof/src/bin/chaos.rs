@@ -74,6 +74,10 @@ struct Args {
     /// libspicedb.so for agentex-auth-dev.
     #[arg(long, env = "SPICEDB_LIBRARY_PATH")]
     spicedb_library: Option<PathBuf>,
+    /// Self-test of the assertions: remove one key row behind the outbox's
+    /// back after the drain; the run must then report drift and fail.
+    #[arg(long)]
+    sabotage: bool,
     /// Worker and server logs [default: a new temporary directory].
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -100,6 +104,7 @@ async fn main() -> ExitCode {
     config.pg_restart_at = args.pg_restart_at;
     config.quiesce_timeout = args.quiesce_timeout;
     config.spicedb_library = args.spicedb_library;
+    config.sabotage = args.sabotage;
     if let Some(dir) = args.bin_dir {
         config.bin_dir = dir;
     }

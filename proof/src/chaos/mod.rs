@@ -72,6 +72,10 @@ pub struct ChaosConfig {
     pub pg_restart_at: f64,
     /// How long the outbox gets to drain once the faults are off.
     pub quiesce_timeout: Duration,
+    /// Self-test of the assertions: after the drain, delete one live key's
+    /// row with the capture triggers disabled (no deregister), so SpiceDB
+    /// keeps a tuple PostgreSQL no longer has. The run must then fail.
+    pub sabotage: bool,
 }
 
 impl ChaosConfig {
@@ -100,6 +104,7 @@ impl ChaosConfig {
             pg_restart_cmd: None,
             pg_restart_at: 0.5,
             quiesce_timeout: Duration::from_secs(180),
+            sabotage: false,
         }
     }
 
@@ -327,6 +332,27 @@ async fn storm_and_verify(
     let quiet = verify::wait_for_quiescence(pool, config.quiesce_timeout).await?;
     elapsed.insert("drain", drain.elapsed().as_secs_f64());
     let (faults_injected, faults_by_kind) = verify::faults_injected(&stats);
+    if config.sabotage
+        && let Some(key) = outcome.live.pop()
+    {
+        progress(format!(
+            "sabotage: deleting api_key {} behind the outbox's back",
+            key.id
+        ));
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL session_replication_role = replica")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM agent_api_keys WHERE id = $1")
+            .bind(&key.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        outcome.deleted.push(driver::DeletedKey {
+            id: key.id,
+            creator: key.creator,
+        });
+    }
 
     let mut failures = Vec::new();
     if !quiet {
