@@ -2,7 +2,7 @@
 //! PostgreSQL holds exactly the keys the driver believes in, reconcile sees
 //! no drift, and agentex-auth answers `check` as the rows say.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -262,38 +262,4 @@ pub fn faults_injected(stats: &Value) -> (u64, BTreeMap<String, u64>) {
         }
     }
     (by_kind.values().sum(), by_kind)
-}
-
-/// Which user created each deleted key is already known; this maps the
-/// deregister rows of a key, for explaining a failed check.
-pub async fn history(pool: &PgPool, key_id: &str) -> anyhow::Result<Vec<HashMap<String, Value>>> {
-    let rows: Vec<(
-        i64,
-        String,
-        Option<String>,
-        String,
-        i32,
-        Option<String>,
-        Option<Value>,
-    )> = sqlx::query_as(
-        "SELECT id, operation, parent_id, state, attempts, last_error, principal
-         FROM authz_outbox WHERE resource_type = 'api_key' AND resource_id = $1 ORDER BY id",
-    )
-    .bind(key_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, op, parent, state, attempts, err, principal)| {
-            HashMap::from([
-                ("id".to_string(), json!(id)),
-                ("operation".to_string(), json!(op)),
-                ("parent".to_string(), json!(parent)),
-                ("state".to_string(), json!(state)),
-                ("attempts".to_string(), json!(attempts)),
-                ("last_error".to_string(), json!(err)),
-                ("principal".to_string(), principal.unwrap_or(Value::Null)),
-            ])
-        })
-        .collect())
 }
