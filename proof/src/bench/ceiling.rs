@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::bail;
 use serde::Serialize;
 
-use super::env::{Env, delivered_count, free_port, outbox_states};
+use super::env::{Env, commits, delivered_count, free_port, outbox_states};
 use super::footprint::{Memory, Sampler};
 use super::sink::Sink;
 
@@ -31,6 +31,8 @@ pub struct CeilingResult {
     pub delivering_seconds: f64,
     pub delivering_per_second: f64,
     pub memory: Memory,
+    /// PostgreSQL commits per row during the drain.
+    pub commits_per_row: f64,
 }
 
 pub async fn run(env: &Env, config: &Config) -> anyhow::Result<CeilingResult> {
@@ -39,6 +41,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<CeilingResult> {
     env.enqueue_registers(&pool, "ceiling", config.rows).await?;
     let sink = Sink::start(std::time::Duration::ZERO).await?;
 
+    let commits_before = commits(&pool).await?;
     let started = Instant::now();
     let mut worker = env.spawn_worker(
         &sink.base_url(),
@@ -54,6 +57,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<CeilingResult> {
     if !status.success() {
         bail!("authz-outbox run --once exited with {status}");
     }
+    let commits_per_row = (commits(&pool).await? - commits_before) as f64 / config.rows as f64;
     let delivered = delivered_count(&pool).await?;
     if delivered != config.rows {
         bail!(
@@ -77,5 +81,6 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<CeilingResult> {
         delivering_seconds,
         delivering_per_second: config.rows as f64 / delivering_seconds,
         memory,
+        commits_per_row,
     })
 }

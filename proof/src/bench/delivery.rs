@@ -16,7 +16,7 @@ use anyhow::bail;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
-use super::env::{AGENT, Env, PRINCIPAL, delivered_count, free_port, outbox_states};
+use super::env::{AGENT, Env, PRINCIPAL, commits, delivered_count, free_port, outbox_states};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -32,6 +32,8 @@ pub struct Drain {
     pub rows: i64,
     pub seconds: f64,
     pub per_second: f64,
+    /// PostgreSQL commits per row during the drain (all sessions).
+    pub commits_per_row: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -61,6 +63,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<DeliveryResult> {
                 env.enqueue_registers(&pool, &prefix, config.rows).await?;
             }
             let server = env.spawn_auth_dev().await?;
+            let commits_before = commits(&pool).await?;
             let seconds = if workers == 0 {
                 direct(&server.base_url, &prefix, config.rows, config.concurrency).await?
             } else {
@@ -76,6 +79,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<DeliveryResult> {
                 s
             };
             server.stop().await;
+            let commits_per_row = (commits(&pool).await? - commits_before) as f64 / config.rows as f64;
             eprintln!(
                 "  delivery round {round}: {variant}: {:.0}/s",
                 config.rows as f64 / seconds
@@ -86,6 +90,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<DeliveryResult> {
                 rows: config.rows,
                 seconds,
                 per_second: config.rows as f64 / seconds,
+                commits_per_row,
             });
         }
     }

@@ -87,26 +87,28 @@ impl Env {
         Ok(())
     }
 
-    /// Adds `n` pending register rows for fresh api keys `prefix-1..n`,
-    /// as the capture trigger would have written them.
-    pub async fn enqueue_registers(
-        &self,
-        pool: &PgPool,
-        prefix: &str,
-        n: i64,
-    ) -> anyhow::Result<()> {
+    /// Creates `n` api keys `prefix-1..n` in one transaction with the
+    /// capture trigger on, so each gets its pending register row exactly as
+    /// a host's write would (the worker supersedes a register whose key row
+    /// is gone, so the rows must exist).
+    pub async fn enqueue_registers(&self, pool: &PgPool, prefix: &str, n: i64) -> anyhow::Result<()> {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT set_config('authz_outbox.principal', $1, true)")
+            .bind(PRINCIPAL)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
-            "INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation, principal)
-             SELECT 'api_key', $1 || '-' || g, 'agent', $2, 'register', $3::jsonb
-             FROM generate_series(1, $4::bigint) g",
+            "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key)
+             SELECT $1 || '-' || g, $2, 'bench', 'EXTERNAL', md5(g::text)
+             FROM generate_series(1, $3::bigint) g",
         )
         .bind(prefix)
         .bind(AGENT)
-        .bind(PRINCIPAL)
         .bind(n)
-        .execute(pool)
+        .execute(&mut *tx)
         .await
-        .context("enqueueing register rows")?;
+        .context("creating keys")?;
+        tx.commit().await?;
         sqlx::raw_sql("VACUUM ANALYZE authz_outbox")
             .execute(pool)
             .await?;
@@ -219,4 +221,17 @@ pub async fn delivered_count(pool: &PgPool) -> anyhow::Result<i64> {
             .fetch_one(pool)
             .await?,
     )
+}
+
+/// Transactions committed in this database so far (`pg_stat_database`):
+/// the difference over a drain, divided by its rows, is the worker's
+/// commits (and so WAL flushes, with synchronous_commit on) per row.
+pub async fn commits(pool: &PgPool) -> anyhow::Result<i64> {
+    // The statistics are sent at transaction end, at most every 10 ms or so.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    Ok(sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
 }
