@@ -116,6 +116,11 @@ pub enum WriteKind {
 pub struct Engine {
     instance: Arc<Instance>,
     streaming: Channel,
+    /// Serialises writes. Concurrent WriteRelationships calls through the
+    /// embedded library were seen to lose writes (each answered OK, later
+    /// reads missed some); one writer at a time is what SpiceDB's own
+    /// datastores guarantee per transaction anyway.
+    writes: Arc<std::sync::Mutex<()>>,
 }
 
 impl Engine {
@@ -126,6 +131,7 @@ impl Engine {
         let engine = Engine {
             instance: Arc::new(instance),
             streaming,
+            writes: Arc::default(),
         };
         let request = WriteSchemaRequest {
             schema: schema.to_string(),
@@ -240,7 +246,16 @@ impl Engine {
 
     async fn call(&self, rpc: Rpc, request: Vec<u8>) -> Result<Vec<u8>, EngineError> {
         let instance = Arc::clone(&self.instance);
-        let bytes = tokio::task::spawn_blocking(move || instance.call(rpc, &request)).await??;
+        let writes = Arc::clone(&self.writes);
+        let is_write = matches!(
+            rpc,
+            Rpc::WriteRelationships | Rpc::DeleteRelationships | Rpc::WriteSchema
+        );
+        let bytes = tokio::task::spawn_blocking(move || {
+            let _one_writer = is_write.then(|| writes.lock().unwrap_or_else(|p| p.into_inner()));
+            instance.call(rpc, &request)
+        })
+        .await??;
         Ok(bytes)
     }
 }

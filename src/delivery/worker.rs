@@ -240,6 +240,7 @@ impl Worker {
 /// Claims and dispatches until shutdown (or, with `once`, until idle).
 async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bool) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
+    let min_claim = (shared.config.batch_size.min(shared.config.concurrency) / 4).max(1);
     let mut tasks = JoinSet::new();
     let mut db_failures = 0u32;
     loop {
@@ -254,7 +255,16 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
         }
         let idle_before = shared.progress.outstanding.load(Ordering::SeqCst) == 0;
         let room = permits.available_permits().min(shared.config.batch_size);
-        let admit = shared.gate.admit(Instant::now());
+        // Claim in batches: while rows are in flight, wait until a worthwhile
+        // batch fits, so a busy worker pays one claim round trip per batch
+        // instead of one per finished request.
+        let admit = if idle_before || room >= min_claim {
+            shared.gate.admit(Instant::now())
+        } else {
+            Admit::Nothing {
+                until: Instant::now() + shared.config.poll_interval,
+            }
+        };
         let limit = match admit {
             Admit::All => room,
             Admit::Probe => room.min(1),

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
 use spicedb_grpc_tonic::v1::{
-    Consistency, Cursor, ReadRelationshipsRequest, RelationshipFilter, consistency::Requirement,
+    Consistency, Cursor, ReadRelationshipsRequest, RelationshipFilter, ZedToken,
+    consistency::Requirement,
 };
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -101,6 +102,7 @@ impl SpiceDbReader {
             reader: self.clone(),
             resource_type: resource_type.to_string(),
             cursor: None,
+            snapshot: None,
             done: false,
         }
     }
@@ -112,6 +114,9 @@ pub struct Pages {
     reader: SpiceDbReader,
     resource_type: String,
     cursor: Option<Cursor>,
+    /// The revision the first page was read at; later pages read the same
+    /// snapshot, so the pages add up to one consistent view.
+    snapshot: Option<ZedToken>,
     done: bool,
 }
 
@@ -121,17 +126,68 @@ impl Pages {
         if self.done {
             return Ok(None);
         }
-        let limit = self.reader.page_size;
+        let snapshot = match &self.snapshot {
+            Some(token) => token.clone(),
+            None => {
+                // Pin the snapshot: one fully consistent read of a single
+                // relationship names the head revision, and every page then
+                // reads exactly it. (A cursor must be replayed with the same
+                // consistency, so the pages cannot simply all ask for "fully
+                // consistent" and stay one view.)
+                let probe = self
+                    .read(Requirement::FullyConsistent(true), 1, None)
+                    .await?;
+                match probe.read_at {
+                    Some(token) => {
+                        self.snapshot = Some(token.clone());
+                        token
+                    }
+                    // Nothing of this type at all.
+                    None => {
+                        self.done = true;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let cursor = self.cursor.take();
+        let page = self
+            .read(
+                Requirement::AtExactSnapshot(snapshot),
+                self.reader.page_size,
+                cursor,
+            )
+            .await?;
+        self.cursor = page.cursor;
+        // SpiceDB may answer a page shorter than the limit before the end
+        // (seen with the in-memory datastore), so only an empty page or a
+        // missing cursor ends the read.
+        if self.cursor.is_none() || page.tuples.is_empty() {
+            self.done = true;
+        }
+        if page.tuples.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(page.tuples))
+    }
+
+    /// One `ReadRelationships` call.
+    async fn read(
+        &self,
+        requirement: Requirement,
+        limit: u32,
+        cursor: Option<Cursor>,
+    ) -> Result<Page, SpiceDbError> {
         let mut request = tonic::Request::new(ReadRelationshipsRequest {
             consistency: Some(Consistency {
-                requirement: Some(Requirement::FullyConsistent(true)),
+                requirement: Some(requirement),
             }),
             relationship_filter: Some(RelationshipFilter {
                 resource_type: self.resource_type.clone(),
                 ..Default::default()
             }),
             optional_limit: limit,
-            optional_cursor: self.cursor.take(),
+            optional_cursor: cursor,
         });
         if let Some(value) = &self.reader.authorization {
             request
@@ -141,23 +197,31 @@ impl Pages {
         let mut stream = self
             .reader
             .client
+            .clone()
             .read_relationships(request)
             .await
             .map_err(|s| SpiceDbError::Read(status_line(&s)))?
             .into_inner();
-        let mut page = Vec::with_capacity(limit as usize);
+        let mut page = Page {
+            tuples: Vec::with_capacity(limit as usize),
+            cursor: None,
+            read_at: None,
+        };
         while let Some(item) = stream
             .message()
             .await
             .map_err(|s| SpiceDbError::Read(status_line(&s)))?
         {
-            self.cursor = item.after_result_cursor;
+            page.cursor = item.after_result_cursor;
+            if page.read_at.is_none() {
+                page.read_at = item.read_at;
+            }
             let Some(r) = item.relationship else { continue };
             let (Some(resource), Some(subject)) = (r.resource, r.subject.and_then(|s| s.object))
             else {
                 continue;
             };
-            page.push(Tuple {
+            page.tuples.push(Tuple {
                 resource_type: resource.object_type,
                 resource_id: resource.object_id,
                 relation: r.relation,
@@ -165,15 +229,14 @@ impl Pages {
                 subject_id: subject.object_id,
             });
         }
-        // A short page is the last one; so is a full page without a cursor.
-        if (page.len() as u32) < limit || self.cursor.is_none() {
-            self.done = true;
-        }
-        if page.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(page))
+        Ok(page)
     }
+}
+
+struct Page {
+    tuples: Vec<Tuple>,
+    cursor: Option<Cursor>,
+    read_at: Option<ZedToken>,
 }
 
 fn status_line(status: &tonic::Status) -> String {

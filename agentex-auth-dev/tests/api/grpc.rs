@@ -27,6 +27,15 @@ fn fully_consistent() -> Option<Consistency> {
 
 /// Every relationship of `type:id`, as `relation@subject_type:subject_id`.
 pub async fn relationships_of(t: &TestServer, ty: &str, id: &str) -> Vec<String> {
+    read(t, ty, id).await
+}
+
+/// Every relationship of every resource of type `ty`.
+pub async fn relationships_of_type(t: &TestServer, ty: &str) -> Vec<String> {
+    read(t, ty, "").await
+}
+
+async fn read(t: &TestServer, ty: &str, id: &str) -> Vec<String> {
     let request = ReadRelationshipsRequest {
         consistency: fully_consistent(),
         relationship_filter: Some(RelationshipFilter {
