@@ -296,17 +296,36 @@ async fn a_role_default_principal_covers_writers_that_cannot_set_it(pool: PgPool
 }
 
 #[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
-async fn captures_notify_listeners(pool: PgPool) {
+async fn captures_notify_only_while_a_worker_is_asleep(pool: PgPool) {
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .expect("listener");
     listener.listen("authz_outbox").await.expect("listen");
+    let wait = std::time::Duration::from_millis(300);
+
+    // Nobody asleep (workers busy, or none): no NOTIFY, whose global commit
+    // lock would serialise the writers.
     agent(&pool, "a1").await;
+    assert!(
+        tokio::time::timeout(wait, listener.recv()).await.is_err(),
+        "no notification while no worker sleeps"
+    );
+
+    authz_outbox::delivery::listener::mark_asleep(&pool, "idle-worker")
+        .await
+        .expect("mark");
+    agent(&pool, "a2").await;
     let n = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
         .await
         .expect("notified in time")
         .expect("notification");
     assert_eq!(n.channel(), "authz_outbox");
+
+    authz_outbox::delivery::listener::mark_awake(&pool, "idle-worker")
+        .await
+        .expect("mark");
+    agent(&pool, "a3").await;
+    assert!(tokio::time::timeout(wait, listener.recv()).await.is_err());
 }
 
 #[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]

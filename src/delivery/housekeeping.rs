@@ -21,6 +21,7 @@ const PRUNE_BATCH: i64 = 1000;
 pub async fn run(
     pool: PgPool,
     health: Arc<Health>,
+    worker_id: String,
     retention: Duration,
     prune_enabled: bool,
     cancel: CancellationToken,
@@ -33,6 +34,9 @@ pub async fn run(
         metrics::gauge!(m::CIRCUIT_OPEN).set(f64::from(u8::from(gate == Some(OpenReason::Outage))));
         if tick.is_multiple_of(STATS_EVERY) {
             refresh_gauges(&pool, &health).await;
+            if let Err(e) = super::listener::refresh(&pool, &worker_id).await {
+                tracing::debug!(error = %e, "refreshing wake-up marks failed");
+            }
         }
         metrics::gauge!(m::READY).set(f64::from(u8::from(health.ready())));
         if prune_enabled && tick % PRUNE_EVERY == PRUNE_EVERY - 1 {

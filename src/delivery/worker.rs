@@ -209,6 +209,7 @@ impl Worker {
         let housekeeping = tokio::spawn(housekeeping::run(
             self.pool.clone(),
             self.health.clone(),
+            shared.config.worker_id.clone(),
             shared.config.retention,
             !once,
             background.clone(),
@@ -218,6 +219,9 @@ impl Worker {
         finish_in_flight(&shared, &mut tasks).await;
 
         background.cancel();
+        if let Err(e) = listener::forget(&self.pool, &shared.config.worker_id).await {
+            tracing::debug!(error = %e, "removing the worker's wake-up mark failed");
+        }
         let credential_failure = shared.gate.open_reason() == Some(OpenReason::Credential);
         // Dropping the last sender ends the recorder once it has written
         // everything queued.
@@ -241,6 +245,7 @@ impl Worker {
 async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bool) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
     let min_claim = (shared.config.batch_size.min(shared.config.concurrency) / 4).max(1);
+    let mut asleep = false;
     let mut tasks = JoinSet::new();
     let mut db_failures = 0u32;
     loop {
@@ -304,6 +309,17 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             if admit == Admit::Probe {
                 shared.gate.probe_unused();
             }
+            // Going idle: mark this worker asleep so captures notify, then
+            // claim once more before waiting (see `listener`).
+            if !once && !asleep && matches!(admit, Admit::All) {
+                match listener::mark_asleep(&shared.pool, &shared.config.worker_id).await {
+                    Ok(()) => {
+                        asleep = true;
+                        continue;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "marking the worker asleep failed"),
+                }
+            }
             // A one-shot run ends when nothing it may send is due. While the
             // gate is open (an outage, a rejected credential) that includes
             // the rows held back: a one-shot run cannot wait either out.
@@ -330,6 +346,13 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             continue;
         }
 
+        if asleep {
+            // Busy again: it claims by itself now, captures need not notify.
+            if let Err(e) = listener::mark_awake(&shared.pool, &shared.config.worker_id).await {
+                tracing::debug!(error = %e, "marking the worker awake failed");
+            }
+            asleep = false;
+        }
         let is_probe = admit == Admit::Probe;
         let deliverables = match settle_without_request(shared, claimed).await {
             Ok(deliverables) => deliverables,
