@@ -25,6 +25,25 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
+    open(url, options, max_connections).await
+}
+
+/// Opens the worker's pool, whose own commits (claims, outcomes) do not wait
+/// for the WAL flush.
+///
+/// Safe because a crash can only lose a *suffix* of the WAL: a lost outcome
+/// takes every later claim with it, so a row whose "delivered" was lost is
+/// pending again together with everything claimed after it, and is simply
+/// delivered again (register and deregister are idempotent), still in order.
+/// Captured rows are written by the host's own, durable, transactions.
+pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
+    open(url, options.options([("synchronous_commit", "off")]), max_connections).await
+}
+
+async fn open(url: &str, options: PgConnectOptions, max_connections: u32) -> Result<PgPool, DbError> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

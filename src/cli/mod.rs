@@ -30,7 +30,7 @@ pub struct Cli {
 pub struct DbArgs {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    pub(crate) database_url: String,
 }
 
 impl DbArgs {

@@ -115,7 +115,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )?;
     // Claims, records, the listener and housekeeping each need a connection
     // at times; deliveries themselves hold none.
-    let pool = args.db.connect(8).await?;
+    let pool = crate::db::connect_worker(&args.db.database_url, 8).await?;
     let metrics = crate::metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let listener = crate::http::bind(args.metrics_addr)
         .await

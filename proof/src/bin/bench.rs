@@ -56,9 +56,11 @@ struct Args {
 
     #[arg(long, default_value_t = 50_000)]
     ceiling_rows: i64,
-    #[arg(long, default_value_t = 64)]
+    /// The ceiling is about the worker's own overhead, so it runs wide:
+    /// with an instant sink, small batches measure round trips, not the worker.
+    #[arg(long, default_value_t = 512)]
     ceiling_concurrency: usize,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 1000)]
     ceiling_batch_size: usize,
 
     #[arg(long, default_value_t = 200)]
