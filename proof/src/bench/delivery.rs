@@ -79,7 +79,8 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<DeliveryResult> {
                 s
             };
             server.stop().await;
-            let commits_per_row = (commits(&pool).await? - commits_before) as f64 / config.rows as f64;
+            let commits_per_row =
+                (commits(&pool).await? - commits_before) as f64 / config.rows as f64;
             eprintln!(
                 "  delivery round {round}: {variant}: {:.0}/s",
                 config.rows as f64 / seconds

@@ -91,7 +91,12 @@ impl Env {
     /// capture trigger on, so each gets its pending register row exactly as
     /// a host's write would (the worker supersedes a register whose key row
     /// is gone, so the rows must exist).
-    pub async fn enqueue_registers(&self, pool: &PgPool, prefix: &str, n: i64) -> anyhow::Result<()> {
+    pub async fn enqueue_registers(
+        &self,
+        pool: &PgPool,
+        prefix: &str,
+        n: i64,
+    ) -> anyhow::Result<()> {
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT set_config('authz_outbox.principal', $1, true)")
             .bind(PRINCIPAL)

@@ -172,7 +172,12 @@ impl Results {
         if let Some(c) = &self.ceiling {
             println!(
                 "\nWorker ceiling: {} rows in {:.2} s = {:.0}/s (first-to-last delivery {:.0}/s); peak RSS {:.1} MiB; {:.2} commits/row",
-                c.rows, c.seconds, c.per_second, c.delivering_per_second, c.memory.peak_rss_mib, c.commits_per_row
+                c.rows,
+                c.seconds,
+                c.per_second,
+                c.delivering_per_second,
+                c.memory.peak_rss_mib,
+                c.commits_per_row
             );
         }
         if let Some(l) = &self.latency {
