@@ -40,10 +40,19 @@ pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, D
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
-    open(url, options.options([("synchronous_commit", "off")]), max_connections).await
+    open(
+        url,
+        options.options([("synchronous_commit", "off")]),
+        max_connections,
+    )
+    .await
 }
 
-async fn open(url: &str, options: PgConnectOptions, max_connections: u32) -> Result<PgPool, DbError> {
+async fn open(
+    url: &str,
+    options: PgConnectOptions,
+    max_connections: u32,
+) -> Result<PgPool, DbError> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
