@@ -330,13 +330,10 @@ async fn two_workers_never_deliver_a_deregister_before_its_register(pool: PgPool
             .await
             .expect("delete");
     }
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while rows(&pool).await.iter().any(|r| r.state == "pending") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    common::until(Duration::from_secs(30), "drained", || async {
+        rows(&pool).await.iter().all(|r| r.state != "pending")
     })
-    .await
-    .expect("drained");
+    .await;
     stop.cancel();
     w1.await.expect("w1");
     w2.await.expect("w2");
@@ -483,13 +480,12 @@ async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
     );
 
     auth.set_script(|_, _| Answer::ok());
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while rows(&pool).await.iter().any(|r| r.state != "delivered") {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("delivery resumes once the credential is accepted");
+    common::until(
+        Duration::from_secs(10),
+        "delivery resumes once the credential is accepted",
+        || async { rows(&pool).await.iter().all(|r| r.state == "delivered") },
+    )
+    .await;
     stop.cancel();
     run.await.expect("worker");
     assert!(rows(&pool).await.iter().all(|r| r.attempts == 1));
@@ -541,13 +537,10 @@ async fn shutdown_releases_in_flight_leases(pool: PgPool) {
     let worker = common::worker(&pool, &auth.url(), cfg);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone(), false));
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while auth.seen().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    common::until(Duration::from_secs(5), "request in flight", || async {
+        !auth.seen().is_empty()
     })
-    .await
-    .expect("request in flight");
+    .await;
     stop.cancel();
     let report = tokio::time::timeout(Duration::from_secs(5), run)
         .await
@@ -620,13 +613,12 @@ async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
     let worker = common::worker(&pool, &auth.url(), cfg);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone(), false));
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while auth.seen().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("backlog drained at start");
+    common::until(
+        Duration::from_secs(5),
+        "backlog drained at start",
+        || async { !auth.seen().is_empty() },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let k = key(&pool, "a1", "late").await;
     let state = capture::wait_until_delivered(&pool, k.outbox_id, Duration::from_secs(5)).await;

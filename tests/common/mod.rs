@@ -209,3 +209,19 @@ pub async fn database_url(pool: &PgPool) -> String {
     url.set_path(&name);
     url.to_string()
 }
+
+/// Polls `done` every 10 ms until it holds; panics naming `what` after `limit`.
+pub async fn until<F, Fut>(limit: Duration, what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let polled = async {
+        while !done().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(limit, polled).await.is_err() {
+        panic!("timed out after {limit:?} waiting for {what}");
+    }
+}
