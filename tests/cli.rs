@@ -39,6 +39,14 @@ async fn run_async(args: &[&str], env: &[(&str, &str)]) -> Output {
     .expect("command thread")
 }
 
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn assert_one_line_error(out: &Output, expected: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
@@ -181,17 +189,9 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
     ];
 
     let out = run(&["migrate"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let out = run(&["agents", "create", "--id", "a1", "--name", "one"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let mut keys = Vec::new();
     for i in 0..12 {
         let name = format!("k{i}");
@@ -208,11 +208,7 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
             ],
             &env,
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             stdout.contains("secret=agx_"),
@@ -227,11 +223,7 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
     }
     for id in &keys[..4] {
         let out = run(&["keys", "delete", "--id", id], &env);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
     }
 
     let workers: Vec<_> = (0..2)
@@ -278,11 +270,7 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
         ],
         &env,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(" delivered"),
         "{}",
