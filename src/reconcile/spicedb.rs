@@ -1,16 +1,18 @@
 //! Reading relationships straight from SpiceDB over gRPC.
 //!
 //! Reconcile does not trust agentex-auth to tell it what it holds: it reads
-//! SpiceDB itself, read-only, with `ReadRelationships`, page by page with the
-//! cursor, every page fully consistent so nothing written before the read
-//! began can be missed.
+//! SpiceDB itself, read-only: one fully consistent `ReadRelationships` pins a
+//! revision, then `ExportBulkRelationships` streams the whole type at exactly
+//! that revision, so nothing written before the read began can be missed and
+//! the batches add up to one view.
 
 use std::time::Duration;
 
 use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
 use spicedb_grpc_tonic::v1::{
-    Consistency, Cursor, ReadRelationshipsRequest, RelationshipFilter, ZedToken,
-    consistency::Requirement,
+    Consistency, Cursor, ExportBulkRelationshipsRequest, ExportBulkRelationshipsResponse,
+    ReadRelationshipsRequest, ReadRelationshipsResponse, Relationship, RelationshipFilter,
+    ZedToken, consistency::Requirement,
 };
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -101,99 +103,143 @@ impl SpiceDbReader {
         Pages {
             reader: self.clone(),
             resource_type: resource_type.to_string(),
-            cursor: None,
             snapshot: None,
+            stream: None,
+            export_supported: true,
+            cursor: None,
+            resumes: 0,
             done: false,
         }
     }
-}
 
-/// Cursor paging over one resource type. Each call to [`Pages::next_page`]
-/// is one `ReadRelationships` call; memory is bounded by the page size.
-pub struct Pages {
-    reader: SpiceDbReader,
-    resource_type: String,
-    cursor: Option<Cursor>,
-    /// The revision the first page was read at; later pages read the same
-    /// snapshot, so the pages add up to one consistent view.
-    snapshot: Option<ZedToken>,
-    done: bool,
-}
-
-impl Pages {
-    /// The next page, or `None` when the type is exhausted.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<Tuple>>, SpiceDbError> {
-        if self.done {
-            return Ok(None);
-        }
-        let snapshot = match &self.snapshot {
-            Some(token) => token.clone(),
-            None => {
-                // Pin the snapshot: one fully consistent read of a single
-                // relationship names the head revision, and every page then
-                // reads exactly it. (A cursor must be replayed with the same
-                // consistency, so the pages cannot simply all ask for "fully
-                // consistent" and stay one view.)
-                let probe = self
-                    .read(Requirement::FullyConsistent(true), 1, None)
-                    .await?;
-                match probe.read_at {
-                    Some(token) => {
-                        self.snapshot = Some(token.clone());
-                        token
-                    }
-                    // Nothing of this type at all.
-                    None => {
-                        self.done = true;
-                        return Ok(None);
-                    }
-                }
-            }
-        };
-        let cursor = self.cursor.take();
-        let page = self
-            .read(
-                Requirement::AtExactSnapshot(snapshot),
-                self.reader.page_size,
-                cursor,
-            )
-            .await?;
-        self.cursor = page.cursor;
-        // SpiceDB may answer a page shorter than the limit before the end
-        // (seen with the in-memory datastore), so only an empty page or a
-        // missing cursor ends the read.
-        if self.cursor.is_none() || page.tuples.is_empty() {
-            self.done = true;
-        }
-        if page.tuples.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(page.tuples))
-    }
-
-    /// One `ReadRelationships` call.
-    async fn read(
-        &self,
-        requirement: Requirement,
-        limit: u32,
-        cursor: Option<Cursor>,
-    ) -> Result<Page, SpiceDbError> {
-        let mut request = tonic::Request::new(ReadRelationshipsRequest {
-            consistency: Some(Consistency {
-                requirement: Some(requirement),
-            }),
-            relationship_filter: Some(RelationshipFilter {
-                resource_type: self.resource_type.clone(),
-                ..Default::default()
-            }),
-            optional_limit: limit,
-            optional_cursor: cursor,
-        });
-        if let Some(value) = &self.reader.authorization {
+    /// A request carrying the bearer token, if any.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = &self.authorization {
             request
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        request
+    }
+}
+
+/// How many times in a row one read may resume from its last cursor after
+/// the stream broke (a SpiceDB restart, a proxy timeout) without reading
+/// anything in between, before giving up.
+const MAX_RESUMES: u32 = 3;
+
+/// All relationships of one resource type, read at one snapshot.
+///
+/// The first call pins a revision (one fully consistent `ReadRelationships`
+/// of a single relationship names it); the relationships are then streamed
+/// at exactly that revision in one call: `ExportBulkRelationships`, the API
+/// SpiceDB provides for reading a whole type (batches of `page_size`, a
+/// cursor after each), or, where a server does not implement it, one
+/// `ReadRelationships` without a limit. Paging with repeated limited
+/// `ReadRelationships` calls instead costs the datastore a fresh query per
+/// page (with the in-memory datastore, a scan of the whole type per page:
+/// quadratic). Memory is bounded by one batch plus the stream's flow-control
+/// window; a broken stream resumes from the last cursor at the same
+/// snapshot, so nothing is read twice or skipped.
+pub struct Pages {
+    reader: SpiceDbReader,
+    resource_type: String,
+    snapshot: Option<ZedToken>,
+    stream: Option<Stream>,
+    /// Cleared when the server answers `ExportBulkRelationships` with
+    /// UNIMPLEMENTED (older SpiceDB; the embedded engine).
+    export_supported: bool,
+    cursor: Option<Cursor>,
+    resumes: u32,
+    done: bool,
+}
+
+enum Stream {
+    Export(tonic::Streaming<ExportBulkRelationshipsResponse>),
+    Read(tonic::Streaming<ReadRelationshipsResponse>),
+}
+
+impl Pages {
+    /// The next batch, or `None` when the type is exhausted.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Tuple>>, SpiceDbError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            let batch = match &mut self.stream {
+                Some(stream) => next_batch(stream, self.reader.page_size as usize).await,
+                None => {
+                    let Some(snapshot) = self.pin_snapshot().await? else {
+                        self.done = true;
+                        return Ok(None);
+                    };
+                    match self.open(snapshot).await {
+                        Ok(stream) => self.stream = Some(stream),
+                        Err(status) => self.broke(status)?,
+                    }
+                    continue;
+                }
+            };
+            match batch {
+                Ok(Some((tuples, cursor))) => {
+                    if cursor.is_some() {
+                        self.cursor = cursor;
+                    }
+                    if !tuples.is_empty() {
+                        self.resumes = 0;
+                        return Ok(Some(tuples));
+                    }
+                }
+                Ok(None) => {
+                    self.done = true;
+                    self.stream = None;
+                }
+                Err(status) => self.broke(status)?,
+            }
+        }
+    }
+
+    /// A failed call or a broken stream: fall back from the export, resume
+    /// from the last cursor, or give up.
+    fn broke(&mut self, status: tonic::Status) -> Result<(), SpiceDbError> {
+        self.stream = None;
+        if status.code() == tonic::Code::Unimplemented && self.export_supported {
+            tracing::info!(
+                "SpiceDB does not implement ExportBulkRelationships; reading with ReadRelationships"
+            );
+            self.export_supported = false;
+            return Ok(());
+        }
+        if resumable(&status) && self.resumes < MAX_RESUMES {
+            self.resumes += 1;
+            tracing::warn!(
+                resource_type = %self.resource_type,
+                error = %status_line(&status),
+                "SpiceDB read stream broke; resuming from the last cursor"
+            );
+            return Ok(());
+        }
+        Err(SpiceDbError::Read(status_line(&status)))
+    }
+
+    /// The revision every batch is read at: named once by a fully
+    /// consistent read, so the batches add up to one consistent view that
+    /// includes everything written before the read began. `None` when the
+    /// type holds nothing at all.
+    async fn pin_snapshot(&mut self) -> Result<Option<ZedToken>, SpiceDbError> {
+        if let Some(token) = &self.snapshot {
+            return Ok(Some(token.clone()));
+        }
+        let mut request = self.reader.request(ReadRelationshipsRequest {
+            consistency: Some(Consistency {
+                requirement: Some(Requirement::FullyConsistent(true)),
+            }),
+            relationship_filter: Some(self.filter()),
+            optional_limit: 1,
+            optional_cursor: None,
+        });
+        request.set_timeout(Duration::from_secs(30));
         let mut stream = self
             .reader
             .client
@@ -202,41 +248,109 @@ impl Pages {
             .await
             .map_err(|s| SpiceDbError::Read(status_line(&s)))?
             .into_inner();
-        let mut page = Page {
-            tuples: Vec::with_capacity(limit as usize),
-            cursor: None,
-            read_at: None,
-        };
+        let mut read_at = None;
         while let Some(item) = stream
             .message()
             .await
             .map_err(|s| SpiceDbError::Read(status_line(&s)))?
         {
-            page.cursor = item.after_result_cursor;
-            if page.read_at.is_none() {
-                page.read_at = item.read_at;
+            if read_at.is_none() {
+                read_at = item.read_at;
             }
-            let Some(r) = item.relationship else { continue };
-            let (Some(resource), Some(subject)) = (r.resource, r.subject.and_then(|s| s.object))
-            else {
-                continue;
-            };
-            page.tuples.push(Tuple {
-                resource_type: resource.object_type,
-                resource_id: resource.object_id,
-                relation: r.relation,
-                subject_type: subject.object_type,
-                subject_id: subject.object_id,
-            });
         }
-        Ok(page)
+        self.snapshot = read_at.clone();
+        Ok(read_at)
+    }
+
+    /// Opens (or re-opens, after the last cursor) the stream at `snapshot`.
+    async fn open(&self, snapshot: ZedToken) -> Result<Stream, tonic::Status> {
+        let consistency = Some(Consistency {
+            requirement: Some(Requirement::AtExactSnapshot(snapshot)),
+        });
+        let mut client = self.reader.client.clone();
+        if self.export_supported {
+            let request = self.reader.request(ExportBulkRelationshipsRequest {
+                consistency,
+                optional_limit: self.reader.page_size,
+                optional_cursor: self.cursor.clone(),
+                optional_relationship_filter: Some(self.filter()),
+            });
+            let stream = client.export_bulk_relationships(request).await?;
+            Ok(Stream::Export(stream.into_inner()))
+        } else {
+            let request = self.reader.request(ReadRelationshipsRequest {
+                consistency,
+                relationship_filter: Some(self.filter()),
+                optional_limit: 0,
+                optional_cursor: self.cursor.clone(),
+            });
+            let stream = client.read_relationships(request).await?;
+            Ok(Stream::Read(stream.into_inner()))
+        }
+    }
+
+    fn filter(&self) -> RelationshipFilter {
+        RelationshipFilter {
+            resource_type: self.resource_type.clone(),
+            ..Default::default()
+        }
     }
 }
 
-struct Page {
-    tuples: Vec<Tuple>,
-    cursor: Option<Cursor>,
-    read_at: Option<ZedToken>,
+/// The next batch of a stream and the cursor after it; `None` at its end.
+/// A `ReadRelationships` stream answers one relationship per message, so up
+/// to `size` of them are gathered into one batch.
+async fn next_batch(
+    stream: &mut Stream,
+    size: usize,
+) -> Result<Option<(Vec<Tuple>, Option<Cursor>)>, tonic::Status> {
+    match stream {
+        Stream::Export(stream) => Ok(stream.message().await?.map(|batch| {
+            let tuples = batch
+                .relationships
+                .into_iter()
+                .filter_map(flatten)
+                .collect();
+            (tuples, batch.after_result_cursor)
+        })),
+        Stream::Read(stream) => {
+            let mut tuples = Vec::with_capacity(size);
+            let mut cursor = None;
+            while tuples.len() < size {
+                let Some(item) = stream.message().await? else {
+                    break;
+                };
+                cursor = item.after_result_cursor;
+                tuples.extend(item.relationship.and_then(flatten));
+            }
+            if tuples.is_empty() && cursor.is_none() {
+                return Ok(None);
+            }
+            Ok(Some((tuples, cursor)))
+        }
+    }
+}
+
+/// Errors after which the same read at the same snapshot can succeed.
+fn resumable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Aborted | Code::Cancelled
+    )
+}
+
+fn flatten(r: Relationship) -> Option<Tuple> {
+    let (Some(resource), Some(subject)) = (r.resource, r.subject.and_then(|s| s.object)) else {
+        return None;
+    };
+    Some(Tuple {
+        resource_type: resource.object_type,
+        resource_id: resource.object_id,
+        relation: r.relation,
+        subject_type: subject.object_type,
+        subject_id: subject.object_id,
+    })
 }
 
 fn status_line(status: &tonic::Status) -> String {

@@ -1,13 +1,18 @@
 //! Reconcile at scale: `keys` api keys (spread over `agents` agents) in
-//! PostgreSQL and their relationships in SpiceDB, then one dry run of the
-//! real `authz-outbox reconcile` binary under `/usr/bin/time -v` for its wall
-//! time and peak resident memory.
+//! PostgreSQL and their relationships on the SpiceDB side, then one dry run
+//! of the real `authz-outbox reconcile` binary under `/usr/bin/time -v` for
+//! its wall time and peak resident memory.
+//!
+//! Two sources for the SpiceDB side ([`Source`]): the real engine
+//! (relationships loaded into an agentex-auth-dev engine started in this
+//! process with `DevServer::bulk_touch`, 1,000 per WriteRelationships), and
+//! the instant `authz_outbox_proof::export_source`, which serves the same
+//! relationships computed on the fly so the figure is reconcile's own cost at
+//! sizes the in-memory engine cannot serve.
 //!
 //! Loading is not measured: keys are generated with `generate_series` with
-//! triggers off (`session_replication_role = replica`), and relationships go
-//! into an agentex-auth-dev engine started in this process with
-//! `DevServer::bulk_touch` (1,000 per WriteRelationships). Each consistent
-//! key needs two relationships (owner and parent_agent), so `keys` keys are
+//! triggers off (`session_replication_role = replica`). Each consistent key
+//! has two relationships (owner and parent_agent), so `keys` keys are
 //! `2 × keys` relationships. A little drift is planted (`drift` keys with no
 //! relationships, `drift` orphans with no row) so the run has findings to
 //! classify and print.
@@ -21,16 +26,30 @@ use serde::Serialize;
 use tokio::process::Command;
 
 use super::env::Env;
+use authz_outbox_proof::export_source::{Dataset, ExportSource};
+
+/// What answers reconcile's reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// agentex-auth-dev's embedded SpiceDB (in-memory datastore).
+    Engine,
+    /// The instant in-process source.
+    Instant,
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub keys: i64,
     pub agents: i64,
     pub drift: i64,
+    pub page_size: u32,
+    pub source: Source,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReconcileResult {
+    pub source: Source,
     pub keys: i64,
     pub agents: i64,
     pub relationships: i64,
@@ -39,7 +58,7 @@ pub struct ReconcileResult {
     pub seconds: f64,
     pub max_rss_mib: f64,
     pub exit_code: Option<i32>,
-    /// The last line of the JSON report (the summary).
+    /// The report's `summary` object.
     pub summary: serde_json::Value,
 }
 
@@ -82,54 +101,24 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
         .execute(&pool)
         .await?;
 
-    let server = DevServer::start(DevServerConfig::ephemeral())
-        .await
-        .context("starting agentex-auth-dev in the bench process")?;
-    let agents: Vec<Rel> = (1..=config.agents)
-        .map(|a| {
-            rel(
-                "agent",
-                format!("ra-{a}"),
-                "owner",
-                "user",
-                "bench-user".into(),
-            )
-        })
-        .collect();
-    server.bulk_touch(agents).await?;
-    let mut relationships = config.agents;
     // Keys 1..=keys-drift are consistent; the last `drift` keys have no
     // relationships (missing); keys past `keys` have no row (orphans).
-    const CHUNK: i64 = 100_000;
-    let last_key = config.keys + config.drift;
-    let mut start = 1;
-    while start <= last_key {
-        let end = (start + CHUNK - 1).min(last_key);
-        let mut batch = Vec::with_capacity(2 * (end - start + 1) as usize);
-        for k in start..=end {
-            if k > config.keys - config.drift && k <= config.keys {
-                continue;
-            }
-            let agent = format!("ra-{}", k % config.agents + 1);
-            batch.push(rel(
-                "api_key",
-                format!("rk-{k}"),
-                "owner",
-                "user",
-                "bench-user".into(),
-            ));
-            batch.push(rel(
-                "api_key",
-                format!("rk-{k}"),
-                "parent_agent",
-                "agent",
-                agent,
-            ));
+    let dataset = Dataset {
+        agents: config.agents,
+        last_key: config.keys + config.drift,
+        missing: (config.keys - config.drift + 1, config.keys),
+    };
+    let (endpoint, server, _source) = match config.source {
+        Source::Engine => {
+            let server = load_engine(&dataset).await?;
+            (server.grpc_endpoint(), Some(server), None)
         }
-        relationships += batch.len() as i64;
-        server.bulk_touch(batch).await?;
-        start = end + 1;
-    }
+        Source::Instant => {
+            let source = ExportSource::start(dataset).await?;
+            (source.endpoint(), None, Some(source))
+        }
+    };
+    let relationships = dataset.total();
     let load_seconds = load_started.elapsed().as_secs_f64();
     eprintln!(
         "  reconcile: loaded {} keys and {relationships} relationships in {load_seconds:.1} s",
@@ -145,7 +134,9 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
             "--format",
             "json",
             "--spicedb-endpoint",
-            &server.grpc_endpoint(),
+            &endpoint,
+            "--page-size",
+            &config.page_size.to_string(),
         ])
         .env("DATABASE_URL", &env.database_url)
         .env("RUST_LOG", "warn")
@@ -155,7 +146,9 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
         .await
         .context("running /usr/bin/time -v authz-outbox reconcile")?;
     let seconds = started.elapsed().as_secs_f64();
-    server.shutdown().await;
+    if let Some(server) = server {
+        server.shutdown().await;
+    }
 
     let stderr = String::from_utf8_lossy(&output.stderr);
     let max_rss_kib: u64 = stderr
@@ -171,13 +164,29 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
             output.status
         );
     }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let summary = stdout
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .unwrap_or(serde_json::Value::Null);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("authz-outbox reconcile --format json printed no JSON document")?;
+    let summary = report.get("summary").cloned().unwrap_or_default();
+    // A fast run that read half the relationships would be no figure: the
+    // classification must come out exactly as planted.
+    let count = |kind: &str| summary.get(kind).and_then(serde_json::Value::as_i64);
+    // Agents count as resources too; keys without relationships and
+    // without a recorded creator are `needs_owner`.
+    let expected = [
+        ("consistent", config.keys - config.drift + config.agents),
+        ("needs_owner", config.drift),
+        ("orphan", config.drift),
+    ];
+    for (kind, want) in expected {
+        if count(kind) != Some(want) {
+            bail!(
+                "reconcile found {:?} {kind}, planted {want}: {summary}",
+                count(kind)
+            );
+        }
+    }
     Ok(ReconcileResult {
+        source: config.source,
         keys: config.keys,
         agents: config.agents,
         relationships,
@@ -188,4 +197,52 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
         exit_code: code,
         summary,
     })
+}
+
+/// Loads `dataset` into a fresh agentex-auth-dev engine in this process.
+async fn load_engine(dataset: &Dataset) -> anyhow::Result<DevServer> {
+    let server = DevServer::start(DevServerConfig::ephemeral())
+        .await
+        .context("starting agentex-auth-dev in the bench process")?;
+    let agents: Vec<Rel> = (1..=dataset.agents)
+        .map(|a| {
+            rel(
+                "agent",
+                format!("ra-{a}"),
+                "owner",
+                "user",
+                "bench-user".into(),
+            )
+        })
+        .collect();
+    server.bulk_touch(agents).await?;
+    const CHUNK: i64 = 100_000;
+    let mut start = 1;
+    while start <= dataset.last_key {
+        let end = (start + CHUNK - 1).min(dataset.last_key);
+        let mut batch = Vec::with_capacity(2 * (end - start + 1) as usize);
+        for k in start..=end {
+            if (dataset.missing.0..=dataset.missing.1).contains(&k) {
+                continue;
+            }
+            let agent = format!("ra-{}", k % dataset.agents + 1);
+            batch.push(rel(
+                "api_key",
+                format!("rk-{k}"),
+                "owner",
+                "user",
+                "bench-user".into(),
+            ));
+            batch.push(rel(
+                "api_key",
+                format!("rk-{k}"),
+                "parent_agent",
+                "agent",
+                agent,
+            ));
+        }
+        server.bulk_touch(batch).await?;
+        start = end + 1;
+    }
+    Ok(server)
 }

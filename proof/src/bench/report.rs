@@ -26,7 +26,7 @@ pub struct Results {
     pub delivery: Option<DeliveryResult>,
     pub ceiling: Option<CeilingResult>,
     pub latency: Option<LatencyResult>,
-    pub reconcile: Option<ReconcileResult>,
+    pub reconcile: Vec<ReconcileResult>,
     pub targets: Vec<Target>,
 }
 
@@ -117,15 +117,15 @@ impl Results {
                 l.worker_under_load.peak_rss_mib < 50.0,
             );
         }
-        if let Some(r) = &self.reconcile {
+        for r in &self.reconcile {
             add(
-                &format!("reconcile {} keys wall time", r.keys),
+                &format!("reconcile {} keys ({:?}) wall time", r.keys, r.source),
                 "< 60 s",
                 format!("{:.1} s", r.seconds),
                 r.seconds < 60.0,
             );
             add(
-                &format!("reconcile {} keys peak RSS", r.keys),
+                &format!("reconcile {} keys ({:?}) peak RSS", r.keys, r.source),
                 "< 200 MiB",
                 format!("{:.1} MiB", r.max_rss_mib),
                 r.max_rss_mib < 200.0,
@@ -198,10 +198,10 @@ impl Results {
                 l.worker_idle_rss_mib, l.worker_under_load.peak_rss_mib
             );
         }
-        if let Some(r) = &self.reconcile {
+        for r in &self.reconcile {
             println!(
-                "\nReconcile: {} keys, {} relationships: {:.1} s, peak RSS {:.1} MiB (exit {:?})",
-                r.keys, r.relationships, r.seconds, r.max_rss_mib, r.exit_code
+                "\nReconcile ({:?} source): {} keys, {} relationships: {:.1} s, peak RSS {:.1} MiB (exit {:?})",
+                r.source, r.keys, r.relationships, r.seconds, r.max_rss_mib, r.exit_code
             );
         }
         println!("\n{:<42} {:>12} {:>22}  met", "target", "goal", "measured");
