@@ -12,7 +12,7 @@ use authz_outbox::domain::Operation;
 use authz_outbox::outbox::claim;
 use authz_outbox::outbox::record::{Recorded, RowUpdate, record};
 use common::scripted_auth::{Answer, ScriptedAuth, Seen};
-use common::{agent, config, key, make_due, row, rows, run_once};
+use common::{Row, agent, config, key, make_due, row, rows, run_once};
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -552,6 +552,96 @@ async fn shutdown_releases_in_flight_leases(pool: PgPool) {
         (r.state.as_str(), r.attempts, r.locked_by.as_deref()),
         ("pending", 0, None)
     );
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn shutdown_releases_rows_claimed_ahead_without_sending_them(pool: PgPool) {
+    let auth = ScriptedAuth::always(Answer::ok().delay(Duration::from_secs(30))).await;
+    agent(&pool, "a1").await;
+    for n in 0..5 {
+        key(&pool, "a1", &format!("k{n}")).await;
+    }
+    let cfg = authz_outbox::config::WorkerConfig {
+        concurrency: 1,
+        batch_size: 16,
+        request_timeout: Duration::from_secs(40),
+        lease: Duration::from_secs(120),
+        shutdown_timeout: Duration::from_millis(200),
+        ..config("w")
+    };
+    let worker = common::worker(&pool, &auth.url(), cfg);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone(), false));
+    common::until(Duration::from_secs(5), "request in flight", || async {
+        !auth.seen().is_empty()
+    })
+    .await;
+    stop.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("shutdown within the deadline")
+        .expect("worker");
+    assert_eq!(auth.seen().len(), 1, "only the row in flight was sent");
+    let all = rows(&pool).await;
+    assert_eq!(all.len(), 6, "the agent's registration and five keys'");
+    assert_eq!(
+        report.released, 6,
+        "the one in flight and those claimed ahead"
+    );
+    for r in all {
+        assert_eq!(
+            (r.state.as_str(), r.attempts, r.locked_by.as_deref()),
+            ("pending", 0, None),
+            "{r:?}"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn a_row_claimed_ahead_is_not_sent_once_its_lease_could_run_out(pool: PgPool) {
+    // lease 3 s, request timeout 1 s: a claimed row may start its request
+    // up to 1 s after the claim (lease - 2 x timeout). One request at a
+    // time taking 700 ms: the first two (the agent's registration, then a
+    // key's) start in time, the other three must not.
+    let auth = ScriptedAuth::always(Answer::ok().delay(Duration::from_millis(700))).await;
+    agent(&pool, "a1").await;
+    for n in 0..4 {
+        key(&pool, "a1", &format!("k{n}")).await;
+    }
+    let cfg = authz_outbox::config::WorkerConfig {
+        concurrency: 1,
+        batch_size: 16,
+        request_timeout: Duration::from_secs(1),
+        lease: Duration::from_secs(3),
+        ..config("w")
+    };
+    let report = run_once(&pool, &auth.url(), cfg.clone()).await;
+    assert_eq!(auth.seen().len(), 2, "no request started past the margin");
+    assert_eq!((report.delivered, report.released), (2, 3));
+    let held: Vec<Row> = rows(&pool)
+        .await
+        .into_iter()
+        .filter(|r| r.state == "pending")
+        .collect();
+    assert_eq!(held.len(), 3);
+    for r in &held {
+        assert_eq!(r.attempts, 0, "an unsent row spends no attempt: {r:?}");
+        assert!(r.locked_by.is_none(), "{r:?}");
+        assert!(
+            r.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("claimed ahead"),
+            "{r:?}"
+        );
+    }
+    // Later runs send them (two per run at this pace).
+    for _ in 0..3 {
+        make_due(&pool).await;
+        run_once(&pool, &auth.url(), cfg.clone()).await;
+    }
+    assert!(rows(&pool).await.iter().all(|r| r.state == "delivered"));
+    assert_eq!(auth.seen().len(), 5, "each row sent once");
 }
 
 #[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]

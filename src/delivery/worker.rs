@@ -1,8 +1,9 @@
 //! The worker loop.
 //!
-//! One claimer loop leases rows while there is room (a semaphore of
-//! `concurrency` permits); each row is sent by its own task; outcomes go
-//! through one channel to a recorder task that writes them in batches. The
+//! One claimer loop leases rows in batches while there is room (up to
+//! `concurrency` in flight, gated by a semaphore, plus one batch claimed
+//! ahead); each row is sent by its own task; outcomes go through one
+//! channel to a recorder task that writes them in batches. The
 //! claimer wakes on a capture's notification, on a recorded outcome (which
 //! may unblock the next row of a resource), or on the poll interval.
 
@@ -244,7 +245,11 @@ impl Worker {
 /// Claims and dispatches until shutdown (or, with `once`, until idle).
 async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bool) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
-    let min_claim = (shared.config.batch_size.min(shared.config.concurrency) / 4).max(1);
+    // A worker holds up to `concurrency` rows in flight plus one batch
+    // claimed ahead, waiting for permits: a busy worker then pays one claim
+    // (and one set of checks) per batch, not one per few finished requests.
+    let capacity = shared.config.concurrency + shared.config.batch_size;
+    let min_claim = (shared.config.batch_size / 4).max(1);
     let mut asleep = false;
     let mut tasks = JoinSet::new();
     let mut db_failures = 0u32;
@@ -258,8 +263,11 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 tracing::error!(error = %e, "delivery task failed");
             }
         }
-        let idle_before = shared.progress.outstanding.load(Ordering::SeqCst) == 0;
-        let room = permits.available_permits().min(shared.config.batch_size);
+        let outstanding = shared.progress.outstanding.load(Ordering::SeqCst);
+        let idle_before = outstanding == 0;
+        let room = capacity
+            .saturating_sub(outstanding)
+            .min(shared.config.batch_size);
         // Claim in batches: while rows are in flight, wait until a worthwhile
         // batch fits, so a busy worker pays one claim round trip per batch
         // instead of one per finished request.
@@ -275,6 +283,7 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             Admit::Probe => room.min(1),
             Admit::Nothing { .. } => 0,
         };
+        let claimed_at = Instant::now();
         let claimed = if limit > 0 {
             match claim_batch(shared, limit).await {
                 Ok(rows) => {
@@ -367,20 +376,48 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
         if is_probe && deliverables.is_empty() {
             shared.gate.probe_unused();
         }
-        for deliverable in deliverables {
-            let permit = match permits.clone().acquire_owned().await {
-                Ok(permit) => permit,
-                Err(_) => break,
+        // A row claimed ahead is sent only while its request still ends
+        // well inside the lease; otherwise another worker could claim it
+        // again while our request is in flight, and order per resource
+        // would rest on timing.
+        let send_by = claimed_at
+            + shared
+                .config
+                .lease
+                .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let mut queue = deliverables.into_iter();
+        while let Some(deliverable) = queue.next() {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit.ok(),
+                _ = shutdown.cancelled() => None,
             };
-            shared
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    deliverable.row.id,
-                    (deliverable.row.lease_token, deliverable.operation),
+            let reason = match permit {
+                Some(permit) if Instant::now() < send_by => {
+                    shared
+                        .in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            deliverable.row.id,
+                            (deliverable.row.lease_token, deliverable.operation),
+                        );
+                    tasks.spawn(deliver(shared.clone(), deliverable, is_probe, permit));
+                    continue;
+                }
+                Some(_) => "claimed ahead too long to send within its lease",
+                None => "released at shutdown",
+            };
+            for unsent in std::iter::once(deliverable).chain(queue.by_ref()) {
+                shared.settle(
+                    &unsent.row,
+                    unsent.operation,
+                    RowUpdate::Release {
+                        at: Utc::now(),
+                        status: None,
+                        error: Some(reason.into()),
+                    },
                 );
-            tasks.spawn(deliver(shared.clone(), deliverable, is_probe, permit));
+            }
         }
     }
     tasks
@@ -682,13 +719,33 @@ async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) {
     }
 }
 
+/// The most outcomes one recording transaction writes.
+const RECORD_BATCH: usize = 512;
+/// How long a small batch waits for outcomes still in flight to join it.
+const RECORD_LINGER: Duration = Duration::from_millis(2);
+/// A batch this large is written without waiting.
+const RECORD_EAGER: usize = 32;
+
 /// Writes settled rows in batches: whatever queued up while the previous
-/// batch was written goes in the next one, so an idle worker writes at once
-/// and a busy one amortises round trips. Ends when every sender is gone and
-/// the queue is empty, so shutdown writes every settled row.
+/// batch was written goes in the next one. A small batch with other rows
+/// still outstanding waits up to [`RECORD_LINGER`] for them: at moderate
+/// concurrency outcomes arrive one or two per write otherwise, and a
+/// commit per row is most of what delivery costs PostgreSQL. An idle
+/// worker (nothing else outstanding) writes at once. Ends when every sender
+/// is gone and the queue is empty, so shutdown writes every settled row.
 async fn recorder(pool: PgPool, progress: Arc<Progress>, mut rx: mpsc::UnboundedReceiver<Settled>) {
-    let mut batch = Vec::with_capacity(512);
-    while rx.recv_many(&mut batch, 512).await > 0 {
+    let mut batch = Vec::with_capacity(RECORD_BATCH);
+    while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
+        if batch.len() < RECORD_EAGER && progress.outstanding.load(Ordering::SeqCst) > batch.len() {
+            let deadline = tokio::time::Instant::now() + RECORD_LINGER;
+            while batch.len() < RECORD_EAGER {
+                let room = RECORD_BATCH - batch.len();
+                match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
         write_batch(&pool, &progress, &mut batch).await;
     }
 }
