@@ -35,7 +35,7 @@ pub struct ReconcileArgs {
     /// '{"service_account_id":"backfill"}'. Without it they are reported as needs_owner.
     #[arg(long, value_parser = parse_principal)]
     owner_principal: Option<Principal>,
-    /// Relationships per ReadRelationships page.
+    /// Relationships per batch read from SpiceDB (SpiceDB caps it, 1,000 by default).
     #[arg(long, default_value_t = 1000)]
     page_size: u32,
     #[arg(long, value_enum, default_value = "table")]

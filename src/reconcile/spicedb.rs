@@ -24,7 +24,7 @@ pub struct SpiceDbConfig {
     pub endpoint: String,
     /// The preshared key, sent as `authorization: Bearer …`.
     pub token: Option<String>,
-    /// Relationships per `ReadRelationships` call.
+    /// Relationships per batch of the export stream.
     pub page_size: u32,
 }
 

@@ -46,8 +46,8 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     write_round_secs: f64,
 
-    /// Rows per delivery drain (agentex-auth-dev does about 1,000 registers/s).
-    #[arg(long, default_value_t = 10_000)]
+    /// Rows per delivery drain (agentex-auth-dev does about 1,500-2,000 registers/s here).
+    #[arg(long, default_value_t = 50_000)]
     delivery_rows: i64,
     #[arg(long, default_value_t = 16)]
     delivery_concurrency: usize,
