@@ -253,6 +253,25 @@ async fn credential_fields_of_a_principal_are_never_stored(pool: PgPool) {
         Some(serde_json::json!({"user_id": "u9", "account_id": "acc"}))
     );
 
+    // Only allowlisted keys, and an allowlisted key only with a string (or
+    // null) value: a credential hidden under an allowed name is dropped too.
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT set_config('authz_outbox.principal', $1, true)")
+        .bind(r#"{"user_id":"u9","account_id":{"token":"SECRET"},"principal_type":null}"#)
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    sqlx::query("INSERT INTO agents (id, name) VALUES ('a10', 'ten')")
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+    let r = rows(&pool).await.pop().expect("row");
+    assert_eq!(
+        r.principal,
+        Some(serde_json::json!({"user_id": "u9", "principal_type": null}))
+    );
+
     // The key secret itself never reaches the outbox either.
     let k = key(&pool, "a9", "s").await;
     let dump: String =
