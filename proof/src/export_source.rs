@@ -138,6 +138,9 @@ pub struct Faults {
     pub break_after_messages: Option<u32>,
     /// … this many times in all.
     pub breaks: u32,
+    /// Send `ReadRelationships` results without `after_result_cursor`, as
+    /// some servers do for reads without a limit.
+    pub omit_read_cursors: bool,
 }
 
 /// A running source; dropped, it stops serving.
@@ -160,6 +163,7 @@ impl ExportSource {
         let service = Service {
             dataset,
             export_unimplemented: faults.export_unimplemented,
+            omit_read_cursors: faults.omit_read_cursors,
             breaker: Breaker {
                 after: faults.break_after_messages,
                 left: breaks_left.clone(),
@@ -238,6 +242,7 @@ impl Drop for ExportSource {
 struct Service {
     dataset: Dataset,
     export_unimplemented: bool,
+    omit_read_cursors: bool,
     breaker: Breaker,
 }
 
@@ -256,6 +261,7 @@ impl tower::Service<http::Request<Body>> for Service {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let dataset = self.dataset;
+        let omit_cursors = self.omit_read_cursors;
         let breaker = self.breaker.clone();
         match request.uri().path() {
             "/authzed.api.v1.PermissionsService/ReadRelationships" => Box::pin(async move {
@@ -263,7 +269,7 @@ impl tower::Service<http::Request<Body>> for Service {
                 let handler =
                     tower::service_fn(move |r: tonic::Request<ReadRelationshipsRequest>| {
                         let breaker = breaker.clone();
-                        async move { read(dataset, r.into_inner(), &breaker) }
+                        async move { read(dataset, r.into_inner(), omit_cursors, &breaker) }
                     });
                 Ok(grpc.server_streaming(handler, request).await)
             }),
@@ -312,6 +318,7 @@ fn start_index(cursor: Option<Cursor>) -> Result<i64, Status> {
 fn read(
     dataset: Dataset,
     request: ReadRelationshipsRequest,
+    omit_cursors: bool,
     breaker: &Breaker,
 ) -> Result<tonic::Response<Stream<ReadRelationshipsResponse>>, Status> {
     let rt = resource_type(request.relationship_filter.as_ref())?;
@@ -327,7 +334,7 @@ fn read(
             token: REVISION.into(),
         }),
         relationship: Some(dataset.get(&rt, index)),
-        after_result_cursor: Some(Cursor {
+        after_result_cursor: (!omit_cursors).then(|| Cursor {
             token: (index + 1).to_string(),
         }),
     });

@@ -91,6 +91,7 @@ async fn without_export_one_read_stream_is_batched_and_resumed() {
         // batches of 100.
         break_after_messages: Some(150),
         breaks: 2,
+        ..Faults::default()
     };
     let source = ExportSource::start_with(DATASET, faults).await.unwrap();
     let (read, batches) = read_all(&source, 100, "api_key").await.unwrap();
@@ -126,4 +127,28 @@ async fn a_stream_that_breaks_before_any_progress_is_an_error_not_a_short_read()
     let message = error.to_string();
     assert!(message.contains("Unavailable"), "{message}");
     assert!(!message.contains('\n'), "one line: {message}");
+}
+
+#[tokio::test]
+async fn a_read_without_cursors_is_not_restarted_after_it_handed_out_batches() {
+    // Restarting from the top would stage the first batches twice.
+    let faults = Faults {
+        export_unimplemented: true,
+        omit_read_cursors: true,
+        break_after_messages: Some(150),
+        breaks: 1,
+    };
+    let source = ExportSource::start_with(DATASET, faults).await.unwrap();
+    let error = read_all(&source, 100, "api_key").await.unwrap_err();
+    assert!(error.to_string().contains("Unavailable"), "{error}");
+
+    // Unbroken, the same server is read whole.
+    let faults = Faults {
+        export_unimplemented: true,
+        omit_read_cursors: true,
+        ..Faults::default()
+    };
+    let source = ExportSource::start_with(DATASET, faults).await.unwrap();
+    let (read, _) = read_all(&source, 100, "api_key").await.unwrap();
+    assert_eq!(read, expected("api_key"));
 }

@@ -107,6 +107,7 @@ impl SpiceDbReader {
             stream: None,
             export_supported: true,
             cursor: None,
+            returned_any: false,
             resumes: 0,
             done: false,
         }
@@ -151,6 +152,8 @@ pub struct Pages {
     /// UNIMPLEMENTED (older SpiceDB; the embedded engine).
     export_supported: bool,
     cursor: Option<Cursor>,
+    /// Whether any batch has been handed out.
+    returned_any: bool,
     resumes: u32,
     done: bool,
 }
@@ -188,6 +191,7 @@ impl Pages {
                     }
                     if !tuples.is_empty() {
                         self.resumes = 0;
+                        self.returned_any = true;
                         return Ok(Some(tuples));
                     }
                 }
@@ -211,7 +215,11 @@ impl Pages {
             self.export_supported = false;
             return Ok(());
         }
-        if resumable(&status) && self.resumes < MAX_RESUMES {
+        // Without a cursor a resumed read starts over, which is only right
+        // while nothing has been handed out yet (some servers send no cursor
+        // on unlimited reads).
+        let can_resume = self.cursor.is_some() || !self.returned_any;
+        if resumable(&status) && can_resume && self.resumes < MAX_RESUMES {
             self.resumes += 1;
             tracing::warn!(
                 resource_type = %self.resource_type,

@@ -49,6 +49,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<CeilingResult> {
         config.batch_size,
         true,
         free_port()?,
+        None,
     )?;
     let sampler = Sampler::start(worker.id().unwrap_or_default());
     let status = worker.wait().await?;

@@ -12,6 +12,8 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::process::{Child, Command};
 
+use super::pinning::Pinning;
+
 /// The agent every benchmark key belongs to.
 pub const AGENT: &str = "bench-agent";
 /// The creator every benchmark row is registered as.
@@ -129,8 +131,12 @@ impl Env {
         batch_size: usize,
         once: bool,
         metrics_port: u16,
+        cpus: Option<&str>,
     ) -> anyhow::Result<Child> {
-        let mut cmd = Command::new(self.authz_outbox());
+        let mut cmd = match cpus {
+            Some(cpus) => Pinning::command(cpus, &self.authz_outbox()),
+            None => Command::new(self.authz_outbox()),
+        };
         cmd.arg("run")
             .args(["--concurrency", &concurrency.to_string()])
             .args(["--batch-size", &batch_size.to_string()])
@@ -146,12 +152,16 @@ impl Env {
         cmd.spawn().context("starting authz-outbox run")
     }
 
-    /// Starts the agentex-auth-dev release binary (a fresh in-memory SpiceDB)
-    /// and waits until it answers.
-    pub async fn spawn_auth_dev(&self) -> anyhow::Result<AuthDev> {
+    /// Starts the agentex-auth-dev release binary (a fresh in-memory SpiceDB),
+    /// on `cpus` if given, and waits until it answers.
+    pub async fn spawn_auth_dev(&self, cpus: Option<&str>) -> anyhow::Result<AuthDev> {
         let http = free_port()?;
         let grpc = free_port()?;
-        let child = Command::new(self.auth_dev())
+        let mut cmd = match cpus {
+            Some(cpus) => Pinning::command(cpus, &self.auth_dev()),
+            None => Command::new(self.auth_dev()),
+        };
+        let child = cmd
             .args(["--listen", &format!("127.0.0.1:{http}")])
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
             .env("RUST_LOG", "warn")

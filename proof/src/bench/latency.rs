@@ -57,7 +57,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<LatencyResult> {
     env.reset(&pool).await?;
     let sink = Sink::start(Duration::ZERO).await?;
     let metrics_port = free_port()?;
-    let mut worker = env.spawn_worker(&sink.base_url(), 32, 100, false, metrics_port)?;
+    let mut worker = env.spawn_worker(&sink.base_url(), 32, 100, false, metrics_port, None)?;
     let pid = worker.id().unwrap_or_default();
     wait_for_port(metrics_port, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod env;
 pub mod footprint;
 pub mod latency;
+pub mod pinning;
 pub mod reconcile;
 pub mod report;
 pub mod sink;

@@ -66,18 +66,25 @@ impl Results {
             );
         }
         if let Some(d) = &self.delivery {
-            add(
-                "1 worker / server capacity",
-                ">= 80%",
-                pct(d.one_worker_ratio),
-                d.one_worker_ratio >= 0.8,
-            );
-            add(
-                "2 workers / server capacity",
-                ">= 80%",
-                pct(d.two_workers_ratio),
-                d.two_workers_ratio >= 0.8,
-            );
+            let modes = [
+                ("shared CPUs", Some(&d.shared)),
+                ("server pinned", d.pinned.as_ref()),
+            ];
+            for (mode, m) in modes {
+                let Some(m) = m else { continue };
+                add(
+                    &format!("1 worker / server capacity, {mode}"),
+                    ">= 80%",
+                    pct(m.one_worker_ratio),
+                    m.one_worker_ratio >= 0.8,
+                );
+                add(
+                    &format!("2 workers / server capacity, {mode}"),
+                    ">= 80%",
+                    pct(m.two_workers_ratio),
+                    m.two_workers_ratio >= 0.8,
+                );
+            }
         }
         if let Some(c) = &self.ceiling {
             add(
@@ -160,14 +167,21 @@ impl Results {
                 "\nDelivery into agentex-auth-dev ({} rows per drain, {} in flight)",
                 d.rows, d.concurrency
             );
-            println!(
-                "  direct {:.0}/s, 1 worker {:.0}/s ({}), 2 workers {:.0}/s ({})",
-                d.direct_per_second,
-                d.one_worker_per_second,
-                pct(d.one_worker_ratio),
-                d.two_workers_per_second,
-                pct(d.two_workers_ratio)
-            );
+            let modes = [
+                ("shared CPUs", Some(&d.shared)),
+                ("server pinned", d.pinned.as_ref()),
+            ];
+            for (mode, m) in modes {
+                let Some(m) = m else { continue };
+                println!(
+                    "  {mode}: direct {:.0}/s, 1 worker {:.0}/s ({}), 2 workers {:.0}/s ({})",
+                    m.direct_per_second,
+                    m.one_worker_per_second,
+                    pct(m.one_worker_ratio),
+                    m.two_workers_per_second,
+                    pct(m.two_workers_ratio)
+                );
+            }
         }
         if let Some(c) = &self.ceiling {
             println!(

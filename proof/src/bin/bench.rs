@@ -53,6 +53,10 @@ struct Args {
     delivery_concurrency: usize,
     #[arg(long, default_value_t = 2)]
     delivery_rounds: usize,
+    /// Skip the second arrangement (agentex-auth-dev pinned to a CPU of its
+    /// own, everything else on the others).
+    #[arg(long)]
+    delivery_no_pinning: bool,
 
     #[arg(long, default_value_t = 50_000)]
     ceiling_rows: i64,
@@ -121,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             rows: args.delivery_rows,
             concurrency: args.delivery_concurrency,
             rounds: args.delivery_rounds,
+            pinned: !args.delivery_no_pinning,
         };
         results.delivery = Some(delivery::run(&env, &config).await.context("delivery")?);
     }
