@@ -26,6 +26,8 @@ pub struct Config {
     pub rows: i64,
     pub concurrency: usize,
     pub rounds: usize,
+    /// `--batch-size` of each worker process.
+    pub batch_size: usize,
     /// Also measure with agentex-auth-dev pinned to a CPU of its own.
     pub pinned: bool,
 }
@@ -134,14 +136,7 @@ async fn round_of(
         let seconds = if workers == 0 {
             direct(&server.base_url, &prefix, config.rows, config.concurrency).await?
         } else {
-            let s = through_workers(
-                env,
-                &server.base_url,
-                workers,
-                config.concurrency,
-                rest_cpus,
-            )
-            .await?;
+            let s = through_workers(env, &server.base_url, workers, config, rest_cpus).await?;
             let delivered = delivered_count(pool).await?;
             if delivered != config.rows {
                 bail!(
@@ -238,14 +233,21 @@ async fn through_workers(
     env: &Env,
     auth_url: &str,
     workers: usize,
-    concurrency: usize,
+    config: &Config,
     cpus: Option<&str>,
 ) -> anyhow::Result<f64> {
-    let per_worker = (concurrency / workers).max(1);
+    let per_worker = (config.concurrency / workers).max(1);
     let started = Instant::now();
     let mut children = Vec::new();
     for _ in 0..workers {
-        children.push(env.spawn_worker(auth_url, per_worker, 100, true, free_port()?, cpus)?);
+        children.push(env.spawn_worker(
+            auth_url,
+            per_worker,
+            config.batch_size,
+            true,
+            free_port()?,
+            cpus,
+        )?);
     }
     for mut child in children {
         let status = child.wait().await?;

@@ -41,7 +41,9 @@ struct Args {
 
     #[arg(long, default_value_t = 8)]
     write_concurrency: usize,
-    #[arg(long, default_value_t = 5)]
+    /// Rounds per write-path variant (the ratio moves by several points
+    /// between runs on a shared machine; more rounds steady it).
+    #[arg(long, default_value_t = 8)]
     write_rounds: usize,
     #[arg(long, default_value_t = 2.0)]
     write_round_secs: f64,
@@ -53,6 +55,9 @@ struct Args {
     delivery_concurrency: usize,
     #[arg(long, default_value_t = 2)]
     delivery_rounds: usize,
+    /// `--batch-size` of the worker processes (the worker's default: 100).
+    #[arg(long, default_value_t = 100)]
+    delivery_batch_size: usize,
     /// Skip the second arrangement (agentex-auth-dev pinned to a CPU of its
     /// own, everything else on the others).
     #[arg(long)]
@@ -125,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
             rows: args.delivery_rows,
             concurrency: args.delivery_concurrency,
             rounds: args.delivery_rounds,
+            batch_size: args.delivery_batch_size,
             pinned: !args.delivery_no_pinning,
         };
         results.delivery = Some(delivery::run(&env, &config).await.context("delivery")?);
