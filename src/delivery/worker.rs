@@ -727,16 +727,19 @@ const RECORD_LINGER: Duration = Duration::from_millis(2);
 const RECORD_EAGER: usize = 32;
 
 /// Writes settled rows in batches: whatever queued up while the previous
-/// batch was written goes in the next one. A small batch with other rows
-/// still outstanding waits up to [`RECORD_LINGER`] for them: at moderate
-/// concurrency outcomes arrive one or two per write otherwise, and a
-/// commit per row is most of what delivery costs PostgreSQL. An idle
-/// worker (nothing else outstanding) writes at once. Ends when every sender
-/// is gone and the queue is empty, so shutdown writes every settled row.
+/// batch was written goes in the next one. While the worker is busy (at
+/// least [`RECORD_EAGER`] rows outstanding) a small batch waits up to
+/// [`RECORD_LINGER`] for more: at moderate concurrency outcomes arrive one
+/// or two per write otherwise, and a commit per row is most of what
+/// delivery costs PostgreSQL. A lightly loaded worker writes at once, so
+/// commit-to-delivered latency does not pay the wait. Ends when every
+/// sender is gone and the queue is empty, so shutdown writes every settled
+/// row.
 async fn recorder(pool: PgPool, progress: Arc<Progress>, mut rx: mpsc::UnboundedReceiver<Settled>) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
     while rx.recv_many(&mut batch, RECORD_BATCH).await > 0 {
-        if batch.len() < RECORD_EAGER && progress.outstanding.load(Ordering::SeqCst) > batch.len() {
+        if batch.len() < RECORD_EAGER && progress.outstanding.load(Ordering::SeqCst) >= RECORD_EAGER
+        {
             let deadline = tokio::time::Instant::now() + RECORD_LINGER;
             while batch.len() < RECORD_EAGER {
                 let room = RECORD_BATCH - batch.len();
