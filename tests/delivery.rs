@@ -524,17 +524,22 @@ async fn an_outage_opens_the_circuit_and_holds_the_backlog(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
-async fn shutdown_releases_in_flight_leases(pool: PgPool) {
+/// Runs a worker against an agentex-auth that never answers in time, stops
+/// it once a request is in flight, and returns its report. The shutdown
+/// deadline (200 ms) is far below the request timeout, so whatever the
+/// worker holds must be released.
+async fn stop_while_a_request_hangs(
+    pool: &PgPool,
+    base: authz_outbox::config::WorkerConfig,
+) -> (ScriptedAuth, authz_outbox::delivery::RunReport) {
     let auth = ScriptedAuth::always(Answer::ok().delay(Duration::from_secs(30))).await;
-    agent(&pool, "a1").await;
     let cfg = authz_outbox::config::WorkerConfig {
         request_timeout: Duration::from_secs(40),
         lease: Duration::from_secs(120),
         shutdown_timeout: Duration::from_millis(200),
-        ..config("w")
+        ..base
     };
-    let worker = common::worker(&pool, &auth.url(), cfg);
+    let worker = common::worker(pool, &auth.url(), cfg);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone(), false));
     common::until(Duration::from_secs(5), "request in flight", || async {
@@ -546,6 +551,13 @@ async fn shutdown_releases_in_flight_leases(pool: PgPool) {
         .await
         .expect("shutdown within the deadline")
         .expect("worker");
+    (auth, report)
+}
+
+#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+async fn shutdown_releases_in_flight_leases(pool: PgPool) {
+    agent(&pool, "a1").await;
+    let (_auth, report) = stop_while_a_request_hangs(&pool, config("w")).await;
     assert_eq!(report.released, 1);
     let r = rows(&pool).await.pop().expect("row");
     assert_eq!(
@@ -556,7 +568,6 @@ async fn shutdown_releases_in_flight_leases(pool: PgPool) {
 
 #[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
 async fn shutdown_releases_rows_claimed_ahead_without_sending_them(pool: PgPool) {
-    let auth = ScriptedAuth::always(Answer::ok().delay(Duration::from_secs(30))).await;
     agent(&pool, "a1").await;
     for n in 0..5 {
         key(&pool, "a1", &format!("k{n}")).await;
@@ -564,23 +575,9 @@ async fn shutdown_releases_rows_claimed_ahead_without_sending_them(pool: PgPool)
     let cfg = authz_outbox::config::WorkerConfig {
         concurrency: 1,
         batch_size: 16,
-        request_timeout: Duration::from_secs(40),
-        lease: Duration::from_secs(120),
-        shutdown_timeout: Duration::from_millis(200),
         ..config("w")
     };
-    let worker = common::worker(&pool, &auth.url(), cfg);
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(worker.run(stop.clone(), false));
-    common::until(Duration::from_secs(5), "request in flight", || async {
-        !auth.seen().is_empty()
-    })
-    .await;
-    stop.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("shutdown within the deadline")
-        .expect("worker");
+    let (auth, report) = stop_while_a_request_hangs(&pool, cfg).await;
     assert_eq!(auth.seen().len(), 1, "only the row in flight was sent");
     let all = rows(&pool).await;
     assert_eq!(all.len(), 6, "the agent's registration and five keys'");
