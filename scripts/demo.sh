@@ -62,7 +62,8 @@ for _ in $(seq 100); do
 done
 curl -fs "$AGENTEX_AUTH_URL/_dev/stats" >/dev/null || { cat "$work/agentex-auth-dev.log"; exit 2; }
 
-say "authz-outbox migrate"
+say "The host's tables (as scale-agentex's own migrations build them), then authz-outbox migrate"
+psql -q -v ON_ERROR_STOP=1 "$DATABASE_URL" -f tests/fixtures/host_schema.sql
 "$outbox" migrate
 
 worker_pid=()

@@ -150,7 +150,8 @@ pub async fn create_api_key_in(
     })
 }
 
-/// Creates an agent row and its register row in one transaction.
+/// Creates an agent row (in the host's shape: `status` READY, an empty
+/// description) and its register row in one transaction.
 pub async fn create_agent(
     pool: &PgPool,
     id: &str,
@@ -159,7 +160,7 @@ pub async fn create_agent(
 ) -> Result<i64, CaptureError> {
     let mut tx = pool.begin().await?;
     set_principal(&mut tx, principal).await?;
-    sqlx::query("INSERT INTO agents (id, name) VALUES ($1, $2)")
+    sqlx::query("INSERT INTO agents (id, name, description, status) VALUES ($1, $2, '', 'READY')")
         .bind(id)
         .bind(name)
         .execute(&mut *tx)

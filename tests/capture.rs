@@ -8,8 +8,9 @@ use authz_outbox::domain::ApiKeyType;
 use common::{agent, key, principal, rows};
 use sqlx::PgPool;
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn create_commits_row_and_register_together(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     let created = key(&pool, "a1", "ci").await;
 
@@ -35,8 +36,9 @@ async fn create_commits_row_and_register_together(pool: PgPool) {
     assert_eq!(stored, 1);
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn rollback_leaves_neither_row_nor_outbox_row(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     let before = rows(&pool).await.len();
     let mut tx = pool.begin().await.expect("begin");
@@ -63,8 +65,9 @@ async fn rollback_leaves_neither_row_nor_outbox_row(pool: PgPool) {
     assert_eq!(stored, 0);
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_insert_failing_after_capture_leaves_nothing(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     // The seed's orphan: register succeeded, then the insert failed. Here the
     // capture is part of the insert, so a failing statement takes it along.
     agent(&pool, "a1").await;
@@ -95,8 +98,9 @@ async fn deregisters(pool: &PgPool, key_id: &str) -> Vec<common::Row> {
         .collect()
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn every_delete_path_enqueues_exactly_one_deregister(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     agent(&pool, "a2").await;
 
@@ -149,8 +153,9 @@ async fn every_delete_path_enqueues_exactly_one_deregister(pool: PgPool) {
     assert_eq!(agent_deregisters, 1, "the agent itself is deregistered");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn rekeying_a_row_deregisters_the_old_and_registers_the_new(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     agent(&pool, "a2").await;
     let k = key(&pool, "a1", "moving").await;
@@ -180,8 +185,9 @@ async fn rekeying_a_row_deregisters_the_old_and_registers_the_new(pool: PgPool) 
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn missing_creator_is_a_dead_row_with_the_reason(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     let created = capture::create_api_key(
         &pool,
@@ -215,19 +221,22 @@ async fn missing_creator_is_a_dead_row_with_the_reason(pool: PgPool) {
             .execute(&mut *tx)
             .await
             .expect("set");
-        sqlx::query("INSERT INTO agents (id, name) VALUES ($1, $1)")
-            .bind(format!("agent-{}", bad.len()))
-            .execute(&mut *tx)
-            .await
-            .expect("insert still works");
+        sqlx::query(
+            "INSERT INTO agents (id, name, description, status) VALUES ($1, $1, '', 'READY')",
+        )
+        .bind(format!("agent-{}", bad.len()))
+        .execute(&mut *tx)
+        .await
+        .expect("insert still works");
         tx.commit().await.expect("commit");
         let last = rows(&pool).await.pop().expect("a row");
         assert_eq!(last.state, "dead", "{bad}");
     }
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn credential_fields_of_a_principal_are_never_stored(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     // Straight through SQL, as a writer in another language would.
     let mut tx = pool.begin().await.expect("begin");
     sqlx::query("SELECT set_config('authz_outbox.principal', $1, true)")
@@ -235,10 +244,12 @@ async fn credential_fields_of_a_principal_are_never_stored(pool: PgPool) {
         .execute(&mut *tx)
         .await
         .expect("set");
-    sqlx::query("INSERT INTO agents (id, name) VALUES ('a9', 'nine')")
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
+    sqlx::query(
+        "INSERT INTO agents (id, name, description, status) VALUES ('a9', 'nine', '', 'READY')",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("insert");
     tx.commit().await.expect("commit");
 
     let dump: String =
@@ -261,10 +272,12 @@ async fn credential_fields_of_a_principal_are_never_stored(pool: PgPool) {
         .execute(&mut *tx)
         .await
         .expect("set");
-    sqlx::query("INSERT INTO agents (id, name) VALUES ('a10', 'ten')")
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
+    sqlx::query(
+        "INSERT INTO agents (id, name, description, status) VALUES ('a10', 'ten', '', 'READY')",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("insert");
     tx.commit().await.expect("commit");
     let r = rows(&pool).await.pop().expect("row");
     assert_eq!(
@@ -282,8 +295,9 @@ async fn credential_fields_of_a_principal_are_never_stored(pool: PgPool) {
     assert!(!dump.contains(&k.secret), "{dump}");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_role_default_principal_covers_writers_that_cannot_set_it(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let db: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&pool)
         .await
@@ -302,10 +316,12 @@ async fn a_role_default_principal_covers_writers_that_cannot_set_it(pool: PgPool
         .await
         .expect("connect");
     let _ = &mut conn;
-    sqlx::query("INSERT INTO agents (id, name) VALUES ('a5', 'five')")
-        .execute(&conn)
-        .await
-        .expect("insert");
+    sqlx::query(
+        "INSERT INTO agents (id, name, description, status) VALUES ('a5', 'five', '', 'READY')",
+    )
+    .execute(&conn)
+    .await
+    .expect("insert");
     let r = rows(&pool).await.pop().expect("row");
     assert_eq!(r.state, "pending");
     assert_eq!(
@@ -314,8 +330,9 @@ async fn a_role_default_principal_covers_writers_that_cannot_set_it(pool: PgPool
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn captures_notify_only_while_a_worker_is_asleep(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .expect("listener");
@@ -347,8 +364,9 @@ async fn captures_notify_only_while_a_worker_is_asleep(pool: PgPool) {
     assert!(tokio::time::timeout(wait, listener.recv()).await.is_err());
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn wait_until_delivered_reports_terminal_states(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     let k = key(&pool, "a1", "w").await;
     let timeout = std::time::Duration::from_millis(100);

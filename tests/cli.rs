@@ -171,8 +171,9 @@ fn free_port() -> u16 {
         .expect("port")
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::start(|_, n| {
         // Some transient failures on the way, as in production.
         if n % 5 == 3 {

@@ -17,8 +17,9 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn sends_the_contract_wire_format(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     let k = key(&pool, "a1", "wire").await;
@@ -90,8 +91,9 @@ async fn sends_the_contract_wire_format(pool: PgPool) {
 }
 
 /// (status, operation) → final state, as the host service maps status codes.
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn each_status_class_ends_in_the_right_state(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let cases: &[(u16, &str, &str)] = &[
         (200, "register", "delivered"),
         (204, "register", "delivered"),
@@ -154,8 +156,9 @@ async fn each_status_class_ends_in_the_right_state(pool: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn retries_are_persisted_with_backoff_and_retry_after(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::status(429).retry_after(30)).await;
     agent(&pool, "a1").await;
     let cfg = authz_outbox::config::WorkerConfig {
@@ -195,8 +198,9 @@ async fn retries_are_persisted_with_backoff_and_retry_after(pool: PgPool) {
     assert_eq!((r.state.as_str(), r.attempts), ("pending", 7));
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_row_goes_dead_only_after_max_attempts_and_max_age(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::status(503)).await;
     agent(&pool, "a1").await;
     let young = authz_outbox::config::WorkerConfig {
@@ -231,8 +235,9 @@ async fn a_row_goes_dead_only_after_max_attempts_and_max_age(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_expired_lease_hands_rows_to_another_worker_and_fences_the_old_one(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     // A worker claims and is then killed: it never records anything.
@@ -276,8 +281,9 @@ async fn an_expired_lease_hands_rows_to_another_worker_and_fences_the_old_one(po
 
 /// Keys deleted while their register is in flight, with two workers racing:
 /// the deregister must never reach agentex-auth before the register's answer.
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn two_workers_never_deliver_a_deregister_before_its_register(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     const IN_FLIGHT: Duration = Duration::from_millis(80);
     // Arrival time of each key's register, and order violations seen.
     let registered: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>> = Arc::default();
@@ -363,8 +369,9 @@ async fn two_workers_never_deliver_a_deregister_before_its_register(pool: PgPool
     assert!(rows(&pool).await.iter().all(|r| r.state == "delivered"));
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_key_created_and_deleted_before_delivery_costs_nothing(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     run_once(&pool, &auth.url(), config("w")).await;
@@ -380,10 +387,11 @@ async fn a_key_created_and_deleted_before_delivery_costs_nothing(pool: PgPool) {
     assert_eq!(row(&pool, d[0]).await.state, "superseded");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_attempted_register_of_a_deleted_key_is_superseded_and_its_deregister_sent(
     pool: PgPool,
 ) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::status(503)).await;
     agent(&pool, "a1").await;
     let k = key(&pool, "a1", "k").await;
@@ -410,8 +418,9 @@ async fn an_attempted_register_of_a_deleted_key_is_superseded_and_its_deregister
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn deregisters_are_delivered_before_registers(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     let old = key(&pool, "a1", "old").await;
@@ -432,8 +441,9 @@ async fn deregisters_are_delivered_before_registers(pool: PgPool) {
     assert_eq!(seen[before + 1].path, "/v1/authz/register");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_guarded_deregister_of_a_row_that_exists_again_is_superseded(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     let k = key(&pool, "a1", "k").await;
@@ -452,8 +462,9 @@ async fn a_guarded_deregister_of_a_row_that_exists_again_is_superseded(pool: PgP
     assert_eq!(row(&pool, id).await.state, "superseded");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::status(401)).await;
     agent(&pool, "a1").await;
     for i in 0..5 {
@@ -491,8 +502,9 @@ async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
     assert!(rows(&pool).await.iter().all(|r| r.attempts == 1));
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn an_outage_opens_the_circuit_and_holds_the_backlog(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::status(503)).await;
     agent(&pool, "a1").await;
     for i in 0..60 {
@@ -554,8 +566,9 @@ async fn stop_while_a_request_hangs(
     (auth, report)
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn shutdown_releases_in_flight_leases(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     let (_auth, report) = stop_while_a_request_hangs(&pool, config("w")).await;
     assert_eq!(report.released, 1);
@@ -566,8 +579,9 @@ async fn shutdown_releases_in_flight_leases(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn shutdown_releases_rows_claimed_ahead_without_sending_them(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     for n in 0..5 {
         key(&pool, "a1", &format!("k{n}")).await;
@@ -594,8 +608,9 @@ async fn shutdown_releases_rows_claimed_ahead_without_sending_them(pool: PgPool)
     }
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_row_claimed_ahead_is_not_sent_once_its_lease_could_run_out(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     // lease 3 s, request timeout 1 s: a claimed row may start its request
     // up to 1 s after the claim (lease - 2 x timeout). One request at a
     // time taking 700 ms: the first two (the agent's registration, then a
@@ -641,8 +656,9 @@ async fn a_row_claimed_ahead_is_not_sent_once_its_lease_could_run_out(pool: PgPo
     assert_eq!(auth.seen().len(), 5, "each row sent once");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     sqlx::raw_sql(
         r#"
@@ -657,10 +673,12 @@ async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
     .await
     .expect("insert");
     // A row for an agent that exists, so the register is not stale.
-    sqlx::query("INSERT INTO agents (id, name) VALUES ('good', 'good')")
-        .execute(&pool)
-        .await
-        .expect("agent");
+    sqlx::query(
+        "INSERT INTO agents (id, name, description, status) VALUES ('good', 'good', '', 'READY')",
+    )
+    .execute(&pool)
+    .await
+    .expect("agent");
     let report = run_once(&pool, &auth.url(), config("w")).await;
     let all = rows(&pool).await;
     let state = |id: &str| {
@@ -688,8 +706,9 @@ async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     // A poll interval far longer than the test: only the notification can wake it.
@@ -714,8 +733,9 @@ async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
     run.await.expect("worker");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn pruning_removes_only_finished_rows_past_retention_in_batches(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     sqlx::raw_sql(
         r#"
         INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, finished_at)

@@ -27,8 +27,9 @@ async fn can_read(base_url: &str, user: &str, key_id: &str) -> bool {
     }
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn created_keys_become_readable_and_deleted_keys_unreadable(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = common::dev_server().await;
     agent(&pool, "a1").await;
     let mut keys = Vec::new();

@@ -30,8 +30,9 @@ fn base(name: &str) -> &str {
         .unwrap_or(name)
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn metrics_endpoint_serves_every_named_series(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let handle = authz_outbox::metrics::install().expect("recorder");
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;

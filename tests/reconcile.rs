@@ -128,8 +128,9 @@ async fn plant_drift(pool: &PgPool, dev: &DevServer, keys: &[String]) -> Planted
     }
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn consistent_world_reports_no_drift_and_exits_zero(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     consistent_world(&pool, &dev).await;
     let (report, findings) = check(&pool, &dev, &options()).await;
@@ -148,8 +149,9 @@ async fn consistent_world_reports_no_drift_and_exits_zero(pool: PgPool) {
     dev.shutdown().await;
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn classifies_each_kind_of_drift(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     let keys = consistent_world(&pool, &dev).await;
     let p = plant_drift(&pool, &dev, &keys).await;
@@ -189,8 +191,9 @@ async fn classifies_each_kind_of_drift(pool: PgPool) {
     dev.shutdown().await;
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn apply_then_delivery_leaves_zero_drift(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     let keys = consistent_world(&pool, &dev).await;
     let p = plant_drift(&pool, &dev, &keys).await;
@@ -290,8 +293,9 @@ async fn apply_then_delivery_leaves_zero_drift(pool: PgPool) {
     dev.shutdown().await;
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn in_flight_and_young_resources_are_left_alone(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     consistent_world(&pool, &dev).await;
     // A row created just now with no tuples (its create may be committing).
@@ -335,8 +339,9 @@ async fn in_flight_and_young_resources_are_left_alone(pool: PgPool) {
     dev.shutdown().await;
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn guarded_deregister_of_a_recreated_key_is_superseded(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     consistent_world(&pool, &dev).await;
     let k = key(&pool, "a1", "flapping").await;
@@ -370,8 +375,9 @@ async fn guarded_deregister_of_a_recreated_key_is_superseded(pool: PgPool) {
     dev.shutdown().await;
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn apply_refuses_mass_deregisters_unless_forced(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     let keys = consistent_world(&pool, &dev).await;
     // As if pointed at the wrong (or a restored, older) database: every key
@@ -446,8 +452,9 @@ async fn cli(pool: &PgPool, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn cli_exits_zero_when_consistent_one_on_drift_two_when_refused(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let dev = dev_server().await;
     consistent_world(&pool, &dev).await;
     let endpoint = dev.grpc_endpoint();

@@ -38,8 +38,9 @@ async fn dead_key(pool: &PgPool) -> (ScriptedAuth, capture::CreatedApiKey) {
     (auth, k)
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn replayed_rows_are_delivered_once_the_fault_is_cleared(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let (auth, k) = dead_key(&pool).await;
 
     let all_dead = ReplayOptions {
@@ -78,8 +79,9 @@ async fn replayed_rows_are_delivered_once_the_fault_is_cleared(pool: PgPool) {
     assert_eq!(row(&pool, k.outbox_id).await.state, "delivered");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn selectors_narrow_and_one_is_required(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let (_auth, k) = dead_key(&pool).await;
     assert!(matches!(
         replay(&pool, &ReplayOptions::default()).await,
@@ -119,8 +121,9 @@ async fn selectors_narrow_and_one_is_required(pool: PgPool) {
     assert!(replay_ok(&pool, &no_match).await.rows.is_empty());
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn refuses_a_register_whose_key_is_gone(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let (_auth, k) = dead_key(&pool).await;
     capture::delete_api_key(&pool, &k.id, Some(&principal("u1")))
         .await
@@ -138,8 +141,9 @@ async fn refuses_a_register_whose_key_is_gone(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn refuses_a_register_overtaken_by_a_later_deregister(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let (_auth, k) = dead_key(&pool).await;
     // A later deregister of the same resource (here one reconcile enqueued).
     let mut tx = pool.begin().await.expect("begin");
@@ -167,8 +171,9 @@ async fn refuses_a_register_overtaken_by_a_later_deregister(pool: PgPool) {
     assert_eq!(row(&pool, k.outbox_id).await.state, "superseded");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn refuses_a_deregister_overtaken_by_a_later_register(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     let k = key(&pool, "a1", "ci").await;
@@ -209,8 +214,9 @@ async fn refuses_a_deregister_overtaken_by_a_later_register(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn no_creator_rows_need_a_principal(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
     let k = capture::create_api_key(
@@ -276,8 +282,9 @@ async fn no_creator_rows_need_a_principal(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn rows_selected_by_id_that_are_not_dead_are_skipped(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     agent(&pool, "a1").await;
     let k = key(&pool, "a1", "ci").await;
     let report = replay_ok(&pool, &by_ids(&[k.outbox_id])).await;
@@ -285,8 +292,9 @@ async fn rows_selected_by_id_that_are_not_dead_are_skipped(pool: PgPool) {
     assert_eq!(report.rows[0].reason, "row is pending, not dead");
 }
 
-#[sqlx::test(migrator = "authz_outbox::db::MIGRATOR")]
+#[sqlx::test(migrations = false)]
 async fn cli_reports_per_row_and_requires_a_selector(pool: PgPool) {
+    let pool = common::host_db(pool).await;
     let (_auth, k) = dead_key(&pool).await;
     let url = common::database_url(&pool).await;
     let run = |args: Vec<String>| {

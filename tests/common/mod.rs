@@ -15,6 +15,23 @@ use authz_outbox::domain::{ApiKeyType, Principal};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// A fresh test database shaped like the host's: its tables as its own
+/// migrations build them (`tests/fixtures/host_schema.sql`), then
+/// authz-outbox's `migrate`, exactly as an operator would run it there.
+pub async fn host_db(pool: PgPool) -> PgPool {
+    sqlx::raw_sql(HOST_SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("host schema fixture loads");
+    authz_outbox::db::migrate(&pool)
+        .await
+        .expect("authz-outbox migrates the host's database");
+    pool
+}
+
+/// The host's schema (see the file's header).
+pub const HOST_SCHEMA: &str = include_str!("../fixtures/host_schema.sql");
+
 pub fn principal(user: &str) -> Principal {
     Principal::parse(&format!(r#"{{"user_id":"{user}"}}"#)).expect("valid principal")
 }

@@ -47,6 +47,11 @@ impl Env {
 
     /// Applies the product's migrations with the product binary.
     pub async fn migrate(&self) -> anyhow::Result<()> {
+        let pool = self.pool(1).await?;
+        crate::load_host_schema(&pool)
+            .await
+            .context("loading the host's schema")?;
+        pool.close().await;
         let status = Command::new(self.authz_outbox())
             .arg("migrate")
             .env("DATABASE_URL", &self.database_url)
@@ -67,7 +72,7 @@ impl Env {
              CREATE TABLE IF NOT EXISTS plain_keys (LIKE agent_api_keys INCLUDING ALL);
              TRUNCATE plain_keys;
              SET session_replication_role = replica;
-             INSERT INTO agents (id, name) VALUES ('bench-agent', 'bench-agent');
+             INSERT INTO agents (id, name, description, status) VALUES ('bench-agent', 'bench-agent', '', 'READY');
              SET session_replication_role = origin;
              CHECKPOINT;",
         )

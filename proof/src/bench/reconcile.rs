@@ -77,8 +77,8 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO agents (id, name, created_at)
-         SELECT 'ra-' || g, 'ra-' || g, now() - interval '1 hour'
+        "INSERT INTO agents (id, name, description, status, created_at)
+         SELECT 'ra-' || g, 'ra-' || g, '', 'READY', now() - interval '1 hour'
          FROM generate_series(1, $1::bigint) g",
     )
     .bind(config.agents)

@@ -172,6 +172,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosSummary> {
     std::fs::create_dir_all(&config.log_dir)
         .with_context(|| format!("creating {}", config.log_dir.display()))?;
     let pool = authz_outbox::db::connect(&config.database_url, (config.drivers + 4) as u32).await?;
+    crate::load_host_schema(&pool).await?;
     authz_outbox::db::migrate(&pool).await?;
     let existing: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM authz_outbox) + (SELECT count(*) FROM agents)",
