@@ -30,6 +30,7 @@ pub mod db;
 pub mod delivery;
 pub mod domain;
 pub mod http;
+pub mod mapping;
 pub mod metrics;
 pub mod outbox;
 pub mod reconcile;

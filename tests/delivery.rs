@@ -12,7 +12,7 @@ use authz_outbox::domain::Operation;
 use authz_outbox::outbox::claim;
 use authz_outbox::outbox::record::{Recorded, RowUpdate, record};
 use common::scripted_auth::{Answer, ScriptedAuth, Seen};
-use common::{Row, agent, config, key, make_due, row, rows, run_once};
+use common::{Row, agent, config, key, live_tasks, make_due, row, rows, run_once};
 use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -125,6 +125,8 @@ async fn each_status_class_ends_in_the_right_state(pool: PgPool) {
         Answer::status(*script.get(id).unwrap_or(&200))
     })
     .await;
+    let ids: Vec<String> = (0..cases.len()).map(|i| format!("t{i}")).collect();
+    live_tasks(&pool, &ids).await;
     for (i, (_, operation, _)) in cases.iter().enumerate() {
         sqlx::query(
             "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)

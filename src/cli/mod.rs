@@ -3,6 +3,7 @@
 
 mod agents;
 mod keys;
+mod mappings;
 mod reconcile;
 mod replay;
 mod run;
@@ -41,10 +42,18 @@ impl DbArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Apply the embedded migrations (idempotent).
+    /// Apply the embedded migrations and install the resource mappings
+    /// (idempotent; one line per change, nothing when up to date).
     Migrate {
         #[command(flatten)]
         db: DbArgs,
+        #[command(flatten)]
+        mappings: mappings::MappingArgs,
+    },
+    /// Show or validate the resource mappings (which tables are captured, and how).
+    Mappings {
+        #[command(subcommand)]
+        command: mappings::MappingsCommand,
     },
     /// Deliver the outbox to agentex-auth (long-running; `--once` to drain and exit).
     Run(run::RunArgs),
@@ -93,12 +102,21 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Migrate { db } => {
-            let pool = db.connect(2).await?;
-            crate::db::migrate(&pool).await?;
-            println!("migrations applied");
+        Command::Migrate { db, mappings } => {
+            let mappings = mappings.load()?;
+            let pool = crate::db::connect_quiet(&db.database_url, 2).await?;
+            let report = crate::db::migrate_with(&pool, &mappings).await?;
+            for migration in &report.migrations {
+                println!("applied migration {migration}");
+            }
+            for change in &report.mappings {
+                if change.action != crate::mapping::install::ChangeAction::SkippedNoTable {
+                    println!("{change}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Mappings { command } => mappings::mappings(command).await,
         Command::Run(args) => run::run(args).await,
         Command::Status(args) => status::status(args).await,
         Command::Keys { command } => keys::keys(command).await,

@@ -9,5 +9,5 @@ mod resource;
 
 pub use key_type::ApiKeyType;
 pub use operation::Operation;
-pub use principal::{Principal, PrincipalError};
+pub use principal::{IDENTITY_FIELDS, Principal, PrincipalError, is_credential_field};
 pub use resource::{ResourceRef, ResourceRefError, ResourceType};

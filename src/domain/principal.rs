@@ -13,6 +13,36 @@ pub const IDENTITY_FIELDS: &[&str] = &[
     "principal_type",
 ];
 
+/// Whether a principal field name looks like a credential. Such a field is
+/// dropped from every principal, whatever a mapping's `principal_fields`
+/// list says (the capture's SQL applies the same rule:
+/// `authz_outbox_is_credential_field`).
+pub fn is_credential_field(field: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "api_key",
+        "apikey",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "authorization",
+        "cookie",
+        "credential",
+        "credentials",
+        "private_key",
+        "client_secret",
+        "bearer",
+        "session",
+        "jwt",
+    ];
+    let f = field.to_ascii_lowercase();
+    EXACT.contains(&f.as_str())
+        || f.ends_with("_token")
+        || f.contains("secret")
+        || f.contains("password")
+        || f.contains("api_key")
+}
+
 /// The identity of whoever created (or deletes) a resource, as agentex-auth
 /// expects it in the `principal` field: a JSON object naming a user or a
 /// service account.

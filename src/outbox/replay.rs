@@ -123,14 +123,7 @@ pub async fn replay(pool: &PgPool, options: &ReplayOptions) -> Result<ReplayRepo
     const SELECT: &str = r#"
         SELECT o.id, o.resource_type, o.resource_id, o.operation, o.state,
                authz_outbox_has_creator(o.principal) AS has_creator,
-               CASE o.resource_type
-                   WHEN 'api_key' THEN EXISTS (
-                       SELECT 1 FROM agent_api_keys k
-                       WHERE k.id = o.resource_id
-                         AND (o.parent_id IS NULL OR k.agent_id = o.parent_id))
-                   WHEN 'agent' THEN EXISTS (SELECT 1 FROM agents a WHERE a.id = o.resource_id)
-                   ELSE true
-               END AS row_exists,
+               authz_outbox_resource_live(o.resource_type, o.resource_id, o.parent_id) AS row_exists,
                (SELECT l.id FROM authz_outbox l
                 WHERE l.resource_type = o.resource_type AND l.resource_id = o.resource_id
                   AND l.id > o.id AND l.operation = 'deregister'
@@ -250,7 +243,9 @@ fn decide(c: &Candidate, have_principal: bool) -> (ReplayAction, String) {
         "register" if !c.row_exists => {
             return (
                 ReplayAction::Superseded,
-                "resource row no longer exists".into(),
+                "resource is not live (deleted, soft-deleted or moved to another parent); \
+                 refusing to register it again"
+                    .into(),
             );
         }
         "register" => {

@@ -32,6 +32,40 @@ pub async fn host_db(pool: PgPool) -> PgPool {
 /// The host's schema (see the file's header).
 pub const HOST_SCHEMA: &str = include_str!("../fixtures/host_schema.sql");
 
+/// Live tasks (each linked to agent `seed-agent`) written with capture
+/// switched off, for tests that put their own rows into the outbox and
+/// need the worker to find the resource live.
+pub async fn live_tasks(pool: &PgPool, ids: &[String]) {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .expect("capture off");
+    sqlx::query(
+        "INSERT INTO agents (id, name, description, status) VALUES ('seed-agent', 'seed-agent', '', 'READY')
+         ON CONFLICT DO NOTHING",
+    )
+    .execute(&mut *tx)
+    .await
+    .expect("agent");
+    sqlx::query(
+        "INSERT INTO tasks (id, name, status) SELECT id, id, 'RUNNING' FROM unnest($1::text[]) AS id;
+         ",
+    )
+    .bind(ids)
+    .execute(&mut *tx)
+    .await
+    .expect("tasks");
+    sqlx::query(
+        "INSERT INTO task_agents (task_id, agent_id) SELECT id, 'seed-agent' FROM unnest($1::text[]) AS id",
+    )
+    .bind(ids)
+    .execute(&mut *tx)
+    .await
+    .expect("links");
+    tx.commit().await.expect("commit");
+}
+
 pub fn principal(user: &str) -> Principal {
     Principal::parse(&format!(r#"{{"user_id":"{user}"}}"#)).expect("valid principal")
 }

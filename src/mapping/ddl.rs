@@ -1,0 +1,517 @@
+//! The SQL a mapping becomes. Everything here is generated from validated
+//! names (plain identifiers, quoted anyway) and from the live predicate,
+//! which PostgreSQL has compiled against the table before any of it runs
+//! (see [`super::catalog`]).
+//!
+//! Per mapping `N` on table `T`:
+//! - `authz_outbox_capture__N()`, fired by three triggers on `T`:
+//!   `…__insert` (only for rows inserted live), `…__delete` (only for rows
+//!   deleted live), and `…__update`, which fires only `OF` the columns the
+//!   mapping reads and only `WHEN` liveness, selector or parent changed — so
+//!   the host's hottest writes (a task going RUNNING → COMPLETED, an
+//!   `updated_at` touch) never call a function at all;
+//! - with a join-table parent, `authz_outbox_capture__N__parent()` on the
+//!   join table and its helper `authz_outbox_reparent__N(…)`;
+//! - `authz_outbox_live__N(selector, parent)`: is this resource live (with
+//!   this parent) right now? Used by the worker, replay and reconcile.
+//!
+//! And across all mappings: `authz_outbox_resource_live(type, selector,
+//! parent)` and the view `authz_outbox_desired` (what SpiceDB should hold).
+
+use super::catalog::Resolved;
+use super::predicate::{quote_ident, quote_literal};
+use super::{CreatorSource, IDENTITY_FIELDS};
+
+/// Names of what a mapping installs, so it can be removed again.
+pub fn capture_function(name: &str) -> String {
+    format!("authz_outbox_capture__{name}")
+}
+fn parent_function(name: &str) -> String {
+    format!("authz_outbox_capture__{name}__parent")
+}
+fn reparent_function(name: &str) -> String {
+    format!("authz_outbox_reparent__{name}")
+}
+pub fn live_function(name: &str) -> String {
+    format!("authz_outbox_live__{name}")
+}
+fn trigger(name: &str, event: &str) -> String {
+    format!("authz_outbox__{name}__{event}")
+}
+
+/// `coalesce(<predicate>, false)` over the row `q`, or `true` when every
+/// row is live. A predicate that is NULL for a row counts as not live.
+pub fn live_sql(r: &Resolved, q: &str) -> String {
+    match &r.mapping.live {
+        None => "true".into(),
+        Some(p) => format!(
+            "coalesce(({}), false)",
+            p.qualified(q, &r.table.column_names())
+        ),
+    }
+}
+
+/// The parent's selector for the row `q`, or `None` for a parentless type.
+/// Through a join table, the lowest linked id (the host links a task to
+/// one agent; the rule only makes more links deterministic).
+pub fn parent_sql(r: &Resolved, q: &str) -> Option<String> {
+    let parent = r.mapping.parent.as_ref()?;
+    Some(match &parent.join {
+        None => format!("{q}.{}::text", quote_ident(&parent.column)),
+        Some(join) => format!(
+            "(SELECT min(j.{col}::text) FROM {jt} AS j WHERE j.{on} = {q}.{refs})",
+            col = quote_ident(&parent.column),
+            jt = quote_ident(&join.table),
+            on = quote_ident(&join.on),
+            refs = quote_ident(&join.references),
+        ),
+    })
+}
+
+fn parent_type_sql(r: &Resolved) -> String {
+    match &r.mapping.parent {
+        Some(p) => quote_literal(p.resource_type.as_str()),
+        None => "NULL".into(),
+    }
+}
+
+fn fields_sql(r: &Resolved) -> String {
+    let fields: Vec<String> = r
+        .mapping
+        .principal_fields
+        .iter()
+        .map(|f| quote_literal(f))
+        .collect();
+    format!("ARRAY[{}]::text[]", fields.join(", "))
+}
+
+/// The creator of a write to the row `q`, reduced to the kept fields.
+fn principal_sql(r: &Resolved, q: &str) -> String {
+    let default_fields = r
+        .mapping
+        .principal_fields
+        .iter()
+        .map(String::as_str)
+        .eq(IDENTITY_FIELDS.iter().copied());
+    if r.mapping.creator == [CreatorSource::Setting] && default_fields {
+        // The common case keeps its fast path (no array, no loop).
+        return "authz_outbox_current_principal()".into();
+    }
+    let sources: Vec<String> = r
+        .mapping
+        .creator
+        .iter()
+        .map(|s| match s {
+            CreatorSource::Setting => "authz_outbox_setting_principal()".to_string(),
+            CreatorSource::Column(c) => {
+                format!("authz_outbox_parse_jsonb({q}.{}::text)", quote_ident(c))
+            }
+        })
+        .collect();
+    format!(
+        "authz_outbox_first_creator(ARRAY[{}]::jsonb[], {})",
+        sources.join(", "),
+        fields_sql(r)
+    )
+}
+
+/// The creator the row itself records (column sources only), for backfill.
+fn row_creator_sql(r: &Resolved, q: &str) -> String {
+    let sources: Vec<String> = r
+        .mapping
+        .creator
+        .iter()
+        .filter_map(|s| match s {
+            CreatorSource::Column(c) => Some(format!(
+                "authz_outbox_parse_jsonb({q}.{}::text)",
+                quote_ident(c)
+            )),
+            CreatorSource::Setting => None,
+        })
+        .collect();
+    if sources.is_empty() {
+        "NULL::jsonb".into()
+    } else {
+        format!(
+            "authz_outbox_first_creator(ARRAY[{}]::jsonb[], {})",
+            sources.join(", "),
+            fields_sql(r)
+        )
+    }
+}
+
+/// Columns whose change can change liveness, selector or parent.
+fn watched_columns(r: &Resolved) -> Vec<String> {
+    let mut columns = r.mapping.selector.column_set();
+    if let Some(p) = &r.mapping.live {
+        columns.extend(p.columns(&r.table.column_names()));
+    }
+    if let Some(parent) = &r.mapping.parent {
+        match &parent.join {
+            None => {
+                columns.insert(parent.column.clone());
+            }
+            Some(join) => {
+                columns.insert(join.references.clone());
+            }
+        }
+    }
+    columns.into_iter().collect()
+}
+
+/// Statements that install a mapping's capture and lookup (run in order,
+/// in one transaction, after [`drop_statements`] of its previous version).
+pub fn install_statements(r: &Resolved) -> Vec<String> {
+    let m = &r.mapping;
+    let name = &m.name;
+    let table = quote_ident(&r.table.name);
+    let rtype = quote_literal(m.resource_type.as_str());
+    let ptype = parent_type_sql(r);
+    let parent_old = parent_sql(r, "OLD").unwrap_or_else(|| "NULL".into());
+    let parent_new = parent_sql(r, "NEW").unwrap_or_else(|| "NULL".into());
+    // A resource with a parent is registered only once it has one: the host
+    // inserts a task before its task_agents row.
+    let has_parent = if m.parent.is_some() {
+        " AND new_parent IS NOT NULL"
+    } else {
+        ""
+    };
+    let mut out = Vec::new();
+    out.push(format!(
+        r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    old_live   boolean := false;
+    new_live   boolean := false;
+    old_sel    text;
+    new_sel    text;
+    old_parent text;
+    new_parent text;
+    enqueued   boolean;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        old_live := {live_old};
+        old_sel := {sel_old};
+        old_parent := {parent_old};
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        new_live := {live_new};
+        new_sel := {sel_new};
+        new_parent := {parent_new};
+    END IF;
+    -- A live resource that stops being live, or moves, is deregistered
+    -- (whether or not it had a parent: a cascade may have removed the link
+    -- already, and a deregister of nothing is harmless).
+    IF old_live AND old_sel IS NOT NULL
+       AND (NOT new_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent) THEN
+        enqueued := authz_outbox_enqueue_as('deregister', {rtype}, old_sel, {ptype}, old_parent, {who_old});
+    END IF;
+    IF new_live AND new_sel IS NOT NULL{has_parent}
+       AND (NOT old_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent) THEN
+        enqueued := authz_outbox_enqueue_as('register', {rtype}, new_sel, {ptype}, new_parent, {who_new});
+    END IF;
+    RETURN NULL;
+END
+$fn$"#,
+        func = quote_ident(&capture_function(name)),
+        live_old = live_sql(r, "OLD"),
+        live_new = live_sql(r, "NEW"),
+        sel_old = m.selector.sql("OLD"),
+        sel_new = m.selector.sql("NEW"),
+        who_old = principal_sql(r, "OLD"),
+        who_new = principal_sql(r, "NEW"),
+    ));
+    let func = quote_ident(&capture_function(name));
+    let when = |live: String| {
+        if m.live.is_some() {
+            format!(" WHEN ({live})")
+        } else {
+            String::new()
+        }
+    };
+    out.push(format!(
+        "CREATE TRIGGER {trg} AFTER INSERT ON {table} FOR EACH ROW{when} EXECUTE FUNCTION {func}()",
+        trg = quote_ident(&trigger(name, "insert")),
+        when = when(live_sql(r, "NEW")),
+    ));
+    out.push(format!(
+        "CREATE TRIGGER {trg} AFTER DELETE ON {table} FOR EACH ROW{when} EXECUTE FUNCTION {func}()",
+        trg = quote_ident(&trigger(name, "delete")),
+        when = when(live_sql(r, "OLD")),
+    ));
+    let watched = watched_columns(r);
+    let mut changed = vec![format!(
+        "{} IS DISTINCT FROM {}",
+        live_sql(r, "OLD"),
+        live_sql(r, "NEW")
+    )];
+    for column in &watched {
+        let c = quote_ident(column);
+        changed.push(format!("OLD.{c} IS DISTINCT FROM NEW.{c}"));
+    }
+    out.push(format!(
+        "CREATE TRIGGER {trg} AFTER UPDATE OF {cols} ON {table} FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION {func}()",
+        trg = quote_ident(&trigger(name, "update")),
+        cols = watched.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+        changed = changed.join(" OR "),
+    ));
+    if let (Some(parent), Some(join_table)) = (&m.parent, &r.join) {
+        if let Some(join) = &parent.join {
+            out.extend(join_statements(r, parent, join, join_table));
+        }
+    }
+    out.push(lookup_statement(r));
+    out
+}
+
+/// The join table's side: a link added, removed or changed re-parents a
+/// live resource (deregister under the old parent, register under the new).
+fn join_statements(
+    r: &Resolved,
+    parent: &super::Parent,
+    join: &super::JoinSpec,
+    join_table: &super::catalog::Table,
+) -> Vec<String> {
+    let m = &r.mapping;
+    let name = &m.name;
+    let key_type = &join_table.columns[&join.on];
+    let col = quote_ident(&parent.column);
+    let on = quote_ident(&join.on);
+    let jt = quote_ident(&join.table);
+    let reparent = quote_ident(&reparent_function(name));
+    let helper = format!(
+        r#"CREATE OR REPLACE FUNCTION {reparent}(p_ref {key_type}, p_added text, p_removed text) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    before_parent text;
+    after_parent  text;
+    sel           text;
+    who           jsonb;
+    enqueued      boolean;
+BEGIN
+    SELECT {sel_t}, {who_t} INTO sel, who
+    FROM {table} AS t
+    WHERE t.{refs} = p_ref AND {live_t};
+    IF NOT FOUND OR sel IS NULL THEN
+        RETURN;  -- no live resource: nothing registered to move
+    END IF;
+    SELECT min(j.{col}::text) INTO after_parent FROM {jt} AS j WHERE j.{on} = p_ref;
+    SELECT min(v) INTO before_parent FROM (
+        SELECT j.{col}::text AS v FROM {jt} AS j
+        WHERE j.{on} = p_ref AND (p_added IS NULL OR j.{col}::text <> p_added)
+        UNION ALL SELECT p_removed
+    ) AS s;
+    IF before_parent IS NOT DISTINCT FROM after_parent THEN
+        RETURN;
+    END IF;
+    IF before_parent IS NOT NULL THEN
+        enqueued := authz_outbox_enqueue_as('deregister', {rtype}, sel, {ptype}, before_parent, who);
+    END IF;
+    IF after_parent IS NOT NULL THEN
+        enqueued := authz_outbox_enqueue_as('register', {rtype}, sel, {ptype}, after_parent, who);
+    END IF;
+END
+$fn$"#,
+        sel_t = m.selector.sql("t"),
+        who_t = principal_sql(r, "t"),
+        table = quote_ident(&r.table.name),
+        refs = quote_ident(&join.references),
+        live_t = live_sql(r, "t"),
+        rtype = quote_literal(m.resource_type.as_str()),
+        ptype = parent_type_sql(r),
+    );
+    let func = quote_ident(&parent_function(name));
+    let trigger_fn = format!(
+        r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM {reparent}(NEW.{on}, NEW.{col}::text, NULL);
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM {reparent}(OLD.{on}, NULL, OLD.{col}::text);
+    ELSIF OLD.{on} IS NOT DISTINCT FROM NEW.{on} THEN
+        PERFORM {reparent}(NEW.{on}, NEW.{col}::text, OLD.{col}::text);
+    ELSE
+        PERFORM {reparent}(OLD.{on}, NULL, OLD.{col}::text);
+        PERFORM {reparent}(NEW.{on}, NEW.{col}::text, NULL);
+    END IF;
+    RETURN NULL;
+END
+$fn$"#
+    );
+    let trg = format!(
+        "CREATE TRIGGER {trg} AFTER INSERT OR DELETE OR UPDATE OF {on}, {col} ON {jt} FOR EACH ROW EXECUTE FUNCTION {func}()",
+        trg = quote_ident(&trigger(name, "parent")),
+    );
+    vec![helper, trigger_fn, trg]
+}
+
+/// `authz_outbox_live__N(selector, parent)`: the row found from the
+/// selector's parts (an index lookup), then re-checked in full.
+fn lookup_statement(r: &Resolved) -> String {
+    let m = &r.mapping;
+    let columns = m.selector.columns();
+    let declare: String = columns
+        .iter()
+        .map(|c| format!("    v_{c} text;\n"))
+        .collect();
+    let conditions: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            let kind = &r.table.columns[*c];
+            let text_like = kind == "text" || kind.starts_with("character");
+            if text_like {
+                format!("t.{} = v_{c}", quote_ident(c))
+            } else {
+                format!("t.{}::text = v_{c}", quote_ident(c))
+            }
+        })
+        .collect();
+    let parent_check = match parent_sql(r, "t") {
+        Some(parent) => format!(
+            "\n          AND {parent} IS NOT NULL AND (p_parent_id IS NULL OR {parent} = p_parent_id)"
+        ),
+        None => String::new(),
+    };
+    format!(
+        r#"CREATE OR REPLACE FUNCTION {func}(p_selector text, p_parent_id text) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $fn$
+DECLARE
+    rest text;
+    pos  integer;
+{declare}BEGIN
+    IF p_selector IS NULL THEN
+        RETURN false;
+    END IF;
+{split}    RETURN EXISTS (
+        SELECT 1 FROM {table} AS t
+        WHERE {conditions}
+          AND {selector} = p_selector
+          AND {live}{parent_check});
+END
+$fn$"#,
+        func = quote_ident(&live_function(&m.name)),
+        split = indent(&m.selector.plpgsql_split("p_selector")),
+        table = quote_ident(&r.table.name),
+        conditions = conditions.join(" AND "),
+        selector = m.selector.sql("t"),
+        live = live_sql(r, "t"),
+    )
+}
+
+fn indent(block: &str) -> String {
+    block.lines().map(|l| format!("    {l}\n")).collect()
+}
+
+/// Statements that remove what [`install_statements`] created for the
+/// mapping `name` on `table` (and `join_table`). Safe when absent.
+pub fn drop_statements(name: &str, table: &str, join_table: Option<&str>) -> Vec<String> {
+    // The table may be gone (a host that dropped a feature): guarded, as
+    // DROP TRIGGER IF EXISTS still needs its table.
+    let drop_trigger = |trigger_name: String, on: &str| {
+        format!(
+            "DO $$ BEGIN IF to_regclass({lit}) IS NOT NULL THEN DROP TRIGGER IF EXISTS {trg} ON {tbl}; END IF; END $$",
+            lit = quote_literal(&quote_ident(on)),
+            trg = quote_ident(&trigger_name),
+            tbl = quote_ident(on),
+        )
+    };
+    let mut out = Vec::new();
+    for event in ["insert", "delete", "update"] {
+        out.push(drop_trigger(trigger(name, event), table));
+    }
+    if let Some(join) = join_table {
+        out.push(drop_trigger(trigger(name, "parent"), join));
+    }
+    out.push(format!(
+        "DROP FUNCTION IF EXISTS {}()",
+        quote_ident(&parent_function(name))
+    ));
+    out.push(format!(
+        "DO $$ DECLARE f regprocedure; BEGIN FOR f IN SELECT p.oid::regprocedure FROM pg_proc p WHERE p.proname = {} LOOP EXECUTE 'DROP FUNCTION ' || f; END LOOP; END $$",
+        quote_literal(&reparent_function(name))
+    ));
+    out.push(format!(
+        "DROP FUNCTION IF EXISTS {}()",
+        quote_ident(&capture_function(name))
+    ));
+    out
+}
+
+/// What ties the installed mappings together: the live check by type and
+/// the desired state. Regenerated whenever the set of mappings changes.
+/// Types with no installed mapping count as live (nothing to judge by), as
+/// before mappings existed.
+pub fn shared_statements(resolved: &[Resolved]) -> Vec<String> {
+    let mut by_type: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for r in resolved {
+        by_type
+            .entry(r.mapping.resource_type.as_str())
+            .or_default()
+            .push(format!(
+                "{}(p_selector, p_parent_id)",
+                quote_ident(&live_function(&r.mapping.name))
+            ));
+    }
+    let cases: String = by_type
+        .iter()
+        .map(|(kind, calls)| {
+            format!(
+                "    IF p_type = {} THEN\n        RETURN {};\n    END IF;\n",
+                quote_literal(kind),
+                calls.join(" OR ")
+            )
+        })
+        .collect();
+    let dispatch = format!(
+        r#"CREATE OR REPLACE FUNCTION authz_outbox_resource_live(p_type text, p_selector text, p_parent_id text)
+RETURNS boolean LANGUAGE plpgsql STABLE AS $fn$
+BEGIN
+{cases}    RETURN true;
+END
+$fn$"#
+    );
+    let selects: Vec<String> = resolved
+        .iter()
+        .map(|r| {
+            let created = match &r.created_at {
+                Some(c) => format!("t.{}::timestamptz", quote_ident(c)),
+                None => "NULL::timestamptz".into(),
+            };
+            let parent = parent_sql(r, "t");
+            let parent_filter = parent
+                .as_ref()
+                .map(|p| format!(" AND {p} IS NOT NULL"))
+                .unwrap_or_default();
+            format!(
+                "SELECT {name}::text AS mapping, {rtype}::text AS resource_type, {sel} AS resource_id, \
+                 {ptype}::text AS parent_type, {parent}::text AS parent_id, {created} AS created_at, \
+                 {creator} AS creator FROM {table} AS t WHERE {live} AND {sel} IS NOT NULL{parent_filter}",
+                name = quote_literal(&r.mapping.name),
+                rtype = quote_literal(r.mapping.resource_type.as_str()),
+                sel = r.mapping.selector.sql("t"),
+                ptype = parent_type_sql(r),
+                parent = parent.clone().unwrap_or_else(|| "NULL".into()),
+                creator = row_creator_sql(r, "t"),
+                table = quote_ident(&r.table.name),
+                live = live_sql(r, "t"),
+            )
+        })
+        .collect();
+    let body = if selects.is_empty() {
+        "SELECT NULL::text AS mapping, NULL::text AS resource_type, NULL::text AS resource_id, \
+         NULL::text AS parent_type, NULL::text AS parent_id, NULL::timestamptz AS created_at, \
+         NULL::jsonb AS creator WHERE false"
+            .to_string()
+    } else {
+        selects.join("\nUNION ALL\n")
+    };
+    vec![
+        dispatch,
+        "DROP VIEW IF EXISTS authz_outbox_desired".into(),
+        format!(
+            "CREATE VIEW authz_outbox_desired AS\n{body}"
+        ),
+        "COMMENT ON VIEW authz_outbox_desired IS 'What SpiceDB should hold, by the resource mappings in force: every live row with its selector and parent. Generated by authz-outbox migrate.'".into(),
+    ]
+}
