@@ -213,9 +213,12 @@ fn require_scalar(
 /// column that is not there, or is not boolean fails here with
 /// PostgreSQL's own words.
 async fn compile(conn: &mut PgConnection, resolved: &Resolved) -> Result<(), CatalogError> {
+    let live = match &resolved.mapping.live {
+        Some(p) => p.qualified("t", &resolved.table.column_names()),
+        None => "true".into(),
+    };
     let sql = format!(
-        "SELECT pg_typeof({live})::text FROM (SELECT 1) AS one LEFT JOIN {table} AS t ON false",
-        live = super::ddl::live_sql(resolved, "t"),
+        "SELECT pg_typeof(({live}))::text FROM (SELECT 1) AS one LEFT JOIN {table} AS t ON false",
         table = super::predicate::quote_ident(&resolved.table.name),
     );
     let kind: String = match sqlx::query_scalar(AssertSqlSafe(sql))

@@ -140,12 +140,19 @@ fn row_creator_sql(r: &Resolved, q: &str) -> String {
     }
 }
 
-/// Columns whose change can change liveness, selector or parent.
+/// Columns whose change can change liveness, selector or parent: the
+/// update trigger fires `OF` these only.
 fn watched_columns(r: &Resolved) -> Vec<String> {
-    let mut columns = r.mapping.selector.column_set();
+    let mut columns: std::collections::BTreeSet<String> = identity_columns(r).into_iter().collect();
     if let Some(p) = &r.mapping.live {
         columns.extend(p.columns(&r.table.column_names()));
     }
+    columns.into_iter().collect()
+}
+
+/// Columns that make up the selector or lead to the parent.
+fn identity_columns(r: &Resolved) -> Vec<String> {
+    let mut columns = r.mapping.selector.column_set();
     if let Some(parent) = &r.mapping.parent {
         match &parent.join {
             None => {
@@ -240,13 +247,15 @@ $fn$"#,
         when = when(live_sql(r, "OLD")),
     ));
     let watched = watched_columns(r);
+    // Liveness is compared as a whole (RUNNING -> COMPLETED is no change);
+    // selector and parent columns one by one.
     let mut changed = vec![format!(
         "{} IS DISTINCT FROM {}",
         live_sql(r, "OLD"),
         live_sql(r, "NEW")
     )];
-    for column in &watched {
-        let c = quote_ident(column);
+    for column in identity_columns(r) {
+        let c = quote_ident(&column);
         changed.push(format!("OLD.{c} IS DISTINCT FROM NEW.{c}"));
     }
     out.push(format!(
@@ -255,10 +264,10 @@ $fn$"#,
         cols = watched.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
         changed = changed.join(" OR "),
     ));
-    if let (Some(parent), Some(join_table)) = (&m.parent, &r.join) {
-        if let Some(join) = &parent.join {
-            out.extend(join_statements(r, parent, join, join_table));
-        }
+    if let (Some(parent), Some(join_table)) = (&m.parent, &r.join)
+        && let Some(join) = &parent.join
+    {
+        out.extend(join_statements(r, parent, join, join_table));
     }
     out.push(lookup_statement(r));
     out

@@ -1,0 +1,604 @@
+//! Resource mappings on the host's real schema: capture follows liveness
+//! (soft deletes included) for agents, api keys, tasks and schedules; a new
+//! table is covered by a mapping file alone; `mappings check` names what is
+//! wrong; an existing outbox survives the upgrade in order.
+
+mod common;
+
+use std::process::Command;
+
+use authz_outbox::mapping::Mappings;
+use common::{config, rows, run_once};
+use serde_json::json;
+use sqlx::PgPool;
+
+/// Runs `statements` in one transaction, as the host would, with its
+/// request's principal set (or none).
+async fn host_tx(pool: &PgPool, principal: Option<&str>, statements: &[&str]) {
+    let mut tx = pool.begin().await.expect("begin");
+    if let Some(p) = principal {
+        sqlx::query("SELECT set_config('authz_outbox.principal', $1, true)")
+            .bind(p)
+            .execute(&mut *tx)
+            .await
+            .expect("principal");
+    }
+    for s in statements {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(s.to_string()))
+            .execute(&mut *tx)
+            .await
+            .expect(s);
+    }
+    tx.commit().await.expect("commit");
+}
+
+const U1: Option<&str> = Some(r#"{"user_id":"u1"}"#);
+
+/// (operation, resource, parent) of every outbox row, in order.
+async fn ops(pool: &PgPool) -> Vec<(String, String, Option<String>)> {
+    rows(pool)
+        .await
+        .into_iter()
+        .map(|r| {
+            (
+                r.operation,
+                format!("{}:{}", r.resource_type, r.resource_id),
+                r.parent_id,
+            )
+        })
+        .collect()
+}
+
+fn op(o: &str, r: &str, p: Option<&str>) -> (String, String, Option<String>) {
+    (o.into(), r.into(), p.map(Into::into))
+}
+
+async fn new_agent(pool: &PgPool, id: &str) {
+    host_tx(
+        pool,
+        U1,
+        &[&format!(
+            "INSERT INTO agents (id, name, description, status) VALUES ('{id}', '{id}', 'd', 'READY')"
+        )],
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn agent_soft_delete_deregisters_and_undelete_registers_again(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    new_agent(&pool, "a1").await;
+    // Status changes between live statuses are not the authorization graph's business.
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE agents SET status = 'BUILDING' WHERE id = 'a1'"],
+    )
+    .await;
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE agents SET status = 'DELETED' WHERE id = 'a1'"],
+    )
+    .await;
+    // A soft-deleted agent touched again stays deregistered.
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE agents SET description = 'x' WHERE id = 'a1'"],
+    )
+    .await;
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE agents SET status = 'READY' WHERE id = 'a1'"],
+    )
+    .await;
+    assert_eq!(
+        ops(&pool).await,
+        [
+            op("register", "agent:a1", None),
+            op("deregister", "agent:a1", None),
+            op("register", "agent:a1", None),
+        ]
+    );
+    // Inserted already deleted: nothing to register.
+    host_tx(
+        &pool,
+        U1,
+        &["INSERT INTO agents (id, name, description, status) VALUES ('a2', 'a2', '', 'DELETED')"],
+    )
+    .await;
+    assert_eq!(ops(&pool).await.len(), 3);
+}
+
+/// The host creates a task as tasks, then task_agents, then
+/// agent_task_tracker, in one transaction.
+async fn host_creates_task(pool: &PgPool, task: &str, agent: &str) {
+    host_tx(
+        pool,
+        U1,
+        &[
+            &format!("INSERT INTO tasks (id, name, status) VALUES ('{task}', '{task}', 'RUNNING')"),
+            &format!("INSERT INTO task_agents (task_id, agent_id) VALUES ('{task}', '{agent}')"),
+            &format!(
+                "INSERT INTO agent_task_tracker (id, agent_id, task_id) VALUES ('tr-{task}', '{agent}', '{task}')"
+            ),
+        ],
+    )
+    .await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_task_registers_once_under_its_agent_and_soft_delete_deregisters(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    new_agent(&pool, "a1").await;
+    new_agent(&pool, "a2").await;
+    host_creates_task(&pool, "t1", "a1").await;
+    assert_eq!(
+        ops(&pool).await[2..],
+        [op("register", "task:t1", Some("a1"))]
+    );
+    // Re-parented behind the task's back: deregister, register under the new agent.
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE task_agents SET agent_id = 'a2' WHERE task_id = 't1'"],
+    )
+    .await;
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE tasks SET status = 'DELETED' WHERE id = 't1'"],
+    )
+    .await;
+    assert_eq!(
+        ops(&pool).await[2..],
+        [
+            op("register", "task:t1", Some("a1")),
+            op("deregister", "task:t1", Some("a1")),
+            op("register", "task:t1", Some("a2")),
+            op("deregister", "task:t1", Some("a2")),
+        ]
+    );
+    // A hard delete of a soft-deleted task (and its links, by cascade) changes nothing more.
+    host_tx(&pool, U1, &["DELETE FROM tasks WHERE id = 't1'"]).await;
+    assert_eq!(ops(&pool).await.len(), 6);
+    // A live task deleted hard (links by cascade) is deregistered exactly
+    // once (the cascade may remove the link first, so the deregister may
+    // not name the parent; a deregister removes everything anyway).
+    host_creates_task(&pool, "t2", "a1").await;
+    host_tx(&pool, U1, &["DELETE FROM tasks WHERE id = 't2'"]).await;
+    let tail: Vec<(String, String)> = ops(&pool).await[6..]
+        .iter()
+        .map(|(o, r, _)| (o.clone(), r.clone()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("register".to_string(), "task:t2".to_string()),
+            ("deregister".to_string(), "task:t2".to_string()),
+        ]
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_hosts_hottest_task_writes_fire_no_capture_at_all(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    new_agent(&pool, "a1").await;
+    host_creates_task(&pool, "t1", "a1").await;
+    let before = rows(&pool).await.len();
+    let mut conn = pool.acquire().await.expect("conn");
+    // Count PL/pgSQL calls in this session: the WHEN clause of the update
+    // trigger must keep the capture function from running at all.
+    sqlx::query("SET track_functions = 'pl'")
+        .execute(&mut *conn)
+        .await
+        .expect("track");
+    for status in ["COMPLETED", "FAILED", "RUNNING", "TIMED_OUT", "CANCELED"] {
+        sqlx::query("UPDATE tasks SET status = $1::taskstatus WHERE id = 't1'")
+            .bind(status)
+            .execute(&mut *conn)
+            .await
+            .expect("status change");
+    }
+    sqlx::query("UPDATE tasks SET status = NULL WHERE id = 't1'")
+        .execute(&mut *conn)
+        .await
+        .expect("NULL is live");
+    sqlx::query("UPDATE tasks SET updated_at = now(), params = '{\"a\":1}' WHERE id = 't1'")
+        .execute(&mut *conn)
+        .await
+        .expect("touch");
+    let calls: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_xact_user_functions
+         WHERE funcname LIKE 'authz_outbox%'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("stats");
+    // Autocommit: each statement was its own transaction; read the session's totals.
+    let session_calls: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
+         WHERE funcname LIKE 'authz_outbox%'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("stats");
+    assert_eq!(calls + session_calls, 0, "capture functions ran");
+    assert_eq!(rows(&pool).await.len(), before, "nothing enqueued");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_schedule_registers_with_its_own_creator_and_soft_delete_deregisters(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    new_agent(&pool, "a1").await;
+    // No transaction setting: the row's creator_principal is the creator
+    // (and a credential in it is never stored).
+    host_tx(
+        &pool,
+        None,
+        &[r#"INSERT INTO agent_run_schedules (id, agent_id, name, creator_principal)
+             VALUES ('s1', 'a1', 'nightly', '{"user_id":"owner-7","account_id":"acc","api_key":"sk-live-1"}')"#],
+    )
+    .await;
+    host_tx(
+        &pool,
+        None,
+        &["UPDATE agent_run_schedules SET next_run_at = now(), version = 2 WHERE id = 's1'"],
+    )
+    .await;
+    host_tx(
+        &pool,
+        None,
+        &["UPDATE agent_run_schedules SET deleted_at = now() WHERE id = 's1'"],
+    )
+    .await;
+    let all = rows(&pool).await;
+    let schedule: Vec<_> = all
+        .iter()
+        .filter(|r| r.resource_type == "schedule")
+        .collect();
+    assert_eq!(schedule.len(), 2, "{schedule:?}");
+    assert_eq!(schedule[0].operation, "register");
+    assert_eq!(schedule[0].resource_id, "run-schedule::a1::s1");
+    assert_eq!(schedule[0].parent_id.as_deref(), Some("a1"));
+    assert_eq!(
+        schedule[0].principal,
+        Some(json!({"user_id": "owner-7", "account_id": "acc"}))
+    );
+    assert_eq!(schedule[0].state, "pending");
+    assert_eq!(schedule[1].operation, "deregister");
+    assert_eq!(schedule[1].resource_id, "run-schedule::a1::s1");
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_worker_judges_staleness_by_liveness_for_every_type(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    new_agent(&pool, "a1").await;
+    new_agent(&pool, "a2").await;
+    // Registered, then soft-deleted before any delivery: the register is
+    // settled without a request (superseded), the deregister delivered.
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE agents SET status = 'DELETED' WHERE id = 'a2'"],
+    )
+    .await;
+    let report = run_once(&pool, &dev.base_url(), config("w")).await;
+    let a2: Vec<String> = rows(&pool)
+        .await
+        .into_iter()
+        .filter(|r| r.resource_id == "a2")
+        .map(|r| r.state)
+        .collect();
+    assert_eq!(a2, ["superseded", "superseded"], "{report:?}");
+    // A planted register of an agent that is soft-deleted is stale.
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+         VALUES ('agent', 'a2', 'register', '{\"user_id\":\"u1\"}')",
+    )
+    .execute(&pool)
+    .await
+    .expect("planted");
+    run_once(&pool, &dev.base_url(), config("w")).await;
+    let planted = rows(&pool).await.into_iter().last().expect("row");
+    assert_eq!(planted.state, "superseded");
+    assert!(
+        planted
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no longer")),
+        "{planted:?}"
+    );
+    dev.shutdown().await;
+}
+
+/// A table the built-ins know nothing about, covered by a file alone.
+const SERVICE_KEYS: &str = r#"
+[[mapping]]
+name = "service_api_keys"
+type = "api_key"
+table = "service_api_keys"
+live = "revoked_at IS NULL"
+parent = { type = "agent", column = "agent_id" }
+"#;
+
+async fn check(base_url: &str, user: &str, kind: &str, id: &str) -> bool {
+    let response = reqwest::Client::new()
+        .post(format!("{base_url}/v1/authz/check"))
+        .json(&json!({
+            "principal": {"user_id": user},
+            "resource": {"type": kind, "selector": id},
+            "operation": "read"
+        }))
+        .send()
+        .await
+        .expect("check answers");
+    match response.status().as_u16() {
+        200 => true,
+        403 => false,
+        other => panic!("unexpected check status {other}"),
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_mapping_file_covers_a_new_table_end_to_end(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::raw_sql(
+        "CREATE TABLE service_api_keys (
+             id text PRIMARY KEY, agent_id varchar(64) NOT NULL REFERENCES agents (id),
+             secret text NOT NULL, revoked_at timestamptz, created_at timestamptz DEFAULT now())",
+    )
+    .execute(&pool)
+    .await
+    .expect("new table");
+    let mappings = Mappings::from_toml(SERVICE_KEYS).expect("valid file");
+    let report = authz_outbox::db::migrate_with(&pool, &mappings)
+        .await
+        .expect("migrate");
+    assert_eq!(
+        report
+            .mappings
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>(),
+        ["mapping service_api_keys: installed"]
+    );
+    let dev = common::dev_server().await;
+    new_agent(&pool, "a1").await;
+    host_tx(
+        &pool,
+        U1,
+        &["INSERT INTO service_api_keys (id, agent_id, secret) VALUES ('sk1', 'a1', 'hidden')"],
+    )
+    .await;
+    run_once(&pool, &dev.base_url(), config("w")).await;
+    assert!(check(&dev.base_url(), "u1", "api_key", "sk1").await);
+    host_tx(
+        &pool,
+        U1,
+        &["UPDATE service_api_keys SET revoked_at = now() WHERE id = 'sk1'"],
+    )
+    .await;
+    run_once(&pool, &dev.base_url(), config("w")).await;
+    assert!(!check(&dev.base_url(), "u1", "api_key", "sk1").await);
+    assert!(
+        rows(&pool).await.iter().all(|r| r.state == "delivered"),
+        "{:?}",
+        rows(&pool).await
+    );
+    // Migrating again with the same file changes nothing; without it, the
+    // mapping is removed and the table is no longer captured.
+    let again = authz_outbox::db::migrate_with(&pool, &mappings)
+        .await
+        .expect("migrate");
+    assert!(again.mappings.is_empty() && again.migrations.is_empty());
+    let removed = authz_outbox::db::migrate(&pool).await.expect("migrate");
+    assert_eq!(
+        removed
+            .mappings
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>(),
+        ["mapping service_api_keys: removed"]
+    );
+    let before = rows(&pool).await.len();
+    host_tx(
+        &pool,
+        U1,
+        &["INSERT INTO service_api_keys (id, agent_id, secret) VALUES ('sk2', 'a1', 'x')"],
+    )
+    .await;
+    assert_eq!(rows(&pool).await.len(), before);
+    dev.shutdown().await;
+}
+
+fn binary(
+    database_url: &str,
+    args: &[&str],
+    mappings: Option<&std::path::Path>,
+) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_authz-outbox"));
+    cmd.args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("AUTHZ_OUTBOX_MAPPINGS");
+    if let Some(path) = mappings {
+        cmd.env("AUTHZ_OUTBOX_MAPPINGS", path);
+    }
+    let out = cmd.output().expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn mappings_check_names_each_kind_of_bad_mapping(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = common::database_url(&pool).await;
+    let dir = std::env::temp_dir().join(format!("mappings-check-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cases = [
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"no_such_table\"",
+            "mapping m: table no_such_table does not exist",
+        ),
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nselector = \"{nope}\"",
+            "mapping m: selector column nope does not exist in table tasks",
+        ),
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nparent = { type = \"agent\", column = \"params\" }",
+            "mapping m: parent column tasks.params is jsonb",
+        ),
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status IS NOT DELETED\"",
+            "mapping m: live predicate does not compile",
+        ),
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status\"",
+            "mapping m: live predicate is taskstatus, not boolean",
+        ),
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status = 1; DROP TABLE tasks\"",
+            "mapping m: live predicate must not contain \";\"",
+        ),
+    ];
+    for (i, (toml, expected)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, toml).expect("write");
+        for command in [&["mappings", "check"][..], &["migrate"][..]] {
+            let (code, _, stderr) = binary(&url, command, Some(&path));
+            assert_eq!(code, 2, "{command:?} {toml}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            assert!(
+                stderr.contains(expected),
+                "{command:?} {toml}: expected {expected:?} in {stderr:?}"
+            );
+        }
+    }
+    // Nothing was half-installed by the failed migrates.
+    let installed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM authz_outbox_mappings WHERE name = 'm'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(installed, 0);
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'authz_outbox__m__%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(triggers, 0);
+    // The good built-ins check out, and list shows what is in force.
+    let (code, stdout, stderr) = binary(&url, &["mappings", "check"], None);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("ok      schedule (schedule on agent_run_schedules)"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = binary(&url, &["mappings", "list"], None);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("task: type=task table=tasks selector={id} parent=agent from task_agents.agent_id (on task_id = id) live=status IS DISTINCT FROM 'DELETED'"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrate_is_quiet_when_there_is_nothing_to_do(pool: PgPool) {
+    sqlx::raw_sql(common::HOST_SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("host schema");
+    let url = common::database_url(&pool).await;
+    let (code, stdout, stderr) = binary(&url, &["migrate"], None);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("applied migration 20261201000001")),
+        "{stdout}"
+    );
+    for name in ["agent", "api_key", "task", "schedule"] {
+        assert!(
+            lines.contains(&format!("mapping {name}: installed").as_str()),
+            "{stdout}"
+        );
+    }
+    assert!(
+        !stderr.contains("NOTICE") && !stderr.contains("skipping"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = binary(&url, &["migrate"], None);
+    assert_eq!(code, 0);
+    assert_eq!(stdout, "", "second migrate prints nothing");
+    assert_eq!(stderr, "");
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_outbox_from_before_the_upgrade_drains_in_order(pool: PgPool) {
+    // The previous release: its three migrations, its own triggers.
+    sqlx::raw_sql(common::HOST_SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("host");
+    for sql in [
+        include_str!("../migrations/20261123000001_host_tables.sql"),
+        include_str!("../migrations/20261123000002_authz_outbox.sql"),
+        include_str!("../migrations/20261123000003_capture_fast_path.sql"),
+    ] {
+        sqlx::raw_sql(sql)
+            .execute(&pool)
+            .await
+            .expect("old migration");
+    }
+    new_agent(&pool, "a1").await;
+    for k in ["k1", "k2"] {
+        host_tx(&pool, U1, &[&format!(
+            "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key) VALUES ('{k}', 'a1', '{k}', 'EXTERNAL', 's')"
+        )]).await;
+    }
+    host_tx(&pool, U1, &["DELETE FROM agent_api_keys WHERE id = 'k1'"]).await;
+    let before = ops(&pool).await;
+    assert_eq!(before.len(), 4, "captured by the old triggers");
+
+    authz_outbox::db::migrate(&pool).await.expect("upgrade");
+    let legacy: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgname IN ('authz_outbox_capture_insert_delete', 'authz_outbox_capture_rekey')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(legacy, 0, "old triggers replaced");
+    assert_eq!(ops(&pool).await, before, "existing rows untouched");
+    // New writes are captured once, by the mappings, after the old rows.
+    host_tx(&pool, U1, &["DELETE FROM agent_api_keys WHERE id = 'k2'"]).await;
+    assert_eq!(
+        ops(&pool).await[4..],
+        [op("deregister", "api_key:k2", Some("a1"))]
+    );
+
+    let dev = common::dev_server().await;
+    run_once(&pool, &dev.base_url(), config("w")).await;
+    let done: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT resource_id, operation, state FROM authz_outbox ORDER BY delivered_at NULLS LAST, id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert!(
+        done.iter()
+            .all(|(_, _, s)| s == "delivered" || s == "superseded"),
+        "{done:?}"
+    );
+    assert!(!check(&dev.base_url(), "u1", "api_key", "k1").await);
+    assert!(!check(&dev.base_url(), "u1", "api_key", "k2").await);
+    dev.shutdown().await;
+}
