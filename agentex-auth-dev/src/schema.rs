@@ -97,6 +97,17 @@ mod tests {
         let key = schema.definition("api_key").expect("api_key");
         assert!(key.has_relation("parent_agent"));
         assert!(key.has_permission("delete"));
+        for ty in ["task", "schedule"] {
+            let definition = schema.definition(ty).expect(ty);
+            assert!(definition.has_relation("parent_agent"), "{ty}");
+            for permission in ["read", "update", "delete", "execute", "cancel"] {
+                assert!(definition.has_permission(permission), "{ty}#{permission}");
+            }
+        }
+        for ty in ["agent", "api_key", "task", "schedule"] {
+            let definition = schema.definition(ty).expect(ty);
+            assert!(!definition.has_permission("create"), "{ty} has no create");
+        }
         assert!(
             schema
                 .definition("user")

@@ -348,3 +348,119 @@ async fn concurrent_registers_are_all_applied() {
         40
     );
 }
+
+/// Tasks and schedules are registered like api keys: an owner edge and a
+/// parent agent edge, readable only while the parent agent is readable.
+#[tokio::test]
+async fn tasks_and_schedules_follow_their_owner_and_parent_agent() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let bob = user("bob");
+    for ty in ["task", "schedule"] {
+        let item = || resource(ty, &format!("{ty}-1"));
+        let agent_id = format!("agent-of-{ty}");
+        let agent = || resource("agent", &agent_id);
+        assert_eq!(
+            t.register(&alice, item(), Some(agent())).await,
+            StatusCode::OK,
+            "{ty}"
+        );
+        // The parent agent is not registered yet: the read fails closed.
+        assert_eq!(
+            t.check(&alice, item(), "read").await,
+            StatusCode::FORBIDDEN,
+            "{ty} before its agent"
+        );
+        assert_eq!(t.register(&alice, agent(), None).await, StatusCode::OK);
+        for operation in ["read", "update", "delete", "execute", "cancel"] {
+            assert_eq!(
+                t.check(&alice, item(), operation).await,
+                StatusCode::OK,
+                "{ty} {operation} by its owner"
+            );
+            assert_eq!(
+                t.check(&bob, item(), operation).await,
+                StatusCode::FORBIDDEN,
+                "{ty} {operation} by someone else"
+            );
+        }
+        // `create` is not modelled on an object: denied, not an error.
+        assert_eq!(
+            t.check(&alice, item(), "create").await,
+            StatusCode::FORBIDDEN,
+            "{ty} create"
+        );
+        assert_eq!(t.search(&alice, ty, "read").await, vec![format!("{ty}-1")]);
+        assert_eq!(
+            crate::grpc::relationships_of(&t, ty, &format!("{ty}-1")).await,
+            vec![
+                "owner@user:alice".to_string(),
+                format!("parent_agent@agent:{agent_id}")
+            ]
+        );
+
+        assert_eq!(t.deregister(&alice, item()).await, StatusCode::OK);
+        assert_eq!(
+            t.check(&alice, item(), "read").await,
+            StatusCode::FORBIDDEN,
+            "{ty} after deregister"
+        );
+        assert!(
+            crate::grpc::relationships_of(&t, ty, &format!("{ty}-1"))
+                .await
+                .is_empty()
+        );
+        assert!(t.search(&alice, ty, "read").await.is_empty());
+        assert_eq!(
+            t.deregister(&alice, item()).await,
+            StatusCode::OK,
+            "deleting nothing is success"
+        );
+    }
+    t.shutdown().await;
+}
+
+/// `read` follows the parent agent's `read`, `execute` and `cancel` its
+/// `update`: an owner who may only view the agent may read its task but not
+/// run or cancel it.
+#[tokio::test]
+async fn a_viewer_of_the_agent_reads_but_does_not_run_its_tasks() {
+    let t = spawn().await;
+    let carol = user("carol");
+    t.register(&user("alice"), resource("agent", "agent-1"), None)
+        .await;
+    t.server
+        .bulk_touch(vec![(
+            "agent".into(),
+            "agent-1".into(),
+            "viewer".into(),
+            "user".into(),
+            "carol".into(),
+        )])
+        .await
+        .expect("viewer edge");
+    for ty in ["task", "schedule"] {
+        assert_eq!(
+            t.register(
+                &carol,
+                resource(ty, "x-1"),
+                Some(resource("agent", "agent-1"))
+            )
+            .await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            t.check(&carol, resource(ty, "x-1"), "read").await,
+            StatusCode::OK,
+            "{ty}"
+        );
+        for operation in ["update", "execute", "cancel"] {
+            assert_eq!(
+                t.check(&carol, resource(ty, "x-1"), operation).await,
+                StatusCode::FORBIDDEN,
+                "{ty} {operation} needs the agent's update"
+            );
+        }
+    }
+    t.shutdown().await;
+}
