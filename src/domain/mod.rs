@@ -3,6 +3,7 @@
 //! always names a known resource type.
 
 mod key_type;
+pub mod object_id;
 mod operation;
 mod principal;
 mod resource;
