@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::engine::{Engine, Object, Tuple, WriteKind};
 use crate::faults::{Endpoint, Fault, FaultInjector, Faults};
+use crate::object_id;
 use crate::schema::Schema;
 use crate::stats::StatsRecorder;
 
@@ -51,8 +52,14 @@ pub fn router(state: AppState) -> Router {
         .route("/_dev/stats", get(get_stats))
         .route("/_dev/stats/reset", post(reset_stats))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
+
+/// The largest request body read. Every body of the contract is a few
+/// hundred bytes (the principal is an open object, so leave it room); a
+/// larger one is refused with 413 before it is buffered whole.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 // ---------------------------------------------------------------------------
 // Answers and errors
@@ -99,6 +106,21 @@ impl Answer {
 
     fn written(token: String) -> Answer {
         Answer::ok(json!({"consistency_token": token}))
+    }
+}
+
+/// The raw request body, at most [`MAX_BODY_BYTES`]; a refused body is
+/// answered like every other error, `{"error": "..."}` (413 when too large).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Body)
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
     }
 }
 
@@ -189,7 +211,9 @@ fn valid_object_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/_|-=+".contains(&b))
 }
 
-fn object_id(what: &str, id: &str) -> Result<String, ApiError> {
+/// A principal's id as a subject id. Principals are not selectors: they are
+/// stored verbatim, so an id SpiceDB cannot hold is the caller's mistake (422).
+fn subject_id(what: &str, id: &str) -> Result<String, ApiError> {
     if valid_object_id(id) {
         Ok(id.to_string())
     } else {
@@ -204,8 +228,18 @@ fn resource(schema: &Schema, body: &ResourceBody) -> Result<Object, ApiError> {
     resource_type(schema, &body.resource_type)?;
     Ok(Object::new(
         body.resource_type.as_str(),
-        object_id("resource selector", &body.selector)?,
+        selector_id("resource selector", &body.selector)?,
     ))
+}
+
+/// A selector as a SpiceDB object id, in the authz-outbox encoding (see
+/// [`object_id`]): any selector is stored, `run-schedule::a1::s1` included,
+/// except an empty one or one whose encoding exceeds SpiceDB's 1,024
+/// characters, which no encoding can store: 400. The selector is not echoed,
+/// since it may be huge.
+fn selector_id(what: &str, selector: &str) -> Result<String, ApiError> {
+    object_id::encode(selector)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("{what}: {error}")))
 }
 
 fn resource_type<'s>(
@@ -231,11 +265,11 @@ fn subject(principal: &Value) -> Result<Object, ApiError> {
             .filter(|s| !s.is_empty())
     };
     if let Some(user) = field("user_id") {
-        Ok(Object::new("user", object_id("principal.user_id", user)?))
+        Ok(Object::new("user", subject_id("principal.user_id", user)?))
     } else if let Some(account) = field("service_account_id") {
         Ok(Object::new(
             "service_account",
-            object_id("principal.service_account_id", account)?,
+            subject_id("principal.service_account_id", account)?,
         ))
     } else {
         Err(ApiError::unprocessable(
@@ -247,7 +281,7 @@ fn subject(principal: &Value) -> Result<Object, ApiError> {
 // ---------------------------------------------------------------------------
 // The authz endpoints
 
-async fn register(State(state): State<AppState>, body: Bytes) -> Response {
+async fn register(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Register,
@@ -280,7 +314,10 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Response {
                 tuples.push(Tuple {
                     resource,
                     relation: "parent_agent".into(),
-                    subject: Object::new("agent", object_id("parent selector", &parent.selector)?),
+                    subject: Object::new(
+                        "agent",
+                        selector_id("parent selector", &parent.selector)?,
+                    ),
                 });
             }
             let token = state.write(WriteKind::Touch, &tuples).await?;
@@ -290,7 +327,7 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn deregister(State(state): State<AppState>, body: Bytes) -> Response {
+async fn deregister(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Deregister,
@@ -309,7 +346,7 @@ async fn deregister(State(state): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn check(State(state): State<AppState>, body: Bytes) -> Response {
+async fn check(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Check,
@@ -341,7 +378,7 @@ async fn check(State(state): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn search(State(state): State<AppState>, body: Bytes) -> Response {
+async fn search(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Search,
@@ -350,7 +387,7 @@ async fn search(State(state): State<AppState>, body: Bytes) -> Response {
             let definition = resource_type(&state.schema, &body.filter_resource)?;
             let subject = subject(&body.principal)?;
             let permission = body.filter_operation.permission();
-            let items =
+            let ids =
                 if definition.has_permission(permission) || definition.has_relation(permission) {
                     state
                         .engine
@@ -360,17 +397,35 @@ async fn search(State(state): State<AppState>, body: Bytes) -> Response {
                 } else {
                     Vec::new()
                 };
-            Ok(Answer::ok(json!({"items": items})))
+            Ok(Answer::ok(json!({"items": selectors(ids)})))
         },
     )
     .await
 }
 
-async fn grant(State(state): State<AppState>, body: Bytes) -> Response {
+/// The selectors object ids encode, sorted. An id not in the encoding (only
+/// a raw gRPC write can store one) is no selector this API registered, so it
+/// is left out, with a warning, rather than failing every search.
+fn selectors(ids: Vec<String>) -> Vec<String> {
+    let mut selectors: Vec<String> = ids
+        .into_iter()
+        .filter_map(|id| match object_id::decode(&id) {
+            Ok(selector) => Some(selector),
+            Err(error) => {
+                tracing::warn!(%id, %error, "search: object id is not in the authz-outbox encoding; left out");
+                None
+            }
+        })
+        .collect();
+    selectors.sort();
+    selectors
+}
+
+async fn grant(State(state): State<AppState>, Body(body): Body) -> Response {
     owner_edge(state, Endpoint::Grant, WriteKind::Touch, body).await
 }
 
-async fn revoke(State(state): State<AppState>, body: Bytes) -> Response {
+async fn revoke(State(state): State<AppState>, Body(body): Body) -> Response {
     owner_edge(state, Endpoint::Revoke, WriteKind::Delete, body).await
 }
 
@@ -506,7 +561,7 @@ async fn get_faults(State(state): State<AppState>) -> axum::Json<Faults> {
 
 async fn set_faults(
     State(state): State<AppState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<axum::Json<Faults>, ApiError> {
     let faults: Faults = parse_body(&body)?;
     faults.validate().map_err(ApiError::unprocessable)?;

@@ -46,6 +46,7 @@ mod faults;
 mod ffi;
 mod grpc_proxy;
 mod http;
+mod object_id;
 mod schema;
 mod stats;
 

@@ -188,15 +188,47 @@ async fn bad_requests_are_4xx_with_a_json_error() {
             json!({"principal": alice, "resource": resource("user", "a")}),
             422,
         ),
-        (
-            "/v1/authz/register",
-            json!({"principal": alice, "resource": resource("agent", "a b")}),
-            422,
-        ),
+        // Selectors that no encoding can store: empty, or too long once
+        // encoded (1,025 kept bytes; 342 colons need 1,026 characters).
         (
             "/v1/authz/register",
             json!({"principal": alice, "resource": resource("agent", "")}),
-            422,
+            400,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("agent", &"x".repeat(1025))}),
+            400,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("schedule", &":".repeat(342)), "parent": resource("agent", "a")}),
+            400,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("api_key", "k"), "parent": resource("agent", "")}),
+            400,
+        ),
+        (
+            "/v1/authz/deregister",
+            json!({"principal": alice, "resource": resource("agent", "")}),
+            400,
+        ),
+        (
+            "/v1/authz/check",
+            json!({"principal": alice, "resource": resource("agent", ""), "operation": "read"}),
+            400,
+        ),
+        (
+            "/v1/authz/grant",
+            json!({"principal": alice, "resource": resource("agent", &"y".repeat(2000)), "operation": "read"}),
+            400,
+        ),
+        (
+            "/v1/authz/revoke",
+            json!({"principal": alice, "resource": resource("agent", ""), "operation": "read"}),
+            400,
         ),
         (
             "/v1/authz/register",
@@ -267,6 +299,11 @@ async fn bad_requests_are_4xx_with_a_json_error() {
             assert!(answer["error"].is_string());
         }
     }
+    // A body larger than the limit is refused before it is parsed.
+    let huge = json!({"principal": alice, "resource": resource("agent", "a"), "pad": "p".repeat(70 * 1024)});
+    let (status, answer) = t.post("/v1/authz/register", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(answer["error"].is_string(), "{answer}");
     // Nothing was written, and the server still serves.
     assert_eq!(t.server.stats().writes_applied, 0);
     assert_eq!(
@@ -462,5 +499,108 @@ async fn a_viewer_of_the_agent_reads_but_does_not_run_its_tasks() {
             );
         }
     }
+    t.shutdown().await;
+}
+
+/// The host's schedule selector holds `:`, which SpiceDB ids cannot: it is
+/// stored in the authz-outbox encoding and every endpoint speaks selectors.
+#[tokio::test]
+async fn schedule_selectors_are_stored_encoded_and_searched_back_decoded() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let selector = "run-schedule::a1::s1";
+    let schedule = || resource("schedule", selector);
+    assert_eq!(
+        t.register(&alice, resource("agent", "a1"), None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.register(&alice, schedule(), Some(resource("agent", "a1")))
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(t.check(&alice, schedule(), "read").await, StatusCode::OK);
+    assert_eq!(
+        t.check(&user("bob"), schedule(), "read").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(t.search(&alice, "schedule", "read").await, vec![selector]);
+    // What SpiceDB holds, read over gRPC as reconcile reads it.
+    assert_eq!(
+        crate::grpc::relationships_of(&t, "schedule", "run-schedule=3A=3Aa1=3A=3As1").await,
+        vec!["owner@user:alice", "parent_agent@agent:a1"]
+    );
+    assert_eq!(
+        crate::grpc::resource_ids_of_type(&t, "schedule").await,
+        vec!["run-schedule=3A=3Aa1=3A=3As1"]
+    );
+
+    // A parent selector is encoded too, and `=` is escaped.
+    let odd_agent = "agent=with spaces";
+    t.register(&alice, resource("agent", odd_agent), None).await;
+    t.register(
+        &alice,
+        resource("task", "t::1"),
+        Some(resource("agent", odd_agent)),
+    )
+    .await;
+    assert_eq!(
+        crate::grpc::relationships_of(&t, "task", "t=3A=3A1").await,
+        vec![
+            "owner@user:alice",
+            "parent_agent@agent:agent=3Dwith=20spaces"
+        ]
+    );
+    assert_eq!(
+        t.check(&alice, resource("task", "t::1"), "execute").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.search(&alice, "agent", "read").await,
+        vec!["a1", odd_agent]
+    );
+
+    // grant and revoke name the same object.
+    let bob = user("bob");
+    let body =
+        json!({"principal": bob, "resource": resource("agent", odd_agent), "operation": "read"});
+    assert_eq!(t.post("/v1/authz/grant", &body).await.0, StatusCode::OK);
+    assert_eq!(
+        t.check(&bob, resource("agent", odd_agent), "read").await,
+        StatusCode::OK
+    );
+    assert_eq!(t.post("/v1/authz/revoke", &body).await.0, StatusCode::OK);
+    assert_eq!(
+        t.check(&bob, resource("agent", odd_agent), "read").await,
+        StatusCode::FORBIDDEN
+    );
+
+    // An id not in the encoding (only a raw write can store one) is left out
+    // of a search rather than failing it.
+    t.server
+        .bulk_touch(vec![(
+            "agent".into(),
+            "raw=zz".into(),
+            "owner".into(),
+            "user".into(),
+            "alice".into(),
+        )])
+        .await
+        .expect("raw write");
+    assert_eq!(
+        t.search(&alice, "agent", "read").await,
+        vec!["a1", odd_agent]
+    );
+
+    assert_eq!(t.deregister(&alice, schedule()).await, StatusCode::OK);
+    assert!(
+        crate::grpc::relationships_of(&t, "schedule", "run-schedule=3A=3Aa1=3A=3As1")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        t.check(&alice, schedule(), "read").await,
+        StatusCode::FORBIDDEN
+    );
     t.shutdown().await;
 }

@@ -35,6 +35,33 @@ pub async fn relationships_of_type(t: &TestServer, ty: &str) -> Vec<String> {
     read(t, ty, "").await
 }
 
+/// The distinct resource object ids of type `ty`, as SpiceDB stores them.
+pub async fn resource_ids_of_type(t: &TestServer, ty: &str) -> Vec<String> {
+    let request = ReadRelationshipsRequest {
+        consistency: fully_consistent(),
+        relationship_filter: Some(RelationshipFilter {
+            resource_type: ty.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client(t)
+        .await
+        .read_relationships(request)
+        .await
+        .expect("read")
+        .into_inner();
+    let mut ids = BTreeSet::new();
+    while let Some(item) = stream.message().await.expect("stream") {
+        let resource = item
+            .relationship
+            .and_then(|r| r.resource)
+            .expect("resource");
+        ids.insert(resource.object_id);
+    }
+    ids.into_iter().collect()
+}
+
 async fn read(t: &TestServer, ty: &str, id: &str) -> Vec<String> {
     let request = ReadRelationshipsRequest {
         consistency: fully_consistent(),
