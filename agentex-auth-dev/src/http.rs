@@ -12,6 +12,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -22,14 +23,16 @@ use tokio::sync::watch;
 use crate::engine::{Engine, Object, Tuple, WriteKind};
 use crate::faults::{Endpoint, Fault, FaultInjector, Faults};
 use crate::object_id;
-use crate::schema::Schema;
+use crate::schema::{LiveSchema, Schema};
 use crate::stats::StatsRecorder;
+use crate::token::BearerToken;
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
-    pub schema: Arc<Schema>,
+    pub schema: LiveSchema,
+    pub token: BearerToken,
     pub faults: Arc<FaultInjector>,
     pub stats: Arc<StatsRecorder>,
     /// Turns true at shutdown, cutting injected sleeps short.
@@ -37,13 +40,16 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let authz = Router::new()
         .route("/v1/authz/register", post(register))
         .route("/v1/authz/deregister", post(deregister))
         .route("/v1/authz/check", post(check))
         .route("/v1/authz/search", post(search))
         .route("/v1/authz/grant", post(grant))
         .route("/v1/authz/revoke", post(revoke))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(authz)
         .route(
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -60,6 +66,24 @@ pub fn router(state: AppState) -> Router {
 /// hundred bytes (the principal is an open object, so leave it room); a
 /// larger one is refused with 413 before it is buffered whole.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Rejects an authz request without the configured bearer token with 401, as
+/// the real service answers a caller whose credential is missing or wrong.
+/// It is counted as the endpoint's `"401"`, and draws no fault. `/healthz` and
+/// `/_dev` stay open: they are the test harness's, not the contract's.
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state
+        .token
+        .accepts(request.headers().get(header::AUTHORIZATION))
+    {
+        return next.run(request).await;
+    }
+    let endpoint = request.uri().path().rsplit('/').next();
+    if let Some(endpoint) = endpoint.and_then(|name| name.parse::<Endpoint>().ok()) {
+        state.stats.record(endpoint, "401");
+    }
+    ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response()
+}
 
 // ---------------------------------------------------------------------------
 // Answers and errors
@@ -287,7 +311,8 @@ async fn register(State(state): State<AppState>, Body(body): Body) -> Response {
         Endpoint::Register,
         body,
         |state, body: RegisterBody| async move {
-            let resource = resource(&state.schema, &body.resource)?;
+            let schema = state.schema.current();
+            let resource = resource(&schema, &body.resource)?;
             let owner = subject(&body.principal)?;
             let mut tuples = vec![Tuple {
                 resource: resource.clone(),
@@ -301,8 +326,7 @@ async fn register(State(state): State<AppState>, Body(body): Body) -> Response {
                         parent.resource_type
                     )));
                 }
-                let has_parent = state
-                    .schema
+                let has_parent = schema
                     .definition(&resource.object_type)
                     .is_some_and(|d| d.has_relation("parent_agent"));
                 if !has_parent {
@@ -333,7 +357,8 @@ async fn deregister(State(state): State<AppState>, Body(body): Body) -> Response
         Endpoint::Deregister,
         body,
         |state, body: DeregisterBody| async move {
-            let resource = resource(&state.schema, &body.resource)?;
+            let schema = state.schema.current();
+            let resource = resource(&schema, &body.resource)?;
             let token = state
                 .engine
                 .delete_resource(&resource)
@@ -352,11 +377,11 @@ async fn check(State(state): State<AppState>, Body(body): Body) -> Response {
         Endpoint::Check,
         body,
         |state, body: OperationBody| async move {
-            let resource = resource(&state.schema, &body.resource)?;
+            let schema = state.schema.current();
+            let resource = resource(&schema, &body.resource)?;
             let subject = subject(&body.principal)?;
             let permission = body.operation.permission();
-            let defined = state
-                .schema
+            let defined = schema
                 .definition(&resource.object_type)
                 .is_some_and(|d| d.has_permission(permission) || d.has_relation(permission));
             let allowed = defined
@@ -384,7 +409,8 @@ async fn search(State(state): State<AppState>, Body(body): Body) -> Response {
         Endpoint::Search,
         body,
         |state, body: SearchBody| async move {
-            let definition = resource_type(&state.schema, &body.filter_resource)?;
+            let schema = state.schema.current();
+            let definition = resource_type(&schema, &body.filter_resource)?;
             let subject = subject(&body.principal)?;
             let permission = body.filter_operation.permission();
             let ids =
@@ -438,7 +464,7 @@ async fn owner_edge(state: AppState, endpoint: Endpoint, kind: WriteKind, body: 
         move |state, body: OperationBody| async move {
             let _ = body.operation; // validated; the edge is the same for every operation
             let tuple = Tuple {
-                resource: resource(&state.schema, &body.resource)?,
+                resource: resource(&state.schema.current(), &body.resource)?,
                 relation: "owner".into(),
                 subject: subject(&body.principal)?,
             };

@@ -8,6 +8,7 @@
 //! `permission` names. SpiceDB itself still validates the full text.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
 
 /// The schema shipped in the repository (`agentex-auth-dev/schema.zed`).
 pub const DEFAULT_SCHEMA: &str = include_str!("../schema.zed");
@@ -76,6 +77,28 @@ impl Schema {
 impl Default for Schema {
     fn default() -> Self {
         Schema::parse(DEFAULT_SCHEMA)
+    }
+}
+
+/// The schema the engine enforces now, shared by both ports: a `WriteSchema`
+/// over gRPC replaces it, so the HTTP API judges types and operations by what
+/// SpiceDB holds, not by the schema it started with.
+#[derive(Clone)]
+pub struct LiveSchema(Arc<RwLock<Arc<Schema>>>);
+
+impl LiveSchema {
+    pub fn new(schema: Schema) -> LiveSchema {
+        LiveSchema(Arc::new(RwLock::new(Arc::new(schema))))
+    }
+
+    pub fn current(&self) -> Arc<Schema> {
+        // Replaced whole under the lock, so a poisoned lock holds a whole
+        // schema.
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn replace(&self, schema: Schema) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(schema);
     }
 }
 
