@@ -5,10 +5,13 @@
 //! `deregister`, `check`, `search`, `grant`, `revoke`) on top of an embedded,
 //! in-memory SpiceDB: the real server, built as a C shared library
 //! (`libspicedb.so`) and loaded at run time, so the product binary never links
-//! it. Its relationships can be read over gRPC as from any SpiceDB
-//! (`ReadRelationships`, `LookupResources`) on a TCP endpoint. Faults (5xx,
-//! 429, hangs, writes that commit but answer 503, latency, 401) are injected
-//! from a seeded RNG, so a failing run can be replayed.
+//! it. On a TCP endpoint it also serves SpiceDB's own gRPC API, the whole
+//! `PermissionsService` and `SchemaService`, as any SpiceDB would. Faults
+//! (5xx, 429, hangs, writes that commit but answer 503, latency, 401) are
+//! injected from a seeded RNG on the HTTP endpoints and the gRPC writes, so a
+//! failing run can be replayed. An optional bearer token guards both ports.
+//! Selectors are stored in the `authz-outbox` object-id encoding (see the
+//! README), so `run-schedule::a1::s1` is a valid selector.
 //!
 //! The library comes from `scripts/fetch-spicedb.sh`:
 //!
