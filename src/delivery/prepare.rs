@@ -70,9 +70,9 @@ fn parse(row: &ClaimedRow) -> Result<Parsed, String> {
             );
         }
     };
-    if operation == Operation::Register && resource.kind == ResourceType::ApiKey {
+    if operation == Operation::Register && resource.kind == ResourceType::API_KEY {
         match &parent {
-            Some(p) if p.kind == ResourceType::Agent => {}
+            Some(p) if p.kind == ResourceType::AGENT => {}
             Some(p) => {
                 return Err(format!(
                     "an api_key's parent must be an agent, not {}",

@@ -321,8 +321,10 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         .principal
         .clone()
         .and_then(|p| Principal::from_value(p).ok());
-    let parent = match (resource.kind, &f.row_parent) {
-        (crate::domain::ResourceType::ApiKey, Some(agent)) => ResourceRef::new("agent", agent).ok(),
+    let parent = match &f.row_parent {
+        Some(agent) if resource.kind == crate::domain::ResourceType::API_KEY => {
+            ResourceRef::new("agent", agent).ok()
+        }
         _ => None,
     };
     let deregister = |guarded| NewRow {
