@@ -51,7 +51,7 @@ enum Command {
         #[command(subcommand)]
         command: mappings::MappingsCommand,
     },
-    /// Deliver the outbox to agentex-auth (long-running; `--once` to drain and exit).
+    /// Deliver the outbox to agentex-auth or SpiceDB (long-running; `--once` to drain and exit).
     Run(run::RunArgs),
     /// Show outbox counts, the oldest pending age and the newest dead rows.
     Status(status::StatusArgs),
@@ -117,6 +117,18 @@ pub(crate) fn parse_principal(s: &str) -> Result<Principal, String> {
 /// Durations like `500ms`, `5s`, `24h`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Where `run` delivers, and what `migrate` / `mappings check` hold the
+/// mappings to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetKind {
+    /// agentex-auth's HTTP API (the agentex host's four resource types).
+    #[value(name = "agentex-auth")]
+    AgentexAuth,
+    /// SpiceDB itself, over gRPC (any resource types, relationships from the mappings).
+    #[value(name = "spicedb")]
+    SpiceDb,
 }
 
 /// Output formats of the reporting commands.

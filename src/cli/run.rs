@@ -6,10 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{DbArgs, parse_duration};
+use super::{DbArgs, TargetKind, parse_duration};
 use crate::auth_client::{AuthClient, BearerToken};
 use crate::config::{WorkerConfig, default_worker_id};
-use crate::delivery::Worker;
+use crate::delivery::spicedb::{DEFAULT_BATCH, SpiceDbTarget};
+use crate::delivery::{Target, Worker};
+use crate::spicedb_client::{SpiceDbClient, SpiceDbToken};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -18,9 +20,18 @@ pub struct RunArgs {
     /// Drain every row due now, then exit (non-zero if any attempted row ended dead).
     #[arg(long)]
     once: bool,
-    /// Base URL of agentex-auth.
+    /// Where rows are delivered: agentex-auth's HTTP API, or SpiceDB itself
+    /// over gRPC (relationships from the installed mappings).
+    #[arg(
+        long,
+        env = "AUTHZ_OUTBOX_TARGET",
+        value_enum,
+        default_value = "agentex-auth"
+    )]
+    target: TargetKind,
+    /// Base URL of agentex-auth (--target agentex-auth).
     #[arg(long, env = "AGENTEX_AUTH_URL")]
-    agentex_auth_url: String,
+    agentex_auth_url: Option<String>,
     /// Service credential, sent as a bearer token.
     #[arg(
         long,
@@ -32,6 +43,26 @@ pub struct RunArgs {
     /// File holding the service credential (e.g. a mounted Secret).
     #[arg(long, env = "AGENTEX_AUTH_TOKEN_FILE")]
     agentex_auth_token_file: Option<PathBuf>,
+    /// SpiceDB's gRPC endpoint (--target spicedb): http://host:port, or
+    /// https://host:port for TLS.
+    #[arg(long, env = "SPICEDB_ENDPOINT")]
+    spicedb_endpoint: Option<String>,
+    /// SpiceDB preshared key, sent as a bearer token.
+    #[arg(
+        long,
+        env = "SPICEDB_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "spicedb_token_file"
+    )]
+    spicedb_token: Option<String>,
+    /// File holding the SpiceDB preshared key.
+    #[arg(long, env = "SPICEDB_TOKEN_FILE")]
+    spicedb_token_file: Option<PathBuf>,
+    /// Rows (of different resources) per WriteRelationships (--target
+    /// spicedb); 1 sends each row alone.
+    #[arg(long, env = "AUTHZ_OUTBOX_SPICEDB_BATCH", default_value_t = DEFAULT_BATCH,
+          value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=500), usize::from))]
+    spicedb_batch: usize,
     /// Requests in flight at once.
     #[arg(long, env = "AUTHZ_OUTBOX_CONCURRENCY", default_value_t = 32)]
     concurrency: usize,
@@ -94,34 +125,74 @@ impl RunArgs {
 
     fn token(&self) -> anyhow::Result<Option<BearerToken>> {
         if let Some(path) = &self.agentex_auth_token_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the credential file {}", path.display()))?;
+            let text = read_secret(path)?;
             let token = BearerToken::new(text)
                 .with_context(|| format!("the credential file {} is empty", path.display()))?;
             return Ok(Some(token));
         }
         Ok(self.agentex_auth_token.clone().and_then(BearerToken::new))
     }
+
+    fn spicedb_token(&self) -> anyhow::Result<Option<SpiceDbToken>> {
+        if let Some(path) = &self.spicedb_token_file {
+            let token = SpiceDbToken::new(read_secret(path)?)
+                .with_context(|| format!("the credential file {} is empty", path.display()))?;
+            return Ok(Some(token));
+        }
+        Ok(self.spicedb_token.clone().and_then(SpiceDbToken::new))
+    }
+
+    /// The target's client; the SpiceDB target reads the installed mappings.
+    async fn target(&self, pool: &sqlx::PgPool, config: &WorkerConfig) -> anyhow::Result<Target> {
+        match self.target {
+            TargetKind::AgentexAuth => {
+                let url = self.agentex_auth_url.as_deref().context(
+                    "--agentex-auth-url (AGENTEX_AUTH_URL) is required with --target agentex-auth",
+                )?;
+                Ok(AuthClient::new(
+                    url,
+                    self.token()?,
+                    config.request_timeout,
+                    config.concurrency,
+                )?
+                .into())
+            }
+            TargetKind::SpiceDb => {
+                let endpoint = self.spicedb_endpoint.as_deref().context(
+                    "--spicedb-endpoint (SPICEDB_ENDPOINT) is required with --target spicedb",
+                )?;
+                let client =
+                    SpiceDbClient::new(endpoint, self.spicedb_token()?, config.request_timeout)?;
+                let target = SpiceDbTarget::from_database(client, pool.clone(), self.spicedb_batch)
+                    .await
+                    .context("the SpiceDB target")?;
+                Ok(target.into())
+            }
+        }
+    }
+}
+
+/// A credential file's text.
+fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("reading the credential file {}", path.display()))
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.worker_config();
     config.validate()?;
-    let client = AuthClient::new(
-        &args.agentex_auth_url,
-        args.token()?,
-        config.request_timeout,
-        config.concurrency,
-    )?;
     // Claims, records, the listener and housekeeping each need a connection
-    // at times; deliveries themselves hold none.
+    // at times; deliveries themselves hold none (a SpiceDB re-parent reads
+    // one row).
     let pool = crate::db::connect_worker(&args.db.database_url, 8).await?;
+    let target = args.target(&pool, &config).await?;
     let metrics = crate::metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let listener = crate::http::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {}", args.metrics_addr))?;
     let once = args.once;
-    let worker = Worker::new(pool, client, config)?;
+    let target_name = target.name();
+    let worker = Worker::new(pool, target, config)?;
 
     let shutdown = CancellationToken::new();
     let http_cancel = CancellationToken::new();
@@ -131,7 +202,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         http_cancel.clone(),
     ));
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    tracing::info!(addr = %args.metrics_addr, once, "worker started");
+    tracing::info!(addr = %args.metrics_addr, once, target = target_name, "worker started");
 
     let report = worker.run(shutdown, once).await;
     http_cancel.cancel();
@@ -144,7 +215,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         if report.credential_failure {
             eprintln!(
-                "error: agentex-auth rejected the credential (401); nothing was dead-lettered"
+                "error: {target_name} rejected the credential (401 / UNAUTHENTICATED); nothing was dead-lettered"
             );
             return Ok(ExitCode::from(2));
         }

@@ -494,6 +494,25 @@ impl Mappings {
         Ok(())
     }
 
+    /// Checks every mapping's relationships against a SpiceDB schema's text.
+    pub fn check_schema(&self, schema: &str) -> Result<(), MappingError> {
+        let names = relationships::SchemaNames::parse(schema);
+        for m in &self.mappings {
+            for r in &m.relationships {
+                for s in &r.subjects {
+                    names
+                        .check(
+                            m.resource_type.as_str(),
+                            &r.relation,
+                            s.subject_type.as_str(),
+                        )
+                        .map_err(|e| invalid(&m.name, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The mappings as recorded by `migrate` (`authz_outbox_mappings`), for
     /// the worker: the same parse as a file's, so a definition written by an
     /// older release gets today's defaults.
@@ -695,7 +714,7 @@ mod tests {
         assert_eq!(
             shown,
             [
-                "parent_agent@agent:{parent}",
+                "parent_agent@agent:{agent_id}",
                 "owner@user:{principal.user_id}|service_account:{principal.service_account_id}"
             ]
         );

@@ -45,8 +45,9 @@ pub struct Subject {
 /// Where a subject's id comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// The mapping's parent column (the outbox row's `parent_id`).
-    Parent,
+    /// The mapping's parent column, named (its value is the outbox row's
+    /// `parent_id`).
+    Parent(String),
     /// Another column of the row, captured into the outbox row's `attributes`.
     Column(String),
     /// A field of the row's principal.
@@ -83,7 +84,7 @@ impl fmt::Display for Relationship {
                 f.write_str("|")?;
             }
             let source = match &s.source {
-                Source::Parent => "parent".to_string(),
+                Source::Parent(c) => c.clone(),
                 Source::Column(c) => c.clone(),
                 Source::Principal(p) => format!("principal.{p}"),
             };
@@ -147,7 +148,7 @@ pub fn parse(text: &str, cx: &Context<'_>) -> Result<Relationship, String> {
                 }
                 Source::Principal(field.to_string())
             }
-            None if Some(inner) == cx.parent_column => Source::Parent,
+            None if Some(inner) == cx.parent_column => Source::Parent(inner.to_string()),
             None if super::is_plain_identifier(inner) => Source::Column(inner.to_string()),
             None => return Err(bad(&format!("{inner:?} is not a plain column name"))),
         };
@@ -197,6 +198,117 @@ pub fn attribute_columns(relationships: &[Relationship]) -> BTreeSet<String> {
         .collect()
 }
 
+/// The names a SpiceDB schema defines: per definition, its relations (with
+/// the subject types each allows) and its permissions. A light reading of
+/// the schema text, enough to name what a mapping gets wrong in one line;
+/// SpiceDB still judges every write.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SchemaNames {
+    definitions: std::collections::BTreeMap<String, DefinitionNames>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct DefinitionNames {
+    relations: std::collections::BTreeMap<String, BTreeSet<String>>,
+    permissions: BTreeSet<String>,
+}
+
+impl SchemaNames {
+    pub fn parse(text: &str) -> SchemaNames {
+        // Comments out first: `//` to the end of the line, `/* ... */`.
+        let mut clean = String::with_capacity(text.len());
+        let mut rest = text;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix("/*") {
+                rest = after.split_once("*/").map(|(_, r)| r).unwrap_or("");
+            } else if let Some(after) = rest.strip_prefix("//") {
+                rest = after.split_once('\n').map(|(_, r)| r).unwrap_or("");
+                clean.push('\n');
+            } else {
+                let c = rest.chars().next().unwrap_or(' ');
+                clean.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        let mut names = SchemaNames::default();
+        let mut current: Option<String> = None;
+        // Statements end at a newline or a brace.
+        for statement in clean.split(['\n', '{', '}']) {
+            let words: Vec<&str> = statement.split_whitespace().collect();
+            match words.as_slice() {
+                ["definition", name, ..] => {
+                    current = Some(name.to_string());
+                    names.definitions.entry(name.to_string()).or_default();
+                }
+                ["caveat", ..] => current = None,
+                ["relation", ..] => {
+                    let Some(def) = current.as_ref().and_then(|c| names.definitions.get_mut(c))
+                    else {
+                        continue;
+                    };
+                    let body = statement.trim_start().trim_start_matches("relation");
+                    let Some((name, types)) = body.split_once(':') else {
+                        continue;
+                    };
+                    let allowed = types
+                        .split('|')
+                        .filter_map(|t| {
+                            t.split(|c: char| c == ':' || c == '#' || c.is_whitespace())
+                                .find(|w| !w.is_empty())
+                                .map(str::to_string)
+                        })
+                        .collect();
+                    def.relations.insert(name.trim().to_string(), allowed);
+                }
+                ["permission", name, ..] => {
+                    if let Some(def) = current.as_ref().and_then(|c| names.definitions.get_mut(c)) {
+                        let name = name.split('=').next().unwrap_or(name);
+                        def.permissions.insert(name.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        names
+    }
+
+    /// Whether SpiceDB would accept `resource_type#relation@subject_type`.
+    pub fn check(
+        &self,
+        resource_type: &str,
+        relation: &str,
+        subject_type: &str,
+    ) -> Result<(), String> {
+        let def = self
+            .definitions
+            .get(resource_type)
+            .ok_or_else(|| format!("the SpiceDB schema has no definition {resource_type}"))?;
+        let Some(allowed) = def.relations.get(relation) else {
+            if def.permissions.contains(relation) {
+                return Err(format!(
+                    "{resource_type}#{relation} is a permission in the SpiceDB schema, not a relation"
+                ));
+            }
+            return Err(format!(
+                "definition {resource_type} in the SpiceDB schema has no relation {relation}"
+            ));
+        };
+        if !self.definitions.contains_key(subject_type) {
+            return Err(format!(
+                "the SpiceDB schema has no definition {subject_type} (subject of {resource_type}#{relation})"
+            ));
+        }
+        if !allowed.is_empty() && !allowed.contains(subject_type) {
+            let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+            return Err(format!(
+                "{resource_type}#{relation} does not allow subject type {subject_type} (allows {})",
+                allowed.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// SpiceDB's relation-name syntax.
 pub fn is_relation_name(s: &str) -> bool {
     let b = s.as_bytes();
@@ -227,7 +339,7 @@ mod tests {
         let fields = vec!["user_id".to_string(), "service_account_id".to_string()];
         let parent = parse("api_key:{id}#parent_agent@agent:{agent_id}", &cx(&fields)).expect("ok");
         assert_eq!(parent.relation, "parent_agent");
-        assert_eq!(parent.subjects[0].source, Source::Parent);
+        assert_eq!(parent.subjects[0].source, Source::Parent("agent_id".into()));
         let owner = parse(
             "owner@user:{principal.user_id}|service_account:{principal.service_account_id}",
             &cx(&fields),
@@ -264,6 +376,46 @@ mod tests {
                 "parent_agent@agent:{agent_id}",
                 "owner@user:{principal.user_id}|service_account:{principal.service_account_id}"
             ]
+        );
+    }
+
+    #[test]
+    fn schema_names_say_what_a_mapping_gets_wrong() {
+        let schema = SchemaNames::parse(
+            "/* docs */\ndefinition user {}\ndefinition folder {\n  relation owner: user // who\n}\n\
+             definition document {\n    relation parent: folder\n    relation owner: user | user:* | group#member\n    permission read = owner + parent->owner\n}",
+        );
+        assert_eq!(schema.check("document", "owner", "user"), Ok(()));
+        assert_eq!(schema.check("document", "parent", "folder"), Ok(()));
+        assert!(
+            schema
+                .check("doc", "owner", "user")
+                .expect_err("x")
+                .contains("no definition doc")
+        );
+        assert!(
+            schema
+                .check("document", "editor", "user")
+                .expect_err("x")
+                .contains("no relation editor")
+        );
+        assert!(
+            schema
+                .check("document", "read", "user")
+                .expect_err("x")
+                .contains("is a permission")
+        );
+        assert!(
+            schema
+                .check("document", "parent", "user")
+                .expect_err("x")
+                .contains("does not allow")
+        );
+        assert!(
+            schema
+                .check("document", "owner", "team")
+                .expect_err("x")
+                .contains("no definition team")
         );
     }
 }
