@@ -23,6 +23,7 @@ pub struct Machine {
 pub struct Results {
     pub machine: Option<Machine>,
     pub write_path: Option<WritePathResult>,
+    pub host_writes: Option<super::host_writes::HostWritesResult>,
     pub delivery: Option<DeliveryResult>,
     pub ceiling: Option<CeilingResult>,
     pub latency: Option<LatencyResult>,
@@ -63,6 +64,24 @@ impl Results {
                 ">= 3x",
                 format!("{:.2}x", w.inline_vs_capture_p50),
                 w.inline_vs_capture_p50 >= 3.0,
+            );
+        }
+        if let Some(h) = &self.host_writes {
+            add(
+                "capture cost on task status updates between live statuses",
+                "<= 5%",
+                format!(
+                    "{:.1}% ({} outbox rows)",
+                    h.status_updates.cost * 100.0,
+                    h.status_outbox_rows
+                ),
+                h.status_updates.cost <= 0.05 && h.status_outbox_rows == 0,
+            );
+            add(
+                "capture cost on task creation (tasks, task_agents, agent_task_tracker)",
+                "<= 15%",
+                format!("{:.1}%", h.task_creation.cost * 100.0),
+                h.task_creation.cost <= 0.15,
             );
         }
         if let Some(d) = &self.delivery {
