@@ -52,7 +52,7 @@ enum Command {
         command: mappings::MappingsCommand,
     },
     /// Deliver the outbox to agentex-auth or SpiceDB (long-running; `--once` to drain and exit).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Show outbox counts, the oldest pending age and the newest dead rows.
     Status(status::StatusArgs),
     /// Create and delete agent API keys (row and outbox row in one transaction).
@@ -100,7 +100,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => migrate::migrate(args).await,
         Command::Mappings { command } => mappings::mappings(command).await,
-        Command::Run(args) => run::run(args).await,
+        Command::Run(args) => run::run(*args).await,
         Command::Status(args) => status::status(args).await,
         Command::Keys { command } => keys::keys(command).await,
         Command::Agents { command } => agents::agents(command).await,

@@ -280,7 +280,8 @@ impl SpiceDbTarget {
     /// resource's order, if the next pending row of the resource is one and
     /// they can be computed.
     async fn next_register(&self, d: &Deliverable) -> Result<Option<Desired>, sqlx::Error> {
-        let next: Option<(String, Option<String>, Option<Value>, Option<Value>)> = sqlx::query_as(
+        type NextRow = (String, Option<String>, Option<Value>, Option<Value>);
+        let next: Option<NextRow> = sqlx::query_as(
             "SELECT operation, parent_id, principal, attributes FROM authz_outbox
              WHERE resource_type = $1 AND resource_id = $2 AND state = 'pending' AND id > $3
              ORDER BY id LIMIT 1",

@@ -148,10 +148,8 @@ pub async fn plan(
         sqlx::query_scalar("SELECT to_regclass('authz_outbox_mappings') IS NOT NULL")
             .fetch_one(&mut **tx)
             .await?;
-    let (previous, definitions): (
-        BTreeMap<String, (String, Option<String>, String)>,
-        BTreeMap<String, serde_json::Value>,
-    ) = if registry {
+    type Previous = BTreeMap<String, (String, Option<String>, String)>;
+    let (previous, definitions): (Previous, BTreeMap<String, serde_json::Value>) = if registry {
         sqlx::query_as::<_, (String, String, Option<String>, String, serde_json::Value)>(
             "SELECT name, table_name, join_table, ddl, definition FROM authz_outbox_mappings",
         )
