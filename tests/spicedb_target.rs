@@ -557,3 +557,62 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// The quickstart (docs/quickstart-spicedb.md): its script, run as a user
+/// would against an empty database and a SpiceDB holding the example's
+/// schema, ends in exactly the relationships the mapping file says.
+#[sqlx::test(migrations = false)]
+async fn the_quickstart_runs(pool: PgPool) {
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    common::write_schema(
+        &grpc,
+        &std::fs::read_to_string("examples/spicedb-app/schema.zed").expect("schema"),
+    )
+    .await;
+    let url = common::database_url(&pool).await;
+    let grpc_for_script = grpc.clone();
+    let script = std::thread::spawn(move || {
+        Command::new("examples/spicedb-app/quickstart.sh")
+            .env("DATABASE_URL", &url)
+            .env("SPICEDB_ENDPOINT", &grpc_for_script)
+            .env("AUTHZ_OUTBOX", BIN)
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("the script runs")
+    });
+    while !script.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = script.join().expect("script thread");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("delivered=3 "), "{stdout}");
+    assert_eq!(
+        relationships_of(&grpc, "folder", "plans").await,
+        set(&["owner@user:alice"])
+    );
+    assert_eq!(
+        relationships_of(&grpc, "folder", "bobs").await,
+        set(&["owner@user:bob"])
+    );
+    assert_eq!(
+        relationships_of(&grpc, "document", "notes").await,
+        set(&["folder@folder:bobs", "owner@user:bob"]),
+        "moved"
+    );
+    assert!(
+        relationships_of(&grpc, "document", "roadmap")
+            .await
+            .is_empty(),
+        "deleted softly"
+    );
+    let states: Vec<String> = sqlx::query_scalar("SELECT DISTINCT state FROM authz_outbox")
+        .fetch_all(&pool)
+        .await
+        .expect("states");
+    assert_eq!(states, ["delivered"]);
+    dev.shutdown().await;
+}
