@@ -142,20 +142,21 @@ impl RunArgs {
         Ok(self.spicedb_token.clone().and_then(SpiceDbToken::new))
     }
 
-    /// The target's client; the SpiceDB target reads the installed mappings.
-    async fn target(&self, pool: &sqlx::PgPool, config: &WorkerConfig) -> anyhow::Result<Target> {
+    /// The target's client, checked before anything connects (a bad URL
+    /// or credential is a one-line error, whatever the database does).
+    fn client(&self, config: &WorkerConfig) -> anyhow::Result<Client> {
         match self.target {
             TargetKind::AgentexAuth => {
                 let url = self.agentex_auth_url.as_deref().context(
                     "--agentex-auth-url (AGENTEX_AUTH_URL) is required with --target agentex-auth",
                 )?;
-                Ok(AuthClient::new(
+                let client = AuthClient::new(
                     url,
                     self.token()?,
                     config.request_timeout,
                     config.concurrency,
-                )?
-                .into())
+                )?;
+                Ok(Client::AgentexAuth(client))
             }
             TargetKind::SpiceDb => {
                 let endpoint = self.spicedb_endpoint.as_deref().context(
@@ -163,12 +164,27 @@ impl RunArgs {
                 )?;
                 let client =
                     SpiceDbClient::new(endpoint, self.spicedb_token()?, config.request_timeout)?;
-                let target = SpiceDbTarget::from_database(client, pool.clone(), self.spicedb_batch)
-                    .await
-                    .context("the SpiceDB target")?;
-                Ok(target.into())
+                Ok(Client::SpiceDb(client))
             }
         }
+    }
+}
+
+enum Client {
+    AgentexAuth(AuthClient),
+    SpiceDb(SpiceDbClient),
+}
+
+impl Client {
+    /// The SpiceDB target reads the mappings `migrate` installed.
+    async fn target(self, pool: &sqlx::PgPool, batch: usize) -> anyhow::Result<Target> {
+        Ok(match self {
+            Client::AgentexAuth(client) => client.into(),
+            Client::SpiceDb(client) => SpiceDbTarget::from_database(client, pool.clone(), batch)
+                .await
+                .context("the SpiceDB target")?
+                .into(),
+        })
     }
 }
 
@@ -181,11 +197,12 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.worker_config();
     config.validate()?;
+    let client = args.client(&config)?;
     // Claims, records, the listener and housekeeping each need a connection
     // at times; deliveries themselves hold none (a SpiceDB re-parent reads
     // one row).
     let pool = crate::db::connect_worker(&args.db.database_url, 8).await?;
-    let target = args.target(&pool, &config).await?;
+    let target = client.target(&pool, args.spicedb_batch).await?;
     let metrics = crate::metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let listener = crate::http::bind(args.metrics_addr)
         .await

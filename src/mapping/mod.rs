@@ -662,7 +662,8 @@ mod tests {
     fn bad_mappings_name_themselves() {
         let err = |toml: &str| Mappings::from_toml(toml).expect_err("invalid").to_string();
         assert!(
-            err("[[mapping]]\nname = \"x\"\ntype = \"Widget\"\ntable = \"w\"").contains("invalid resource type")
+            err("[[mapping]]\nname = \"x\"\ntype = \"Widget\"\ntable = \"w\"")
+                .contains("invalid resource type")
         );
         let widget = Mappings::from_toml("[[mapping]]\ntype = \"widget\"\ntable = \"w\"")
             .expect("any definition name parses");
