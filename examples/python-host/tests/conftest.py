@@ -5,8 +5,13 @@ principal."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -131,3 +136,94 @@ def outbox(database: Database) -> list[dict[str, Any]]:
     )
     keys = ("id", "resource_type", "resource_id", "operation", "state", "principal", "last_error")
     return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+# --- The real worker and agentex-auth-dev ---------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_post(url: str, body: dict[str, Any]) -> int:
+    """POSTs JSON; the status code (error statuses included)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass(frozen=True)
+class Delivery:
+    #: agentex-auth-dev's HTTP base URL (the agentex-auth contract).
+    auth_url: str
+    #: Its SpiceDB gRPC endpoint (what reconcile reads).
+    spicedb_endpoint: str
+
+
+@pytest.fixture
+def delivery(database: Database, tmp_path: Path) -> Iterator[Delivery]:
+    """agentex-auth-dev over the real SpiceDB engine and one `authz-outbox run`,
+    started as scripts/demo.sh starts them."""
+    if not os.environ.get("SPICEDB_LIBRARY_PATH"):
+        pytest.fail("SPICEDB_LIBRARY_PATH is not set (scripts/test.sh sets it)")
+    http, grpc = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "RUST_LOG": "warn", "DATABASE_URL": database.url}
+    log_path = tmp_path / "processes.log"
+    log = log_path.open("w")
+    auth = subprocess.Popen(
+        [binary("agentex-auth-dev"), "--listen", http, "--grpc-listen", grpc],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    worker = None
+    try:
+        deadline = time.monotonic() + 30
+        while not answers(f"http://{http}/_dev/stats"):
+            if time.monotonic() > deadline or auth.poll() is not None:
+                log.flush()
+                pytest.fail(f"agentex-auth-dev did not start: {log_path.read_text()}")
+            time.sleep(0.1)
+        worker = subprocess.Popen(
+            [
+                binary("authz-outbox"),
+                "run",
+                "--metrics-addr",
+                f"127.0.0.1:{free_port()}",
+                "--poll-interval",
+                "200ms",
+            ],
+            env={**env, "AGENTEX_AUTH_URL": f"http://{http}"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        yield Delivery(auth_url=f"http://{http}", spicedb_endpoint=f"http://{grpc}")
+    finally:
+        for process in (worker, auth):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
+        log.close()
+
+
+def until_nothing_pending(database: Database, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while database.execute("SELECT count(*) FROM authz_outbox WHERE state = 'pending'")[0][0]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"outbox still pending after {limit}s: {outbox(database)}")
+        time.sleep(0.05)

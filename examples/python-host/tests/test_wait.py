@@ -5,15 +5,8 @@ end with the real worker and agentex-auth-dev (over the real SpiceDB engine)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import socket
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,7 +24,7 @@ from authz_outbox_host import (
     wait_for_resource_async,
 )
 
-from .conftest import Database, binary, outbox
+from .conftest import Database, Delivery, http_post, outbox
 from .host_models import AgentAPIKeyORM, AgentAPIKeyType, AgentORM, HostSession
 
 ALICE = {"user_id": "alice"}
@@ -151,84 +144,6 @@ def test_a_timeout_out_of_bounds_is_refused_before_asking(engine: Engine):
 # --- End to end: the real worker and agentex-auth-dev -----------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_post(url: str, body: dict[str, Any]) -> int:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@pytest.fixture
-def delivery(database: Database, tmp_path: Any) -> Iterator[str]:
-    """agentex-auth-dev and one `authz-outbox run`, as in scripts/demo.sh;
-    yields agentex-auth's base URL."""
-    if not os.environ.get("SPICEDB_LIBRARY_PATH"):
-        pytest.fail("SPICEDB_LIBRARY_PATH is not set (scripts/test.sh sets it)")
-    auth_url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "RUST_LOG": "warn", "DATABASE_URL": database.url}
-    log = (tmp_path / "processes.log").open("w")
-    auth = subprocess.Popen(
-        [
-            binary("agentex-auth-dev"),
-            "--listen",
-            auth_url.removeprefix("http://"),
-            "--grpc-listen",
-            f"127.0.0.1:{free_port()}",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    worker = None
-    try:
-        deadline = time.monotonic() + 30
-        while not answers(f"{auth_url}/_dev/stats"):
-            if time.monotonic() > deadline or auth.poll() is not None:
-                log.flush()
-                pytest.fail(
-                    f"agentex-auth-dev did not start: {(tmp_path / 'processes.log').read_text()}"
-                )
-            time.sleep(0.1)
-        worker = subprocess.Popen(
-            [
-                binary("authz-outbox"),
-                "run",
-                "--metrics-addr",
-                f"127.0.0.1:{free_port()}",
-                "--poll-interval",
-                "200ms",
-            ],
-            env={**env, "AGENTEX_AUTH_URL": auth_url},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        yield auth_url
-    finally:
-        for process in (worker, auth):
-            if process is not None:
-                process.terminate()
-                process.wait(timeout=30)
-        log.close()
-
-
 def can_read(auth_url: str, user: str, key_id: str) -> bool:
     status = http_post(
         f"{auth_url}/v1/authz/check",
@@ -243,7 +158,7 @@ def can_read(auth_url: str, user: str, key_id: str) -> bool:
 
 
 async def test_end_to_end_a_created_key_is_readable_when_the_wait_returns(
-    database: Database, async_engine: AsyncEngine, delivery: str
+    database: Database, async_engine: AsyncEngine, delivery: Delivery
 ):
     make = async_sessionmaker(async_engine, sync_session_class=HostSession, expire_on_commit=False)
     with principal_scope(ALICE):
@@ -258,8 +173,8 @@ async def test_end_to_end_a_created_key_is_readable_when_the_wait_returns(
             done = await wait_for_resource_async(session, "api_key", key.id, timeout=30)
     assert done.outcome == "delivered"
     assert done.consistency_token, "agentex-auth's ZedToken"
-    assert can_read(delivery, "alice", key.id)
-    assert not can_read(delivery, "mallory", key.id)
+    assert can_read(delivery.auth_url, "alice", key.id)
+    assert not can_read(delivery.auth_url, "mallory", key.id)
 
     with principal_scope(ALICE):
         async with make() as session:
@@ -267,4 +182,4 @@ async def test_end_to_end_a_created_key_is_readable_when_the_wait_returns(
             await session.commit()
             gone = await wait_for_resource_async(session, "api_key", key.id, timeout=30)
     assert gone.outcome == "delivered"
-    assert not can_read(delivery, "alice", key.id)
+    assert not can_read(delivery.auth_url, "alice", key.id)
