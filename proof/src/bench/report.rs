@@ -133,6 +133,13 @@ impl Results {
                 format!("{:.2} ms", s.p95_ms),
                 s.p95_ms <= 25.0,
             );
+            let w = &l.commit_to_wait_returned;
+            add(
+                "wait_for_resource over delivery, p50",
+                "<= 2 ms more",
+                format!("{:.2} ms more", w.p50_ms - s.p50_ms),
+                w.p50_ms - s.p50_ms <= 2.0,
+            );
             add(
                 "worker RSS idle / at 200 keys/s",
                 "< 50 MiB",
@@ -225,6 +232,11 @@ impl Results {
                 l.histogram_p50_le_ms,
                 l.histogram_p95_le_ms,
                 l.histogram_p99_le_ms
+            );
+            let (w, a) = (&l.commit_to_wait_returned, &l.wait_added);
+            println!(
+                "  commit-to-wait-returned p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms; added per key over delivered_at p50 {:.2} ms, p95 {:.2} ms",
+                w.p50_ms, w.p95_ms, w.p99_ms, a.p50_ms, a.p95_ms
             );
             println!(
                 "  worker RSS idle {:.1} MiB, under load {:.1} MiB",
