@@ -158,7 +158,7 @@ async fn a_thousand_operations_delivered_straight_to_spicedb_converge() {
     config.kill_every = Duration::from_secs(2);
     config.pg_restart_cmd = Some(cluster.restart_command());
     config.quiesce_timeout = Duration::from_secs(60);
-    config.seed = 11;
+    config.seed = 7;
 
     let summary = chaos::run(config)
         .await

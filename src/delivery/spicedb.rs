@@ -279,10 +279,18 @@ impl SpiceDbTarget {
     /// The relationships of the register that follows `d` directly in the
     /// resource's order, if the next pending row of the resource is one and
     /// they can be computed.
+    ///
+    /// That register is marked (`last_error`) before its relationships are
+    /// written: the worker supersedes a *never attempted* register together
+    /// with a deregister right after it, sending neither, which is right
+    /// only while nothing of the register reached SpiceDB. Marked, it counts
+    /// as attempted, so a later deregister is sent and deletes what the swap
+    /// wrote. (The row is not leased by anyone: the claim rule keeps it
+    /// waiting behind `d`, which this worker holds.)
     async fn next_register(&self, d: &Deliverable) -> Result<Option<Desired>, sqlx::Error> {
-        type NextRow = (String, Option<String>, Option<Value>, Option<Value>);
+        type NextRow = (i64, String, Option<String>, Option<Value>, Option<Value>);
         let next: Option<NextRow> = sqlx::query_as(
-            "SELECT operation, parent_id, principal, attributes FROM authz_outbox
+            "SELECT id, operation, parent_id, principal, attributes FROM authz_outbox
              WHERE resource_type = $1 AND resource_id = $2 AND state = 'pending' AND id > $3
              ORDER BY id LIMIT 1",
         )
@@ -291,22 +299,34 @@ impl SpiceDbTarget {
         .bind(d.row.id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some((operation, parent_id, principal, attributes)) = next else {
+        let Some((id, operation, parent_id, principal, attributes)) = next else {
             return Ok(None);
         };
         if operation != Operation::Register.as_str() {
             return Ok(None);
         }
         let principal = principal.unwrap_or(Value::Null);
-        Ok(self
-            .desired(
-                d.resource.kind.as_str(),
-                &d.resource.selector,
-                parent_id.as_deref(),
-                &principal,
-                attributes.as_ref(),
-            )
-            .ok())
+        let Ok(desired) = self.desired(
+            d.resource.kind.as_str(),
+            &d.resource.selector,
+            parent_id.as_deref(),
+            &principal,
+            attributes.as_ref(),
+        ) else {
+            return Ok(None);
+        };
+        let marked = sqlx::query(
+            "UPDATE authz_outbox SET last_error = coalesce(last_error, $2)
+             WHERE id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(format!(
+            "relationships written early, by the re-parent of row {}",
+            d.row.id
+        ))
+        .execute(&self.pool)
+        .await?;
+        Ok((marked.rows_affected() == 1).then_some(desired))
     }
 
     /// One `WriteRelationships`: DELETE what the resource holds and should

@@ -176,7 +176,10 @@ impl Worker {
             .args(["--poll-interval", "200ms", "--shutdown-timeout", "2s"])
             .args(["--concurrency", "16", "--batch-size", "50"])
             .env("DATABASE_URL", &config.database_url)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file(&config.log_dir, &log)?)
             .stderr(log_file(&config.log_dir, &log)?)
