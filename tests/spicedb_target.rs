@@ -616,3 +616,35 @@ async fn the_quickstart_runs(pool: PgPool) {
     assert_eq!(states, ["delivered"]);
     dev.shutdown().await;
 }
+
+/// A re-parent writes the new relationships with the deregister before it;
+/// a delete right after must still remove them (the register the swap
+/// wrote early is never superseded as "created and deleted before
+/// delivery"). Found by the chaos run.
+#[sqlx::test(migrations = false)]
+async fn a_reparent_then_a_delete_leaves_nothing(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    agent(&pool, "a1").await;
+    agent(&pool, "a2").await;
+    let k = key(&pool, "a1", "k").await;
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    as_user(
+        &pool,
+        "u2",
+        "UPDATE agent_api_keys SET agent_id = 'a2' WHERE id = $1",
+        &k.id,
+    )
+    .await;
+    capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    let report = run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    assert_eq!((report.delivered, report.superseded), (3, 0), "{report:?}");
+    assert!(
+        relationships_of(&grpc, "api_key", &k.id).await.is_empty(),
+        "the re-parent's relationships deleted"
+    );
+    dev.shutdown().await;
+}
