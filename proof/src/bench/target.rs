@@ -189,10 +189,16 @@ async fn drain(
     config: &Config,
     spicedb_batch: Option<usize>,
 ) -> anyhow::Result<f64> {
+    // Batched, a claim must hold enough rows to fill every request in
+    // flight, as the direct load generator does.
+    let claim = match spicedb_batch {
+        Some(batch) if batch > 1 => (config.concurrency * batch).clamp(config.batch_size, 1000),
+        _ => config.batch_size,
+    };
     let mut cmd = Command::new(env.authz_outbox());
     cmd.args(["run", "--once"])
         .args(["--concurrency", &config.concurrency.to_string()])
-        .args(["--batch-size", &config.batch_size.to_string()])
+        .args(["--batch-size", &claim.to_string()])
         .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port()?)])
         .env("DATABASE_URL", &env.database_url)
         .env("RUST_LOG", "warn")
