@@ -276,6 +276,40 @@ async fn rows_of_different_resources_share_one_write(pool: PgPool) {
     dev.shutdown().await;
 }
 
+/// `deregister = "mapped"` deletes only the mapping's relations: a share
+/// granted elsewhere survives the delete (the default, "all", is in the
+/// first test).
+#[sqlx::test(migrations = false)]
+async fn a_mapped_deregister_leaves_relationships_the_mapping_does_not_know(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "k").await;
+    let mappings = "[[mapping]]\ntype = \"api_key\"\ntable = \"agent_api_keys\"\nparent = { type = \"agent\", column = \"agent_id\" }\nrelationships = [\"parent_agent@agent:{agent_id}\"]\nderegister = \"mapped\"";
+    worker_with(&pool, &grpc, mappings)
+        .run(CancellationToken::new(), true)
+        .await;
+    common::touch_relationship(&grpc, ("api_key", &k.id), "owner", ("user", "u9")).await;
+    assert_eq!(
+        relationships_of(&grpc, "api_key", &k.id).await,
+        set(&["owner@user:u9", "parent_agent@agent:a1"])
+    );
+    capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    let report = worker_with(&pool, &grpc, mappings)
+        .run(CancellationToken::new(), true)
+        .await;
+    assert_eq!(report.delivered, 1, "{report:?}");
+    assert_eq!(
+        relationships_of(&grpc, "api_key", &k.id).await,
+        set(&["owner@user:u9"]),
+        "only the mapped relation deleted"
+    );
+    dev.shutdown().await;
+}
+
 /// A worker with mappings of the test's own (not the installed ones).
 fn worker_with(pool: &PgPool, grpc: &str, mappings: &str) -> Worker {
     let cfg = config("w");
@@ -589,7 +623,7 @@ async fn the_quickstart_runs(pool: PgPool) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("delivered=3 "), "{stdout}");
+    assert!(stdout.contains("delivered=4 "), "{stdout}");
     assert_eq!(
         relationships_of(&grpc, "folder", "plans").await,
         set(&["owner@user:alice"])
@@ -641,7 +675,9 @@ async fn a_reparent_then_a_delete_leaves_nothing(pool: PgPool) {
         .await
         .expect("delete");
     let report = run_once_spicedb(&pool, &grpc, config("w"), 50).await;
-    assert_eq!((report.delivered, report.superseded), (3, 0), "{report:?}");
+    // The swap, then the register is superseded (its key row is gone) and
+    // the delete is sent: never "created and deleted", both unsent.
+    assert_eq!((report.delivered, report.superseded), (2, 1), "{report:?}");
     assert!(
         relationships_of(&grpc, "api_key", &k.id).await.is_empty(),
         "the re-parent's relationships deleted"

@@ -35,19 +35,21 @@ SELECT set_config('authz_outbox.principal', '{"user_id":"alice"}', true) \g /dev
 INSERT INTO folders (id, name, owner_id) VALUES ('plans', 'Plans', 'alice');
 INSERT INTO documents (id, folder_id, owner_id, title) VALUES
     ('roadmap', 'plans', 'alice', 'Roadmap'),
-    ('notes',   'plans', 'bob',   'Meeting notes');
+    ('notes',   'plans', 'bob',   'Meeting notes'),
+    ('spec',    'plans', 'alice', 'Spec');
 COMMIT;
 SQL
 
 echo "== 5. deliver: relationships written to SpiceDB"
 "$ao" run --once
 
-echo "== 6. move a document to another folder, delete one (softly)"
+echo "== 6. move a document to another folder, hand one to another user, delete one (softly)"
 sql <<'SQL'
 BEGIN;
 SELECT set_config('authz_outbox.principal', '{"user_id":"bob"}', true) \g /dev/null
 INSERT INTO folders (id, name, owner_id) VALUES ('bobs', 'Bob''s', 'bob');
 UPDATE documents SET folder_id = 'bobs' WHERE id = 'notes';
+UPDATE documents SET owner_id = 'bob' WHERE id = 'spec';
 UPDATE documents SET deleted_at = now() WHERE id = 'roadmap';
 COMMIT;
 SQL
