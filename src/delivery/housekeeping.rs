@@ -54,10 +54,20 @@ async fn refresh_gauges(pool: &PgPool, health: &Health) {
     match stats::collect(pool, 0).await {
         Ok(s) => {
             health.database_ok.store(true, Ordering::Relaxed);
-            for (state, n) in &s.counts {
-                metrics::gauge!(m::ROWS, "state" => state.clone()).set(*n as f64);
+            // by_type holds every installed mapping type, zero or not;
+            // their counters start at zero too (once per process is enough,
+            // but a mapping installed later gets its series here).
+            let types: Vec<&String> = s.by_type.keys().collect();
+            m::init_series(&types);
+            for (resource_type, t) in &s.by_type {
+                let label = m::type_label(resource_type);
+                for (state, n) in &t.counts {
+                    metrics::gauge!(m::ROWS, "state" => state.clone(), "resource_type" => label)
+                        .set(*n as f64);
+                }
+                metrics::gauge!(m::OLDEST_PENDING_AGE, "resource_type" => label)
+                    .set(t.oldest_pending_age_seconds);
             }
-            metrics::gauge!(m::OLDEST_PENDING_AGE).set(s.oldest_pending_age_seconds);
             metrics::gauge!(m::LEASED_ROWS).set(s.leased as f64);
         }
         Err(e) => {
