@@ -87,6 +87,48 @@ pub fn init_series<S: AsRef<str>>(types: &[S]) {
     let _ = metrics::histogram!(COMMIT_TO_DELIVERED);
 }
 
+/// Sets the outbox gauges from `stats`: rows by type and state (every
+/// installed type, zero or not), the oldest pending age by type, leased
+/// rows.
+pub fn set_outbox_gauges(stats: &crate::outbox::stats::OutboxStats) {
+    for (resource_type, t) in &stats.by_type {
+        let label = type_label(resource_type);
+        for (state, n) in &t.counts {
+            metrics::gauge!(ROWS, "state" => state.clone(), "resource_type" => label)
+                .set(*n as f64);
+        }
+        metrics::gauge!(OLDEST_PENDING_AGE, "resource_type" => label)
+            .set(t.oldest_pending_age_seconds);
+    }
+    metrics::gauge!(LEASED_ROWS).set(stats.leased as f64);
+}
+
+/// Sets the reconcile gauges from the latest recorded run (zero when none).
+pub fn set_reconcile_gauges(last: Option<&crate::outbox::stats::LastReconcile>) {
+    let (drift, at) = last.map_or((0.0, 0.0), |r| {
+        (r.drift as f64, r.finished_at.timestamp() as f64)
+    });
+    metrics::gauge!(RECONCILE_DRIFT).set(drift);
+    metrics::gauge!(RECONCILE_LAST_RUN).set(at);
+}
+
+/// Makes every series a dashboard or alert reads present before the
+/// endpoint serves its first scrape: counters and histograms at zero for
+/// the installed mapping types, gauges from the database as it is now,
+/// health gauges at "not ready yet". Housekeeping keeps them current.
+pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    metrics::gauge!(READY).set(0.0);
+    metrics::gauge!(CREDENTIAL_FAILURE).set(0.0);
+    metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    let stats = crate::outbox::stats::collect(pool, 0).await?;
+    let types: Vec<&String> = stats.by_type.keys().collect();
+    init_series(&types);
+    set_outbox_gauges(&stats);
+    let last = crate::outbox::stats::last_reconcile(pool).await?;
+    set_reconcile_gauges(last.as_ref());
+    Ok(())
+}
+
 /// Latency buckets, 1 ms to 60 s: delivery is milliseconds when healthy and
 /// minutes during an outage; both ends must be visible.
 const LATENCY_BUCKETS: &[f64] = &[
