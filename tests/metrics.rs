@@ -245,3 +245,48 @@ async fn status_shows_counts_and_oldest_pending_age_per_type(pool: PgPool) {
         "{table}"
     );
 }
+
+#[test]
+fn the_dashboard_selects_by_resource_type() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/authz-outbox.json"
+    ))
+    .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    assert!(
+        variables.iter().any(|v| v["name"] == "resource_type"
+            && v["definition"]
+                .as_str()
+                .is_some_and(|d| d.contains("resource_type"))),
+        "no resource_type variable"
+    );
+    // Every query over a series labelled by type honours the selector.
+    let labelled = [
+        "authz_outbox_rows",
+        "authz_outbox_oldest_pending_age_seconds",
+        "authz_outbox_deliveries_total",
+        "authz_outbox_dead_rows_total",
+    ];
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            for metric in labelled {
+                for (at, _) in expr.match_indices(&format!("{metric}{{")) {
+                    let selector = &expr[at..expr[at..].find('}').map_or(expr.len(), |e| at + e)];
+                    assert!(
+                        selector.contains(r#"resource_type=~"$resource_type""#),
+                        "{}: {expr}",
+                        panel["title"]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 8, "{checked}");
+}
