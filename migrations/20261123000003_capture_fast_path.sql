@@ -1,3 +1,8 @@
+-- squawk-ignore-file require-lock-timeout, require-statement-timeout
+-- (Accepted: `authz-outbox migrate` sets lock_timeout and statement_timeout on
+-- its connection, --lock-timeout / --statement-timeout, and retries on a lock
+-- timeout; `migrate --print-sql` prints both settings first.)
+
 -- The capture path, cheaper per transaction; behaviour unchanged.
 --
 -- Measured per captured key (one INSERT per transaction, asynchronous
@@ -130,7 +135,11 @@ BEGIN
 END
 $$;
 
+-- Released before the concurrent-index rule was adopted; applied by every
+-- deployment since. New migrations drop and build indexes CONCURRENTLY.
+-- squawk-ignore require-concurrent-index-deletion
 DROP INDEX IF EXISTS authz_outbox_pending_by_resource;
 
 -- Nothing calls the old one any more.
+-- squawk-ignore ban-drop-function
 DROP FUNCTION IF EXISTS authz_outbox_enqueue(text, text, text, text, text);

@@ -1,3 +1,8 @@
+-- squawk-ignore-file require-lock-timeout, require-statement-timeout
+-- (Accepted: `authz-outbox migrate` sets lock_timeout and statement_timeout on
+-- its connection, --lock-timeout / --statement-timeout, and retries on a lock
+-- timeout; `migrate --print-sql` prints both settings first.)
+
 -- Resource mappings: the machinery every mapping's generated capture calls.
 --
 -- The capture triggers themselves are generated from the mappings in force

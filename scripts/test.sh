@@ -13,3 +13,8 @@ pg_start
 
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast "$@"
+
+# The Python host example (examples/python-host): its own virtual
+# environment with pinned packages from PyPI, tests against this cluster and
+# the debug binaries built above.
+examples/python-host/run-tests.sh -q

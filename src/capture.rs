@@ -4,8 +4,8 @@
 //! The capture itself is done by triggers (see `migrations/`), so the Python
 //! host service and manual SQL are covered too; what this module adds is the
 //! one line every writer must run — `set_config('authz_outbox.principal', …,
-//! true)` — and [`wait_until_delivered`], the read-your-writes the old inline
-//! register gave, without its orphans.
+//! true)` — and [`wait_for_resource`] / [`wait_until_delivered`], the
+//! read-your-writes the old inline register gave, without its orphans.
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use rand::RngCore;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::domain::{ApiKeyType, Principal};
+use crate::domain::{ApiKeyType, Principal, ResourceRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -253,11 +253,16 @@ fn generate_secret() -> String {
     format!("agx_{hex}")
 }
 
-/// Where an outbox row ended up, as a waiting writer sees it.
+/// Where a resource's (or an outbox row's) delivery ended up, as a waiting
+/// writer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliveryState {
+    /// Nothing pending; the newest row reached agentex-auth.
     Delivered,
+    /// Nothing pending; the newest row was settled without a request (say,
+    /// a key created and deleted before any delivery).
     Superseded,
+    /// The newest row is dead; answered as soon as it is seen.
     Dead { error: String },
 }
 
@@ -265,49 +270,140 @@ pub enum DeliveryState {
 pub enum WaitError {
     #[error("outbox row {0} does not exist")]
     NoSuchRow(i64),
-    #[error("outbox row {id} was not delivered within {timeout:?}")]
-    Timeout { id: i64, timeout: Duration },
+    /// The resource has no outbox row at all: it was never captured (wrong
+    /// type or id?), or its rows were pruned after retention.
+    #[error("{0} has no outbox row")]
+    NothingCaptured(ResourceRef),
+    /// Still pending when the timeout passed: the worker may be slow or
+    /// down; the write itself stands and will be delivered.
+    #[error("{resource} still pending (outbox row {outbox_id}) after {timeout:?}")]
+    Timeout {
+        resource: String,
+        outbox_id: i64,
+        timeout: Duration,
+    },
+    /// The database refused to wait: the caller's transaction could never
+    /// see the worker's progress (REPEATABLE READ or SERIALIZABLE, or a
+    /// transaction that has written).
+    #[error("cannot wait here: {0}")]
+    Refused(String),
+    #[error("timeout {0:?} is longer than the 5 minutes a wait may take")]
+    TimeoutTooLong(Duration),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 }
 
-/// Waits until the worker has finished with an outbox row, polling with a
-/// short, growing interval. Delivery normally takes milliseconds, so the
-/// first checks are close together.
+/// The longest wait `authz_outbox_wait_for_resource` accepts.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Waits until the worker has finished with an outbox row: the row is
+/// delivered, superseded or dead. A later change to the same resource does
+/// not lengthen the wait.
+///
+/// The waiting happens in PostgreSQL (`authz_outbox_wait_for_resource`,
+/// through this row's id), so it is one round trip, not a client-side loop.
 pub async fn wait_until_delivered(
     pool: &PgPool,
     outbox_id: i64,
     timeout: Duration,
 ) -> Result<DeliveryState, WaitError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut interval = Duration::from_millis(2);
-    loop {
-        let row: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT state, last_error FROM authz_outbox WHERE id = $1")
-                .bind(outbox_id)
-                .fetch_optional(pool)
-                .await?;
-        match row {
-            None => return Err(WaitError::NoSuchRow(outbox_id)),
-            Some((state, error)) => match state.as_str() {
-                "delivered" => return Ok(DeliveryState::Delivered),
-                "superseded" => return Ok(DeliveryState::Superseded),
-                "dead" => {
-                    return Ok(DeliveryState::Dead {
-                        error: error.unwrap_or_default(),
-                    });
-                }
-                _ => {}
-            },
+    let resource: Option<(String, String)> =
+        sqlx::query_as("SELECT resource_type, resource_id FROM authz_outbox WHERE id = $1")
+            .bind(outbox_id)
+            .fetch_optional(pool)
+            .await?;
+    let Some((resource_type, resource_id)) = resource else {
+        return Err(WaitError::NoSuchRow(outbox_id));
+    };
+    match wait_sql(pool, &resource_type, &resource_id, Some(outbox_id), timeout).await? {
+        // Pruned between the two statements: it had finished.
+        Answer::Nothing => Err(WaitError::NoSuchRow(outbox_id)),
+        Answer::Finished(state) => Ok(state),
+        Answer::Pending { outbox_id } => Err(WaitError::Timeout {
+            resource: format!("{resource_type}:{resource_id}"),
+            outbox_id,
+            timeout,
+        }),
+    }
+}
+
+/// Read-your-writes by resource: waits until `resource` has nothing pending
+/// in the outbox, i.e. its newest captured change has been delivered (or
+/// settled otherwise), without knowing any outbox id.
+///
+/// A dead newest row answers at once with its error; a pending one that
+/// outlasts `timeout` (at most [`MAX_WAIT`]) is [`WaitError::Timeout`].
+pub async fn wait_for_resource(
+    pool: &PgPool,
+    resource: &ResourceRef,
+    timeout: Duration,
+) -> Result<DeliveryState, WaitError> {
+    let kind = resource.kind.as_str();
+    match wait_sql(pool, kind, &resource.selector, None, timeout).await? {
+        Answer::Nothing => Err(WaitError::NothingCaptured(resource.clone())),
+        Answer::Finished(state) => Ok(state),
+        Answer::Pending { outbox_id } => Err(WaitError::Timeout {
+            resource: resource.to_string(),
+            outbox_id,
+            timeout,
+        }),
+    }
+}
+
+/// What `authz_outbox_wait_for_resource` answered.
+enum Answer {
+    Finished(DeliveryState),
+    Pending { outbox_id: i64 },
+    Nothing,
+}
+
+async fn wait_sql(
+    pool: &PgPool,
+    resource_type: &str,
+    resource_id: &str,
+    through_id: Option<i64>,
+    timeout: Duration,
+) -> Result<Answer, WaitError> {
+    if timeout > MAX_WAIT {
+        return Err(WaitError::TimeoutTooLong(timeout));
+    }
+    let row: (String, Option<String>, Option<i64>) = sqlx::query_as(
+        "SELECT outcome, error, outbox_id
+         FROM authz_outbox_wait_for_resource($1, $2, $3 * interval '1 second', $4)",
+    )
+    .bind(resource_type)
+    .bind(resource_id)
+    .bind(timeout.as_secs_f64())
+    .bind(through_id)
+    .fetch_one(pool)
+    .await
+    .map_err(refusal)?;
+    let (outcome, error, outbox_id) = row;
+    Ok(match outcome.as_str() {
+        "delivered" => Answer::Finished(DeliveryState::Delivered),
+        "superseded" => Answer::Finished(DeliveryState::Superseded),
+        "dead" => Answer::Finished(DeliveryState::Dead {
+            error: error.unwrap_or_default(),
+        }),
+        "timeout" => Answer::Pending {
+            outbox_id: outbox_id.unwrap_or_default(),
+        },
+        "none" => Answer::Nothing,
+        other => {
+            return Err(WaitError::Database(sqlx::Error::Protocol(format!(
+                "authz_outbox_wait_for_resource answered an unknown outcome {other:?}"
+            ))));
         }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return Err(WaitError::Timeout {
-                id: outbox_id,
-                timeout,
-            });
+    })
+}
+
+/// The function's "cannot wait in this transaction" (SQLSTATE 25000) as
+/// its own kind, so a caller can tell a misuse from a failing database.
+fn refusal(e: sqlx::Error) -> WaitError {
+    match e.as_database_error() {
+        Some(d) if d.code().as_deref() == Some("25000") => {
+            WaitError::Refused(d.message().to_string())
         }
-        tokio::time::sleep(interval.min(deadline - now)).await;
-        interval = (interval * 2).min(Duration::from_millis(100));
+        _ => WaitError::Database(e),
     }
 }

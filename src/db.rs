@@ -1,16 +1,11 @@
-//! Connecting to PostgreSQL and applying the embedded migrations.
+//! Connecting to PostgreSQL (the schema itself is `migrate`'s).
 
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::mapping::Mappings;
-use crate::mapping::install::{Change, InstallError};
-
-/// The migrations in `migrations/`, compiled into the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+pub use crate::migrate::{MIGRATOR, migrate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -18,12 +13,6 @@ pub enum DbError {
     BadUrl(String),
     #[error("cannot connect to PostgreSQL: {0}")]
     Connect(String),
-    #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error(transparent)]
-    Mappings(#[from] InstallError),
-    #[error("database error: {0}")]
-    Query(#[from] sqlx::Error),
 }
 
 /// Opens a pool. The URL is parsed first so a typo is reported as such, and
@@ -80,49 +69,6 @@ async fn open(
         .connect_with(options)
         .await
         .map_err(|e| DbError::Connect(redact(&e.to_string(), url)))
-}
-
-/// What `migrate` did: the migrations it applied and the mapping changes
-/// it installed. Both empty when the database was already up to date.
-#[derive(Debug, Default)]
-pub struct MigrateReport {
-    pub migrations: Vec<String>,
-    pub mappings: Vec<Change>,
-}
-
-/// Applies the embedded migrations, then installs the built-in mappings.
-pub async fn migrate(pool: &PgPool) -> Result<MigrateReport, DbError> {
-    migrate_with(pool, &Mappings::builtin()).await
-}
-
-/// Applies the embedded migrations, then makes the installed capture match
-/// `mappings` (see [`crate::mapping::install`]).
-pub async fn migrate_with(pool: &PgPool, mappings: &Mappings) -> Result<MigrateReport, DbError> {
-    let before = applied_versions(pool).await?;
-    MIGRATOR.run(pool).await?;
-    let after = applied_versions(pool).await?;
-    let migrations = MIGRATOR
-        .iter()
-        .filter(|m| after.contains(&m.version) && !before.contains(&m.version))
-        .map(|m| format!("{} {}", m.version, m.description))
-        .collect();
-    let mappings = crate::mapping::install::install(pool, mappings).await?;
-    Ok(MigrateReport {
-        migrations,
-        mappings,
-    })
-}
-
-async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    if !exists {
-        return Ok(Vec::new());
-    }
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-        .fetch_all(pool)
-        .await
 }
 
 /// Removes the URL (which may hold a password) from a driver message.

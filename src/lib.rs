@@ -32,6 +32,7 @@ pub mod domain;
 pub mod http;
 pub mod mapping;
 pub mod metrics;
+pub mod migrate;
 pub mod outbox;
 pub mod reconcile;
 pub mod telemetry;

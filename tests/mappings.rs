@@ -355,7 +355,7 @@ async fn a_mapping_file_covers_a_new_table_end_to_end(pool: PgPool) {
     .await
     .expect("new table");
     let mappings = Mappings::from_toml(SERVICE_KEYS).expect("valid file");
-    let report = authz_outbox::db::migrate_with(&pool, &mappings)
+    let report = authz_outbox::migrate::migrate_with(&pool, &mappings, &Default::default())
         .await
         .expect("migrate");
     assert_eq!(
@@ -391,7 +391,7 @@ async fn a_mapping_file_covers_a_new_table_end_to_end(pool: PgPool) {
     );
     // Migrating again with the same file changes nothing; without it, the
     // mapping is removed and the table is no longer captured.
-    let again = authz_outbox::db::migrate_with(&pool, &mappings)
+    let again = authz_outbox::migrate::migrate_with(&pool, &mappings, &Default::default())
         .await
         .expect("migrate");
     assert!(again.mappings.is_empty() && again.migrations.is_empty());

@@ -11,7 +11,7 @@
 //! `minimize_latency` reads a quantized, possibly older revision) would make
 //! every test flaky for no benefit.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use prost::Message;
@@ -143,9 +143,10 @@ impl Engine {
         Ok(engine)
     }
 
-    /// The unix socket on which the engine serves streaming gRPC.
-    pub fn streaming_socket(&self) -> &Path {
-        self.instance.streaming_socket()
+    /// A channel to the engine's streaming socket, for the RPCs the library
+    /// serves only there (`ReadRelationships`, `LookupResources`, `Watch`...).
+    pub fn streaming_channel(&self) -> Channel {
+        self.streaming.clone()
     }
 
     /// Writes all tuples in one `WriteRelationships` (one transaction) and
@@ -244,7 +245,10 @@ impl Engine {
         Ok(ids)
     }
 
-    async fn call(&self, rpc: Rpc, request: Vec<u8>) -> Result<Vec<u8>, EngineError> {
+    /// Calls a unary RPC with an encoded request, off the async threads.
+    /// Writes (relationships and schema) take the one-writer lock, whoever
+    /// sends them: the HTTP API, `bulk_touch` and the gRPC endpoint alike.
+    pub async fn call(&self, rpc: Rpc, request: Vec<u8>) -> Result<Vec<u8>, EngineError> {
         let instance = Arc::clone(&self.instance);
         let writes = Arc::clone(&self.writes);
         let is_write = matches!(

@@ -16,7 +16,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-/// The authz endpoints faults can be set for.
+/// The endpoints faults can be set for: the HTTP authz endpoints, and the
+/// two gRPC calls that write (`WriteRelationships`, `DeleteRelationships`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Endpoint {
@@ -26,16 +27,22 @@ pub enum Endpoint {
     Search,
     Grant,
     Revoke,
+    /// gRPC `PermissionsService/WriteRelationships`.
+    WriteRelationships,
+    /// gRPC `PermissionsService/DeleteRelationships`.
+    DeleteRelationships,
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 6] = [
+    pub const ALL: [Endpoint; 8] = [
         Endpoint::Register,
         Endpoint::Deregister,
         Endpoint::Check,
         Endpoint::Search,
         Endpoint::Grant,
         Endpoint::Revoke,
+        Endpoint::WriteRelationships,
+        Endpoint::DeleteRelationships,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +53,8 @@ impl Endpoint {
             Endpoint::Search => "search",
             Endpoint::Grant => "grant",
             Endpoint::Revoke => "revoke",
+            Endpoint::WriteRelationships => "write_relationships",
+            Endpoint::DeleteRelationships => "delete_relationships",
         }
     }
 }

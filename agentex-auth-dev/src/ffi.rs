@@ -15,6 +15,9 @@
 //! ```
 //!
 //! Unary RPCs take and return protobuf bytes of the `authzed.api.v1` messages.
+//! A failed call sets `err` to grpc-go's text of its status,
+//! `rpc error: code = FailedPrecondition desc = ...`, which the gRPC endpoint
+//! turns back into that status (see `grpc::status`).
 //!
 //! The library is loaded once per process and never unloaded: a Go runtime
 //! cannot be torn down, and the engine handles started from it must stay valid
@@ -67,10 +70,13 @@ type RpcFn =
 /// A unary RPC the library serves over FFI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rpc {
+    ReadSchema,
     WriteSchema,
     WriteRelationships,
     DeleteRelationships,
     CheckPermission,
+    CheckBulkPermissions,
+    ExpandPermissionTree,
 }
 
 /// The loaded library and its entry points.
@@ -80,10 +86,13 @@ pub struct Library {
     dispose: DisposeFn,
     free: FreeFn,
     free_bytes: FreeBytesFn,
+    read_schema: RpcFn,
     write_schema: RpcFn,
     write_relationships: RpcFn,
     delete_relationships: RpcFn,
     check_permission: RpcFn,
+    check_bulk_permissions: RpcFn,
+    expand_permission_tree: RpcFn,
     /// Owns the mapping the function pointers above point into. It lives in a
     /// `static` and is never dropped, so the pointers never dangle.
     _library: libloading::Library,
@@ -149,10 +158,13 @@ impl Library {
             dispose: symbol!("spicedb_dispose", DisposeFn),
             free: symbol!("spicedb_free", FreeFn),
             free_bytes: symbol!("spicedb_free_bytes", FreeBytesFn),
+            read_schema: symbol!("spicedb_schema_read_schema", RpcFn),
             write_schema: symbol!("spicedb_schema_write_schema", RpcFn),
             write_relationships: symbol!("spicedb_permissions_write_relationships", RpcFn),
             delete_relationships: symbol!("spicedb_permissions_delete_relationships", RpcFn),
             check_permission: symbol!("spicedb_permissions_check_permission", RpcFn),
+            check_bulk_permissions: symbol!("spicedb_permissions_check_bulk_permissions", RpcFn),
+            expand_permission_tree: symbol!("spicedb_permissions_expand_permission_tree", RpcFn),
             path,
             _library: library,
         })
@@ -259,10 +271,13 @@ impl Instance {
     /// response. Blocks.
     pub fn call(&self, rpc: Rpc, request: &[u8]) -> Result<Vec<u8>, FfiError> {
         let function = match rpc {
+            Rpc::ReadSchema => self.library.read_schema,
             Rpc::WriteSchema => self.library.write_schema,
             Rpc::WriteRelationships => self.library.write_relationships,
             Rpc::DeleteRelationships => self.library.delete_relationships,
             Rpc::CheckPermission => self.library.check_permission,
+            Rpc::CheckBulkPermissions => self.library.check_bulk_permissions,
+            Rpc::ExpandPermissionTree => self.library.expand_permission_tree,
         };
         let len = c_int::try_from(request.len()).map_err(|_| {
             FfiError::Call(format!("request of {} bytes is too large", request.len()))

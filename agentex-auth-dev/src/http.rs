@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -21,14 +22,17 @@ use tokio::sync::watch;
 
 use crate::engine::{Engine, Object, Tuple, WriteKind};
 use crate::faults::{Endpoint, Fault, FaultInjector, Faults};
-use crate::schema::Schema;
+use crate::object_id;
+use crate::schema::{LiveSchema, Schema};
 use crate::stats::StatsRecorder;
+use crate::token::BearerToken;
 
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
-    pub schema: Arc<Schema>,
+    pub schema: LiveSchema,
+    pub token: BearerToken,
     pub faults: Arc<FaultInjector>,
     pub stats: Arc<StatsRecorder>,
     /// Turns true at shutdown, cutting injected sleeps short.
@@ -36,13 +40,16 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let authz = Router::new()
         .route("/v1/authz/register", post(register))
         .route("/v1/authz/deregister", post(deregister))
         .route("/v1/authz/check", post(check))
         .route("/v1/authz/search", post(search))
         .route("/v1/authz/grant", post(grant))
         .route("/v1/authz/revoke", post(revoke))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(authz)
         .route(
             "/healthz",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
@@ -51,7 +58,31 @@ pub fn router(state: AppState) -> Router {
         .route("/_dev/stats", get(get_stats))
         .route("/_dev/stats/reset", post(reset_stats))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The largest request body read. Every body of the contract is a few
+/// hundred bytes (the principal is an open object, so leave it room); a
+/// larger one is refused with 413 before it is buffered whole.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Rejects an authz request without the configured bearer token with 401, as
+/// the real service answers a caller whose credential is missing or wrong.
+/// It is counted as the endpoint's `"401"`, and draws no fault. `/healthz` and
+/// `/_dev` stay open: they are the test harness's, not the contract's.
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state
+        .token
+        .accepts(request.headers().get(header::AUTHORIZATION))
+    {
+        return next.run(request).await;
+    }
+    let endpoint = request.uri().path().rsplit('/').next();
+    if let Some(endpoint) = endpoint.and_then(|name| name.parse::<Endpoint>().ok()) {
+        state.stats.record(endpoint, "401");
+    }
+    ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response()
 }
 
 // ---------------------------------------------------------------------------
@@ -99,6 +130,21 @@ impl Answer {
 
     fn written(token: String) -> Answer {
         Answer::ok(json!({"consistency_token": token}))
+    }
+}
+
+/// The raw request body, at most [`MAX_BODY_BYTES`]; a refused body is
+/// answered like every other error, `{"error": "..."}` (413 when too large).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Body)
+            .map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))
     }
 }
 
@@ -189,7 +235,9 @@ fn valid_object_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/_|-=+".contains(&b))
 }
 
-fn object_id(what: &str, id: &str) -> Result<String, ApiError> {
+/// A principal's id as a subject id. Principals are not selectors: they are
+/// stored verbatim, so an id SpiceDB cannot hold is the caller's mistake (422).
+fn subject_id(what: &str, id: &str) -> Result<String, ApiError> {
     if valid_object_id(id) {
         Ok(id.to_string())
     } else {
@@ -204,8 +252,18 @@ fn resource(schema: &Schema, body: &ResourceBody) -> Result<Object, ApiError> {
     resource_type(schema, &body.resource_type)?;
     Ok(Object::new(
         body.resource_type.as_str(),
-        object_id("resource selector", &body.selector)?,
+        selector_id("resource selector", &body.selector)?,
     ))
+}
+
+/// A selector as a SpiceDB object id, in the authz-outbox encoding (see
+/// [`object_id`]): any selector is stored, `run-schedule::a1::s1` included,
+/// except an empty one or one whose encoding exceeds SpiceDB's 1,024
+/// characters, which no encoding can store: 400. The selector is not echoed,
+/// since it may be huge.
+fn selector_id(what: &str, selector: &str) -> Result<String, ApiError> {
+    object_id::encode(selector)
+        .map_err(|error| ApiError::new(StatusCode::BAD_REQUEST, format!("{what}: {error}")))
 }
 
 fn resource_type<'s>(
@@ -231,11 +289,11 @@ fn subject(principal: &Value) -> Result<Object, ApiError> {
             .filter(|s| !s.is_empty())
     };
     if let Some(user) = field("user_id") {
-        Ok(Object::new("user", object_id("principal.user_id", user)?))
+        Ok(Object::new("user", subject_id("principal.user_id", user)?))
     } else if let Some(account) = field("service_account_id") {
         Ok(Object::new(
             "service_account",
-            object_id("principal.service_account_id", account)?,
+            subject_id("principal.service_account_id", account)?,
         ))
     } else {
         Err(ApiError::unprocessable(
@@ -247,13 +305,14 @@ fn subject(principal: &Value) -> Result<Object, ApiError> {
 // ---------------------------------------------------------------------------
 // The authz endpoints
 
-async fn register(State(state): State<AppState>, body: Bytes) -> Response {
+async fn register(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Register,
         body,
         |state, body: RegisterBody| async move {
-            let resource = resource(&state.schema, &body.resource)?;
+            let schema = state.schema.current();
+            let resource = resource(&schema, &body.resource)?;
             let owner = subject(&body.principal)?;
             let mut tuples = vec![Tuple {
                 resource: resource.clone(),
@@ -267,8 +326,7 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Response {
                         parent.resource_type
                     )));
                 }
-                let has_parent = state
-                    .schema
+                let has_parent = schema
                     .definition(&resource.object_type)
                     .is_some_and(|d| d.has_relation("parent_agent"));
                 if !has_parent {
@@ -280,7 +338,10 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Response {
                 tuples.push(Tuple {
                     resource,
                     relation: "parent_agent".into(),
-                    subject: Object::new("agent", object_id("parent selector", &parent.selector)?),
+                    subject: Object::new(
+                        "agent",
+                        selector_id("parent selector", &parent.selector)?,
+                    ),
                 });
             }
             let token = state.write(WriteKind::Touch, &tuples).await?;
@@ -290,13 +351,14 @@ async fn register(State(state): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn deregister(State(state): State<AppState>, body: Bytes) -> Response {
+async fn deregister(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Deregister,
         body,
         |state, body: DeregisterBody| async move {
-            let resource = resource(&state.schema, &body.resource)?;
+            let schema = state.schema.current();
+            let resource = resource(&schema, &body.resource)?;
             let token = state
                 .engine
                 .delete_resource(&resource)
@@ -309,17 +371,17 @@ async fn deregister(State(state): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn check(State(state): State<AppState>, body: Bytes) -> Response {
+async fn check(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Check,
         body,
         |state, body: OperationBody| async move {
-            let resource = resource(&state.schema, &body.resource)?;
+            let schema = state.schema.current();
+            let resource = resource(&schema, &body.resource)?;
             let subject = subject(&body.principal)?;
             let permission = body.operation.permission();
-            let defined = state
-                .schema
+            let defined = schema
                 .definition(&resource.object_type)
                 .is_some_and(|d| d.has_permission(permission) || d.has_relation(permission));
             let allowed = defined
@@ -341,16 +403,17 @@ async fn check(State(state): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn search(State(state): State<AppState>, body: Bytes) -> Response {
+async fn search(State(state): State<AppState>, Body(body): Body) -> Response {
     serve(
         state,
         Endpoint::Search,
         body,
         |state, body: SearchBody| async move {
-            let definition = resource_type(&state.schema, &body.filter_resource)?;
+            let schema = state.schema.current();
+            let definition = resource_type(&schema, &body.filter_resource)?;
             let subject = subject(&body.principal)?;
             let permission = body.filter_operation.permission();
-            let items =
+            let ids =
                 if definition.has_permission(permission) || definition.has_relation(permission) {
                     state
                         .engine
@@ -360,17 +423,35 @@ async fn search(State(state): State<AppState>, body: Bytes) -> Response {
                 } else {
                     Vec::new()
                 };
-            Ok(Answer::ok(json!({"items": items})))
+            Ok(Answer::ok(json!({"items": selectors(ids)})))
         },
     )
     .await
 }
 
-async fn grant(State(state): State<AppState>, body: Bytes) -> Response {
+/// The selectors object ids encode, sorted. An id not in the encoding (only
+/// a raw gRPC write can store one) is no selector this API registered, so it
+/// is left out, with a warning, rather than failing every search.
+fn selectors(ids: Vec<String>) -> Vec<String> {
+    let mut selectors: Vec<String> = ids
+        .into_iter()
+        .filter_map(|id| match object_id::decode(&id) {
+            Ok(selector) => Some(selector),
+            Err(error) => {
+                tracing::warn!(%id, %error, "search: object id is not in the authz-outbox encoding; left out");
+                None
+            }
+        })
+        .collect();
+    selectors.sort();
+    selectors
+}
+
+async fn grant(State(state): State<AppState>, Body(body): Body) -> Response {
     owner_edge(state, Endpoint::Grant, WriteKind::Touch, body).await
 }
 
-async fn revoke(State(state): State<AppState>, body: Bytes) -> Response {
+async fn revoke(State(state): State<AppState>, Body(body): Body) -> Response {
     owner_edge(state, Endpoint::Revoke, WriteKind::Delete, body).await
 }
 
@@ -383,7 +464,7 @@ async fn owner_edge(state: AppState, endpoint: Endpoint, kind: WriteKind, body: 
         move |state, body: OperationBody| async move {
             let _ = body.operation; // validated; the edge is the same for every operation
             let tuple = Tuple {
-                resource: resource(&state.schema, &body.resource)?,
+                resource: resource(&state.schema.current(), &body.resource)?,
                 relation: "owner".into(),
                 subject: subject(&body.principal)?,
             };
@@ -506,7 +587,7 @@ async fn get_faults(State(state): State<AppState>) -> axum::Json<Faults> {
 
 async fn set_faults(
     State(state): State<AppState>,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<axum::Json<Faults>, ApiError> {
     let faults: Faults = parse_body(&body)?;
     faults.validate().map_err(ApiError::unprocessable)?;

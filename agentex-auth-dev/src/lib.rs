@@ -5,10 +5,13 @@
 //! `deregister`, `check`, `search`, `grant`, `revoke`) on top of an embedded,
 //! in-memory SpiceDB: the real server, built as a C shared library
 //! (`libspicedb.so`) and loaded at run time, so the product binary never links
-//! it. Its relationships can be read over gRPC as from any SpiceDB
-//! (`ReadRelationships`, `LookupResources`) on a TCP endpoint. Faults (5xx,
-//! 429, hangs, writes that commit but answer 503, latency, 401) are injected
-//! from a seeded RNG, so a failing run can be replayed.
+//! it. On a TCP endpoint it also serves SpiceDB's own gRPC API, the whole
+//! `PermissionsService` and `SchemaService`, as any SpiceDB would. Faults
+//! (5xx, 429, hangs, writes that commit but answer 503, latency, 401) are
+//! injected from a seeded RNG on the HTTP endpoints and the gRPC writes, so a
+//! failing run can be replayed. An optional bearer token guards both ports.
+//! Selectors are stored in the `authz-outbox` object-id encoding (see the
+//! README), so `run-schedule::a1::s1` is a valid selector.
 //!
 //! The library comes from `scripts/fetch-spicedb.sh`:
 //!
@@ -44,10 +47,12 @@
 mod engine;
 mod faults;
 mod ffi;
-mod grpc_proxy;
+mod grpc;
 mod http;
+mod object_id;
 mod schema;
 mod stats;
+mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,17 +65,20 @@ use tokio::task::JoinHandle;
 pub use crate::engine::EngineError;
 pub use crate::faults::{Endpoint, Fault, FaultRates, Faults};
 pub use crate::ffi::{FfiError, LIBRARY_PATH_ENV, SETUP_COMMAND};
+pub use crate::grpc::MAX_MESSAGE_BYTES;
+pub use crate::http::MAX_BODY_BYTES;
 pub use crate::schema::DEFAULT_SCHEMA;
 pub use crate::stats::Stats;
 
 use crate::engine::{Engine, Object, Tuple, WriteKind};
 use crate::faults::FaultInjector;
 use crate::ffi::Library;
-use crate::schema::Schema;
+use crate::schema::{LiveSchema, Schema};
 use crate::stats::StatsRecorder;
+use crate::token::BearerToken;
 
 /// How to start a [`DevServer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DevServerConfig {
     /// The HTTP (agentex-auth contract) address; port 0 picks a free one.
     pub listen: SocketAddr,
@@ -82,6 +90,25 @@ pub struct DevServerConfig {
     /// The SpiceDB schema text; defaults to `agentex-auth-dev/schema.zed`.
     pub schema: String,
     pub faults: Faults,
+    /// The bearer token every authz request (HTTP `Authorization: Bearer
+    /// …`) and every gRPC call (`authorization: Bearer …` metadata) must
+    /// carry; refused with 401 / `UNAUTHENTICATED`. `None` (or empty)
+    /// accepts every caller. `/healthz` and `/_dev` never ask for it.
+    pub token: Option<String>,
+}
+
+/// Never prints the token.
+impl std::fmt::Debug for DevServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevServerConfig")
+            .field("listen", &self.listen)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("library_path", &self.library_path)
+            .field("schema", &self.schema)
+            .field("faults", &self.faults)
+            .field("token", &BearerToken::new(self.token.as_deref()))
+            .finish()
+    }
 }
 
 impl Default for DevServerConfig {
@@ -93,6 +120,7 @@ impl Default for DevServerConfig {
             library_path: None,
             schema: DEFAULT_SCHEMA.to_string(),
             faults: Faults::none(),
+            token: None,
         }
     }
 }
@@ -181,14 +209,24 @@ impl DevServer {
         let stats = Arc::new(StatsRecorder::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
-        let grpc_task = grpc_proxy::spawn(
+        let schema = LiveSchema::new(Schema::parse(&cfg.schema));
+        let token = BearerToken::new(cfg.token.as_deref());
+        let grpc_task = grpc::spawn(
             grpc_listener,
-            engine.streaming_socket().to_path_buf(),
+            grpc::GrpcState {
+                engine: engine.clone(),
+                schema: schema.clone(),
+                faults: Arc::clone(&faults),
+                stats: Arc::clone(&stats),
+                token: token.clone(),
+                shutdown: shutdown_rx.clone(),
+            },
             shutdown_rx.clone(),
         );
         let app = http::router(http::AppState {
             engine: engine.clone(),
-            schema: Arc::new(Schema::parse(&cfg.schema)),
+            schema,
+            token,
             faults: Arc::clone(&faults),
             stats: Arc::clone(&stats),
             shutdown: shutdown_rx.clone(),
@@ -227,7 +265,8 @@ impl DevServer {
         format!("http://{}", self.http_addr)
     }
 
-    /// `http://127.0.0.1:PORT`: the SpiceDB gRPC endpoint (streaming RPCs).
+    /// `http://127.0.0.1:PORT`: the SpiceDB gRPC endpoint (`PermissionsService`,
+    /// `SchemaService`, and whatever else the engine serves, `Watch` included).
     pub fn grpc_endpoint(&self) -> String {
         format!("http://{}", self.grpc_addr)
     }

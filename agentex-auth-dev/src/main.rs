@@ -22,7 +22,8 @@ struct Args {
     )]
     listen: SocketAddr,
 
-    /// SpiceDB gRPC address (streaming RPCs: ReadRelationships, LookupResources, Watch).
+    /// SpiceDB gRPC address: PermissionsService and SchemaService (unary and
+    /// streaming), Watch.
     #[arg(
         long,
         env = "AGENTEX_AUTH_DEV_GRPC_LISTEN",
@@ -38,16 +39,26 @@ struct Args {
     #[arg(long, env = "AGENTEX_AUTH_DEV_SCHEMA")]
     schema: Option<PathBuf>,
 
-    /// Fault configuration as JSON (the shape GET /_dev/faults returns).
+    /// Bearer token every authz request (HTTP Authorization header) and every
+    /// gRPC call (authorization metadata) must carry [default: none, accept
+    /// every caller].
+    #[arg(long, env = "AGENTEX_AUTH_DEV_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Fault configuration as JSON (the shape GET /_dev/faults returns);
+    /// endpoints: register deregister check search grant revoke
+    /// write_relationships delete_relationships (the last two are gRPC).
     #[arg(long, env = "AGENTEX_AUTH_DEV_FAULTS")]
     faults: Option<String>,
 
-    /// Probability of a plain server error (500/502/503, evenly) on every
-    /// endpoint; replaces the "all" rates of --faults.
+    /// Probability of a plain server error (500/502/503, evenly; on gRPC
+    /// writes INTERNAL/UNAVAILABLE) on every endpoint; replaces the "all"
+    /// rates of --faults.
     #[arg(long, value_parser = probability)]
     fault_rate: Option<f64>,
 
-    /// Probability that a write commits but answers 503, on every endpoint.
+    /// Probability that a write commits but answers 503 (UNAVAILABLE on gRPC),
+    /// on every endpoint.
     #[arg(long, value_parser = probability)]
     applied_then_503_rate: Option<f64>,
 
@@ -55,7 +66,7 @@ struct Args {
     #[arg(long)]
     latency_ms: Option<u64>,
 
-    /// Answer 401 to every authz request.
+    /// Answer 401 to every authz request (UNAUTHENTICATED to gRPC writes).
     #[arg(long)]
     unauthorized: bool,
 
@@ -112,6 +123,7 @@ impl Args {
             library_path: self.library,
             schema,
             faults,
+            token: self.token,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! `permission` names. SpiceDB itself still validates the full text.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
 
 /// The schema shipped in the repository (`agentex-auth-dev/schema.zed`).
 pub const DEFAULT_SCHEMA: &str = include_str!("../schema.zed");
@@ -79,6 +80,28 @@ impl Default for Schema {
     }
 }
 
+/// The schema the engine enforces now, shared by both ports: a `WriteSchema`
+/// over gRPC replaces it, so the HTTP API judges types and operations by what
+/// SpiceDB holds, not by the schema it started with.
+#[derive(Clone)]
+pub struct LiveSchema(Arc<RwLock<Arc<Schema>>>);
+
+impl LiveSchema {
+    pub fn new(schema: Schema) -> LiveSchema {
+        LiveSchema(Arc::new(RwLock::new(Arc::new(schema))))
+    }
+
+    pub fn current(&self) -> Arc<Schema> {
+        // Replaced whole under the lock, so a poisoned lock holds a whole
+        // schema.
+        Arc::clone(&self.0.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn replace(&self, schema: Schema) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(schema);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +120,17 @@ mod tests {
         let key = schema.definition("api_key").expect("api_key");
         assert!(key.has_relation("parent_agent"));
         assert!(key.has_permission("delete"));
+        for ty in ["task", "schedule"] {
+            let definition = schema.definition(ty).expect(ty);
+            assert!(definition.has_relation("parent_agent"), "{ty}");
+            for permission in ["read", "update", "delete", "execute", "cancel"] {
+                assert!(definition.has_permission(permission), "{ty}#{permission}");
+            }
+        }
+        for ty in ["agent", "api_key", "task", "schedule"] {
+            let definition = schema.definition(ty).expect(ty);
+            assert!(!definition.has_permission("create"), "{ty} has no create");
+        }
         assert!(
             schema
                 .definition("user")

@@ -4,6 +4,7 @@
 mod agents;
 mod keys;
 mod mappings;
+mod migrate;
 mod reconcile;
 mod replay;
 mod run;
@@ -44,12 +45,7 @@ impl DbArgs {
 enum Command {
     /// Apply the embedded migrations and install the resource mappings
     /// (idempotent; one line per change, nothing when up to date).
-    Migrate {
-        #[command(flatten)]
-        db: DbArgs,
-        #[command(flatten)]
-        mappings: mappings::MappingArgs,
-    },
+    Migrate(migrate::MigrateArgs),
     /// Show or validate the resource mappings (which tables are captured, and how).
     Mappings {
         #[command(subcommand)]
@@ -102,20 +98,7 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Migrate { db, mappings } => {
-            let mappings = mappings.load()?;
-            let pool = crate::db::connect_quiet(&db.database_url, 2).await?;
-            let report = crate::db::migrate_with(&pool, &mappings).await?;
-            for migration in &report.migrations {
-                println!("applied migration {migration}");
-            }
-            for change in &report.mappings {
-                if change.action != crate::mapping::install::ChangeAction::SkippedNoTable {
-                    println!("{change}");
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Migrate(args) => migrate::migrate(args).await,
         Command::Mappings { command } => mappings::mappings(command).await,
         Command::Run(args) => run::run(args).await,
         Command::Status(args) => status::status(args).await,

@@ -357,6 +357,9 @@ $fn$"#
 
 /// `authz_outbox_live__N(selector, parent)`: the row found from the
 /// selector's parts (an index lookup), then re-checked in full.
+/// SECURITY DEFINER (search path pinned), like the dispatcher: the worker
+/// and replay roles then need no grant on the host's tables, only on this
+/// yes/no answer.
 fn lookup_statement(r: &Resolved) -> String {
     let m = &r.mapping;
     let columns = m.selector.columns();
@@ -384,7 +387,7 @@ fn lookup_statement(r: &Resolved) -> String {
     };
     format!(
         r#"CREATE OR REPLACE FUNCTION {func}(p_selector text, p_parent_id text) RETURNS boolean
-LANGUAGE plpgsql STABLE AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
 DECLARE
     rest text;
     pos  integer;
@@ -474,7 +477,7 @@ pub fn shared_statements(resolved: &[Resolved]) -> Vec<String> {
         .collect();
     let dispatch = format!(
         r#"CREATE OR REPLACE FUNCTION authz_outbox_resource_live(p_type text, p_selector text, p_parent_id text)
-RETURNS boolean LANGUAGE plpgsql STABLE AS $fn$
+RETURNS boolean LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
 BEGIN
 {cases}    RETURN true;
 END

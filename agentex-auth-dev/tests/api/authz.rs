@@ -188,15 +188,47 @@ async fn bad_requests_are_4xx_with_a_json_error() {
             json!({"principal": alice, "resource": resource("user", "a")}),
             422,
         ),
-        (
-            "/v1/authz/register",
-            json!({"principal": alice, "resource": resource("agent", "a b")}),
-            422,
-        ),
+        // Selectors that no encoding can store: empty, or too long once
+        // encoded (1,025 kept bytes; 342 colons need 1,026 characters).
         (
             "/v1/authz/register",
             json!({"principal": alice, "resource": resource("agent", "")}),
-            422,
+            400,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("agent", &"x".repeat(1025))}),
+            400,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("schedule", &":".repeat(342)), "parent": resource("agent", "a")}),
+            400,
+        ),
+        (
+            "/v1/authz/register",
+            json!({"principal": alice, "resource": resource("api_key", "k"), "parent": resource("agent", "")}),
+            400,
+        ),
+        (
+            "/v1/authz/deregister",
+            json!({"principal": alice, "resource": resource("agent", "")}),
+            400,
+        ),
+        (
+            "/v1/authz/check",
+            json!({"principal": alice, "resource": resource("agent", ""), "operation": "read"}),
+            400,
+        ),
+        (
+            "/v1/authz/grant",
+            json!({"principal": alice, "resource": resource("agent", &"y".repeat(2000)), "operation": "read"}),
+            400,
+        ),
+        (
+            "/v1/authz/revoke",
+            json!({"principal": alice, "resource": resource("agent", ""), "operation": "read"}),
+            400,
         ),
         (
             "/v1/authz/register",
@@ -267,6 +299,11 @@ async fn bad_requests_are_4xx_with_a_json_error() {
             assert!(answer["error"].is_string());
         }
     }
+    // A body larger than the limit is refused before it is parsed.
+    let huge = json!({"principal": alice, "resource": resource("agent", "a"), "pad": "p".repeat(70 * 1024)});
+    let (status, answer) = t.post("/v1/authz/register", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert!(answer["error"].is_string(), "{answer}");
     // Nothing was written, and the server still serves.
     assert_eq!(t.server.stats().writes_applied, 0);
     assert_eq!(
@@ -347,4 +384,223 @@ async fn concurrent_registers_are_all_applied() {
         crate::grpc::relationships_of_type(&t, "agent").await.len(),
         40
     );
+}
+
+/// Tasks and schedules are registered like api keys: an owner edge and a
+/// parent agent edge, readable only while the parent agent is readable.
+#[tokio::test]
+async fn tasks_and_schedules_follow_their_owner_and_parent_agent() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let bob = user("bob");
+    for ty in ["task", "schedule"] {
+        let item = || resource(ty, &format!("{ty}-1"));
+        let agent_id = format!("agent-of-{ty}");
+        let agent = || resource("agent", &agent_id);
+        assert_eq!(
+            t.register(&alice, item(), Some(agent())).await,
+            StatusCode::OK,
+            "{ty}"
+        );
+        // The parent agent is not registered yet: the read fails closed.
+        assert_eq!(
+            t.check(&alice, item(), "read").await,
+            StatusCode::FORBIDDEN,
+            "{ty} before its agent"
+        );
+        assert_eq!(t.register(&alice, agent(), None).await, StatusCode::OK);
+        for operation in ["read", "update", "delete", "execute", "cancel"] {
+            assert_eq!(
+                t.check(&alice, item(), operation).await,
+                StatusCode::OK,
+                "{ty} {operation} by its owner"
+            );
+            assert_eq!(
+                t.check(&bob, item(), operation).await,
+                StatusCode::FORBIDDEN,
+                "{ty} {operation} by someone else"
+            );
+        }
+        // `create` is not modelled on an object: denied, not an error.
+        assert_eq!(
+            t.check(&alice, item(), "create").await,
+            StatusCode::FORBIDDEN,
+            "{ty} create"
+        );
+        assert_eq!(t.search(&alice, ty, "read").await, vec![format!("{ty}-1")]);
+        assert_eq!(
+            crate::grpc::relationships_of(&t, ty, &format!("{ty}-1")).await,
+            vec![
+                "owner@user:alice".to_string(),
+                format!("parent_agent@agent:{agent_id}")
+            ]
+        );
+
+        assert_eq!(t.deregister(&alice, item()).await, StatusCode::OK);
+        assert_eq!(
+            t.check(&alice, item(), "read").await,
+            StatusCode::FORBIDDEN,
+            "{ty} after deregister"
+        );
+        assert!(
+            crate::grpc::relationships_of(&t, ty, &format!("{ty}-1"))
+                .await
+                .is_empty()
+        );
+        assert!(t.search(&alice, ty, "read").await.is_empty());
+        assert_eq!(
+            t.deregister(&alice, item()).await,
+            StatusCode::OK,
+            "deleting nothing is success"
+        );
+    }
+    t.shutdown().await;
+}
+
+/// `read` follows the parent agent's `read`, `execute` and `cancel` its
+/// `update`: an owner who may only view the agent may read its task but not
+/// run or cancel it.
+#[tokio::test]
+async fn a_viewer_of_the_agent_reads_but_does_not_run_its_tasks() {
+    let t = spawn().await;
+    let carol = user("carol");
+    t.register(&user("alice"), resource("agent", "agent-1"), None)
+        .await;
+    t.server
+        .bulk_touch(vec![(
+            "agent".into(),
+            "agent-1".into(),
+            "viewer".into(),
+            "user".into(),
+            "carol".into(),
+        )])
+        .await
+        .expect("viewer edge");
+    for ty in ["task", "schedule"] {
+        assert_eq!(
+            t.register(
+                &carol,
+                resource(ty, "x-1"),
+                Some(resource("agent", "agent-1"))
+            )
+            .await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            t.check(&carol, resource(ty, "x-1"), "read").await,
+            StatusCode::OK,
+            "{ty}"
+        );
+        for operation in ["update", "execute", "cancel"] {
+            assert_eq!(
+                t.check(&carol, resource(ty, "x-1"), operation).await,
+                StatusCode::FORBIDDEN,
+                "{ty} {operation} needs the agent's update"
+            );
+        }
+    }
+    t.shutdown().await;
+}
+
+/// The host's schedule selector holds `:`, which SpiceDB ids cannot: it is
+/// stored in the authz-outbox encoding and every endpoint speaks selectors.
+#[tokio::test]
+async fn schedule_selectors_are_stored_encoded_and_searched_back_decoded() {
+    let t = spawn().await;
+    let alice = user("alice");
+    let selector = "run-schedule::a1::s1";
+    let schedule = || resource("schedule", selector);
+    assert_eq!(
+        t.register(&alice, resource("agent", "a1"), None).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.register(&alice, schedule(), Some(resource("agent", "a1")))
+            .await,
+        StatusCode::OK
+    );
+    assert_eq!(t.check(&alice, schedule(), "read").await, StatusCode::OK);
+    assert_eq!(
+        t.check(&user("bob"), schedule(), "read").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(t.search(&alice, "schedule", "read").await, vec![selector]);
+    // What SpiceDB holds, read over gRPC as reconcile reads it.
+    assert_eq!(
+        crate::grpc::relationships_of(&t, "schedule", "run-schedule=3A=3Aa1=3A=3As1").await,
+        vec!["owner@user:alice", "parent_agent@agent:a1"]
+    );
+    assert_eq!(
+        crate::grpc::resource_ids_of_type(&t, "schedule").await,
+        vec!["run-schedule=3A=3Aa1=3A=3As1"]
+    );
+
+    // A parent selector is encoded too, and `=` is escaped.
+    let odd_agent = "agent=with spaces";
+    t.register(&alice, resource("agent", odd_agent), None).await;
+    t.register(
+        &alice,
+        resource("task", "t::1"),
+        Some(resource("agent", odd_agent)),
+    )
+    .await;
+    assert_eq!(
+        crate::grpc::relationships_of(&t, "task", "t=3A=3A1").await,
+        vec![
+            "owner@user:alice",
+            "parent_agent@agent:agent=3Dwith=20spaces"
+        ]
+    );
+    assert_eq!(
+        t.check(&alice, resource("task", "t::1"), "execute").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.search(&alice, "agent", "read").await,
+        vec!["a1", odd_agent]
+    );
+
+    // grant and revoke name the same object.
+    let bob = user("bob");
+    let body =
+        json!({"principal": bob, "resource": resource("agent", odd_agent), "operation": "read"});
+    assert_eq!(t.post("/v1/authz/grant", &body).await.0, StatusCode::OK);
+    assert_eq!(
+        t.check(&bob, resource("agent", odd_agent), "read").await,
+        StatusCode::OK
+    );
+    assert_eq!(t.post("/v1/authz/revoke", &body).await.0, StatusCode::OK);
+    assert_eq!(
+        t.check(&bob, resource("agent", odd_agent), "read").await,
+        StatusCode::FORBIDDEN
+    );
+
+    // An id not in the encoding (only a raw write can store one) is left out
+    // of a search rather than failing it.
+    t.server
+        .bulk_touch(vec![(
+            "agent".into(),
+            "raw=zz".into(),
+            "owner".into(),
+            "user".into(),
+            "alice".into(),
+        )])
+        .await
+        .expect("raw write");
+    assert_eq!(
+        t.search(&alice, "agent", "read").await,
+        vec!["a1", odd_agent]
+    );
+
+    assert_eq!(t.deregister(&alice, schedule()).await, StatusCode::OK);
+    assert!(
+        crate::grpc::relationships_of(&t, "schedule", "run-schedule=3A=3Aa1=3A=3As1")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        t.check(&alice, schedule(), "read").await,
+        StatusCode::FORBIDDEN
+    );
+    t.shutdown().await;
 }

@@ -18,18 +18,23 @@ pub async fn spawn() -> TestServer {
 }
 
 pub async fn spawn_with(faults: Faults) -> TestServer {
+    spawn_config(DevServerConfig {
+        faults,
+        ..DevServerConfig::ephemeral()
+    })
+    .await
+}
+
+pub async fn spawn_config(config: DevServerConfig) -> TestServer {
     if std::env::var_os(LIBRARY_PATH_ENV).is_none_or(|v| v.is_empty()) {
         panic!(
             "{LIBRARY_PATH_ENV} is not set: these tests run against the real SpiceDB library; \
              run `{SETUP_COMMAND}` first"
         );
     }
-    let server = DevServer::start(DevServerConfig {
-        faults,
-        ..DevServerConfig::ephemeral()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start agentex-auth-dev: {e}"));
+    let server = DevServer::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("cannot start agentex-auth-dev: {e}"));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

@@ -9,14 +9,23 @@
 //! delivery. The worker's own `authz_outbox_commit_to_delivered_seconds`
 //! histogram is read from its `/metrics` as a cross-check (bucket bounds).
 //!
+//! Read-your-writes: each writer then calls `wait_for_resource` (the SQL
+//! function `authz_outbox_wait_for_resource`) for its key, as a host that
+//! wants the old inline register's guarantee would, and notes the wall-clock
+//! time it returned. `commit_to_wait_returned` is that time minus the row's
+//! `created_at`; `wait_added` is that time minus `delivered_at`: what waiting
+//! adds over the delivery itself (the recorder's commit, the poll step, one
+//! round trip). Same clock: client and server share the machine.
+//!
 //! The worker's memory is read idle (before the first key) and sampled
 //! during the run.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
-use authz_outbox::capture::{NewApiKey, create_api_key};
-use authz_outbox::domain::{ApiKeyType, Principal};
+use authz_outbox::capture::{DeliveryState, NewApiKey, create_api_key, wait_for_resource};
+use authz_outbox::domain::{ApiKeyType, Principal, ResourceRef};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -44,6 +53,11 @@ pub struct LatencyResult {
     pub histogram_p95_le_ms: Option<f64>,
     pub histogram_p99_le_ms: Option<f64>,
     pub histogram_count: Option<u64>,
+    /// Commit to `authz_outbox_wait_for_resource` returning `delivered`.
+    pub commit_to_wait_returned: Summary,
+    /// What the wait adds over commit-to-delivered (per key: the wait's
+    /// return minus `delivered_at`).
+    pub wait_added: Summary,
     /// Client-side create_api_key latency during the run.
     pub create: Summary,
     pub worker_idle_rss_mib: f64,
@@ -82,13 +96,23 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<LatencyResult> {
                 secret: None,
             };
             let t = Instant::now();
-            create_api_key(&pool, key, Some(&principal)).await?;
-            anyhow::Ok(t.elapsed().as_secs_f64() * 1000.0)
+            let created = create_api_key(&pool, key, Some(&principal)).await?;
+            let create_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let resource = ResourceRef::new("api_key", &created.id)?;
+            let state = wait_for_resource(&pool, &resource, Duration::from_secs(30)).await?;
+            let returned = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+            if state != DeliveryState::Delivered {
+                bail!("{resource}: waited for delivery, got {state:?}");
+            }
+            anyhow::Ok((create_ms, created.id, returned))
         });
     }
     let mut create_ms = Vec::with_capacity(total);
+    let mut wait_returned = HashMap::with_capacity(total);
     while let Some(done) = creates.join_next().await {
-        create_ms.push(done??);
+        let (ms, id, returned) = done??;
+        create_ms.push(ms);
+        wait_returned.insert(id, returned);
     }
     let seconds = started.elapsed().as_secs_f64();
 
@@ -114,12 +138,26 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<LatencyResult> {
     let histogram = scrape_histogram(metrics_port).await.ok();
     terminate(&mut worker).await;
 
-    let samples_ms: Vec<f64> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM delivered_at - created_at) * 1000)::float8
+    let rows: Vec<(String, f64, f64)> = sqlx::query_as(
+        "SELECT resource_id, extract(epoch FROM created_at)::float8,
+                extract(epoch FROM delivered_at)::float8
          FROM authz_outbox WHERE state = 'delivered' AND resource_type = 'api_key'",
     )
     .fetch_all(&pool)
     .await?;
+    let samples_ms: Vec<f64> = rows
+        .iter()
+        .map(|(_, created, delivered)| (delivered - created) * 1000.0)
+        .collect();
+    let mut to_wait_ms = Vec::with_capacity(rows.len());
+    let mut added_ms = Vec::with_capacity(rows.len());
+    for (id, created, delivered) in &rows {
+        let Some(returned) = wait_returned.get(id) else {
+            bail!("key {id} was delivered but its wait never returned");
+        };
+        to_wait_ms.push((returned - created) * 1000.0);
+        added_ms.push((returned - delivered) * 1000.0);
+    }
     if samples_ms.len() != total {
         bail!(
             "{} of {total} keys delivered ({:?})",
@@ -133,6 +171,8 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<LatencyResult> {
         seconds,
         keys: total,
         commit_to_delivered: Summary::of(&samples_ms),
+        commit_to_wait_returned: Summary::of(&to_wait_ms),
+        wait_added: Summary::of(&added_ms),
         histogram_p50_le_ms: q(0.50),
         histogram_p95_le_ms: q(0.95),
         histogram_p99_le_ms: q(0.99),

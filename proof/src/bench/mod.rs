@@ -11,6 +11,7 @@ pub mod ceiling;
 pub mod delivery;
 pub mod env;
 pub mod footprint;
+pub mod host_writes;
 pub mod latency;
 pub mod pinning;
 pub mod reconcile;

@@ -23,6 +23,7 @@ pub struct Machine {
 pub struct Results {
     pub machine: Option<Machine>,
     pub write_path: Option<WritePathResult>,
+    pub host_writes: Option<super::host_writes::HostWritesResult>,
     pub delivery: Option<DeliveryResult>,
     pub ceiling: Option<CeilingResult>,
     pub latency: Option<LatencyResult>,
@@ -63,6 +64,24 @@ impl Results {
                 ">= 3x",
                 format!("{:.2}x", w.inline_vs_capture_p50),
                 w.inline_vs_capture_p50 >= 3.0,
+            );
+        }
+        if let Some(h) = &self.host_writes {
+            add(
+                "capture cost on task status updates between live statuses",
+                "<= 5%",
+                format!(
+                    "{:.1}% ({} outbox rows)",
+                    h.status_updates.cost * 100.0,
+                    h.status_outbox_rows
+                ),
+                h.status_updates.cost <= 0.05 && h.status_outbox_rows == 0,
+            );
+            add(
+                "capture cost on task creation (tasks, task_agents, agent_task_tracker)",
+                "<= 15%",
+                format!("{:.1}%", h.task_creation.cost * 100.0),
+                h.task_creation.cost <= 0.15,
             );
         }
         if let Some(d) = &self.delivery {
@@ -113,6 +132,13 @@ impl Results {
                 "<= 25 ms",
                 format!("{:.2} ms", s.p95_ms),
                 s.p95_ms <= 25.0,
+            );
+            let w = &l.commit_to_wait_returned;
+            add(
+                "wait_for_resource over delivery, p50",
+                "<= 2 ms more",
+                format!("{:.2} ms more", w.p50_ms - s.p50_ms),
+                w.p50_ms - s.p50_ms <= 2.0,
             );
             add(
                 "worker RSS idle / at 200 keys/s",
@@ -212,6 +238,11 @@ impl Results {
                 l.histogram_p50_le_ms,
                 l.histogram_p95_le_ms,
                 l.histogram_p99_le_ms
+            );
+            let (w, a) = (&l.commit_to_wait_returned, &l.wait_added);
+            println!(
+                "  commit-to-wait-returned p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms; added per key over delivered_at p50 {:.2} ms, p95 {:.2} ms",
+                w.p50_ms, w.p95_ms, w.p99_ms, a.p50_ms, a.p95_ms
             );
             println!(
                 "  worker RSS idle {:.1} MiB, under load {:.1} MiB",

@@ -13,11 +13,12 @@ use clap::{Parser, ValueEnum};
 
 use bench::report::{Machine, Results};
 use bench::svg::{Series, cdf_chart};
-use bench::{ceiling, delivery, env::Env, latency, reconcile, write_path};
+use bench::{ceiling, delivery, env::Env, host_writes, latency, reconcile, write_path};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
     Write,
+    HostWrites,
     Delivery,
     Ceiling,
     Latency,
@@ -47,6 +48,12 @@ struct Args {
     write_rounds: usize,
     #[arg(long, default_value_t = 2.0)]
     write_round_secs: f64,
+
+    /// Rounds per host-write variant (captured / plain copies of the tables).
+    #[arg(long, default_value_t = 6)]
+    host_write_rounds: usize,
+    #[arg(long, default_value_t = 2.0)]
+    host_write_round_secs: f64,
 
     /// Rows per delivery drain (agentex-auth-dev does about 1,500-2,000 registers/s here).
     #[arg(long, default_value_t = 50_000)]
@@ -127,6 +134,22 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
             .context("write path")?,
+        );
+    }
+    if runs(Which::HostWrites) {
+        eprintln!("bench: host writes (tasks)");
+        results.host_writes = Some(
+            host_writes::run(
+                &env,
+                &host_writes::Config {
+                    concurrency: args.write_concurrency,
+                    rounds: args.host_write_rounds,
+                    round: Duration::from_secs_f64(args.host_write_round_secs),
+                    tasks: 10_000,
+                },
+            )
+            .await
+            .context("host writes")?,
         );
     }
     if runs(Which::Delivery) {

@@ -1,5 +1,9 @@
-//! The random operations: what a host does to `agent_api_keys`, over a fixed
-//! set of key slots, with an exact record of what should exist at the end.
+//! The random operations: what a host does to its four registered resource
+//! types — api keys (create, delete three ways, re-parent), tasks (created
+//! as the host does, status changes between live statuses, soft delete),
+//! schedules (created with their own `creator_principal`, touched, soft
+//! delete) and agents (soft delete and undelete) — over fixed slots, with an
+//! exact record of what should exist at the end.
 //!
 //! Each driver task owns the slots `i` with `i % tasks == task`, so the
 //! operations on one key are sequential (and the expected state exact) while
@@ -32,6 +36,23 @@ pub enum OpKind {
     DeleteByName,
     DeleteSql,
     Reparent,
+    TaskCreate,
+    TaskStatus,
+    TaskSoftDelete,
+    ScheduleCreate,
+    ScheduleTouch,
+    ScheduleSoftDelete,
+    AgentSoftDelete,
+    AgentUndelete,
+}
+
+/// One `check` the end state implies: may `user` read `resource_type:selector`?
+#[derive(Debug, Clone)]
+pub struct Expectation {
+    pub user: String,
+    pub resource_type: &'static str,
+    pub selector: String,
+    pub allowed: bool,
 }
 
 const KEY_TYPES: [ApiKeyType; 4] = [
@@ -66,6 +87,8 @@ pub struct DriverOutcome {
     pub deleted: Vec<DeletedKey>,
     /// Statements retried after a database error (the PostgreSQL restart).
     pub retries: u64,
+    /// Tasks, schedules and agents: who may and may not read them at the end.
+    pub expectations: Vec<Expectation>,
 }
 
 /// Settings shared by the driver tasks.
@@ -113,12 +136,22 @@ pub async fn drive(plan: Arc<DriverPlan>, task: usize) -> anyhow::Result<DriverO
         return Ok(out);
     }
     let mut counter = 0u64;
+    let mut others = Others::new(task, my_slots.len());
     let started = tokio::time::Instant::now();
     let interval =
         (plan.rate > 0.0).then(|| Duration::from_secs_f64(plan.tasks as f64 / plan.rate));
     for n in 0..my_ops {
         if let Some(interval) = interval {
             tokio::time::sleep_until(started + interval * n as u32).await;
+        }
+        let family = rng.random_range(0..100);
+        if family >= 55 {
+            let kind =
+                other_resources(&plan, task, &mut rng, &mut others, family, &mut out.retries)
+                    .await?;
+            *out.ops.entry(kind).or_default() += 1;
+            plan.done.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
         let s = rng.random_range(0..slots.len());
         let kind = match &slots[s] {
@@ -164,7 +197,8 @@ pub async fn drive(plan: Arc<DriverPlan>, task: usize) -> anyhow::Result<DriverO
                     creator: key.creator,
                 });
             }
-            OpKind::Reparent => {
+            // (Tasks, schedules and agents are chosen above, never here.)
+            _ => {
                 let key = slots[s].as_mut().expect("a full slot");
                 let mut to = agent_id(rng.random_range(0..plan.agents));
                 while to == key.agent_id && plan.agents > 1 {
@@ -178,7 +212,304 @@ pub async fn drive(plan: Arc<DriverPlan>, task: usize) -> anyhow::Result<DriverO
         plan.done.fetch_add(1, Ordering::Relaxed);
     }
     out.live = slots.into_iter().flatten().collect();
+    out.expectations.extend(others.expectations(plan.users));
     Ok(out)
+}
+
+/// A driver task's tasks, schedules and spare agents (agents no key hangs
+/// off, so their soft deletes do not change what the keys' checks expect).
+struct Others {
+    task: usize,
+    counter: u64,
+    /// (task id, agent, creator)
+    tasks: Vec<Option<(String, String, String)>>,
+    /// (schedule id, agent, creator)
+    schedules: Vec<Option<(String, String, String)>>,
+    /// (agent id, created, live)
+    agents: Vec<(String, bool, bool)>,
+    deleted: Vec<Expectation>,
+}
+
+impl Others {
+    fn new(task: usize, slots: usize) -> Self {
+        let n = (slots / 4).max(1);
+        Others {
+            task,
+            counter: 0,
+            tasks: vec![None; n],
+            schedules: vec![None; n],
+            agents: (0..2)
+                .map(|j| (format!("chaos-spare-t{task}-{j}"), false, false))
+                .collect(),
+            deleted: Vec::new(),
+        }
+    }
+
+    fn expectations(self, users: usize) -> Vec<Expectation> {
+        let other = |creator: &str| {
+            let n = creator
+                .trim_start_matches('u')
+                .parse::<usize>()
+                .unwrap_or(0);
+            user((n + 1) % users.max(1))
+        };
+        let mut out = self.deleted;
+        for (id, _, creator) in self.tasks.into_iter().flatten() {
+            if users > 1 {
+                out.push(Expectation {
+                    user: other(&creator),
+                    resource_type: "task",
+                    selector: id.clone(),
+                    allowed: false,
+                });
+            }
+            out.push(Expectation {
+                user: creator,
+                resource_type: "task",
+                selector: id,
+                allowed: true,
+            });
+        }
+        for (id, agent, creator) in self.schedules.into_iter().flatten() {
+            out.push(Expectation {
+                user: creator,
+                resource_type: "schedule",
+                selector: format!("run-schedule::{agent}::{id}"),
+                allowed: true,
+            });
+        }
+        for (id, created, live) in self.agents {
+            if created {
+                out.push(Expectation {
+                    user: "admin".into(),
+                    resource_type: "agent",
+                    selector: id,
+                    allowed: live,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// One operation on a task, a schedule or a spare agent (`family` 55..100).
+async fn other_resources(
+    plan: &DriverPlan,
+    task: usize,
+    rng: &mut StdRng,
+    o: &mut Others,
+    family: u32,
+    retries: &mut u64,
+) -> anyhow::Result<OpKind> {
+    let _ = task;
+    if family < 75 {
+        let s = rng.random_range(0..o.tasks.len());
+        match o.tasks[s].clone() {
+            None => {
+                o.counter += 1;
+                let id = format!("chaos-task-t{}-{}", o.task, o.counter);
+                let agent = agent_id(rng.random_range(0..plan.agents));
+                let creator = user(rng.random_range(0..plan.users));
+                create_task(plan, &id, &agent, &creator, retries).await?;
+                o.tasks[s] = Some((id, agent, creator));
+                Ok(OpKind::TaskCreate)
+            }
+            Some((id, _, creator)) if rng.random_bool(0.5) => {
+                let status = ["COMPLETED", "FAILED", "RUNNING", "TIMED_OUT", "CANCELED"]
+                    [rng.random_range(0..5)];
+                let (id, who) = (&id, principal(&creator));
+                retrying(plan, retries, "task status", || {
+                    let who = &who;
+                    async move { host_update(plan, who, "UPDATE tasks SET status = $2::taskstatus, updated_at = now() WHERE id = $1", id, status).await }
+                })
+                .await?;
+                Ok(OpKind::TaskStatus)
+            }
+            Some((id, _, creator)) => {
+                let (idr, who) = (&id, principal(&creator));
+                retrying(plan, retries, "task soft delete", || {
+                    let who = &who;
+                    async move {
+                        host_update(
+                            plan,
+                            who,
+                            "UPDATE tasks SET status = $2::taskstatus WHERE id = $1",
+                            idr,
+                            "DELETED",
+                        )
+                        .await
+                    }
+                })
+                .await?;
+                o.deleted.push(Expectation {
+                    user: creator,
+                    resource_type: "task",
+                    selector: id,
+                    allowed: false,
+                });
+                o.tasks[s] = None;
+                Ok(OpKind::TaskSoftDelete)
+            }
+        }
+    } else if family < 90 {
+        let s = rng.random_range(0..o.schedules.len());
+        match o.schedules[s].clone() {
+            None => {
+                o.counter += 1;
+                let id = format!("chaos-sched-t{}-{}", o.task, o.counter);
+                let agent = agent_id(rng.random_range(0..plan.agents));
+                let creator = user(rng.random_range(0..plan.users));
+                let creator_json = serde_json::json!({ "user_id": creator }).to_string();
+                let (idr, agentr, cj) = (&id, &agent, &creator_json);
+                retrying(plan, retries, "schedule create", || async move {
+                    // No transaction setting: the row's creator_principal is the creator.
+                    sqlx::query(
+                        "INSERT INTO agent_run_schedules (id, agent_id, name, creator_principal)
+                         VALUES ($1, $2, $1, $3::json) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(idr)
+                    .bind(agentr)
+                    .bind(cj)
+                    .execute(&plan.pool)
+                    .await?;
+                    Ok(())
+                })
+                .await?;
+                o.schedules[s] = Some((id, agent, creator));
+                Ok(OpKind::ScheduleCreate)
+            }
+            Some((id, _, _)) if rng.random_bool(0.4) => {
+                let idr = &id;
+                retrying(plan, retries, "schedule touch", || async move {
+                    sqlx::query("UPDATE agent_run_schedules SET version = version + 1, updated_at = now() WHERE id = $1")
+                        .bind(idr)
+                        .execute(&plan.pool)
+                        .await?;
+                    Ok(())
+                })
+                .await?;
+                Ok(OpKind::ScheduleTouch)
+            }
+            Some((id, agent, creator)) => {
+                let idr = &id;
+                retrying(plan, retries, "schedule soft delete", || async move {
+                    sqlx::query("UPDATE agent_run_schedules SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
+                        .bind(idr)
+                        .execute(&plan.pool)
+                        .await?;
+                    Ok(())
+                })
+                .await?;
+                o.deleted.push(Expectation {
+                    user: creator,
+                    resource_type: "schedule",
+                    selector: format!("run-schedule::{agent}::{id}"),
+                    allowed: false,
+                });
+                o.schedules[s] = None;
+                Ok(OpKind::ScheduleSoftDelete)
+            }
+        }
+    } else {
+        let a = rng.random_range(0..o.agents.len());
+        let (id, created, live) = o.agents[a].clone();
+        let admin = principal("admin");
+        let idr = &id;
+        let kind = if !created || !live {
+            retrying(plan, retries, "agent undelete", || {
+                let admin = &admin;
+                async move {
+                    let mut tx = plan.pool.begin().await?;
+                    capture::set_principal(&mut tx, Some(admin)).await?;
+                    sqlx::query(
+                        "INSERT INTO agents (id, name, description, status) VALUES ($1, $1, '', 'READY')
+                         ON CONFLICT (id) DO UPDATE SET status = 'READY'",
+                    )
+                    .bind(idr)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            o.agents[a] = (id, true, true);
+            OpKind::AgentUndelete
+        } else {
+            retrying(plan, retries, "agent soft delete", || {
+                let admin = &admin;
+                async move { host_update(plan, admin, "UPDATE agents SET status = $2::agentstatus, updated_at = now() WHERE id = $1", idr, "DELETED").await }
+            })
+            .await?;
+            o.agents[a] = (id, true, false);
+            OpKind::AgentSoftDelete
+        };
+        Ok(kind)
+    }
+}
+
+/// One UPDATE in its own transaction, with the principal set (idempotent).
+async fn host_update(
+    plan: &DriverPlan,
+    who: &Principal,
+    sql: &'static str,
+    id: &str,
+    value: &str,
+) -> anyhow::Result<()> {
+    let mut tx = plan.pool.begin().await?;
+    capture::set_principal(&mut tx, Some(who)).await?;
+    sqlx::query(sql)
+        .bind(id)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A task created as the host creates it: tasks, task_agents,
+/// agent_task_tracker, one transaction. A retry after an ambiguous commit
+/// adopts the task if it is there.
+async fn create_task(
+    plan: &DriverPlan,
+    id: &str,
+    agent: &str,
+    creator: &str,
+    retries: &mut u64,
+) -> anyhow::Result<()> {
+    let who = principal(creator);
+    retrying(plan, retries, "task create", || {
+        let who = &who;
+        async move {
+            let mut tx = plan.pool.begin().await?;
+            capture::set_principal(&mut tx, Some(who)).await?;
+            let inserted = sqlx::query(
+                "INSERT INTO tasks (id, name, status, params) VALUES ($1, $1, 'RUNNING', '{}')
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                sqlx::query("INSERT INTO task_agents (task_id, agent_id) VALUES ($1, $2)")
+                    .bind(id)
+                    .bind(agent)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO agent_task_tracker (id, agent_id, task_id, status) VALUES ('tr-' || $1, $2, $1, 'ACTIVE')",
+                )
+                .bind(id)
+                .bind(agent)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Retries `attempt` on database errors (PostgreSQL restarting) for up to

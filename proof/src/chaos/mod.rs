@@ -302,6 +302,7 @@ async fn storm_and_verify(
                 }
                 outcome.live.extend(o.live);
                 outcome.deleted.extend(o.deleted);
+                outcome.expectations.extend(o.expectations);
                 outcome.retries += o.retries;
             }
             Err(e) => driver_error = Some(e),
@@ -410,6 +411,7 @@ async fn storm_and_verify(
         &auth.base_url,
         &outcome.live,
         &outcome.deleted,
+        &outcome.expectations,
         config.users,
     )
     .await?;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use super::ChaosConfig;
-use super::driver::{DeletedKey, LiveKey};
+use super::driver::{DeletedKey, Expectation, LiveKey};
 
 /// Outbox totals by state, and attempts.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -170,15 +170,27 @@ pub struct CheckResults {
 
 /// For every live key: its creator may read it and another user may not.
 /// For every deleted key: its creator may not read it.
+/// And every task, schedule and agent as the driver's expectations say.
 pub async fn check_access(
     base_url: &str,
     live: &[LiveKey],
     deleted: &[DeletedKey],
+    others: &[Expectation],
     users: usize,
 ) -> anyhow::Result<CheckResults> {
-    let mut cases: Vec<(String, String, bool)> = Vec::new();
+    let mut cases: Vec<(String, &'static str, String, bool)> = others
+        .iter()
+        .map(|e| {
+            (
+                e.user.clone(),
+                e.resource_type,
+                e.selector.clone(),
+                e.allowed,
+            )
+        })
+        .collect();
     for k in live {
-        cases.push((k.creator.clone(), k.id.clone(), true));
+        cases.push((k.creator.clone(), "api_key", k.id.clone(), true));
         if users > 1 {
             let other = (k
                 .creator
@@ -187,11 +199,11 @@ pub async fn check_access(
                 .unwrap_or(0)
                 + 1)
                 % users;
-            cases.push((super::driver::user(other), k.id.clone(), false));
+            cases.push((super::driver::user(other), "api_key", k.id.clone(), false));
         }
     }
     for k in deleted {
-        cases.push((k.creator.clone(), k.id.clone(), false));
+        cases.push((k.creator.clone(), "api_key", k.id.clone(), false));
     }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -204,10 +216,10 @@ pub async fn check_access(
         let (client, url, cases) = (client.clone(), url.clone(), cases.clone());
         set.spawn(async move {
             let mut r = CheckResults::default();
-            for (user, key, allowed) in cases.iter().skip(shard).step_by(parallel) {
+            for (user, kind, key, allowed) in cases.iter().skip(shard).step_by(parallel) {
                 let body = json!({
                     "principal": {"user_id": user},
-                    "resource": {"type": "api_key", "selector": key},
+                    "resource": {"type": kind, "selector": key},
                     "operation": "read",
                 });
                 let got = match client.post(&url).json(&body).send().await {
@@ -215,7 +227,7 @@ pub async fn check_access(
                     Err(e) => {
                         r.failed += 1;
                         r.failures
-                            .push(format!("check {user} read api_key:{key}: {e}"));
+                            .push(format!("check {user} read {kind}:{key}: {e}"));
                         continue;
                     }
                 };
@@ -226,7 +238,7 @@ pub async fn check_access(
                     r.failed += 1;
                     if r.failures.len() < 10 {
                         r.failures.push(format!(
-                            "check {user} read api_key:{key}: expected {want}, got {got}"
+                            "check {user} read {kind}:{key}: expected {want}, got {got}"
                         ));
                     }
                 }

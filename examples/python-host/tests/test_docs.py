@@ -1,0 +1,321 @@
+"""docs/host-integration.md, run: every fenced block of the guide is marked
+``<!-- tested: NAME -->`` and run here, in the guide's order, against a fresh
+database, the real worker and agentex-auth-dev, as the host's role ``app``.
+
+Each NAME has a runner below that runs the block as written (shell through
+bash, SQL through psql-like connections, Python through ``exec`` with
+top-level ``await``) and then checks what the block is meant to achieve. A
+block without a mark, or a mark without a runner, fails the test, so the
+guide cannot grow an untested snippet.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import re
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from . import host_models
+from .conftest import (
+    REPO,
+    Database,
+    Delivery,
+    binary,
+    http_post,
+    outbox,
+    until_nothing_pending,
+    with_db,
+)
+
+GUIDE = REPO / "docs" / "host-integration.md"
+ROLE = "app"
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    language: str
+    code: str
+    line: int
+
+
+def blocks(text: str) -> list[Block]:
+    """Marked blocks, in order; fails on any fenced block without a mark."""
+    found: list[Block] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^```(\w*)", lines[i])
+        if not fence:
+            i += 1
+            continue
+        mark = re.match(r"^<!-- tested: ([\w-]+) -->$", lines[i - 1] if i else "")
+        assert mark, f"{GUIDE.name}:{i + 1}: fenced block without <!-- tested: NAME -->"
+        end = lines.index("```", i + 1)
+        found.append(Block(mark.group(1), fence.group(1), "\n".join(lines[i + 1 : end]), i + 1))
+        i = end + 1
+    return found
+
+
+@dataclass
+class Guide:
+    """What the guide's blocks run against, and what they leave behind."""
+
+    database: Database
+    delivery: Delivery
+    workdir: Path
+    namespace: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def app_url(self) -> str:
+        return with_db(
+            self.database.url, scheme="postgresql", database=self.database.name, user=ROLE
+        )
+
+    def sh(self, code: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "PATH": f"{binary('authz-outbox').parent}:{os.environ['PATH']}",
+            "DATABASE_URL": self.database.url,
+            "AGENTEX_AUTH_URL": self.delivery.auth_url,
+            "SPICEDB_ENDPOINT": self.delivery.spicedb_endpoint,
+            "RUST_LOG": "warn",
+        }
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", code],
+            env=env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+        return done
+
+    def sql_as_owner(self, code: str) -> None:
+        self.database.execute(code)
+
+    def sql_as_app(self, code: str) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.app_url, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(code.encode())
+            return cur.fetchall() if cur.description else []
+
+    async def python(self, code: str, name: str) -> None:
+        compiled = compile(code, f"<{name}>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+        result = eval(compiled, self.namespace)
+        if inspect.iscoroutine(result):
+            await result
+
+    def principal_of(self, resource: str, operation: str = "register") -> Any:
+        rows = [
+            r
+            for r in outbox(self.database)
+            if f"{r['resource_type']}:{r['resource_id']}" == resource
+            and r["operation"] == operation
+        ]
+        assert rows, f"no {operation} row for {resource}: {outbox(self.database)}"
+        return rows[-1]["principal"]
+
+
+Runner = Callable[[Guide, Block], Awaitable[None]]
+
+
+async def migrate(g: Guide, b: Block) -> None:
+    assert "pending" in g.sh(b.code).stdout, "status prints the counts"
+
+
+async def grants(g: Guide, b: Block) -> None:
+    g.sql_as_owner(b.code)
+    # The host's role can now capture and wait, without reading anything else.
+    assert g.sql_as_app(
+        "SELECT has_function_privilege(current_user, "
+        "'authz_outbox_wait_for_resource(text,text,interval,bigint)', 'EXECUTE')"
+    ) == [(True,)]
+
+
+async def role_default(g: Guide, b: Block) -> None:
+    g.sql_as_owner(b.code)
+    assert g.sql_as_app("SELECT current_setting('authz_outbox.principal')") == [
+        ('{"service_account_id":"agentex-host"}',)
+    ]
+
+
+async def session_hook(g: Guide, b: Block) -> None:
+    os.environ["ASYNC_DATABASE_URL"] = with_db(
+        g.database.url, scheme="postgresql+asyncpg", database=g.database.name, user=ROLE
+    )
+    await g.python(b.code, b.name)
+    assert "AsyncSessionLocal" in g.namespace
+
+
+async def middleware(g: Guide, b: Block) -> None:
+    make = g.namespace["AsyncSessionLocal"]
+
+    async def host_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async with make() as session:
+            session.add(host_models.AgentORM(id=scope["path"].strip("/"), name=scope["path"]))
+            await session.commit()
+
+    g.namespace["app"] = host_app
+    await g.python(b.code, b.name)
+    principal = {"user_id": "u-mw", "account_id": "acc-1", "api_key": "agx_secret"}
+
+    async def no_body() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def ignore(message: Any) -> None:
+        return None
+
+    app = g.namespace["app"]
+    await app(
+        {"type": "http", "path": "/mw-agent", "state": {"principal": principal}}, no_body, ignore
+    )
+    await app({"type": "http", "path": "/anon-agent"}, no_body, ignore)
+    assert g.principal_of("agent:mw-agent") == {"user_id": "u-mw", "account_id": "acc-1"}
+    assert g.principal_of("agent:anon-agent") == {"service_account_id": "agentex-host"}
+
+
+async def sql_writer(g: Guide, b: Block) -> None:
+    g.sql_as_app(b.code)
+    assert g.principal_of("api_key:key-from-sql") == {"user_id": "u-123"}
+
+
+async def read_your_writes(g: Guide, b: Block) -> None:
+    await g.python(b.code, b.name)
+    done, key = g.namespace["done"], g.namespace["key"]
+    assert done.outcome == "delivered" and done.consistency_token, done
+    states = {r["state"] for r in outbox(g.database) if r["resource_id"] == key.id}
+    assert states == {"delivered"}
+
+
+async def sql_wait(g: Guide, b: Block) -> None:
+    [(outcome, error, token)] = g.sql_as_app(b.code)
+    assert (outcome, error) == ("delivered", None) and token
+
+
+async def agent_self_registration(g: Guide, b: Block) -> None:
+    await g.python(b.code, b.name)
+    assert g.principal_of("agent:agent-2") == {"service_account_id": "sa-agent-pod"}
+
+
+async def api_key_delete(g: Guide, b: Block) -> None:
+    key = g.namespace["key"]
+    await g.python(b.code, b.name)
+    # No request principal in this snippet: the role default is the creator.
+    assert g.principal_of(f"api_key:{key.id}", "deregister") == {
+        "service_account_id": "agentex-host"
+    }
+
+
+async def shadow_idempotent(g: Guide, b: Block) -> None:
+    assert g.sh(b.code).stdout.split() == ["200"] * 4
+
+
+async def shadow_watch(g: Guide, b: Block) -> None:
+    until_nothing_pending(g.database)
+    g.sh(b.code)  # reconcile exits 0: consistent
+
+
+async def backfill(g: Guide, b: Block) -> None:
+    # Before capture: a key registered inline at the time, one whose register
+    # was skipped, and a deleted key whose deregister failed (an orphan).
+    g.sql_as_owner(
+        """
+        SET session_replication_role = replica;
+        INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key, created_at) VALUES
+            ('legacy-registered', 'agent-1', 'old-1', 'EXTERNAL', 's', now() - interval '90 days'),
+            ('legacy-skipped', 'agent-1', 'old-2', 'EXTERNAL', 's', now() - interval '90 days');
+        UPDATE agents SET created_at = now() - interval '90 days';
+        """
+    )
+    for key in ("legacy-registered", "legacy-deleted"):
+        body = {
+            "principal": {"user_id": "u-old"},
+            "resource": {"type": "api_key", "selector": key},
+            "parent": {"type": "agent", "selector": "agent-1"},
+        }
+        assert http_post(f"{g.delivery.auth_url}/v1/authz/register", body) == 200
+    g.sh(b.code)
+    drift = (g.workdir / "drift.json").read_text()
+    assert "legacy-skipped" in drift and "legacy-deleted" in drift, drift
+    assert "legacy-registered" not in drift, drift
+    until_nothing_pending(g.database)
+    g.sh("authz-outbox reconcile")  # exit 0 now
+
+
+RUNNERS: dict[str, Runner] = {
+    "migrate": migrate,
+    "grants": grants,
+    "role-default": role_default,
+    "session-hook": session_hook,
+    "middleware": middleware,
+    "sql-writer": sql_writer,
+    "read-your-writes": read_your_writes,
+    "sql-wait": sql_wait,
+    "agent-self-registration": agent_self_registration,
+    "api-key-delete": api_key_delete,
+    "shadow-idempotent": shadow_idempotent,
+    "shadow-watch": shadow_watch,
+    "backfill": backfill,
+}
+
+
+def test_every_block_of_the_guide_is_marked_and_has_a_runner():
+    names = [b.name for b in blocks(GUIDE.read_text())]
+    assert len(names) == len(set(names)), "block names are unique"
+    assert set(names) == set(RUNNERS), set(names) ^ set(RUNNERS)
+
+
+@pytest.fixture
+def app_role(database: Database) -> None:
+    """The host's role, with what it already has before the cutover: its tables."""
+    database.execute(
+        f"""
+        DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}') THEN
+                CREATE ROLE {ROLE} LOGIN;
+            END IF;
+        END $$;
+        GRANT SELECT, INSERT, UPDATE, DELETE
+            ON agents, agent_api_keys, tasks, task_agents, agent_task_tracker, agent_run_schedules
+            TO {ROLE};
+        """
+    )
+
+
+async def test_the_guide_runs_top_to_bottom(
+    database: Database, delivery: Delivery, app_role: None, tmp_path: Path
+):
+    guide = Guide(database, delivery, tmp_path)
+    guide.namespace.update(
+        AgentORM=host_models.AgentORM,
+        AgentAPIKeyORM=host_models.AgentAPIKeyORM,
+        AgentAPIKeyType=host_models.AgentAPIKeyType,
+    )
+    # An agent the host already has (the snippets write keys for it).
+    database.execute(
+        "SELECT set_config('authz_outbox.principal', '{\"user_id\":\"u-123\"}', false);"
+        "INSERT INTO agents (id, name, description, status)"
+        " VALUES ('agent-1', 'agent-1', '', 'READY')"
+    )
+    try:
+        for block in blocks(GUIDE.read_text()):
+            try:
+                await RUNNERS[block.name](guide, block)
+            except BaseException as e:
+                e.add_note(f"in {GUIDE.name}:{block.line} ({block.name})")
+                raise
+    finally:
+        engine = guide.namespace.get("async_engine")
+        if engine is not None:
+            await engine.dispose()
+        os.environ.pop("ASYNC_DATABASE_URL", None)
