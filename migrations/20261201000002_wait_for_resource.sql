@@ -1,3 +1,8 @@
+-- squawk-ignore-file require-lock-timeout, require-statement-timeout
+-- (Accepted: `authz-outbox migrate` sets lock_timeout and statement_timeout on
+-- its connection, --lock-timeout / --statement-timeout, and retries on a lock
+-- timeout; `migrate --print-sql` prints both settings first.)
+
 -- Read-your-writes by resource, for writers in any language.
 --
 -- A writer that has just committed a change to a resource (an api key, an

@@ -1,5 +1,13 @@
 //! Metric names (a public contract: dashboards and alerts in `deploy/` use
 //! them) and the Prometheus recorder.
+//!
+//! Labels: `resource_type` on [`ROWS`] (with `state`), [`OLDEST_PENDING_AGE`],
+//! [`DELIVERIES`] (with `operation`, `outcome`) and [`DEAD_ROWS`], so an
+//! operator sees which type is backing up. Every labelled series a
+//! dashboard or an alert reads is created at zero when the worker starts
+//! ([`init_series`]), for every installed mapping type, operation and
+//! outcome: a fresh deployment's panels show zero, not "no data", and an
+//! `increase()` over a counter sees its first step.
 
 use std::sync::OnceLock;
 
@@ -37,6 +45,90 @@ pub const ALL: &[&str] = &[
     RECONCILE_LAST_RUN,
 ];
 
+/// The resource types a label can take (`unknown` for anything else, so a
+/// bad row cannot mint series).
+pub const RESOURCE_TYPES: &[&str] = &["agent", "api_key", "schedule", "task"];
+
+/// Every `operation` label.
+pub const OPERATIONS: &[&str] = &["register", "deregister"];
+
+/// Every `outcome` label of [`DELIVERIES`].
+pub const OUTCOMES: &[&str] = &["delivered", "retry", "released", "dead", "superseded"];
+
+/// The `resource_type` label for a row's type: a known type, or `unknown`.
+pub fn type_label(resource_type: &str) -> &'static str {
+    RESOURCE_TYPES
+        .iter()
+        .find(|t| **t == resource_type)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// Creates every labelled series at zero for `types` (the installed
+/// mapping types): deliveries by operation and outcome, dead rows, rows by
+/// state, the oldest pending age; attempts and latency by operation.
+/// Idempotent: a counter only ever grows by zero here.
+pub fn init_series<S: AsRef<str>>(types: &[S]) {
+    for t in types {
+        let t = type_label(t.as_ref());
+        for op in OPERATIONS {
+            for outcome in OUTCOMES {
+                metrics::counter!(DELIVERIES, "operation" => *op, "outcome" => *outcome, "resource_type" => t)
+                    .increment(0);
+            }
+        }
+        metrics::counter!(DEAD_ROWS, "resource_type" => t).increment(0);
+    }
+    for op in OPERATIONS {
+        metrics::counter!(ATTEMPTS, "operation" => *op).increment(0);
+        // A registered histogram is served with empty buckets.
+        let _ = metrics::histogram!(DELIVERY_DURATION, "operation" => *op);
+    }
+    let _ = metrics::histogram!(COMMIT_TO_DELIVERED);
+}
+
+/// Sets the outbox gauges from `stats`: rows by type and state (every
+/// installed type, zero or not), the oldest pending age by type, leased
+/// rows.
+pub fn set_outbox_gauges(stats: &crate::outbox::stats::OutboxStats) {
+    for (resource_type, t) in &stats.by_type {
+        let label = type_label(resource_type);
+        for (state, n) in &t.counts {
+            metrics::gauge!(ROWS, "state" => state.clone(), "resource_type" => label)
+                .set(*n as f64);
+        }
+        metrics::gauge!(OLDEST_PENDING_AGE, "resource_type" => label)
+            .set(t.oldest_pending_age_seconds);
+    }
+    metrics::gauge!(LEASED_ROWS).set(stats.leased as f64);
+}
+
+/// Sets the reconcile gauges from the latest recorded run (zero when none).
+pub fn set_reconcile_gauges(last: Option<&crate::outbox::stats::LastReconcile>) {
+    let (drift, at) = last.map_or((0.0, 0.0), |r| {
+        (r.drift as f64, r.finished_at.timestamp() as f64)
+    });
+    metrics::gauge!(RECONCILE_DRIFT).set(drift);
+    metrics::gauge!(RECONCILE_LAST_RUN).set(at);
+}
+
+/// Makes every series a dashboard or alert reads present before the
+/// endpoint serves its first scrape: counters and histograms at zero for
+/// the installed mapping types, gauges from the database as it is now,
+/// health gauges at "not ready yet". Housekeeping keeps them current.
+pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    metrics::gauge!(READY).set(0.0);
+    metrics::gauge!(CREDENTIAL_FAILURE).set(0.0);
+    metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    let stats = crate::outbox::stats::collect(pool, 0).await?;
+    let types: Vec<&String> = stats.by_type.keys().collect();
+    init_series(&types);
+    set_outbox_gauges(&stats);
+    let last = crate::outbox::stats::last_reconcile(pool).await?;
+    set_reconcile_gauges(last.as_ref());
+    Ok(())
+}
+
 /// Latency buckets, 1 ms to 60 s: delivery is milliseconds when healthy and
 /// minutes during an outage; both ends must be visible.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -56,9 +148,6 @@ pub fn install() -> Result<PrometheusHandle, String> {
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
             describe();
-            // Alerts take increase() of this; the series must exist before
-            // the first dead row, or the first increase is invisible.
-            metrics::counter!(DEAD_ROWS).increment(0);
             Ok(handle)
         })
         .clone()
@@ -66,14 +155,23 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(ROWS, "Outbox rows by state.");
-    describe_gauge!(OLDEST_PENDING_AGE, "Age of the oldest pending outbox row.");
+    describe_gauge!(ROWS, "Outbox rows by state and resource type.");
+    describe_gauge!(
+        OLDEST_PENDING_AGE,
+        "Age of the oldest pending outbox row, by resource type."
+    );
     describe_gauge!(LEASED_ROWS, "Pending rows currently leased by a worker.");
-    describe_counter!(DELIVERIES, "Delivery outcomes by operation and outcome.");
+    describe_counter!(
+        DELIVERIES,
+        "Delivery outcomes by operation, outcome and resource type."
+    );
     describe_histogram!(DELIVERY_DURATION, "Duration of agentex-auth requests.");
     describe_histogram!(COMMIT_TO_DELIVERED, "From capture to recorded delivery.");
     describe_counter!(ATTEMPTS, "Delivery attempts by operation.");
-    describe_counter!(DEAD_ROWS, "Rows this worker moved to dead.");
+    describe_counter!(
+        DEAD_ROWS,
+        "Rows this worker moved to dead, by resource type."
+    );
     describe_gauge!(READY, "1 when the worker is ready to deliver.");
     describe_gauge!(
         CREDENTIAL_FAILURE,

@@ -1,5 +1,7 @@
-//! The metrics endpoint serves the named series, and `deploy/` (alerts,
-//! dashboard) uses only names the worker really serves.
+//! The metrics endpoint serves the named series (labelled by resource
+//! type, present from a fresh worker's first scrape), `deploy/` (alerts,
+//! dashboard) uses only names the worker really serves, and `status` shows
+//! each resource type.
 
 mod common;
 
@@ -68,7 +70,9 @@ async fn metrics_endpoint_serves_every_named_series(pool: PgPool) {
         );
     }
     assert!(
-        body.contains(r#"authz_outbox_deliveries_total{operation="register",outcome="delivered"}"#),
+        body.contains(
+            r#"authz_outbox_deliveries_total{operation="register",outcome="delivered",resource_type="api_key"} 1"#
+        ),
         "{body}"
     );
     assert!(
@@ -102,4 +106,187 @@ fn alerts_and_dashboard_use_only_served_metric_names() {
             );
         }
     }
+}
+
+/// A free port on localhost (bound, then released for the child to bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Kills the child worker when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_fresh_worker_serves_every_series_from_its_first_scrape(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    let port = free_port();
+    let _worker = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+            .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", common::database_url(&pool).await)
+            .env("AGENTEX_AUTH_URL", auth.url())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("worker starts"),
+    );
+    // The first answer the endpoint gives, before any delivery.
+    let client = reqwest::Client::new();
+    let mut body = None;
+    for _ in 0..500 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        {
+            body = Some(r.text().await.expect("body"));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let body = body.expect("the worker serves /metrics");
+    let served: BTreeSet<String> = names_in(&body)
+        .iter()
+        .map(|n| base(n).to_string())
+        .collect();
+    for name in ALL {
+        assert!(
+            served.contains(*name),
+            "{name} missing from the first scrape:\n{body}"
+        );
+    }
+    for t in ["agent", "api_key", "task", "schedule"] {
+        for op in ["register", "deregister"] {
+            for outcome in ["delivered", "retry", "released", "dead", "superseded"] {
+                let series = format!(
+                    r#"authz_outbox_deliveries_total{{operation="{op}",outcome="{outcome}",resource_type="{t}"}} 0"#
+                );
+                assert!(body.contains(&series), "{series} missing:\n{body}");
+            }
+        }
+        for series in [
+            format!(r#"authz_outbox_dead_rows_total{{resource_type="{t}"}} 0"#),
+            format!(r#"authz_outbox_rows{{state="pending",resource_type="{t}"}} 0"#),
+            format!(r#"authz_outbox_oldest_pending_age_seconds{{resource_type="{t}"}} 0"#),
+        ] {
+            assert!(body.contains(&series), "{series} missing:\n{body}");
+        }
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn status_shows_counts_and_oldest_pending_age_per_type(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    agent(&pool, "a1").await;
+    key(&pool, "a1", "k").await;
+    // The agent's register has waited ten minutes.
+    sqlx::query(
+        "UPDATE authz_outbox SET created_at = now() - interval '10 minutes'
+         WHERE resource_type = 'agent'",
+    )
+    .execute(&pool)
+    .await
+    .expect("age the agent row");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+        .args(["status", "--format", "json"])
+        .env("DATABASE_URL", common::database_url(&pool).await)
+        .output()
+        .expect("status runs");
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    // Today's fields stay.
+    assert_eq!(json["counts"]["pending"], 2);
+    assert!(json["oldest_pending_age_seconds"].as_f64() >= Some(600.0));
+    let by_type = &json["by_type"];
+    assert_eq!(by_type["agent"]["counts"]["pending"], 1, "{json}");
+    assert_eq!(by_type["api_key"]["counts"]["pending"], 1);
+    assert_eq!(
+        by_type["task"]["counts"]["pending"], 0,
+        "installed types are shown at zero"
+    );
+    assert_eq!(by_type["schedule"]["counts"]["dead"], 0);
+    assert!(by_type["agent"]["oldest_pending_age_seconds"].as_f64() >= Some(600.0));
+    assert!(by_type["api_key"]["oldest_pending_age_seconds"].as_f64() < Some(600.0));
+    assert_eq!(by_type["task"]["oldest_pending_age_seconds"], 0.0);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+        .args(["status"])
+        .env("DATABASE_URL", common::database_url(&pool).await)
+        .output()
+        .expect("status runs");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |t: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(t))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+    };
+    // TYPE PENDING DELIVERED DEAD SUPERSEDED OLDEST
+    assert_eq!(row("TYPE").map(|r| r.len()), Some(6), "{table}");
+    assert_eq!(
+        row("task").map(|r| r[1].to_string()),
+        Some("0".into()),
+        "{table}"
+    );
+    assert_eq!(
+        row("agent").map(|r| r[1].to_string()),
+        Some("1".into()),
+        "{table}"
+    );
+}
+
+#[test]
+fn the_dashboard_selects_by_resource_type() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/authz-outbox.json"
+    ))
+    .expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    assert!(
+        variables.iter().any(|v| v["name"] == "resource_type"
+            && v["definition"]
+                .as_str()
+                .is_some_and(|d| d.contains("resource_type"))),
+        "no resource_type variable"
+    );
+    // Every query over a series labelled by type honours the selector.
+    let labelled = [
+        "authz_outbox_rows",
+        "authz_outbox_oldest_pending_age_seconds",
+        "authz_outbox_deliveries_total",
+        "authz_outbox_dead_rows_total",
+    ];
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            for metric in labelled {
+                for (at, _) in expr.match_indices(&format!("{metric}{{")) {
+                    let selector = &expr[at..expr[at..].find('}').map_or(expr.len(), |e| at + e)];
+                    assert!(
+                        selector.contains(r#"resource_type=~"$resource_type""#),
+                        "{}: {expr}",
+                        panel["title"]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 8, "{checked}");
 }

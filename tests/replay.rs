@@ -335,3 +335,84 @@ async fn cli_reports_per_row_and_requires_a_selector(pool: PgPool) {
     assert_eq!(json["rows"][0]["resource"], format!("api_key:{}", k.id));
     assert_eq!(row(&pool, k.outbox_id).await.state, "pending");
 }
+
+/// Replay judges liveness by each type's mapping: a register of a
+/// soft-deleted agent, task or schedule is refused (and says why), a live
+/// one is re-driven.
+#[sqlx::test(migrations = false)]
+async fn refuses_to_resurrect_a_soft_deleted_resource_of_any_type(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::status(403)).await;
+    let mut tx = pool.begin().await.expect("begin");
+    for sql in [
+        r#"SELECT set_config('authz_outbox.principal', '{"user_id":"u1"}', true)"#,
+        "INSERT INTO agents (id, name, description, status) VALUES ('a1', 'a1', 'd', 'READY'), ('a2', 'a2', 'd', 'READY')",
+        "INSERT INTO tasks (id, name, status) VALUES ('t1', 't1', 'RUNNING')",
+        "INSERT INTO task_agents (task_id, agent_id) VALUES ('t1', 'a1')",
+        r#"INSERT INTO agent_run_schedules (id, agent_id, name, creator_principal) VALUES ('s1', 'a1', 'n', '{"user_id":"u1"}')"#,
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.expect(sql);
+    }
+    tx.commit().await.expect("commit");
+    let report = run_once(&pool, &auth.url(), common::config("w")).await;
+    assert_eq!(report.dead, 4, "{report:?}");
+    // Soft-deleted behind the outbox (no deregister row to overtake them).
+    common::uncaptured(
+        &pool,
+        "UPDATE agents SET status = 'DELETED' WHERE id = 'a2'",
+        &[],
+    )
+    .await;
+    common::uncaptured(
+        &pool,
+        "UPDATE tasks SET status = 'DELETED' WHERE id = 't1'",
+        &[],
+    )
+    .await;
+    common::uncaptured(
+        &pool,
+        "UPDATE agent_run_schedules SET deleted_at = now() WHERE id = 's1'",
+        &[],
+    )
+    .await;
+
+    let all_dead = ReplayOptions {
+        selector: Selector {
+            all_dead: true,
+            ..Selector::default()
+        },
+        ..ReplayOptions::default()
+    };
+    let report = replay_ok(&pool, &all_dead).await;
+    let action = |resource: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.resource == resource)
+            .map(|r| (r.action, r.reason.clone()))
+            .unwrap_or_else(|| panic!("{resource} not selected: {report:?}"))
+    };
+    assert_eq!(action("agent:a1").0, ReplayAction::Replayed);
+    for (resource, kind) in [
+        ("agent:a2", "agent"),
+        ("task:t1", "task"),
+        ("schedule:run-schedule::a1::s1", "schedule"),
+    ] {
+        let (act, reason) = action(resource);
+        assert_eq!(act, ReplayAction::Superseded, "{resource}");
+        assert!(
+            reason.starts_with(&format!("resource is not live by its {kind} mapping")),
+            "{resource}: {reason}"
+        );
+    }
+    let states: Vec<(String, String)> =
+        sqlx::query_as("SELECT resource_type, state FROM authz_outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert_eq!(
+        states.iter().filter(|(_, s)| s == "pending").count(),
+        1,
+        "only the live agent is re-driven: {states:?}"
+    );
+}

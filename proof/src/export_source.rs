@@ -13,7 +13,8 @@
 //!
 //! The relationships are those `reconcile::run` loads into the real engine
 //! at smaller sizes, in the same shape: per key `api_key:rk-N#owner@user:…`
-//! and `api_key:rk-N#parent_agent@agent:ra-M`, per agent `agent:ra-M#owner`.
+//! and `api_key:rk-N#parent_agent@agent:ra-M`, per task `task:rt-N#owner`
+//! and `task:rt-N#parent_agent@agent:ra-M`, per agent `agent:ra-M#owner`.
 //! Nothing is held in memory; a cursor is the index of the next one.
 //!
 //! [`Faults`] let a test break streams midway or play an older SpiceDB
@@ -46,6 +47,8 @@ pub struct Dataset {
     pub last_key: i64,
     /// … except `rk-first_missing ..= rk-last_missing`.
     pub missing: (i64, i64),
+    /// Tasks `rt-1 ..= rt-tasks`, each under agent `ra-(N % agents + 1)`.
+    pub tasks: i64,
 }
 
 impl Dataset {
@@ -58,12 +61,13 @@ impl Dataset {
         match resource_type {
             "agent" => self.agents,
             "api_key" => 2 * self.keys_with_relationships(),
+            "task" => 2 * self.tasks,
             _ => 0,
         }
     }
 
     pub fn total(&self) -> i64 {
-        self.len("agent") + self.len("api_key")
+        self.len("agent") + self.len("api_key") + self.len("task")
     }
 
     /// The `index`-th relationship of `resource_type`.
@@ -76,6 +80,26 @@ impl Dataset {
                 "user",
                 "bench-user".into(),
             ),
+            "task" => {
+                let task = index / 2 + 1;
+                if index % 2 == 0 {
+                    relationship(
+                        "task",
+                        format!("rt-{task}"),
+                        "owner",
+                        "user",
+                        "bench-user".into(),
+                    )
+                } else {
+                    relationship(
+                        "task",
+                        format!("rt-{task}"),
+                        "parent_agent",
+                        "agent",
+                        format!("ra-{}", task % self.agents + 1),
+                    )
+                }
+            }
             _ => {
                 let mut key = index / 2 + 1;
                 if key >= self.missing.0 {

@@ -11,6 +11,7 @@ const DATASET: Dataset = Dataset {
     agents: 7,
     last_key: 2_000,
     missing: (1_001, 1_010),
+    tasks: 0,
 };
 
 fn text(t: &Tuple) -> String {

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::{DbArgs, Format, parse_duration, parse_principal};
-use crate::domain::Principal;
-use crate::reconcile::{Printer, ReconcileOptions, SpiceDbConfig, reconcile};
+use crate::domain::{Principal, ResourceType};
+use crate::reconcile::{Printer, ReconcileOptions, SelectorEncoding, SpiceDbConfig, reconcile};
 
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
@@ -28,18 +28,42 @@ pub struct ReconcileArgs {
     /// by their newest outbox row).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     grace: Duration,
-    /// --apply refuses to enqueue more deregisters than this without --force.
+    /// --apply refuses to enqueue more deregisters than this of any one
+    /// resource type without --force (it also refuses to deregister more than
+    /// half of what SpiceDB holds of a type).
     #[arg(long, default_value_t = 1000)]
     max_deregisters: u64,
-    /// Owner for missing registrations with no recorded creator, e.g.
+    /// Owner for missing registrations (legacy rows) whose creator nothing
+    /// records: not the row's own creator column (a schedule's
+    /// creator_principal), not a register row, not SpiceDB. E.g.
     /// '{"service_account_id":"backfill"}'. Without it they are reported as needs_owner.
     #[arg(long, value_parser = parse_principal)]
     owner_principal: Option<Principal>,
+    /// Compare only these resource types (comma-separated, e.g. agent,task);
+    /// default: every type with an installed mapping.
+    #[arg(long = "type", value_delimiter = ',', value_parser = parse_type)]
+    types: Vec<ResourceType>,
+    /// How object ids read from SpiceDB decode into selectors: the encoding
+    /// the agentex-auth in front of it stores selectors SpiceDB cannot hold
+    /// verbatim (`run-schedule::A::S`) with. authz-outbox: the project's
+    /// own, as agentex-auth-dev stores them; verbatim: object ids are
+    /// selectors. Check docs/operations.md before using a real agentex-auth.
+    #[arg(
+        long,
+        value_enum,
+        env = "AUTHZ_OUTBOX_SELECTOR_ENCODING",
+        default_value = "authz-outbox"
+    )]
+    selector_encoding: SelectorEncoding,
     /// Relationships per batch read from SpiceDB (SpiceDB caps it, 1,000 by default).
     #[arg(long, default_value_t = 1000)]
     page_size: u32,
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
+}
+
+fn parse_type(s: &str) -> Result<ResourceType, String> {
+    s.trim().parse().map_err(|e| format!("{e}"))
 }
 
 pub async fn reconcile_command(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
@@ -56,6 +80,8 @@ pub async fn reconcile_command(args: ReconcileArgs) -> anyhow::Result<ExitCode> 
         max_deregisters: args.max_deregisters,
         owner_principal: args.owner_principal.clone(),
         progress: std::io::stderr().is_terminal(),
+        types: args.types.clone(),
+        selector_encoding: args.selector_encoding,
     };
     let stdout = std::io::stdout();
     let mut printer = Printer::new(stdout.lock(), args.format == Format::Json);

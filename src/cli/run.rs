@@ -204,6 +204,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pool = crate::db::connect_worker(&args.db.database_url, 8).await?;
     let target = client.target(&pool, args.spicedb_batch).await?;
     let metrics = crate::metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    // Every series the dashboard and the alerts read exists from the first
+    // scrape; a database that is down now only delays them to housekeeping.
+    if let Err(e) = crate::metrics::prime(&pool).await {
+        tracing::warn!(error = %e, "could not read the outbox for the first metrics");
+    }
     let listener = crate::http::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {}", args.metrics_addr))?;

@@ -34,6 +34,22 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             println!();
+            println!(
+                "{:<12} {:>10} {:>10} {:>10} {:>10} {:>12}",
+                "TYPE", "PENDING", "DELIVERED", "DEAD", "SUPERSEDED", "OLDEST"
+            );
+            for (resource_type, t) in &s.by_type {
+                let n = |state: &str| t.counts.get(state).copied().unwrap_or(0);
+                println!(
+                    "{resource_type:<12} {:>10} {:>10} {:>10} {:>10} {:>11.1}s",
+                    n("pending"),
+                    n("delivered"),
+                    n("dead"),
+                    n("superseded"),
+                    t.oldest_pending_age_seconds
+                );
+            }
+            println!();
             println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
             println!("leased now:         {}", s.leased);
             if !s.recent_dead.is_empty() {

@@ -54,11 +54,11 @@ async fn refresh_gauges(pool: &PgPool, health: &Health) {
     match stats::collect(pool, 0).await {
         Ok(s) => {
             health.database_ok.store(true, Ordering::Relaxed);
-            for (state, n) in &s.counts {
-                metrics::gauge!(m::ROWS, "state" => state.clone()).set(*n as f64);
-            }
-            metrics::gauge!(m::OLDEST_PENDING_AGE).set(s.oldest_pending_age_seconds);
-            metrics::gauge!(m::LEASED_ROWS).set(s.leased as f64);
+            // Every installed mapping type has its series (a mapping
+            // installed after start gets them here).
+            let types: Vec<&String> = s.by_type.keys().collect();
+            m::init_series(&types);
+            m::set_outbox_gauges(&s);
         }
         Err(e) => {
             health.database_ok.store(false, Ordering::Relaxed);
@@ -67,14 +67,7 @@ async fn refresh_gauges(pool: &PgPool, health: &Health) {
         }
     }
     match stats::last_reconcile(pool).await {
-        Ok(Some(run)) => {
-            metrics::gauge!(m::RECONCILE_DRIFT).set(run.drift as f64);
-            metrics::gauge!(m::RECONCILE_LAST_RUN).set(run.finished_at.timestamp() as f64);
-        }
-        Ok(None) => {
-            metrics::gauge!(m::RECONCILE_DRIFT).set(0.0);
-            metrics::gauge!(m::RECONCILE_LAST_RUN).set(0.0);
-        }
+        Ok(last) => m::set_reconcile_gauges(last.as_ref()),
         Err(e) => tracing::debug!(error = %e, "reading the last reconcile run failed"),
     }
 }

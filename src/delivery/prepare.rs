@@ -78,9 +78,9 @@ fn parse(row: &ClaimedRow, open_types: bool) -> Result<Parsed, String> {
             );
         }
     };
-    if operation == Operation::Register && resource.kind == ResourceType::API_KEY {
+    if operation == Operation::Register && resource.kind == ResourceType::ApiKey {
         match &parent {
-            Some(p) if p.kind == ResourceType::AGENT => {}
+            Some(p) if p.kind == ResourceType::Agent => {}
             Some(p) => {
                 return Err(format!(
                     "an api_key's parent must be an agent, not {}",

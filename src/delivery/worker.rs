@@ -73,6 +73,8 @@ impl Health {
 struct Settled {
     recorded: Recorded,
     operation: Operation,
+    /// The row's resource type, as the metrics label it.
+    resource_type: &'static str,
 }
 
 /// What the claimer and the recorder both track. The recorder holds only
@@ -101,7 +103,7 @@ struct Shared {
     gate: Arc<Gate>,
     progress: Arc<Progress>,
     /// Rows whose request is in flight: released if shutdown cuts them off.
-    in_flight: Mutex<HashMap<i64, (Uuid, Operation)>>,
+    in_flight: Mutex<HashMap<i64, (Uuid, Operation, &'static str)>>,
     settled: mpsc::UnboundedSender<Settled>,
     /// For `--once`: only rows due when the run started.
     due_by: Option<chrono::DateTime<Utc>>,
@@ -143,6 +145,7 @@ impl Shared {
                 update,
             },
             operation,
+            resource_type: m::type_label(&row.resource_type),
         };
         // The recorder outlives every sender; if it is gone the process is
         // ending and the lease will hand the row to another worker.
@@ -399,7 +402,14 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 Some(permit) if Instant::now() < send_by => {
                     let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
                     for d in &group {
-                        in_flight.insert(d.row.id, (d.row.lease_token, d.operation));
+                        in_flight.insert(
+                            d.row.id,
+                            (
+                                d.row.lease_token,
+                                d.operation,
+                                m::type_label(&d.row.resource_type),
+                            ),
+                        );
                     }
                     drop(in_flight);
                     tasks.spawn(deliver(shared.clone(), group, is_probe, permit));
@@ -532,10 +542,16 @@ async fn settle_stale(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .superseded += 2 * n;
-        metrics::counter!(m::DELIVERIES, "operation" => "register", "outcome" => "superseded")
-            .increment(n);
-        metrics::counter!(m::DELIVERIES, "operation" => "deregister", "outcome" => "superseded")
-            .increment(n);
+        for id in &pairs {
+            let kind = fresh_registers
+                .iter()
+                .find(|r| r.id == *id)
+                .map_or("unknown", |r| m::type_label(&r.resource_type));
+            for op in ["register", "deregister"] {
+                metrics::counter!(m::DELIVERIES, "operation" => op, "outcome" => "superseded", "resource_type" => kind)
+                    .increment(1);
+            }
+        }
         shared
             .progress
             .outstanding
@@ -703,18 +719,18 @@ async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let cut_off: Vec<(i64, Uuid, Operation)> = shared
+    let cut_off: Vec<(i64, Uuid, Operation, &'static str)> = shared
         .in_flight
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(id, (token, op))| (*id, *token, *op))
+        .map(|(id, (token, op, kind))| (*id, *token, *op, *kind))
         .collect();
     tracing::info!(
         rows = cut_off.len(),
         "shutdown deadline reached; releasing in-flight rows"
     );
-    for (id, lease_token, operation) in cut_off {
+    for (id, lease_token, operation, resource_type) in cut_off {
         shared
             .in_flight
             .lock()
@@ -731,6 +747,7 @@ async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) {
                 },
             },
             operation,
+            resource_type,
         });
     }
 }
@@ -816,7 +833,8 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                     }
                     RowUpdate::Dead { .. } => {
                         report.dead += 1;
-                        metrics::counter!(m::DEAD_ROWS).increment(1);
+                        metrics::counter!(m::DEAD_ROWS, "resource_type" => s.resource_type)
+                            .increment(1);
                         "dead"
                     }
                     RowUpdate::Superseded { .. } => {
@@ -824,7 +842,7 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                         "superseded"
                     }
                 };
-                metrics::counter!(m::DELIVERIES, "operation" => op, "outcome" => outcome)
+                metrics::counter!(m::DELIVERIES, "operation" => op, "outcome" => outcome, "resource_type" => s.resource_type)
                     .increment(1);
             }
         }

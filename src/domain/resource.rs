@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// Open, so an application that is not agentex (documents, folders) can use
 /// its own types with the SpiceDB target; the agentex host's four are
-/// associated constants ([`ResourceType::AGENT`], ...) and
+/// associated constants ([`ResourceType::Agent`], ...) and
 /// [`ResourceType::is_agentex`] tells the agentex-auth target which it may
 /// send. Parsing checks SpiceDB's definition-name syntax, so a type that
 /// parses is one SpiceDB can hold.
@@ -21,11 +21,14 @@ pub struct ResourceType(Cow<'static, str>);
 /// The agentex host's types, the only ones agentex-auth knows.
 const AGENTEX_TYPES: [&str; 4] = ["agent", "task", "api_key", "schedule"];
 
+// Named like the enum variants they replace, so code written against the
+// closed enum (`ResourceType::ApiKey`) reads, and compiles, the same.
+#[allow(non_upper_case_globals)]
 impl ResourceType {
-    pub const AGENT: ResourceType = ResourceType(Cow::Borrowed("agent"));
-    pub const TASK: ResourceType = ResourceType(Cow::Borrowed("task"));
-    pub const API_KEY: ResourceType = ResourceType(Cow::Borrowed("api_key"));
-    pub const SCHEDULE: ResourceType = ResourceType(Cow::Borrowed("schedule"));
+    pub const Agent: ResourceType = ResourceType(Cow::Borrowed("agent"));
+    pub const Task: ResourceType = ResourceType(Cow::Borrowed("task"));
+    pub const ApiKey: ResourceType = ResourceType(Cow::Borrowed("api_key"));
+    pub const Schedule: ResourceType = ResourceType(Cow::Borrowed("schedule"));
 
     pub fn as_str(&self) -> &str {
         &self.0
@@ -153,7 +156,7 @@ mod tests {
     #[test]
     fn parses_type_colon_id() {
         let r: ResourceRef = "api_key:k1".parse().expect("valid");
-        assert_eq!(r.kind, ResourceType::API_KEY);
+        assert_eq!(r.kind, ResourceType::ApiKey);
         assert_eq!(r.to_string(), "api_key:k1");
         assert!("No pe:k1".parse::<ResourceRef>().is_err());
         assert!("api_key".parse::<ResourceRef>().is_err());
@@ -177,8 +180,8 @@ mod tests {
         let doc: ResourceType = "document".parse().expect("valid");
         assert!(!doc.is_agentex());
         assert!(doc.require_agentex().is_err());
-        assert!(ResourceType::API_KEY.is_agentex());
-        assert_eq!("api_key".parse::<ResourceType>(), Ok(ResourceType::API_KEY));
+        assert!(ResourceType::ApiKey.is_agentex());
+        assert_eq!("api_key".parse::<ResourceType>(), Ok(ResourceType::ApiKey));
         assert!("tenant1/document".parse::<ResourceType>().is_ok());
         for bad in [
             "",

@@ -520,15 +520,20 @@ $fn$"#
                 Some(c) => format!("t.{}::timestamptz", quote_ident(c)),
                 None => "NULL::timestamptz".into(),
             };
+            // The parent is computed once per row (a join-table lookup is a
+            // subquery), then both returned and required.
             let parent = parent_sql(r, "t");
-            let parent_filter = parent
-                .as_ref()
-                .map(|p| format!(" AND {p} IS NOT NULL"))
-                .unwrap_or_default();
+            let parent_filter = if parent.is_some() {
+                " AND p.parent_id IS NOT NULL"
+            } else {
+                ""
+            };
             format!(
                 "SELECT {name}::text AS mapping, {rtype}::text AS resource_type, {sel} AS resource_id, \
-                 {ptype}::text AS parent_type, {parent}::text AS parent_id, {created} AS created_at, \
-                 {creator} AS creator FROM {table} AS t WHERE {live} AND {sel} IS NOT NULL{parent_filter}",
+                 {ptype}::text AS parent_type, p.parent_id, {created} AS created_at, \
+                 {creator} AS creator FROM {table} AS t \
+                 CROSS JOIN LATERAL (SELECT {parent}::text AS parent_id) AS p \
+                 WHERE {live} AND {sel} IS NOT NULL{parent_filter}",
                 name = quote_literal(&r.mapping.name),
                 rtype = quote_literal(r.mapping.resource_type.as_str()),
                 sel = r.mapping.selector.sql("t"),

@@ -327,7 +327,7 @@ mod tests {
 
     fn cx<'a>(fields: &'a [String]) -> Context<'a> {
         Context {
-            resource_type: &ResourceType::API_KEY,
+            resource_type: &ResourceType::ApiKey,
             selector: "{id}",
             parent_column: Some("agent_id"),
             principal_fields: fields,
@@ -371,7 +371,7 @@ mod tests {
     fn defaults_match_agentex_auth() {
         let fields = vec!["user_id".to_string(), "service_account_id".to_string()];
         assert_eq!(
-            defaults(Some((&ResourceType::AGENT, "agent_id")), &fields),
+            defaults(Some((&ResourceType::Agent, "agent_id")), &fields),
             [
                 "parent_agent@agent:{agent_id}",
                 "owner@user:{principal.user_id}|service_account:{principal.service_account_id}"

@@ -240,12 +240,16 @@ fn decide(c: &Candidate, have_principal: bool) -> (ReplayAction, String) {
         );
     }
     match c.operation.as_str() {
+        // Judged by the resource's mapping (`authz_outbox_resource_live`):
+        // a soft-deleted agent, task or schedule is as gone as a deleted key.
         "register" if !c.row_exists => {
             return (
                 ReplayAction::Superseded,
-                "resource is not live (deleted, soft-deleted or moved to another parent); \
-                 refusing to register it again"
-                    .into(),
+                format!(
+                    "resource is not live by its {} mapping (deleted, soft-deleted or moved to \
+                     another parent); refusing to register it again",
+                    c.resource_type
+                ),
             );
         }
         "register" => {

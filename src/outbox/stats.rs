@@ -16,8 +16,30 @@ pub struct OutboxStats {
     pub oldest_pending_age_seconds: f64,
     /// Pending rows currently leased by a live worker.
     pub leased: i64,
+    /// The same per resource type: every type with an installed mapping
+    /// (every state present, zero or not), and any other type the outbox
+    /// holds rows of.
+    pub by_type: BTreeMap<String, TypeStats>,
     /// The newest dead rows, newest first.
     pub recent_dead: Vec<DeadRow>,
+}
+
+/// Counts and the oldest pending age of one resource type.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct TypeStats {
+    /// Rows per state; every state is present.
+    pub counts: BTreeMap<String, i64>,
+    /// Age of the type's oldest pending row, 0 when none is pending.
+    pub oldest_pending_age_seconds: f64,
+}
+
+impl TypeStats {
+    fn zero() -> Self {
+        TypeStats {
+            counts: super::STATES.iter().map(|s| (s.to_string(), 0)).collect(),
+            oldest_pending_age_seconds: 0.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -35,9 +57,10 @@ pub struct DeadRow {
 /// Collects [`OutboxStats`], with up to `dead_limit` recent dead rows.
 pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx::Error> {
     const COUNTS: &str = r#"
-        SELECT state, operation, count(*)::bigint
+        SELECT resource_type, state, operation, count(*)::bigint,
+               coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
         FROM authz_outbox
-        GROUP BY state, operation
+        GROUP BY resource_type, state, operation
     "#;
     const PENDING: &str = r#"
         SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
@@ -56,14 +79,27 @@ pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx
     for state in super::STATES {
         stats.counts.insert(state.to_string(), 0);
     }
-    let rows: Vec<(String, String, i64)> = sqlx::query_as(COUNTS).fetch_all(pool).await?;
-    for (state, operation, n) in rows {
+    for resource_type in installed_types(pool).await? {
+        stats.by_type.insert(resource_type, TypeStats::zero());
+    }
+    let rows: Vec<(String, String, String, i64, f64)> =
+        sqlx::query_as(COUNTS).fetch_all(pool).await?;
+    for (resource_type, state, operation, n, age) in rows {
         *stats.counts.entry(state.clone()).or_default() += n;
-        stats
+        *stats
             .by_operation
-            .entry(state)
+            .entry(state.clone())
             .or_default()
-            .insert(operation, n);
+            .entry(operation)
+            .or_default() += n;
+        let by_type = stats
+            .by_type
+            .entry(resource_type)
+            .or_insert_with(TypeStats::zero);
+        *by_type.counts.entry(state.clone()).or_default() += n;
+        if state == "pending" {
+            by_type.oldest_pending_age_seconds = by_type.oldest_pending_age_seconds.max(age);
+        }
     }
     let (age, leased): (f64, i64) = sqlx::query_as(PENDING).fetch_one(pool).await?;
     stats.oldest_pending_age_seconds = age.max(0.0);
@@ -73,6 +109,18 @@ pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx
         .fetch_all(pool)
         .await?;
     Ok(stats)
+}
+
+/// The resource types with an installed mapping (`authz_outbox_mappings`,
+/// written by `migrate`), in name order.
+pub async fn installed_types<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT resource_type FROM authz_outbox_mappings ORDER BY resource_type",
+    )
+    .fetch_all(executor)
+    .await
 }
 
 /// The outcome of the latest reconcile run, if any ran.

@@ -1,10 +1,13 @@
 //! Reconcile: measure the drift between SpiceDB and PostgreSQL, and heal it
 //! through the outbox.
 //!
-//! A run reads SpiceDB first ([`spicedb`]), streams its relationships into
-//! a temporary table ([`stage`]), classifies every `api_key` and `agent` with
-//! SQL joins against the host's tables and the outbox, and streams the
-//! findings out ([`report`]). With `apply` it enqueues fixes as ordinary
+//! A run reads SpiceDB first ([`spicedb`]) for every resource type with an
+//! installed resource mapping (or those `types` names), decodes object ids
+//! into selectors ([`encoding`]), streams the relationships into a
+//! temporary table ([`stage`]), classifies every resource with SQL joins
+//! against `authz_outbox_desired` — what the mappings say SpiceDB should
+//! hold: live rows, with their selector and parent — and the outbox, and
+//! streams the findings out ([`report`]). With `apply` it enqueues fixes as ordinary
 //! outbox rows (origin `reconcile`), so the worker delivers them with its
 //! ordering and retries; reconcile never calls agentex-auth itself.
 //!
@@ -26,12 +29,16 @@
 //! - Resources younger than `grace` are left alone; for an orphan (SpiceDB
 //!   has no ages) "young" means an outbox row of it was created within
 //!   `grace`. Resources with a pending outbox row are left to that row.
-//! - Orphan deregisters are *guarded*: the worker re-checks at delivery that
-//!   the row still does not exist and supersedes the row if it does.
-//! - `apply` refuses more than `max_deregisters` deregisters, or more than
-//!   half of what SpiceDB holds, unless `force`: pointed at the wrong or an
-//!   empty database, reconcile must not revoke everything.
+//! - Orphan deregisters are *guarded*: the worker re-checks at delivery,
+//!   through the same mapping (`authz_outbox_resource_live`), that the
+//!   resource is still not live, and supersedes the row if it is.
+//! - `apply` refuses, for any one resource type, more than `max_deregisters`
+//!   deregisters or more than half of what SpiceDB holds of that type,
+//!   unless `force`: pointed at the wrong database, or with one host table
+//!   emptied, reconcile must not revoke a whole type, even while the other
+//!   types look fine.
 
+pub mod encoding;
 pub mod report;
 pub mod spicedb;
 pub mod stage;
@@ -44,13 +51,11 @@ use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::{Acquire, PgPool};
 
-use crate::domain::{Operation, Principal, ResourceRef};
+use crate::domain::{Operation, Principal, ResourceRef, ResourceType};
 use crate::outbox::enqueue::{NewRow, enqueue};
-pub use report::{Finding, FindingKind, Printer, Summary};
+pub use encoding::SelectorEncoding;
+pub use report::{Finding, FindingKind, Printer, Summary, TypeCounts};
 pub use spicedb::{SpiceDbConfig, SpiceDbError, SpiceDbReader};
-
-/// The resource types reconcile compares (those with a table here).
-pub const RESOURCE_TYPES: [&str; 2] = ["api_key", "agent"];
 
 /// The `origin` of the rows reconcile enqueues.
 pub const ORIGIN: &str = "reconcile";
@@ -73,6 +78,11 @@ pub struct ReconcileOptions {
     pub owner_principal: Option<Principal>,
     /// Show a progress bar on stderr (the CLI sets it when stderr is a TTY).
     pub progress: bool,
+    /// Compare only these types; empty = every type with an installed
+    /// mapping. A type without one is an error.
+    pub types: Vec<ResourceType>,
+    /// How object ids read from SpiceDB decode into selectors.
+    pub selector_encoding: SelectorEncoding,
 }
 
 impl Default for ReconcileOptions {
@@ -84,6 +94,8 @@ impl Default for ReconcileOptions {
             max_deregisters: 1000,
             owner_principal: None,
             progress: false,
+            types: Vec::new(),
+            selector_encoding: SelectorEncoding::default(),
         }
     }
 }
@@ -96,21 +108,42 @@ pub enum ReconcileError {
     Database(#[from] sqlx::Error),
     #[error("writing the report: {0}")]
     Output(#[from] std::io::Error),
+    #[error("no resource mappings are installed; run `authz-outbox migrate` first")]
+    NoMappings,
+    #[error(
+        "no mapping is installed for type {requested} (installed: {installed}); \
+         run `authz-outbox migrate` with a mapping for it, or leave it out of --type"
+    )]
+    NotInstalled {
+        requested: String,
+        installed: String,
+    },
 }
 
 /// Why `apply` enqueued nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "refusing to apply: {count} deregisters exceed --max-deregisters ({limit}); \
-         check DATABASE_URL and the SpiceDB endpoint, or pass --force"
+        "refusing to apply: {count} {resource_type} deregisters exceed --max-deregisters \
+         ({limit}); check DATABASE_URL, the {resource_type} mapping's table and the SpiceDB \
+         endpoint, leave it out with --type, or pass --force"
     )]
-    TooManyDeregisters { count: u64, limit: u64 },
+    TooManyDeregisters {
+        resource_type: String,
+        count: u64,
+        limit: u64,
+    },
     #[error(
-        "refusing to apply: {count} deregisters would revoke more than half of the {held} \
-         resources SpiceDB holds; check DATABASE_URL and the SpiceDB endpoint, or pass --force"
+        "refusing to apply: {count} {resource_type} deregisters would revoke more than half of \
+         the {held} {resource_type} resources SpiceDB holds; check DATABASE_URL, the \
+         {resource_type} mapping's table and the SpiceDB endpoint, leave it out with --type, \
+         or pass --force"
     )]
-    MostOfSpiceDb { count: u64, held: u64 },
+    MostOfSpiceDb {
+        resource_type: String,
+        count: u64,
+        held: u64,
+    },
 }
 
 /// The outcome of one run.
@@ -151,24 +184,30 @@ pub async fn reconcile(
     on_finding: &mut dyn FnMut(&Finding),
 ) -> Result<ReconcileReport, ReconcileError> {
     let started_at = Utc::now();
-    let reader = SpiceDbReader::connect(spicedb).await?;
     // Temporary tables live in one session; a detached connection closes
     // when the run ends, taking them with it even if the run fails.
     let mut conn = pool.acquire().await?.detach();
+    let types = selected_types(&mut conn, &options.types).await?;
+    let reader = SpiceDbReader::connect(spicedb).await?;
     stage::create(&mut conn).await?;
 
     let bar = progress_bar(options.progress);
-    let mut summary = Summary::default();
-    let mut buffer = Vec::with_capacity(stage::INSERT_BATCH);
-    for resource_type in RESOURCE_TYPES {
+    let mut summary = Summary::for_types(&types);
+    let mut batch = stage::Batch::with_capacity(stage::INSERT_BATCH);
+    let mut undecodable = 0u64;
+    for resource_type in &types {
         let mut pages = reader.pages(resource_type);
         while let Some(page) = pages.next_page().await? {
             summary.spicedb_relationships += page.len() as u64;
             bar.inc(page.len() as u64);
-            buffer.extend(page);
-            if buffer.len() >= stage::INSERT_BATCH {
-                stage::insert(&mut conn, &buffer).await?;
-                buffer.clear();
+            for tuple in page {
+                let (tuple, bad) = decode(tuple, options.selector_encoding);
+                undecodable += u64::from(bad);
+                batch.push(tuple, bad);
+            }
+            if batch.len() >= stage::INSERT_BATCH {
+                stage::insert(&mut conn, &batch).await?;
+                batch.clear();
                 if summary.spicedb_relationships % 100_000 < stage::INSERT_BATCH as u64 {
                     tracing::info!(
                         relationships = summary.spicedb_relationships,
@@ -178,22 +217,36 @@ pub async fn reconcile(
             }
         }
     }
-    stage::insert(&mut conn, &buffer).await?;
-    drop(buffer);
+    stage::insert(&mut conn, &batch).await?;
+    drop(batch);
     bar.finish_and_clear();
-    summary.spicedb_resources = stage::fold(&mut conn).await?;
+    if undecodable > 0 {
+        tracing::warn!(
+            relationships = undecodable,
+            encoding = %options.selector_encoding,
+            "object ids not in the selector encoding; check --selector-encoding"
+        );
+    }
+    stage::fold(&mut conn, &mut summary).await?;
+    summary.total();
     tracing::info!(
         relationships = summary.spicedb_relationships,
         resources = summary.spicedb_resources,
-        "read SpiceDB; classifying against PostgreSQL"
+        types = ?types,
+        "read SpiceDB; classifying against the resource mappings"
     );
 
-    let (consistent, classified_at) = stage::classify(&mut conn, options.grace).await?;
-    summary.consistent = consistent;
+    let classified_at = stage::classify(
+        &mut conn,
+        &types,
+        options.selector_encoding.as_str(),
+        options.grace,
+        &mut summary,
+    )
+    .await?;
     let owner = options.owner_principal.as_ref().map(Principal::as_value);
     stage::resolve_principals(&mut conn, owner.as_ref()).await?;
     stage::count(&mut conn, &mut summary).await?;
-    summary.drift = summary.drift();
     tracing::info!(?summary, "classified");
 
     let refused = if options.apply && !options.force {
@@ -245,7 +298,7 @@ pub async fn reconcile(
                     .as_ref()
                     .zip(staged.owner_id.as_ref())
                     .map(|(t, i)| format!("{t}:{i}")),
-                fix: describe(kind),
+                fix: describe(kind, staged.undecodable),
                 enqueued: will_enqueue,
             });
         }
@@ -284,26 +337,85 @@ pub async fn reconcile(
     })
 }
 
-/// The deregister limits `apply` respects unless forced.
-pub fn limit_check(summary: &Summary, max_deregisters: u64) -> Option<Refusal> {
-    let count = summary.deregisters();
-    if count > max_deregisters {
-        return Some(Refusal::TooManyDeregisters {
-            count,
-            limit: max_deregisters,
-        });
+/// The resource types a run compares: every type with an installed mapping
+/// (`authz_outbox_mappings`), or those of `requested`, each of which must
+/// have one.
+pub async fn selected_types(
+    conn: &mut sqlx::PgConnection,
+    requested: &[ResourceType],
+) -> Result<Vec<String>, ReconcileError> {
+    let installed = crate::outbox::stats::installed_types(&mut *conn).await?;
+    if installed.is_empty() {
+        return Err(ReconcileError::NoMappings);
     }
-    if count * 2 > summary.spicedb_resources {
-        return Some(Refusal::MostOfSpiceDb {
-            count,
-            held: summary.spicedb_resources,
-        });
+    if requested.is_empty() {
+        return Ok(installed);
+    }
+    let mut types = Vec::new();
+    for t in requested {
+        let t = t.as_str().to_string();
+        if !installed.contains(&t) {
+            return Err(ReconcileError::NotInstalled {
+                requested: t,
+                installed: installed.join(", "),
+            });
+        }
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    types.sort();
+    Ok(types)
+}
+
+/// A relationship with its resource's object id (and its subject's, where
+/// it decodes) turned back into selectors. `true` when the resource's object
+/// id is not in the encoding: it is staged as read and reported, never
+/// healed (a deregister of it would name a different object).
+fn decode(mut tuple: spicedb::Tuple, encoding: SelectorEncoding) -> (spicedb::Tuple, bool) {
+    let bad = match encoding.decode(&tuple.resource_id) {
+        Ok(Some(selector)) => {
+            tuple.resource_id = selector;
+            false
+        }
+        Ok(None) => false,
+        Err(_) => true,
+    };
+    // Parents (and owners, where the service encodes them too) decode the
+    // same way; a subject id that does not decode is kept as read.
+    if let Ok(Some(subject)) = encoding.decode(&tuple.subject_id) {
+        tuple.subject_id = subject;
+    }
+    (tuple, bad)
+}
+
+/// The deregister limits `apply` respects unless forced, per resource type:
+/// more than `max_deregisters`, or more than half of what SpiceDB holds of
+/// that type, refuses the whole run (the first type in name order is named).
+pub fn limit_check(summary: &Summary, max_deregisters: u64) -> Option<Refusal> {
+    for (resource_type, counts) in &summary.by_type {
+        let count = counts.deregisters();
+        if count > max_deregisters {
+            return Some(Refusal::TooManyDeregisters {
+                resource_type: resource_type.clone(),
+                count,
+                limit: max_deregisters,
+            });
+        }
+        if count * 2 > counts.spicedb_resources {
+            return Some(Refusal::MostOfSpiceDb {
+                resource_type: resource_type.clone(),
+                count,
+                held: counts.spicedb_resources,
+            });
+        }
     }
     None
 }
 
-fn describe(kind: FindingKind) -> String {
+fn describe(kind: FindingKind, undecodable: bool) -> String {
     match kind {
+        FindingKind::Orphan if undecodable => "none: object id not in the selector encoding",
         FindingKind::Orphan => "deregister (guarded)",
         FindingKind::Missing => "register",
         FindingKind::ParentMismatch => "deregister + register",
@@ -314,6 +426,9 @@ fn describe(kind: FindingKind) -> String {
 
 /// The outbox rows that heal one finding.
 fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
+    if f.undecodable {
+        return Vec::new();
+    }
     let Ok(resource) = ResourceRef::new(&f.resource_type, &f.resource_id) else {
         return Vec::new();
     };
@@ -321,10 +436,9 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         .principal
         .clone()
         .and_then(|p| Principal::from_value(p).ok());
-    let parent = match &f.row_parent {
-        Some(agent) if resource.kind == crate::domain::ResourceType::API_KEY => {
-            ResourceRef::new("agent", agent).ok()
-        }
+    // The parent the live row names, as its mapping reads it.
+    let parent = match (&f.row_parent_type, &f.row_parent) {
+        (Some(kind), Some(id)) => ResourceRef::new(kind, id).ok(),
         _ => None,
     };
     let deregister = |guarded| NewRow {
@@ -372,26 +486,46 @@ fn progress_bar(enabled: bool) -> ProgressBar {
 mod tests {
     use super::*;
 
+    fn summary(types: &[(&str, u64, u64)]) -> Summary {
+        let mut s = Summary::default();
+        for (t, orphan, held) in types {
+            s.by_type.insert(
+                t.to_string(),
+                TypeCounts {
+                    orphan: *orphan,
+                    spicedb_resources: *held,
+                    ..TypeCounts::default()
+                },
+            );
+        }
+        s.total();
+        s
+    }
+
     #[test]
-    fn limits_refuse_many_or_most() {
-        let s = Summary {
-            orphan: 6,
-            spicedb_resources: 100,
-            ..Summary::default()
-        };
+    fn limits_refuse_many_or_most_per_type() {
+        let s = summary(&[("api_key", 6, 100)]);
         assert_eq!(limit_check(&s, 1000), None);
         assert_eq!(
             limit_check(&s, 5),
-            Some(Refusal::TooManyDeregisters { count: 6, limit: 5 })
+            Some(Refusal::TooManyDeregisters {
+                resource_type: "api_key".into(),
+                count: 6,
+                limit: 5
+            })
         );
-        let s = Summary {
-            orphan: 6,
-            spicedb_resources: 11,
-            ..Summary::default()
-        };
+        // Most of the tasks, though few of everything SpiceDB holds.
+        let s = summary(&[("agent", 0, 100), ("api_key", 0, 100), ("task", 3, 4)]);
         assert_eq!(
             limit_check(&s, 1000),
-            Some(Refusal::MostOfSpiceDb { count: 6, held: 11 })
+            Some(Refusal::MostOfSpiceDb {
+                resource_type: "task".into(),
+                count: 3,
+                held: 4
+            })
         );
+        // The cap is per type, too.
+        let s = summary(&[("agent", 4, 100), ("task", 4, 100)]);
+        assert_eq!(limit_check(&s, 5), None);
     }
 }

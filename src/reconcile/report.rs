@@ -1,6 +1,7 @@
 //! What reconcile found, and how it is shown: a table for people, JSON for
 //! jobs that alert on it.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
 use serde::Serialize;
@@ -45,13 +46,13 @@ impl FindingKind {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Finding {
     pub kind: FindingKind,
-    /// `api_key:ID` or `agent:ID`.
+    /// `TYPE:SELECTOR`, e.g. `task:t1` or `schedule:run-schedule::a1::s1`.
     pub resource: String,
     pub reason: String,
-    /// The parent agent the row names (api keys with a row).
+    /// The parent the live row names (types with a parent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub row_parent: Option<String>,
-    /// The parent agents SpiceDB holds for it.
+    /// The parents SpiceDB holds for it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub spicedb_parents: Vec<String>,
     /// The owner SpiceDB holds, as `user:U` or `service_account:S`.
@@ -63,7 +64,35 @@ pub struct Finding {
     pub enqueued: bool,
 }
 
-/// Counts by kind. `drift` is what the metric and the exit code use.
+/// Counts by kind for one resource type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TypeCounts {
+    pub consistent: u64,
+    pub orphan: u64,
+    pub missing: u64,
+    pub parent_mismatch: u64,
+    pub needs_owner: u64,
+    pub in_flight: u64,
+    pub young: u64,
+    /// Resources of this type SpiceDB holds.
+    pub spicedb_resources: u64,
+    /// orphan + missing + parent_mismatch + needs_owner.
+    pub drift: u64,
+}
+
+impl TypeCounts {
+    pub fn drift(&self) -> u64 {
+        self.orphan + self.missing + self.parent_mismatch + self.needs_owner
+    }
+
+    /// Deregisters `--apply` would enqueue: one per orphan and mismatch.
+    pub fn deregisters(&self) -> u64 {
+        self.orphan + self.parent_mismatch
+    }
+}
+
+/// Counts by kind, in total and per resource type. `drift` is what the
+/// metric and the exit code use.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
     pub consistent: u64,
@@ -80,9 +109,46 @@ pub struct Summary {
     pub spicedb_resources: u64,
     /// Drifted resources: orphan + missing + parent_mismatch + needs_owner.
     pub drift: u64,
+    /// The same counts for each resource type compared (every type the
+    /// run covered is present, zero or not).
+    pub by_type: BTreeMap<String, TypeCounts>,
 }
 
 impl Summary {
+    /// A summary covering `types`, all counts zero.
+    pub fn for_types<S: AsRef<str>>(types: &[S]) -> Self {
+        Summary {
+            by_type: types
+                .iter()
+                .map(|t| (t.as_ref().to_string(), TypeCounts::default()))
+                .collect(),
+            ..Summary::default()
+        }
+    }
+
+    /// Sets each type's drift, and the totals from the types.
+    pub fn total(&mut self) {
+        let relationships = self.spicedb_relationships;
+        let by_type = std::mem::take(&mut self.by_type);
+        *self = Summary {
+            spicedb_relationships: relationships,
+            ..Summary::default()
+        };
+        for (resource_type, mut c) in by_type {
+            c.drift = c.drift();
+            self.consistent += c.consistent;
+            self.orphan += c.orphan;
+            self.missing += c.missing;
+            self.parent_mismatch += c.parent_mismatch;
+            self.needs_owner += c.needs_owner;
+            self.in_flight += c.in_flight;
+            self.young += c.young;
+            self.spicedb_resources += c.spicedb_resources;
+            self.by_type.insert(resource_type, c);
+        }
+        self.drift = self.drift();
+    }
+
     pub fn drift(&self) -> u64 {
         self.orphan + self.missing + self.parent_mismatch + self.needs_owner
     }
@@ -182,6 +248,36 @@ impl<W: Write> Printer<W> {
             writeln!(self.out, "{:<18} {:>10}", "SUMMARY", "COUNT")?;
             for (name, n) in rows {
                 writeln!(self.out, "{name:<18} {n:>10}")?;
+            }
+            if !summary.by_type.is_empty() {
+                writeln!(self.out)?;
+                writeln!(
+                    self.out,
+                    "{:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+                    "TYPE",
+                    "CONSISTENT",
+                    "ORPHAN",
+                    "MISSING",
+                    "PARENT",
+                    "NO_OWNER",
+                    "IN_FLIGHT",
+                    "YOUNG",
+                    "IN_SPICEDB"
+                )?;
+                for (t, c) in &summary.by_type {
+                    writeln!(
+                        self.out,
+                        "{t:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+                        c.consistent,
+                        c.orphan,
+                        c.missing,
+                        c.parent_mismatch,
+                        c.needs_owner,
+                        c.in_flight,
+                        c.young,
+                        c.spicedb_resources
+                    )?;
+                }
             }
             for (k, v) in extra {
                 writeln!(self.out, "{k}: {v}")?;

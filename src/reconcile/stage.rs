@@ -1,6 +1,8 @@
 //! The SQL half of reconcile: SpiceDB's relationships are staged in
-//! TEMPORARY tables of one session, then classified against `agent_api_keys`,
-//! `agents` and `authz_outbox` with joins, so a million keys and a million
+//! TEMPORARY tables of one session, then classified against
+//! `authz_outbox_desired` (what the installed resource mappings say SpiceDB
+//! should hold: every live row with its selector and parent) and
+//! `authz_outbox` with joins, so a million resources and their
 //! relationships never sit in this process's memory at once.
 //!
 //! Everything here runs on one connection (temporary tables belong to it).
@@ -11,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use super::report::{FindingKind, Summary};
+use super::report::{FindingKind, Summary, TypeCounts};
 use super::spicedb::Tuple;
 
 /// Relationships written to PostgreSQL per statement.
@@ -28,22 +30,61 @@ pub async fn create(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
             resource_id   text NOT NULL,
             relation      text NOT NULL,
             subject_type  text NOT NULL,
-            subject_id    text NOT NULL
+            subject_id    text NOT NULL,
+            undecodable   boolean NOT NULL
         );
     "#;
     sqlx::raw_sql(SQL).execute(conn).await?;
     Ok(())
 }
 
+/// Relationships with their object ids decoded into selectors, ready to
+/// stage. `undecodable[i]` marks a tuple whose resource object id is not in
+/// the selector encoding (kept as read, so it is reported, never healed).
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub tuples: Vec<Tuple>,
+    pub undecodable: Vec<bool>,
+}
+
+impl Batch {
+    pub fn with_capacity(n: usize) -> Self {
+        Batch {
+            tuples: Vec::with_capacity(n),
+            undecodable: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tuples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tuples.is_empty()
+    }
+
+    pub fn push(&mut self, tuple: Tuple, undecodable: bool) {
+        self.tuples.push(tuple);
+        self.undecodable.push(undecodable);
+    }
+
+    pub fn clear(&mut self) {
+        self.tuples.clear();
+        self.undecodable.clear();
+    }
+}
+
 /// Appends relationships to the staging table in one multi-row INSERT.
-pub async fn insert(conn: &mut PgConnection, tuples: &[Tuple]) -> Result<(), sqlx::Error> {
+pub async fn insert(conn: &mut PgConnection, batch: &Batch) -> Result<(), sqlx::Error> {
     const SQL: &str = r#"
-        INSERT INTO reconcile_tuples (resource_type, resource_id, relation, subject_type, subject_id)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+        INSERT INTO reconcile_tuples (resource_type, resource_id, relation, subject_type, subject_id,
+                                      undecodable)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
     "#;
-    if tuples.is_empty() {
+    if batch.is_empty() {
         return Ok(());
     }
+    let tuples = &batch.tuples;
     let col = |f: fn(&Tuple) -> &str| tuples.iter().map(f).collect::<Vec<&str>>();
     sqlx::query(SQL)
         .bind(col(|t| &t.resource_type))
@@ -51,14 +92,15 @@ pub async fn insert(conn: &mut PgConnection, tuples: &[Tuple]) -> Result<(), sql
         .bind(col(|t| &t.relation))
         .bind(col(|t| &t.subject_type))
         .bind(col(|t| &t.subject_id))
+        .bind(&batch.undecodable)
         .execute(conn)
         .await?;
     Ok(())
 }
 
 /// Folds the relationships into one row per resource (its owner, its parent
-/// edges) and returns how many resources SpiceDB holds.
-pub async fn fold(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+/// edges) and adds how many resources SpiceDB holds, per type, to `summary`.
+pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), sqlx::Error> {
     const SQL: &str = r#"
         CREATE TEMPORARY TABLE reconcile_held AS
         SELECT resource_type, resource_id,
@@ -68,7 +110,8 @@ pub async fn fold(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
                     FILTER (WHERE relation = 'owner'))[1] AS owner_id,
                coalesce(array_agg(DISTINCT subject_id)
                     FILTER (WHERE relation = 'parent_agent' AND subject_type = 'agent'),
-                    '{}') AS parents
+                    '{}') AS parents,
+               bool_or(undecodable) AS undecodable
         FROM reconcile_tuples
         GROUP BY resource_type, resource_id;
         DROP TABLE reconcile_tuples;
@@ -76,61 +119,90 @@ pub async fn fold(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
         ANALYZE reconcile_held;
     "#;
     sqlx::raw_sql(SQL).execute(&mut *conn).await?;
-    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_held")
-        .fetch_one(conn)
-        .await?;
-    Ok(held as u64)
+    let held: Vec<(String, i64)> =
+        sqlx::query_as("SELECT resource_type, count(*) FROM reconcile_held GROUP BY resource_type")
+            .fetch_all(conn)
+            .await?;
+    for (resource_type, n) in held {
+        summary
+            .by_type
+            .entry(resource_type)
+            .or_default()
+            .spicedb_resources = n as u64;
+    }
+    Ok(())
 }
 
-/// Classifies every resource on either side and keeps what is not
-/// consistent in `reconcile_findings`. Returns the count of consistent
-/// resources and the database time the classification saw.
+/// Classifies every resource of `types` on either side and keeps what is
+/// not consistent in `reconcile_findings`. Adds the consistent resources per
+/// type to `summary`; returns the database time the classification saw.
 ///
-/// One statement, so one snapshot of keys, agents and the outbox; it runs
-/// after SpiceDB was read, so a key committed during the read is a row here
-/// (at worst "missing" and young), never an orphan whose tuples we revoke.
+/// The desired side is `authz_outbox_desired`, generated by `migrate` from
+/// the resource mappings: a row that is not live (a soft-deleted agent,
+/// task or schedule) is not desired, so its relationships are an orphan;
+/// its parent is the one the mapping reads (a task's `task_agents` row).
+///
+/// One statement, so one snapshot of the host's tables and the outbox; it
+/// runs after SpiceDB was read, so a resource committed during the read is
+/// a row here (at worst "missing" and young), never an orphan whose tuples
+/// we revoke.
 ///
 /// Precedence: drift is computed first; a drifted resource with a pending
 /// outbox row is `in_flight` (the worker is about to change it), then one
-/// younger than `grace` is `young`. Rows are aged by `created_at`; an orphan
-/// has no age in SpiceDB, so it is young when any outbox row of its resource
-/// was created within `grace` (a create or delete that is still settling).
+/// younger than `grace` is `young`. Rows are aged by their mapping's
+/// `created_at`; an orphan has no age in SpiceDB, so it is young when any
+/// outbox row of its resource was created within `grace` (a create or
+/// delete that is still settling).
 pub async fn classify(
     conn: &mut PgConnection,
+    types: &[String],
+    encoding: &str,
     grace: Duration,
-) -> Result<(u64, DateTime<Utc>), sqlx::Error> {
+    summary: &mut Summary,
+) -> Result<DateTime<Utc>, sqlx::Error> {
     const SETUP: &str = r#"
         CREATE TEMPORARY TABLE reconcile_findings (
-            seq           bigserial PRIMARY KEY,
-            kind          text NOT NULL,
-            drift_kind    text NOT NULL,
-            resource_type text NOT NULL,
-            resource_id   text NOT NULL,
-            reason        text NOT NULL,
-            row_parent    text,
-            held_parents  text[] NOT NULL DEFAULT '{}',
-            owner_type    text,
-            owner_id      text,
-            principal     jsonb
+            seq              bigserial PRIMARY KEY,
+            kind             text NOT NULL,
+            drift_kind       text NOT NULL,
+            resource_type    text NOT NULL,
+            resource_id      text NOT NULL,
+            reason           text NOT NULL,
+            row_parent_type  text,
+            row_parent       text,
+            held_parents     text[] NOT NULL DEFAULT '{}',
+            owner_type       text,
+            owner_id         text,
+            row_creator      jsonb,
+            undecodable      boolean NOT NULL DEFAULT false,
+            principal        jsonb
         );
     "#;
+    // Several rows may desire one resource (an api key id under two agents,
+    // two mappings of one type): they are folded into one, with every
+    // parent they name.
     const SQL: &str = r#"
-        WITH host AS (
-            SELECT 'api_key'::text AS rtype, k.id AS rid, min(k.agent_id)::text AS agent_id,
-                   array_agg(k.agent_id::text) AS agent_ids, max(k.created_at) AS created_at
-            FROM agent_api_keys k
-            GROUP BY k.id
-            UNION ALL
-            SELECT 'agent', a.id::text, NULL, '{}'::text[], a.created_at
-            FROM agents a
+        WITH desired AS (
+            SELECT d.resource_type AS rtype, d.resource_id AS rid,
+                   min(d.parent_type) AS parent_type,
+                   min(d.parent_id) AS parent_id,
+                   coalesce(array_agg(d.parent_id) FILTER (WHERE d.parent_id IS NOT NULL),
+                            '{}') AS parent_ids,
+                   max(d.created_at) AS created_at,
+                   (array_agg(d.creator) FILTER (WHERE d.creator IS NOT NULL))[1] AS creator
+            FROM authz_outbox_desired d
+            WHERE d.resource_type = ANY ($2::text[])
+            GROUP BY d.resource_type, d.resource_id
         ),
         joined AS (
             SELECT coalesce(h.rtype, s.resource_type) AS rtype,
                    coalesce(h.rid, s.resource_id) AS rid,
-                   h.rid IS NOT NULL AS has_row, h.agent_id, h.agent_ids, h.created_at,
+                   h.rid IS NOT NULL AS has_row, h.parent_type, h.parent_id,
+                   coalesce(h.parent_ids, '{}') AS parent_ids, h.created_at, h.creator,
                    s.resource_id IS NOT NULL AS has_tuples,
+                   coalesce(s.undecodable, false) AS undecodable,
                    s.owner_type, s.owner_id, coalesce(s.parents, '{}') AS parents
-            FROM host h
+            FROM desired h
             FULL JOIN reconcile_held s
                    ON s.resource_type = h.rtype AND s.resource_id = h.rid
         ),
@@ -139,17 +211,24 @@ pub async fn classify(
                    CASE
                        WHEN NOT j.has_row THEN 'orphan'
                        WHEN NOT j.has_tuples THEN 'missing'
-                       WHEN j.rtype = 'api_key' AND NOT (j.parents <@ j.agent_ids) THEN 'parent_mismatch'
+                       WHEN j.parent_type IS NOT NULL AND NOT (j.parents <@ j.parent_ids)
+                           THEN 'parent_mismatch'
                        WHEN j.owner_id IS NULL THEN 'missing'
-                       WHEN j.rtype = 'api_key' AND NOT (j.agent_ids <@ j.parents) THEN 'missing'
+                       WHEN j.parent_type IS NOT NULL AND NOT (j.parent_ids <@ j.parents)
+                           THEN 'missing'
                    END AS drift_kind,
                    CASE
-                       WHEN NOT j.has_row THEN 'relationships in SpiceDB, no row'
-                       WHEN NOT j.has_tuples THEN 'row, no relationships in SpiceDB'
-                       WHEN j.rtype = 'api_key' AND NOT (j.parents <@ j.agent_ids)
-                           THEN 'parent edge points at another agent'
+                       WHEN NOT j.has_row AND j.undecodable
+                           THEN 'object id is not in the ' || $3 || ' selector encoding; '
+                                'check --selector-encoding, or remove it by hand'
+                       WHEN NOT j.has_row
+                           THEN 'relationships in SpiceDB, no live row (deleted, soft-deleted or moved)'
+                       WHEN NOT j.has_tuples THEN 'live row, no relationships in SpiceDB'
+                       WHEN j.parent_type IS NOT NULL AND NOT (j.parents <@ j.parent_ids)
+                           THEN 'parent edge points at another ' || j.parent_type
+                                || ' than the row''s'
                        WHEN j.owner_id IS NULL THEN 'owner edge missing'
-                       WHEN j.rtype = 'api_key' AND NOT (j.agent_ids <@ j.parents)
+                       WHEN j.parent_type IS NOT NULL AND NOT (j.parent_ids <@ j.parents)
                            THEN 'parent edge missing'
                    END AS reason
             FROM joined j
@@ -176,35 +255,51 @@ pub async fn classify(
         ),
         saved AS (
             INSERT INTO reconcile_findings (kind, drift_kind, resource_type, resource_id, reason,
-                                            row_parent, held_parents, owner_type, owner_id)
-            SELECT kind, drift_kind, rtype, rid, reason, agent_id, parents, owner_type, owner_id
+                                            row_parent_type, row_parent, held_parents,
+                                            owner_type, owner_id, row_creator, undecodable)
+            SELECT kind, drift_kind, rtype, rid, reason, parent_type, parent_id, parents,
+                   owner_type, owner_id, creator, undecodable
             FROM classified
             WHERE kind <> 'consistent'
-            ORDER BY rtype DESC, rid
+            ORDER BY rtype, rid
             RETURNING 1
         )
-        SELECT (SELECT count(*) FROM classified WHERE kind = 'consistent'),
-               (SELECT count(*) FROM saved),
-               now()
+        SELECT c.rtype, count(*), (SELECT count(*) FROM saved), now()
+        FROM classified c
+        WHERE c.kind = 'consistent'
+        GROUP BY c.rtype
+        UNION ALL
+        SELECT NULL, 0, (SELECT count(*) FROM saved), now()
     "#;
     sqlx::raw_sql(SETUP).execute(&mut *conn).await?;
-    let (consistent, _saved, at): (i64, i64, DateTime<Utc>) = sqlx::query_as(SQL)
+    let rows: Vec<(Option<String>, i64, i64, DateTime<Utc>)> = sqlx::query_as(SQL)
         .bind(grace.as_millis() as i64)
-        .fetch_one(conn)
+        .bind(types)
+        .bind(encoding)
+        .fetch_all(conn)
         .await?;
-    Ok((consistent as u64, at))
+    let mut at = Utc::now();
+    for (resource_type, consistent, _saved, now) in rows {
+        at = now;
+        if let Some(resource_type) = resource_type {
+            summary.by_type.entry(resource_type).or_default().consistent = consistent as u64;
+        }
+    }
+    Ok(at)
 }
 
 /// Decides whom each fix is sent as, and turns a registration nobody can be
 /// named for into `needs_owner`.
 ///
-/// - missing: the principal of the resource's latest register row (the
-///   creator the host recorded), else the owner SpiceDB still holds, else
-///   `owner_principal`;
+/// - missing (a legacy row, or one whose relationships vanished): the
+///   creator the row itself records (the mapping's column sources, such as a
+///   schedule's `creator_principal`), else the principal of the resource's
+///   latest register row (the creator capture recorded), else the owner
+///   SpiceDB still holds, else `owner_principal`;
 /// - parent mismatch and orphan: the owner SpiceDB holds (`user:U` →
-///   `{"user_id":"U"}`), else the latest register row's, else
-///   `owner_principal`. An orphan with none is deregistered without one
-///   (a deregister needs no creator).
+///   `{"user_id":"U"}`), else the latest register row's, else the row's
+///   own, else `owner_principal`. An orphan with none is deregistered
+///   without one (a deregister needs no creator).
 pub async fn resolve_principals(
     conn: &mut PgConnection,
     owner_principal: Option<&Value>,
@@ -216,6 +311,7 @@ pub async fn resolve_principals(
                        WHEN 'user' THEN jsonb_build_object('user_id', f.owner_id)
                        WHEN 'service_account' THEN jsonb_build_object('service_account_id', f.owner_id)
                    END AS held_owner,
+                   CASE WHEN authz_outbox_has_creator(f.row_creator) THEN f.row_creator END AS row_creator,
                    (SELECT o.principal FROM authz_outbox o
                     WHERE o.resource_type = f.resource_type AND o.resource_id = f.resource_id
                       AND o.operation = 'register' AND authz_outbox_has_creator(o.principal)
@@ -225,8 +321,8 @@ pub async fn resolve_principals(
         )
         UPDATE reconcile_findings f
         SET principal = CASE WHEN f.kind = 'missing'
-                             THEN coalesce(r.recorded, r.held_owner, $1::jsonb)
-                             ELSE coalesce(r.held_owner, r.recorded, $1::jsonb) END
+                             THEN coalesce(r.row_creator, r.recorded, r.held_owner, $1::jsonb)
+                             ELSE coalesce(r.held_owner, r.recorded, r.row_creator, $1::jsonb) END
         FROM resolved r
         WHERE f.seq = r.seq
     "#;
@@ -244,24 +340,27 @@ pub async fn resolve_principals(
     Ok(())
 }
 
-/// Adds the counts by kind to `summary`.
+/// Adds the counts by type and kind to `summary`, and the totals.
 pub async fn count(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), sqlx::Error> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT kind, count(*) FROM reconcile_findings GROUP BY kind")
-            .fetch_all(conn)
-            .await?;
-    for (kind, n) in rows {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT resource_type, kind, count(*) FROM reconcile_findings GROUP BY 1, 2",
+    )
+    .fetch_all(conn)
+    .await?;
+    for (resource_type, kind, n) in rows {
+        let counts: &mut TypeCounts = summary.by_type.entry(resource_type).or_default();
         let n = n as u64;
         match kind.as_str() {
-            "orphan" => summary.orphan = n,
-            "missing" => summary.missing = n,
-            "parent_mismatch" => summary.parent_mismatch = n,
-            "needs_owner" => summary.needs_owner = n,
-            "in_flight" => summary.in_flight = n,
-            "young" => summary.young = n,
+            "orphan" => counts.orphan = n,
+            "missing" => counts.missing = n,
+            "parent_mismatch" => counts.parent_mismatch = n,
+            "needs_owner" => counts.needs_owner = n,
+            "in_flight" => counts.in_flight = n,
+            "young" => counts.young = n,
             _ => {}
         }
     }
+    summary.total();
     Ok(())
 }
 
@@ -273,10 +372,12 @@ pub struct StagedFinding {
     pub resource_type: String,
     pub resource_id: String,
     pub reason: String,
+    pub row_parent_type: Option<String>,
     pub row_parent: Option<String>,
     pub held_parents: Vec<String>,
     pub owner_type: Option<String>,
     pub owner_id: Option<String>,
+    pub undecodable: bool,
     pub principal: Option<Value>,
 }
 
@@ -294,8 +395,8 @@ pub async fn page(
 ) -> Result<Vec<StagedFinding>, sqlx::Error> {
     sqlx::query_as(
         r#"
-        SELECT seq, kind, resource_type, resource_id, reason, row_parent, held_parents,
-               owner_type, owner_id, principal
+        SELECT seq, kind, resource_type, resource_id, reason, row_parent_type, row_parent,
+               held_parents, owner_type, owner_id, undecodable, principal
         FROM reconcile_findings
         WHERE seq > $1 AND kind IN ('orphan', 'missing', 'parent_mismatch', 'needs_owner')
         ORDER BY seq

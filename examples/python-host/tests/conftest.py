@@ -131,10 +131,19 @@ async def async_engine(database: Database) -> AsyncIterator[AsyncEngine]:
 def outbox(database: Database) -> list[dict[str, Any]]:
     """Every outbox row, oldest first."""
     rows = database.execute(
-        "SELECT id, resource_type, resource_id, operation, state, principal, last_error "
+        "SELECT id, resource_type, resource_id, parent_id, operation, state, principal, last_error "
         "FROM authz_outbox ORDER BY id"
     )
-    keys = ("id", "resource_type", "resource_id", "operation", "state", "principal", "last_error")
+    keys = (
+        "id",
+        "resource_type",
+        "resource_id",
+        "parent_id",
+        "operation",
+        "state",
+        "principal",
+        "last_error",
+    )
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 

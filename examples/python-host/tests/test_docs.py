@@ -207,6 +207,50 @@ async def agent_self_registration(g: Guide, b: Block) -> None:
     assert g.principal_of("agent:agent-2") == {"service_account_id": "sa-agent-pod"}
 
 
+def operations(g: Guide, resource: str) -> list[tuple[str, Any]]:
+    return [
+        (r["operation"], r["parent_id"])
+        for r in outbox(g.database)
+        if f"{r['resource_type']}:{r['resource_id']}" == resource
+    ]
+
+
+async def agent_soft_delete(g: Guide, b: Block) -> None:
+    await g.python(b.code, b.name)
+    assert operations(g, "agent:agent-2") == [("register", None), ("deregister", None)]
+
+
+async def task_create(g: Guide, b: Block) -> None:
+    await g.python(b.code, b.name)
+    assert operations(g, "task:task-1") == [("register", "agent-1")]
+
+
+async def task_soft_delete(g: Guide, b: Block) -> None:
+    await g.python(b.code, b.name)
+    # The live-to-live status change added nothing; the soft delete, one row.
+    assert operations(g, "task:task-1") == [("register", "agent-1"), ("deregister", "agent-1")]
+
+
+async def schedule_create(g: Guide, b: Block) -> None:
+    g.sql_as_app(b.code)
+    resource = "schedule:run-schedule::agent-1::sched-1"
+    assert operations(g, resource) == [("register", "agent-1")]
+    assert g.principal_of(resource) == {"user_id": "u-456"}
+
+
+async def schedule_soft_delete(g: Guide, b: Block) -> None:
+    g.sql_as_app(b.code)
+    resource = "schedule:run-schedule::agent-1::sched-1"
+    assert operations(g, resource) == [("register", "agent-1"), ("deregister", "agent-1")]
+
+
+async def mappings(g: Guide, b: Block) -> None:
+    out = g.sh(b.code).stdout
+    for kind in ("agent", "api_key", "task", "schedule"):
+        assert f"{kind}: type={kind}" in out, out
+        assert f"ok      {kind} " in out, out
+
+
 async def api_key_delete(g: Guide, b: Block) -> None:
     key = g.namespace["key"]
     await g.python(b.code, b.name)
@@ -262,7 +306,13 @@ RUNNERS: dict[str, Runner] = {
     "read-your-writes": read_your_writes,
     "sql-wait": sql_wait,
     "agent-self-registration": agent_self_registration,
+    "agent-soft-delete": agent_soft_delete,
     "api-key-delete": api_key_delete,
+    "task-create": task_create,
+    "task-soft-delete": task_soft_delete,
+    "schedule-create": schedule_create,
+    "schedule-soft-delete": schedule_soft_delete,
+    "mappings": mappings,
     "shadow-idempotent": shadow_idempotent,
     "shadow-watch": shadow_watch,
     "backfill": backfill,

@@ -1,5 +1,6 @@
-//! Reconcile at scale: `keys` api keys (spread over `agents` agents) in
-//! PostgreSQL and their relationships on the SpiceDB side, then one dry run
+//! Reconcile at scale: `keys` api keys and `tasks` tasks (spread over
+//! `agents` agents; a task's agent through the host's `task_agents` join
+//! table) in PostgreSQL and their relationships on the SpiceDB side, then one dry run
 //! of the real `authz-outbox reconcile` binary under `/usr/bin/time -v` for
 //! its wall time and peak resident memory.
 //!
@@ -12,8 +13,9 @@
 //!
 //! Loading is not measured: keys are generated with `generate_series` with
 //! triggers off (`session_replication_role = replica`). Each consistent key
-//! has two relationships (owner and parent_agent), so `keys` keys are
-//! `2 × keys` relationships. A little drift is planted (`drift` keys with no
+//! or task has two relationships (owner and parent_agent), so `keys` keys
+//! and `tasks` tasks are `2 × (keys + tasks)` relationships. Reconcile reads
+//! and classifies every type with an installed mapping, as in production. A little drift is planted (`drift` keys with no
 //! relationships, `drift` orphans with no row) so the run has findings to
 //! classify and print.
 
@@ -41,6 +43,7 @@ pub enum Source {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub keys: i64,
+    pub tasks: i64,
     pub agents: i64,
     pub drift: i64,
     pub page_size: u32,
@@ -51,6 +54,7 @@ pub struct Config {
 pub struct ReconcileResult {
     pub source: Source,
     pub keys: i64,
+    pub tasks: i64,
     pub agents: i64,
     pub relationships: i64,
     pub drift_planted: i64,
@@ -96,8 +100,30 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
     .execute(&mut *tx)
     .await
     .context("generating keys")?;
+    sqlx::query("TRUNCATE tasks CASCADE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO tasks (id, name, status, created_at)
+         SELECT 'rt-' || g, 'rt-' || g, 'RUNNING', now() - interval '1 hour'
+         FROM generate_series(1, $1::bigint) g",
+    )
+    .bind(config.tasks)
+    .execute(&mut *tx)
+    .await
+    .context("generating tasks")?;
+    sqlx::query(
+        "INSERT INTO task_agents (task_id, agent_id)
+         SELECT 'rt-' || g, 'ra-' || (g % $2::bigint + 1)
+         FROM generate_series(1, $1::bigint) g",
+    )
+    .bind(config.tasks)
+    .bind(config.agents)
+    .execute(&mut *tx)
+    .await
+    .context("linking tasks to agents")?;
     tx.commit().await?;
-    sqlx::raw_sql("VACUUM ANALYZE agents, agent_api_keys")
+    sqlx::raw_sql("VACUUM ANALYZE agents, agent_api_keys, tasks, task_agents")
         .execute(&pool)
         .await?;
 
@@ -107,6 +133,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
         agents: config.agents,
         last_key: config.keys + config.drift,
         missing: (config.keys - config.drift + 1, config.keys),
+        tasks: config.tasks,
     };
     let (endpoint, server, _source) = match config.source {
         Source::Engine => {
@@ -121,8 +148,8 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
     let relationships = dataset.total();
     let load_seconds = load_started.elapsed().as_secs_f64();
     eprintln!(
-        "  reconcile: loaded {} keys and {relationships} relationships in {load_seconds:.1} s",
-        config.keys
+        "  reconcile: loaded {} keys, {} tasks and {relationships} relationships in {load_seconds:.1} s",
+        config.keys, config.tasks
     );
 
     let started = Instant::now();
@@ -173,7 +200,10 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
     // Agents count as resources too; keys without relationships and
     // without a recorded creator are `needs_owner`.
     let expected = [
-        ("consistent", config.keys - config.drift + config.agents),
+        (
+            "consistent",
+            config.keys - config.drift + config.agents + config.tasks,
+        ),
         ("needs_owner", config.drift),
         ("orphan", config.drift),
     ];
@@ -188,6 +218,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<ReconcileResult> 
     Ok(ReconcileResult {
         source: config.source,
         keys: config.keys,
+        tasks: config.tasks,
         agents: config.agents,
         relationships,
         drift_planted: 2 * config.drift,
@@ -236,6 +267,30 @@ async fn load_engine(dataset: &Dataset) -> anyhow::Result<DevServer> {
             batch.push(rel(
                 "api_key",
                 format!("rk-{k}"),
+                "parent_agent",
+                "agent",
+                agent,
+            ));
+        }
+        server.bulk_touch(batch).await?;
+        start = end + 1;
+    }
+    let mut start = 1;
+    while start <= dataset.tasks {
+        let end = (start + CHUNK - 1).min(dataset.tasks);
+        let mut batch = Vec::with_capacity(2 * (end - start + 1) as usize);
+        for t in start..=end {
+            let agent = format!("ra-{}", t % dataset.agents + 1);
+            batch.push(rel(
+                "task",
+                format!("rt-{t}"),
+                "owner",
+                "user",
+                "bench-user".into(),
+            ));
+            batch.push(rel(
+                "task",
+                format!("rt-{t}"),
                 "parent_agent",
                 "agent",
                 agent,

@@ -168,13 +168,19 @@ impl Results {
         }
         for r in &self.reconcile {
             add(
-                &format!("reconcile {} keys ({:?}) wall time", r.keys, r.source),
+                &format!(
+                    "reconcile {} keys + {} tasks ({:?}) wall time",
+                    r.keys, r.tasks, r.source
+                ),
                 "< 60 s",
                 format!("{:.1} s", r.seconds),
                 r.seconds < 60.0,
             );
             add(
-                &format!("reconcile {} keys ({:?}) peak RSS", r.keys, r.source),
+                &format!(
+                    "reconcile {} keys + {} tasks ({:?}) peak RSS",
+                    r.keys, r.tasks, r.source
+                ),
                 "< 200 MiB",
                 format!("{:.1} MiB", r.max_rss_mib),
                 r.max_rss_mib < 200.0,
@@ -285,8 +291,8 @@ impl Results {
         }
         for r in &self.reconcile {
             println!(
-                "\nReconcile ({:?} source): {} keys, {} relationships: {:.1} s, peak RSS {:.1} MiB (exit {:?})",
-                r.source, r.keys, r.relationships, r.seconds, r.max_rss_mib, r.exit_code
+                "\nReconcile ({:?} source): {} keys, {} tasks, {} relationships: {:.1} s, peak RSS {:.1} MiB (exit {:?})",
+                r.source, r.keys, r.tasks, r.relationships, r.seconds, r.max_rss_mib, r.exit_code
             );
         }
         println!("\n{:<42} {:>12} {:>22}  met", "target", "goal", "measured");

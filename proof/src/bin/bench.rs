@@ -105,6 +105,11 @@ struct Args {
     /// whose in-memory datastore reads in O(N²); 0 skips it.
     #[arg(long, default_value_t = 200_000)]
     reconcile_engine_keys: i64,
+    /// Tasks beside the keys in the instant-source run (2 relationships
+    /// each, the parent through `task_agents`); the engine run gets the same
+    /// share of its keys.
+    #[arg(long, default_value_t = 1_000_000)]
+    reconcile_tasks: i64,
     #[arg(long, default_value_t = 1000)]
     reconcile_agents: i64,
     #[arg(long, default_value_t = 100)]
@@ -214,8 +219,17 @@ async fn main() -> anyhow::Result<()> {
         ];
         for (source, keys) in runs.into_iter().filter(|(_, keys)| *keys > 0) {
             eprintln!("bench: reconcile, {keys} keys, {source:?} source");
+            // The engine run keeps the instant run's ratio of tasks to keys.
+            let tasks = match source {
+                reconcile::Source::Instant => args.reconcile_tasks,
+                reconcile::Source::Engine if args.reconcile_keys > 0 => {
+                    args.reconcile_tasks * keys / args.reconcile_keys
+                }
+                reconcile::Source::Engine => 0,
+            };
             let config = reconcile::Config {
                 keys,
+                tasks,
                 agents: args.reconcile_agents,
                 drift: args.reconcile_drift,
                 page_size: args.reconcile_page_size,
