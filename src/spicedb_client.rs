@@ -180,6 +180,11 @@ impl SpiceDbClient {
         &self.endpoint
     }
 
+    /// The deadline of one call (`--request-timeout`).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
+    }
+
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.timeout);

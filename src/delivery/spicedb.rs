@@ -166,7 +166,32 @@ impl SpiceDbTarget {
 
     /// Sends one group (see [`SpiceDbTarget::group`]) and answers a verdict
     /// per row.
+    ///
+    /// All of it — a re-parent's read and write, a refused batch's resends —
+    /// ends within one request timeout, as one agentex-auth request does:
+    /// the worker sends a row only while that much of its lease is left,
+    /// and the lease (≥ 3× the timeout) is what keeps a second worker from
+    /// delivering the same resource while this one still writes. A group cut
+    /// off here is retried whole (its writes are idempotent).
     pub async fn send(&self, group: Vec<Deliverable>) -> Vec<(Deliverable, Verdict)> {
+        let kept = group.clone();
+        match tokio::time::timeout(self.client.timeout(), self.send_unbounded(group)).await {
+            Ok(answered) => answered,
+            Err(_) => kept
+                .into_iter()
+                .map(|d| {
+                    let verdict = Verdict::Transient {
+                        status: Some(tonic::Code::DeadlineExceeded as u16),
+                        retry_after: None,
+                        error: "SpiceDB DEADLINE_EXCEEDED: the request timeout passed".into(),
+                    };
+                    (d, verdict)
+                })
+                .collect(),
+        }
+    }
+
+    async fn send_unbounded(&self, group: Vec<Deliverable>) -> Vec<(Deliverable, Verdict)> {
         if let [d] = group.as_slice()
             && d.operation == Operation::Deregister
         {
