@@ -684,3 +684,64 @@ async fn a_reparent_then_a_delete_leaves_nothing(pool: PgPool) {
     );
     dev.shutdown().await;
 }
+
+/// A group's calls together end within one request timeout (the lease is
+/// sized for one request): a refused batch whose resends would outlast it
+/// is cut off and retried whole, not left writing past the timeout.
+#[sqlx::test(migrations = false)]
+async fn a_group_never_outlasts_the_request_timeout(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    agent(&pool, "a1").await;
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    for i in 0..2 {
+        key(&pool, "a1", &format!("k{i}")).await;
+    }
+    common::live_tasks(&pool, &["t1".to_string()]).await;
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation, principal)
+         VALUES ('task', 't1', 'agent', 'seed-agent', 'register', '{\"user_id\": \"u1\"}')",
+    )
+    .execute(&pool)
+    .await
+    .expect("task row");
+    let schema = agentex_auth_dev::DEFAULT_SCHEMA;
+    let start = schema.find("definition task").expect("task in schema");
+    let end = start
+        + schema[start..]
+            .find("definition schedule")
+            .expect("schedule");
+    common::write_schema(&grpc, &format!("{}{}", &schema[..start], &schema[end..])).await;
+    // Each write takes 300 ms: the shared write and its resends, 1.2 s.
+    dev.set_faults(Faults {
+        endpoints: [(
+            Endpoint::WriteRelationships,
+            FaultRates {
+                latency_ms: 300,
+                ..FaultRates::default()
+            },
+        )]
+        .into(),
+        ..Faults::none()
+    });
+    let cfg = authz_outbox::config::WorkerConfig {
+        request_timeout: Duration::from_millis(700),
+        ..config("w")
+    };
+    let started = std::time::Instant::now();
+    let report = run_once_spicedb(&pool, &grpc, cfg, 50).await;
+    assert_eq!(report.retried, 3, "{report:?}");
+    let pending = rows(&pool)
+        .await
+        .into_iter()
+        .filter(|r| r.state == "pending")
+        .collect::<Vec<_>>();
+    assert_eq!(pending.len(), 3, "{pending:?}");
+    assert!(
+        pending.iter().all(|r| r.last_status == Some(4)),
+        "DEADLINE_EXCEEDED: {pending:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    dev.shutdown().await;
+}
