@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::{DbArgs, parse_duration, parse_principal};
+use super::{DbArgs, duration_up_to, parse_principal};
 use crate::capture::{self, DeliveryState, NewApiKey};
 use crate::domain::{ApiKeyType, Principal};
 
@@ -27,7 +27,7 @@ pub enum KeysCommand {
         #[arg(long, env = "AUTHZ_OUTBOX_KEY_SECRET", hide_env_values = true)]
         secret: Option<String>,
         /// Wait up to this long for the register to be delivered.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration_up_to(crate::config::limits::WAIT))]
         wait: Option<Duration>,
     },
     /// Delete a key by id, or by agent, name and type.
@@ -45,7 +45,7 @@ pub enum KeysCommand {
         /// Who deletes; defaults to the creator recorded at registration.
         #[arg(long, env = "AUTHZ_OUTBOX_PRINCIPAL", value_parser = parse_principal)]
         principal: Option<Principal>,
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration_up_to(crate::config::limits::WAIT))]
         wait: Option<Duration>,
     },
 }

@@ -29,7 +29,7 @@ use super::prepare::{self, Deliverable};
 use super::{housekeeping, listener};
 use crate::auth_client::AuthClient;
 use crate::config::WorkerConfig;
-use crate::domain::Operation;
+use crate::domain::{Operation, PrincipalPolicy, ResourceRef, names_a_creator};
 use crate::metrics as m;
 use crate::outbox::record::{Recorded, RowUpdate, record};
 use crate::outbox::{ClaimedRow, claim};
@@ -107,9 +107,18 @@ struct Shared {
     due_by: Option<chrono::DateTime<Utc>>,
     /// When the last credential failure was logged, to log it once per interval.
     last_credential_log: Mutex<Option<Instant>>,
+    /// What of a stored principal may be sent (see [`Shared::principal_policy`]).
+    principal_policy: PrincipalPolicy,
 }
 
 impl Shared {
+    /// The policy applied to the principal of a request for `resource`: the
+    /// one place a per-resource-type policy would be chosen. Today every
+    /// type gets the default (identity fields, no credential).
+    fn principal_policy(&self, _resource: &ResourceRef) -> &PrincipalPolicy {
+        &self.principal_policy
+    }
+
     /// Every outcome passes here, so every one is logged the same way: row
     /// id, resource, attempt — never the principal or a credential.
     fn settle(&self, row: &ClaimedRow, operation: Operation, update: RowUpdate) {
@@ -199,6 +208,7 @@ impl Worker {
             settled: tx,
             due_by: once.then(Utc::now),
             last_credential_log: Mutex::new(None),
+            principal_policy: PrincipalPolicy::default(),
         });
         let background = CancellationToken::new();
         let recorder = tokio::spawn(recorder(self.pool.clone(), progress.clone(), rx));
@@ -248,7 +258,10 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
     // A worker holds up to `concurrency` rows in flight plus one batch
     // claimed ahead, waiting for permits: a busy worker then pays one claim
     // (and one set of checks) per batch, not one per few finished requests.
-    let capacity = shared.config.concurrency + shared.config.batch_size;
+    let capacity = shared
+        .config
+        .concurrency
+        .saturating_add(shared.config.batch_size);
     let min_claim = (shared.config.batch_size / 4).max(1);
     let mut asleep = false;
     let mut tasks = JoinSet::new();
@@ -380,11 +393,11 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
         // well inside the lease; otherwise another worker could claim it
         // again while our request is in flight, and order per resource
         // would rest on timing.
-        let send_by = claimed_at
-            + shared
-                .config
-                .lease
-                .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let margin = shared
+            .config
+            .lease
+            .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let send_by = claimed_at.checked_add(margin).unwrap_or(claimed_at);
         let mut queue = deliverables.into_iter();
         while let Some(deliverable) = queue.next() {
             let permit = tokio::select! {
@@ -392,6 +405,19 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 _ = shutdown.cancelled() => None,
             };
             let reason = match permit {
+                // The gate may have opened while this row waited for a
+                // permit (the requests ahead of it answered 401, or failed
+                // past the threshold): it is held back unsent, its attempt
+                // refunded, like the rest of its batch. Only a probe goes out
+                // while the gate is open.
+                Some(_) if !is_probe && shared.gate.open_reason().is_some() => {
+                    match shared.gate.open_reason() {
+                        Some(OpenReason::Credential) => {
+                            "held back: agentex-auth rejected the credential (401)"
+                        }
+                        _ => "held back: agentex-auth looks down (circuit open)",
+                    }
+                }
                 Some(permit) if Instant::now() < send_by => {
                     shared
                         .in_flight
@@ -473,7 +499,11 @@ async fn settle_without_request(
 ) -> Result<Vec<Deliverable>, sqlx::Error> {
     let mut checked = Vec::with_capacity(claimed.len());
     for row in claimed {
-        match prepare::check(row) {
+        let checked_row = prepare::check(row).and_then(|d| {
+            let policy = shared.principal_policy(&d.resource);
+            apply_principal_policy(policy, d)
+        });
+        match checked_row {
             Ok(d) => checked.push(d),
             Err((row, reason)) => {
                 let operation = row.operation.parse().unwrap_or(Operation::Register);
@@ -508,6 +538,28 @@ async fn settle_without_request(
             Err(e)
         }
     }
+}
+
+/// Replaces the row's principal with what `policy` lets through, right
+/// before the request is built, whatever wrote the row. A register whose
+/// principal names no creator once sanitized cannot be sent.
+fn apply_principal_policy(
+    policy: &PrincipalPolicy,
+    mut d: Deliverable,
+) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
+    let Some(principal) = policy.sanitize(&d.principal) else {
+        return Err((Box::new(d.row), "principal must be a JSON object".into()));
+    };
+    if d.operation == Operation::Register && !names_a_creator(&principal) {
+        return Err((
+            Box::new(d.row),
+            "no creator resolvable: no user_id or service_account_id left once the \
+             principal policy dropped credential, non-identity, nested and over-long fields"
+                .into(),
+        ));
+    }
+    d.principal = principal;
+    Ok(d)
 }
 
 /// Returns the ids of rows settled as superseded.
@@ -664,11 +716,14 @@ pub fn decide(config: &WorkerConfig, row: &ClaimedRow, verdict: Verdict, jitter:
                     retry_after,
                     jitter,
                 );
-                RowUpdate::Retry {
-                    at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
-                    status,
-                    error,
-                }
+                // The delay is bounded by the backoff cap, itself bounded
+                // by the configuration; checked anyway, so no setting can
+                // panic a delivery task.
+                let at = chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|delay| now.checked_add_signed(delay))
+                    .unwrap_or_else(|| now + chrono::Duration::hours(24));
+                RowUpdate::Retry { at, status, error }
             }
         }
     }

@@ -9,5 +9,8 @@ mod resource;
 
 pub use key_type::ApiKeyType;
 pub use operation::Operation;
-pub use principal::{Principal, PrincipalError};
+pub use principal::{
+    CREDENTIAL_KEYS, CREDENTIAL_SUFFIXES, MAX_PRINCIPAL_VALUE_CHARS, Principal, PrincipalError,
+    PrincipalPolicy, is_credential_key, names_a_creator,
+};
 pub use resource::{ResourceRef, ResourceRefError, ResourceType};
