@@ -142,12 +142,21 @@ pub(crate) fn duration_up_to(
     move |s| {
         let duration = parse_duration(s)?;
         if duration > max {
-            return Err(format!(
-                "must be at most {}",
-                humantime::format_duration(max)
-            ));
+            return Err(format!("must be at most {}", short_duration(max)));
         }
         Ok(duration)
+    }
+}
+
+/// `3650d`, `24h`, `5m`, `90s`: a limit as an operator would write it.
+pub(crate) fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 

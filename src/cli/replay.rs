@@ -98,7 +98,7 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     if ago > max {
         return Err(format!(
             "invalid time {s:?}: at most {} ago",
-            humantime::format_duration(max)
+            super::short_duration(max)
         ));
     }
     chrono::Duration::from_std(ago)
