@@ -879,3 +879,47 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
     batch.clear();
     progress.wake.notify_one();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(attempts: i32) -> ClaimedRow {
+        ClaimedRow {
+            id: 1,
+            resource_type: "task".into(),
+            resource_id: "t1".into(),
+            parent_type: None,
+            parent_id: None,
+            operation: "register".into(),
+            principal: None,
+            attempts,
+            created_at: Utc::now(),
+            lease_token: Uuid::new_v4(),
+            guarded: false,
+            origin: "capture".into(),
+            last_error: None,
+        }
+    }
+
+    /// The library does not trust its caller to have validated: a backoff
+    /// cap and a `Retry-After` far past any date still schedule a retry.
+    #[test]
+    fn no_setting_can_panic_the_retry_schedule() {
+        let huge = Duration::from_secs(2_000_000 * 365 * 86_400);
+        let config = WorkerConfig {
+            backoff_cap: huge,
+            backoff_base: huge,
+            ..WorkerConfig::default()
+        };
+        let verdict = Verdict::Transient {
+            status: Some(429),
+            retry_after: Some(huge),
+            error: "slow down".into(),
+        };
+        match decide(&config, &row(3), verdict, 1.0) {
+            RowUpdate::Retry { at, .. } => assert!(at > Utc::now()),
+            other => panic!("{other:?}"),
+        }
+    }
+}
