@@ -437,7 +437,11 @@ async fn postgres_sslmode_is_honoured_never_downgraded(pool: PgPool) {
 #[test]
 fn a_password_in_a_url_is_never_echoed() {
     let db = ("DATABASE_URL", "postgres://x@127.0.0.1:1/db");
-    for url in ["http://svc:pa55word@auth:notaport", "svc:pa55word@auth"] {
+    for url in [
+        "http://svc:pa55word@auth:notaport",
+        "svc:pa55word@auth",
+        "ftp://svc:pa55word@auth/",
+    ] {
         let out = run(&["run"], &[db, ("AGENTEX_AUTH_URL", url)]);
         assert_one_line_error(&out, "invalid agentex-auth URL");
         assert!(
@@ -734,4 +738,27 @@ async fn readyz_is_503_while_the_credential_is_rejected(pool: PgPool) {
     auth.set_script(|_, _| Answer::ok());
     assert!(until_status(200).await, "ready again once accepted");
     drop(worker);
+}
+
+/// `status` shows a stored error terminal-safe, whatever wrote it.
+#[sqlx::test(migrations = false)]
+async fn status_shows_errors_without_control_characters(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, last_error, finished_at)
+         VALUES ('task', 't1', 'register', '{\"user_id\":\"u\"}', 'dead', $1, now())",
+    )
+    .bind("boom\u{1b}[2J\u{1b}]0;pwned\u{7}\r\nagain")
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let db = url_of(&pool).await;
+    let out = run_async(&["status"], &[("DATABASE_URL", db.as_str())]).await;
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("boom[2J]0;pwned again"), "{stdout}");
+    assert!(
+        !stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "{stdout:?}"
+    );
 }

@@ -666,15 +666,31 @@ async fn an_outage_opens_the_circuit_and_holds_the_backlog(pool: PgPool) {
         "the backlog kept its attempts: {untouched}"
     );
 
-    // agentex-auth recovers: the next probe succeeds and the circuit closes.
-    auth.set_script(|_, _| Answer::ok());
-    common::until(Duration::from_secs(15), "the backlog drains", || async {
+    // agentex-auth recovers: the next probe succeeds and the circuit
+    // closes: requests go out two at a time again (concurrency 2), not one
+    // probe after another.
+    let recovered_at = arrivals.lock().expect("lock").len();
+    let noted = arrivals.clone();
+    auth.set_script(move |_, _| {
+        noted.lock().expect("lock").push(std::time::Instant::now());
+        Answer::ok().delay(Duration::from_millis(100))
+    });
+    common::until(Duration::from_secs(30), "the backlog drains", || async {
         rows(&pool).await.iter().all(|r| r.state == "delivered")
     })
     .await;
     stop.cancel();
     run.await.expect("worker");
     assert!(auth.seen().len() >= 60, "every row was sent");
+    let after: Vec<_> = arrivals.lock().expect("lock")[recovered_at..].to_vec();
+    let together = after
+        .windows(2)
+        .filter(|w| w[1].duration_since(w[0]) < Duration::from_millis(50))
+        .count();
+    assert!(
+        together >= 10,
+        "the circuit closed: requests in flight together again ({together} pairs)"
+    );
 }
 
 /// Behind a single-sign-on ingress: `302 Location: /login` for every call.

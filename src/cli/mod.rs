@@ -206,6 +206,23 @@ mod tests {
         ])
         .expect("parses");
         assert!(!format!("{cli:?}").contains("psk-secret-1"));
+        let cli = Cli::try_parse_from([
+            "authz-outbox",
+            "keys",
+            "create",
+            "--database-url",
+            "postgres://db/app",
+            "--agent-id",
+            "a",
+            "--name",
+            "n",
+            "--type",
+            "external",
+            "--secret",
+            "agx_key_secret_1",
+        ])
+        .expect("parses");
+        assert!(!format!("{cli:?}").contains("agx_key_secret_1"));
     }
 
     #[test]
