@@ -584,9 +584,7 @@ async fn no_secret_reaches_the_logs(pool: PgPool) {
     {
         task_rows(
             &pool,
-            &["ok", "503", "400", "401"]
-                .map(|s| format!("r{round}-{s}"))
-                .to_vec(),
+            &["ok", "503", "400", "401"].map(|s| format!("r{round}-{s}")),
         )
         .await;
         let port = free_port().to_string();

@@ -48,7 +48,7 @@ impl Env {
     /// Applies the product's migrations with the product binary.
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let pool = self.pool(1).await?;
-        crate::load_host_schema(&pool)
+        authz_outbox_proof::load_host_schema(&pool)
             .await
             .context("loading the host's schema")?;
         pool.close().await;
