@@ -529,8 +529,26 @@ mod tests {
     fn retry_after_is_capped() {
         assert_eq!(
             parse_retry_after("18446744073709551615"),
-            Some(MAX_RETRY_AFTER)
+            Some(Duration::from_secs(86_400))
         );
+        assert_eq!(MAX_BODY_BYTES, 8192, "the README documents 8 KiB");
+    }
+
+    #[test]
+    fn each_request_goes_to_its_contract_path() {
+        let principal = json!({"user_id": "u1"});
+        let resource = ResourceRef::new("api_key", "k1").expect("valid");
+        let register = AuthRequest::Register {
+            principal: &principal,
+            resource: &resource,
+            parent: None,
+        };
+        let deregister = AuthRequest::Deregister {
+            principal: &principal,
+            resource: &resource,
+        };
+        assert_eq!(register.path(), "v1/authz/register");
+        assert_eq!(deregister.path(), "v1/authz/deregister");
     }
 
     #[test]
