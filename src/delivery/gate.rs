@@ -236,6 +236,28 @@ mod tests {
     }
 
     #[test]
+    fn a_new_reason_starts_from_the_base_cooldown() {
+        let g = gate();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            g.record(Signal::Transient, false, t0);
+        }
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(g.admit(later), Admit::Probe);
+        g.record(Signal::Transient, true, later);
+        assert_eq!(g.cooldown(), Duration::from_secs(2));
+        // The outage ends, but the credential is now refused: a different
+        // cause, so its pause starts from the base, not the doubled outage's.
+        let probe_at = later + Duration::from_secs(2);
+        assert_eq!(g.admit(probe_at), Admit::Probe);
+        assert_eq!(
+            g.record(Signal::Unauthorized, true, probe_at),
+            Some(OpenReason::Credential)
+        );
+        assert_eq!(g.cooldown(), Duration::from_secs(1));
+    }
+
+    #[test]
     fn unused_probe_is_returned() {
         let g = gate();
         let now = Instant::now();
