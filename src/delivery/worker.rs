@@ -29,7 +29,7 @@ use super::prepare::{self, Deliverable};
 use super::{housekeeping, listener};
 use crate::auth_client::AuthClient;
 use crate::config::WorkerConfig;
-use crate::domain::Operation;
+use crate::domain::{Operation, PrincipalPolicy, ResourceRef, names_a_creator};
 use crate::metrics as m;
 use crate::outbox::record::{Recorded, RowUpdate, record};
 use crate::outbox::{ClaimedRow, claim};
@@ -109,9 +109,18 @@ struct Shared {
     due_by: Option<chrono::DateTime<Utc>>,
     /// When the last credential failure was logged, to log it once per interval.
     last_credential_log: Mutex<Option<Instant>>,
+    /// What of a stored principal may be sent (see [`Shared::principal_policy`]).
+    principal_policy: PrincipalPolicy,
 }
 
 impl Shared {
+    /// The policy applied to the principal of a request for `resource`: the
+    /// one place a per-resource-type policy would be chosen. Today every
+    /// type gets the default (identity fields, no credential).
+    fn principal_policy(&self, _resource: &ResourceRef) -> &PrincipalPolicy {
+        &self.principal_policy
+    }
+
     /// Every outcome passes here, so every one is logged the same way: row
     /// id, resource, attempt — never the principal or a credential.
     fn settle(&self, row: &ClaimedRow, operation: Operation, update: RowUpdate) {
@@ -202,6 +211,7 @@ impl Worker {
             settled: tx,
             due_by: once.then(Utc::now),
             last_credential_log: Mutex::new(None),
+            principal_policy: PrincipalPolicy::default(),
         });
         let background = CancellationToken::new();
         let recorder = tokio::spawn(recorder(self.pool.clone(), progress.clone(), rx));
@@ -251,7 +261,10 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
     // A worker holds up to `concurrency` rows in flight plus one batch
     // claimed ahead, waiting for permits: a busy worker then pays one claim
     // (and one set of checks) per batch, not one per few finished requests.
-    let capacity = shared.config.concurrency + shared.config.batch_size;
+    let capacity = shared
+        .config
+        .concurrency
+        .saturating_add(shared.config.batch_size);
     let min_claim = (shared.config.batch_size / 4).max(1);
     let mut asleep = false;
     let mut tasks = JoinSet::new();
@@ -383,11 +396,11 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
         // well inside the lease; otherwise another worker could claim it
         // again while our request is in flight, and order per resource
         // would rest on timing.
-        let send_by = claimed_at
-            + shared
-                .config
-                .lease
-                .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let margin = shared
+            .config
+            .lease
+            .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let send_by = claimed_at.checked_add(margin).unwrap_or(claimed_at);
         let mut queue = deliverables.into_iter();
         while let Some(deliverable) = queue.next() {
             let permit = tokio::select! {
@@ -395,6 +408,19 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 _ = shutdown.cancelled() => None,
             };
             let reason = match permit {
+                // The gate may have opened while this row waited for a
+                // permit (the requests ahead of it answered 401, or failed
+                // past the threshold): it is held back unsent, its attempt
+                // refunded, like the rest of its batch. Only a probe goes out
+                // while the gate is open.
+                Some(_) if !is_probe && shared.gate.open_reason().is_some() => {
+                    match shared.gate.open_reason() {
+                        Some(OpenReason::Credential) => {
+                            "held back: agentex-auth rejected the credential (401)"
+                        }
+                        _ => "held back: agentex-auth looks down (circuit open)",
+                    }
+                }
                 Some(permit) if Instant::now() < send_by => {
                     shared
                         .in_flight
@@ -480,7 +506,11 @@ async fn settle_without_request(
 ) -> Result<Vec<Deliverable>, sqlx::Error> {
     let mut checked = Vec::with_capacity(claimed.len());
     for row in claimed {
-        match prepare::check(row) {
+        let checked_row = prepare::check(row).and_then(|d| {
+            let policy = shared.principal_policy(&d.resource);
+            apply_principal_policy(policy, d)
+        });
+        match checked_row {
             Ok(d) => checked.push(d),
             Err((row, reason)) => {
                 let operation = row.operation.parse().unwrap_or(Operation::Register);
@@ -515,6 +545,28 @@ async fn settle_without_request(
             Err(e)
         }
     }
+}
+
+/// Replaces the row's principal with what `policy` lets through, right
+/// before the request is built, whatever wrote the row. A register whose
+/// principal names no creator once sanitized cannot be sent.
+fn apply_principal_policy(
+    policy: &PrincipalPolicy,
+    mut d: Deliverable,
+) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
+    let Some(principal) = policy.sanitize(&d.principal) else {
+        return Err((Box::new(d.row), "principal must be a JSON object".into()));
+    };
+    if d.operation == Operation::Register && !names_a_creator(&principal) {
+        return Err((
+            Box::new(d.row),
+            "no creator resolvable: no user_id or service_account_id left once the \
+             principal policy dropped credential, non-identity, nested and over-long fields"
+                .into(),
+        ));
+    }
+    d.principal = principal;
+    Ok(d)
 }
 
 /// Returns the ids of rows settled as superseded.
@@ -677,11 +729,14 @@ pub fn decide(config: &WorkerConfig, row: &ClaimedRow, verdict: Verdict, jitter:
                     retry_after,
                     jitter,
                 );
-                RowUpdate::Retry {
-                    at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
-                    status,
-                    error,
-                }
+                // The delay is bounded by the backoff cap, itself bounded
+                // by the configuration; checked anyway, so no setting can
+                // panic a delivery task.
+                let at = chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|delay| now.checked_add_signed(delay))
+                    .unwrap_or_else(|| now + chrono::Duration::hours(24));
+                RowUpdate::Retry { at, status, error }
             }
         }
     }
@@ -838,4 +893,48 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
         .fetch_sub(batch.len(), Ordering::SeqCst);
     batch.clear();
     progress.wake.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(attempts: i32) -> ClaimedRow {
+        ClaimedRow {
+            id: 1,
+            resource_type: "task".into(),
+            resource_id: "t1".into(),
+            parent_type: None,
+            parent_id: None,
+            operation: "register".into(),
+            principal: None,
+            attempts,
+            created_at: Utc::now(),
+            lease_token: Uuid::new_v4(),
+            guarded: false,
+            origin: "capture".into(),
+            last_error: None,
+        }
+    }
+
+    /// The library does not trust its caller to have validated: a backoff
+    /// cap and a `Retry-After` far past any date still schedule a retry.
+    #[test]
+    fn no_setting_can_panic_the_retry_schedule() {
+        let huge = Duration::from_secs(2_000_000 * 365 * 86_400);
+        let config = WorkerConfig {
+            backoff_cap: huge,
+            backoff_base: huge,
+            ..WorkerConfig::default()
+        };
+        let verdict = Verdict::Transient {
+            status: Some(429),
+            retry_after: Some(huge),
+            error: "slow down".into(),
+        };
+        match decide(&config, &row(3), verdict, 1.0) {
+            RowUpdate::Retry { at, .. } => assert!(at > Utc::now()),
+            other => panic!("{other:?}"),
+        }
+    }
 }
