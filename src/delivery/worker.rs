@@ -109,16 +109,57 @@ struct Shared {
     due_by: Option<chrono::DateTime<Utc>>,
     /// When the last credential failure was logged, to log it once per interval.
     last_credential_log: Mutex<Option<Instant>>,
-    /// What of a stored principal may be sent (see [`Shared::principal_policy`]).
-    principal_policy: PrincipalPolicy,
+    /// What of a stored principal may be sent, by resource type, from the
+    /// installed mappings' `principal_fields` (see [`Shared::principal_policy`]).
+    principal_policies: HashMap<String, PrincipalPolicy>,
+    default_policy: PrincipalPolicy,
+}
+
+/// Each mapped type's kept principal fields (the union over its mappings),
+/// read once at start: a mapping change is applied by `migrate` and picked
+/// up by restarting the workers, as the operations guide says. Unreadable
+/// (no mappings installed yet): every type gets the default.
+async fn principal_policies(pool: &PgPool) -> HashMap<String, PrincipalPolicy> {
+    let installed = match crate::mapping::install::installed(pool).await {
+        Ok(installed) => installed,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the installed mappings; sending identity fields only");
+            return HashMap::new();
+        }
+    };
+    let mut policies: HashMap<String, PrincipalPolicy> = HashMap::new();
+    for m in installed {
+        let fields = m
+            .definition
+            .get("principal_fields")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let policy = policies
+            .entry(m.resource_type.clone())
+            .or_insert_with(|| PrincipalPolicy { keep: Vec::new() });
+        for field in fields {
+            if !policy.keep.contains(&field) {
+                policy.keep.push(field);
+            }
+        }
+    }
+    policies.retain(|_, p| !p.keep.is_empty());
+    policies
 }
 
 impl Shared {
-    /// The policy applied to the principal of a request for `resource`: the
-    /// one place a per-resource-type policy would be chosen. Today every
-    /// type gets the default (identity fields, no credential).
-    fn principal_policy(&self, _resource: &ResourceRef) -> &PrincipalPolicy {
-        &self.principal_policy
+    /// The policy applied to the principal of a request for `resource`: its
+    /// type's mapping's kept fields (the capture kept the same), else the
+    /// identity fields. Credential-looking fields never pass either way.
+    fn principal_policy(&self, resource: &ResourceRef) -> &PrincipalPolicy {
+        self.principal_policies
+            .get(resource.kind.as_str())
+            .unwrap_or(&self.default_policy)
     }
 
     /// Every outcome passes here, so every one is logged the same way: row
@@ -199,6 +240,7 @@ impl Worker {
 
     /// Delivers until `shutdown` fires, or — with `once` — until no row is due.
     pub async fn run(self, shutdown: CancellationToken, once: bool) -> RunReport {
+        let principal_policies = principal_policies(&self.pool).await;
         let (tx, rx) = mpsc::unbounded_channel();
         let progress = Arc::new(Progress::default());
         let shared = Arc::new(Shared {
@@ -211,7 +253,8 @@ impl Worker {
             settled: tx,
             due_by: once.then(Utc::now),
             last_credential_log: Mutex::new(None),
-            principal_policy: PrincipalPolicy::default(),
+            principal_policies,
+            default_policy: PrincipalPolicy::default(),
         });
         let background = CancellationToken::new();
         let recorder = tokio::spawn(recorder(self.pool.clone(), progress.clone(), rx));
