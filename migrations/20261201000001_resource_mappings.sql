@@ -27,14 +27,14 @@ CREATE TABLE IF NOT EXISTS authz_outbox_mappings (
 
 -- Fields that look like credentials are dropped from any principal,
 -- whatever a mapping's `principal_fields` say (mirrors
--- domain::principal::is_credential_field in the worker).
+-- domain::principal::is_credential_key in the worker: CREDENTIAL_KEYS and
+-- CREDENTIAL_SUFFIXES; a test compares the two).
 CREATE OR REPLACE FUNCTION authz_outbox_is_credential_field(field text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT lower(field) IN ('api_key', 'apikey', 'token', 'secret', 'password', 'passwd',
-                            'authorization', 'cookie', 'credential', 'credentials',
-                            'private_key', 'client_secret', 'bearer', 'session', 'jwt')
-        OR lower(field) LIKE '%\_token' OR lower(field) LIKE '%secret%'
-        OR lower(field) LIKE '%password%' OR lower(field) LIKE '%api\_key%'
+    SELECT lower(btrim(field)) = ANY (ARRAY['api_key', 'apikey', 'api-key', 'x-api-key', 'token', 'access_token', 'refresh_token', 'id_token', 'bearer', 'secret', 'client_secret', 'password', 'passwd', 'pwd', 'authorization', 'cookie', 'set-cookie', 'credential', 'credentials', 'private_key', 'session', 'session_id', 'jwt'])
+        OR EXISTS (
+            SELECT 1 FROM unnest(ARRAY['_token', '-token', '_secret', '-secret', '_password', '_passwd', '_api_key', '_apikey', '_key_secret', '_private_key', '_credential', '_credentials', '_cookie', '_session']) AS s(suffix)
+            WHERE right(lower(btrim(field)), length(s.suffix)) = s.suffix)
 $$;
 
 -- A principal reduced to the kept fields: scalar values only (a nested

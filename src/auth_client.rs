@@ -5,7 +5,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, HeaderValue, LOCATION, RETRY_AFTER};
 use serde::Serialize;
 use serde_json::Value;
 use url::Url;
@@ -54,11 +54,29 @@ impl AuthRequest<'_> {
     }
 }
 
+/// The most of any response body the client reads; the rest is discarded
+/// unread (the connection is dropped). The contract's answers are a few
+/// dozen bytes (`{"success": true}`, a short error); a misbehaving server
+/// or proxy streaming megabytes must not cost the worker memory.
+pub const MAX_BODY_BYTES: usize = 8 * 1024;
+
+/// The longest `Retry-After` taken from a server; the worker's backoff cap
+/// bounds it further.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
 /// What came back, before any interpretation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AuthAnswer {
-    /// 2xx. The consistency token, if the body carried one.
+    /// 2xx with the contract's JSON object body. The consistency token, if
+    /// the body carried one.
     Success { consistency_token: Option<String> },
+    /// 2xx that is not the contract's answer: no body, not JSON, not an
+    /// object, `"success"` other than `true`, or too large. Nothing says
+    /// the write was applied, so it must never count as delivered.
+    NotTheContract { status: u16, reason: String },
+    /// 3xx. Redirects are never followed: a register sent to a login page
+    /// is not applied, whatever that page answers.
+    Redirect { status: u16, location: String },
     /// Any other HTTP status.
     Status {
         status: u16,
@@ -73,8 +91,12 @@ pub enum AuthAnswer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The URL is shown without its user-info, so a password in it never
+    /// reaches a terminal or a log.
     #[error("invalid agentex-auth URL {0:?}: {1}")]
     BadUrl(String, String),
+    #[error("cannot read the agentex-auth CA file {0}: {1}")]
+    CaFile(String, String),
     #[error("invalid agentex-auth credential: {0}")]
     BadCredential(String),
     #[error("cannot build HTTP client: {0}")]
@@ -104,11 +126,23 @@ impl AuthClient {
         request_timeout: Duration,
         max_idle_connections: usize,
     ) -> Result<Self, ClientError> {
+        Self::with_ca(base_url, token, request_timeout, max_idle_connections, None)
+    }
+
+    /// As [`AuthClient::new`], trusting the PEM certificates in `ca_pem`
+    /// besides the system's roots (a private CA in front of agentex-auth).
+    pub fn with_ca(
+        base_url: &str,
+        token: Option<BearerToken>,
+        request_timeout: Duration,
+        max_idle_connections: usize,
+        ca_pem: Option<(&str, &[u8])>,
+    ) -> Result<Self, ClientError> {
         let mut base = Url::parse(base_url)
-            .map_err(|e| ClientError::BadUrl(base_url.to_string(), e.to_string()))?;
+            .map_err(|e| ClientError::BadUrl(redact_url(base_url), e.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
             return Err(ClientError::BadUrl(
-                base_url.to_string(),
+                redact_url(base_url),
                 "expected http(s)://host[:port]".into(),
             ));
         }
@@ -129,11 +163,29 @@ impl AuthClient {
                 Ok(value)
             })
             .transpose()?;
-        let http = reqwest::Client::builder()
+        // Redirects are answers, not detours: following one turned a
+        // register into `GET /login` behind a single-sign-on ingress, and
+        // could carry the bearer token to another host or down to http.
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(request_timeout)
             .connect_timeout(request_timeout)
             .pool_max_idle_per_host(max_idle_connections)
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some((path, pem)) = ca_pem {
+            let certificates = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientError::CaFile(path.to_string(), e.to_string()))?;
+            if certificates.is_empty() {
+                return Err(ClientError::CaFile(
+                    path.to_string(),
+                    "no PEM certificate in it".into(),
+                ));
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
         Ok(AuthClient {
@@ -161,33 +213,93 @@ impl AuthClient {
         let response = match builder.send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => return AuthAnswer::Timeout,
-            Err(e) => return AuthAnswer::Network(error_chain(&e)),
+            Err(e) => return AuthAnswer::Network(one_line(&error_chain(&e), 300)),
         };
         let status = response.status();
-        if status.is_success() {
-            // The body is JSON by contract; a missing or odd body still means
-            // the write was applied, so only the token is optional here.
-            let consistency_token = match response.json::<Value>().await {
-                Ok(body) => consistency_token(&body),
-                Err(e) if e.is_timeout() => return AuthAnswer::Timeout,
-                Err(_) => None,
+        let code = status.as_u16();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .map(|v| one_line(&String::from_utf8_lossy(v.as_bytes()), 200))
+                .unwrap_or_default();
+            return AuthAnswer::Redirect {
+                status: code,
+                location,
             };
-            return AuthAnswer::Success { consistency_token };
         }
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let message = match response.text().await {
-            Ok(body) => short_message(&body),
-            Err(_) => String::new(),
+        let body = match read_capped(response, MAX_BODY_BYTES).await {
+            Ok(body) => body,
+            Err(e) if e.is_timeout() => return AuthAnswer::Timeout,
+            Err(e) => return AuthAnswer::Network(one_line(&error_chain(&e), 300)),
         };
-        AuthAnswer::Status {
-            status: status.as_u16(),
-            retry_after,
-            message,
+        if status.is_success() {
+            return success(code, &body);
         }
+        AuthAnswer::Status {
+            status: code,
+            retry_after,
+            message: short_message(&String::from_utf8_lossy(&body.bytes)),
+        }
+    }
+}
+
+/// At most `limit` bytes of a body, and whether there was more. The rest is
+/// never read: dropping the response closes the connection.
+struct Capped {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> reqwest::Result<Capped> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit.saturating_sub(bytes.len());
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok(Capped {
+                bytes,
+                truncated: true,
+            });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Capped {
+        bytes,
+        truncated: false,
+    })
+}
+
+/// A 2xx counts only with the contract's answer: a JSON object (whose
+/// `success`, when present, is `true`). An empty body, an HTML page from a
+/// proxy or a login screen, or anything cut off is not proof of a write.
+fn success(status: u16, body: &Capped) -> AuthAnswer {
+    let not = |reason: &str| AuthAnswer::NotTheContract {
+        status,
+        reason: reason.to_string(),
+    };
+    if body.truncated {
+        return not("body larger than the contract's answer (over 8 KiB)");
+    }
+    if body.bytes.iter().all(u8::is_ascii_whitespace) {
+        return not("empty body where the contract answers a JSON object");
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(&body.bytes) else {
+        return not("body is not JSON (a proxy or login page?)");
+    };
+    if !value.is_object() {
+        return not("body is JSON but not an object");
+    }
+    match value.get("success") {
+        None | Some(Value::Bool(true)) => AuthAnswer::Success {
+            consistency_token: consistency_token(&value),
+        },
+        Some(_) => not("body says success is not true"),
     }
 }
 
@@ -202,7 +314,11 @@ fn consistency_token(body: &Value) -> Option<String> {
 /// `Retry-After` as delta-seconds (the HTTP-date form is rare from APIs and
 /// falls back to our own backoff).
 fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    value
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 /// One line, at most 200 characters, of an error body.
@@ -216,8 +332,50 @@ fn short_message(body: &str) -> String {
             })
         })
         .unwrap_or_else(|| body.to_string());
-    let line = detail.split_whitespace().collect::<Vec<_>>().join(" ");
-    line.chars().take(200).collect()
+    one_line(&detail, 200)
+}
+
+/// Text from a server made safe for a terminal, a text log line and
+/// `last_error`: control characters (ANSI escapes, carriage returns, NUL)
+/// and bidirectional overrides are dropped, whitespace runs become one
+/// space, and at most `max` characters are kept.
+pub fn one_line(text: &str, max: usize) -> String {
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_whitespace() { ' ' } else { c })
+        .filter(|c| !c.is_control() && !is_bidi_control(*c))
+        .collect();
+    let line = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
+    line.chars().take(max).collect()
+}
+
+/// Characters that reorder how a terminal shows the text around them.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A URL as it may be shown: without user-info (`user:password@`). Text
+/// that does not parse as a URL is not shown at all past its scheme.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        // `user:pass@host` parses as scheme `user` and an opaque path.
+        Ok(url) if url.host().is_none() && raw.contains('@') => "<redacted>".into(),
+        Ok(mut url) => {
+            if !url.username().is_empty() || url.password().is_some() {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+            }
+            url.to_string()
+        }
+        Err(_) => match raw.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
+                None => raw.to_string(),
+            },
+            None if raw.contains('@') => "<redacted>".into(),
+            None => raw.to_string(),
+        },
+    }
 }
 
 /// reqwest's top-level message hides the cause ("error sending request");
@@ -284,6 +442,113 @@ mod tests {
         let token = BearerToken::new("s3cr3t").expect("non-empty");
         assert!(!format!("{token:?}").contains("s3cr3t"));
         assert!(BearerToken::new("  ").is_none());
+    }
+
+    fn capped(body: &str) -> Capped {
+        Capped {
+            bytes: body.as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn only_the_contracts_json_object_is_a_success() {
+        assert_eq!(
+            success(200, &capped(r#"{"success": true, "zedtoken": "z1"}"#)),
+            AuthAnswer::Success {
+                consistency_token: Some("z1".into())
+            }
+        );
+        assert_eq!(
+            success(200, &capped("{}")),
+            AuthAnswer::Success {
+                consistency_token: None
+            }
+        );
+        for (body, reason) in [
+            ("", "empty body"),
+            ("  \n", "empty body"),
+            ("<html>login</html>", "not JSON"),
+            ("[true]", "not an object"),
+            ("true", "not an object"),
+            (r#"{"success": false}"#, "success is not true"),
+            (r#"{"success": "yes"}"#, "success is not true"),
+        ] {
+            match success(204, &capped(body)) {
+                AuthAnswer::NotTheContract {
+                    status: 204,
+                    reason: r,
+                } => {
+                    assert!(r.contains(reason), "{body:?}: {r}")
+                }
+                other => panic!("{body:?}: {other:?}"),
+            }
+        }
+        let mut cut = capped(r#"{"success": true}"#);
+        cut.truncated = true;
+        assert!(matches!(
+            success(200, &cut),
+            AuthAnswer::NotTheContract { .. }
+        ));
+    }
+
+    #[test]
+    fn server_text_is_terminal_safe() {
+        assert_eq!(
+            one_line("a\u{1b}[31mred\u{1b}[0m\r\nb\u{7}\u{0}c", 100),
+            "a[31mred[0m bc"
+        );
+        assert_eq!(one_line("x\u{202e}evil\u{2066}", 100), "xevil");
+        assert_eq!(
+            short_message(r#"{"error":"bad\u001b]0;pwned\u0007"}"#),
+            "bad]0;pwned"
+        );
+        assert!(!short_message("\u{9b}2J").contains('\u{9b}'));
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            redact_url("https://svc:hunter2@auth.example/x"),
+            "https://auth.example/x"
+        );
+        assert!(!redact_url("http://svc:hunter2@auth:notaport").contains("hunter2"));
+        assert!(!redact_url("svc:hunter2@auth").contains("hunter2"));
+        assert_eq!(redact_url("http://auth:8080"), "http://auth:8080/");
+        let error = AuthClient::new(
+            "http://svc:hunter2@auth:notaport",
+            None,
+            Duration::from_secs(1),
+            1,
+        )
+        .expect_err("bad port");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        assert_eq!(
+            parse_retry_after("18446744073709551615"),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(MAX_BODY_BYTES, 8192, "the README documents 8 KiB");
+    }
+
+    #[test]
+    fn each_request_goes_to_its_contract_path() {
+        let principal = json!({"user_id": "u1"});
+        let resource = ResourceRef::new("api_key", "k1").expect("valid");
+        let register = AuthRequest::Register {
+            principal: &principal,
+            resource: &resource,
+            parent: None,
+        };
+        let deregister = AuthRequest::Deregister {
+            principal: &principal,
+            resource: &resource,
+        };
+        assert_eq!(register.path(), "v1/authz/register");
+        assert_eq!(deregister.path(), "v1/authz/deregister");
     }
 
     #[test]

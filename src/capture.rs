@@ -25,13 +25,25 @@ pub enum CaptureError {
     Database(#[from] sqlx::Error),
 }
 
-/// A key to create. `secret` is generated when `None`.
-#[derive(Debug, Clone)]
+/// A key to create. `secret` is generated when `None`. Its `Debug` never
+/// shows the secret.
+#[derive(Clone)]
 pub struct NewApiKey {
     pub agent_id: String,
     pub name: String,
     pub key_type: ApiKeyType,
     pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for NewApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewApiKey")
+            .field("agent_id", &self.agent_id)
+            .field("name", &self.name)
+            .field("key_type", &self.key_type)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A created key. `secret` is returned once, here, and never logged.
@@ -425,5 +437,23 @@ fn refusal(e: sqlx::Error) -> WaitError {
             WaitError::Refused(d.message().to_string())
         }
         _ => WaitError::Database(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_new_keys_debug_never_shows_its_secret() {
+        let key = super::NewApiKey {
+            agent_id: "a1".into(),
+            name: "ci".into(),
+            key_type: crate::domain::ApiKeyType::External,
+            secret: Some("agx_topsecret".into()),
+        };
+        let shown = format!("{key:?}");
+        assert!(
+            !shown.contains("topsecret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }

@@ -3,6 +3,38 @@
 
 use std::time::Duration;
 
+/// The largest value each setting accepts. Each is far past any sane
+/// setting and far below where the arithmetic that combines them (a lease
+/// added to now, a backoff doubled, a date in the past) could overflow: a
+/// setting outside is refused at start, never wrapped or panicked on.
+pub mod limits {
+    use std::time::Duration;
+
+    const HOUR: u64 = 3600;
+    const DAY: u64 = 24 * HOUR;
+
+    pub const CONCURRENCY: usize = 4096;
+    pub const BATCH_SIZE: usize = 10_000;
+    pub const MAX_ATTEMPTS: u32 = 1000;
+    pub const CIRCUIT_THRESHOLD: u32 = 10_000;
+    pub const LEASE: Duration = Duration::from_secs(HOUR);
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+    pub const DEAD_AFTER: Duration = Duration::from_secs(365 * DAY);
+    pub const BACKOFF_BASE: Duration = Duration::from_secs(HOUR);
+    pub const BACKOFF_CAP: Duration = Duration::from_secs(DAY);
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(HOUR);
+    pub const RETENTION: Duration = Duration::from_secs(3650 * DAY);
+    pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(HOUR);
+    /// `replay --since/--until`, `reconcile --grace`: how far back.
+    pub const LOOKBACK: Duration = Duration::from_secs(3650 * DAY);
+    /// `keys create --wait`.
+    pub const WAIT: Duration = Duration::from_secs(HOUR);
+    /// Reconcile's whole SpiceDB read, and each message of it.
+    pub const SPICEDB_READ_TIMEOUT: Duration = Duration::from_secs(DAY);
+    pub const SPICEDB_MESSAGE_TIMEOUT: Duration = Duration::from_secs(HOUR);
+    pub const PAGE_SIZE: u32 = 100_000;
+}
+
 /// How a worker claims and delivers.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -43,6 +75,27 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("backoff cap ({cap:?}) must not be below the backoff base ({base:?})")]
     CapBelowBase { base: Duration, cap: Duration },
+    #[error("{name} ({value}) must be at most {max}")]
+    TooLarge {
+        name: &'static str,
+        value: String,
+        max: String,
+    },
+}
+
+fn at_most<T: PartialOrd + std::fmt::Debug>(
+    name: &'static str,
+    value: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::TooLarge {
+            name,
+            value: format!("{value:?}"),
+            max: format!("{max:?}"),
+        });
+    }
+    Ok(())
 }
 
 impl Default for WorkerConfig {
@@ -78,6 +131,34 @@ impl WorkerConfig {
             if zero {
                 return Err(ConfigError::Zero(name));
             }
+        }
+        at_most("concurrency", self.concurrency, limits::CONCURRENCY)?;
+        at_most("batch size", self.batch_size, limits::BATCH_SIZE)?;
+        at_most("max attempts", self.max_attempts, limits::MAX_ATTEMPTS)?;
+        at_most(
+            "circuit threshold",
+            self.circuit_threshold,
+            limits::CIRCUIT_THRESHOLD,
+        )?;
+        for (name, value, max) in [
+            ("lease", self.lease, limits::LEASE),
+            (
+                "request timeout",
+                self.request_timeout,
+                limits::REQUEST_TIMEOUT,
+            ),
+            ("dead-after", self.dead_after, limits::DEAD_AFTER),
+            ("backoff base", self.backoff_base, limits::BACKOFF_BASE),
+            ("backoff cap", self.backoff_cap, limits::BACKOFF_CAP),
+            ("poll interval", self.poll_interval, limits::POLL_INTERVAL),
+            ("retention", self.retention, limits::RETENTION),
+            (
+                "shutdown timeout",
+                self.shutdown_timeout,
+                limits::SHUTDOWN_TIMEOUT,
+            ),
+        ] {
+            at_most(name, value, max)?;
         }
         if self.lease < self.request_timeout.saturating_mul(3) {
             return Err(ConfigError::LeaseTooShort {
@@ -129,6 +210,46 @@ mod tests {
             config.validate(),
             Err(ConfigError::LeaseTooShort { .. })
         ));
+    }
+
+    #[test]
+    fn refuses_settings_past_their_maximum() {
+        let near_max = Duration::from_secs(u64::MAX);
+        for config in [
+            WorkerConfig {
+                lease: near_max,
+                ..WorkerConfig::default()
+            },
+            WorkerConfig {
+                backoff_cap: Duration::from_secs(2_000_000 * 365 * 86_400),
+                ..WorkerConfig::default()
+            },
+            WorkerConfig {
+                concurrency: usize::MAX,
+                ..WorkerConfig::default()
+            },
+            WorkerConfig {
+                batch_size: limits::BATCH_SIZE + 1,
+                ..WorkerConfig::default()
+            },
+            WorkerConfig {
+                retention: near_max,
+                ..WorkerConfig::default()
+            },
+        ] {
+            assert!(
+                matches!(config.validate(), Err(ConfigError::TooLarge { .. })),
+                "{config:?}"
+            );
+        }
+        let at_max = WorkerConfig {
+            lease: limits::LEASE,
+            request_timeout: limits::REQUEST_TIMEOUT,
+            backoff_cap: limits::BACKOFF_CAP,
+            concurrency: limits::CONCURRENCY,
+            ..WorkerConfig::default()
+        };
+        assert_eq!(at_max.validate(), Ok(()));
     }
 
     #[test]

@@ -313,3 +313,450 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
     .expect("holders");
     assert!(holders.is_empty(), "no lease left behind: {holders:?}");
 }
+
+/// Every duration and size flag has a maximum, checked at parse time: the
+/// exact values that wrapped a lease, panicked a delivery task or `replay`.
+#[test]
+fn settings_past_their_maximum_are_refused_with_a_one_line_error() {
+    let env = [
+        ("DATABASE_URL", "postgres://x@127.0.0.1:1/db"),
+        ("AGENTEX_AUTH_URL", "http://127.0.0.1:1"),
+    ];
+    for (args, expected) in [
+        (
+            &["run", "--lease", "18446744073709551615s"][..],
+            "at most 1h",
+        ),
+        (&["run", "--backoff-cap", "2000000y"][..], "at most 1d"),
+        (
+            &["run", "--concurrency", "99999999999999999999"][..],
+            "1 to 4096",
+        ),
+        (&["run", "--concurrency", "0"][..], "1 to 4096"),
+        (&["run", "--batch-size", "10001"][..], "1 to 10000"),
+        (&["run", "--max-attempts", "4294967295"][..], "1 to 1000"),
+        (&["run", "--request-timeout", "6m"][..], "at most 5m"),
+        (&["run", "--dead-after", "366d"][..], "at most 365d"),
+        (&["run", "--retention", "3651d"][..], "at most 3650d"),
+        (&["run", "--poll-interval", "2h"][..], "at most 1h"),
+        (&["run", "--shutdown-timeout", "2h"][..], "at most 1h"),
+        (&["replay", "--since", "300000y"][..], "at most 3650d ago"),
+        (&["replay", "--until", "300000y"][..], "at most 3650d ago"),
+        (
+            &["keys", "delete", "--id", "k", "--wait", "300000y"][..],
+            "at most 1h",
+        ),
+    ] {
+        let out = run(args, &env);
+        assert_one_line_error(&out, expected);
+    }
+}
+
+/// `Retry-After` at its largest with the largest backoff cap: the retry is
+/// scheduled (capped), nothing panics, and `run --once` exits.
+#[sqlx::test(migrations = false)]
+async fn the_largest_settings_and_a_huge_retry_after_do_not_panic(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::status(429).retry_after(u64::MAX)).await;
+    sqlx::raw_sql(
+        r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+           VALUES ('task', 't1', 'register', '{"user_id":"u"}')"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let db = url_of(&pool).await;
+    let port = free_port().to_string();
+    let out = run_async(
+        &[
+            "run",
+            "--once",
+            "--backoff-cap",
+            "24h",
+            "--backoff-base",
+            "1h",
+            "--lease",
+            "1h",
+            "--request-timeout",
+            "5m",
+            "--dead-after",
+            "365d",
+            "--retention",
+            "3650d",
+            "--concurrency",
+            "4096",
+            "--batch-size",
+            "10000",
+            "--max-attempts",
+            "1000",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[
+            ("DATABASE_URL", db.as_str()),
+            ("AGENTEX_AUTH_URL", &auth.url()),
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let wait: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM next_attempt_at - now())::float8 FROM authz_outbox",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("row");
+    assert!(
+        (86_000.0..=86_400.0).contains(&wait),
+        "capped at 24h: {wait}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn postgres_sslmode_is_honoured_never_downgraded(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let db = url_of(&pool).await;
+    // The throwaway cluster has no TLS: asking for it must fail, not
+    // quietly connect in clear.
+    for mode in ["require", "verify-ca", "verify-full"] {
+        let url = format!("{db}?sslmode={mode}");
+        let out = run_async(&["status"], &[("DATABASE_URL", url.as_str())]).await;
+        assert_one_line_error(&out, "cannot connect to PostgreSQL");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            stderr.contains("tls") || stderr.contains("ssl"),
+            "{mode}: says why: {stderr}"
+        );
+    }
+    let url = format!("{db}?sslmode=prefer");
+    let out = run_async(&["status"], &[("DATABASE_URL", url.as_str())]).await;
+    assert_ok(&out);
+}
+
+#[test]
+fn a_password_in_a_url_is_never_echoed() {
+    let db = ("DATABASE_URL", "postgres://x@127.0.0.1:1/db");
+    for url in [
+        "http://svc:pa55word@auth:notaport",
+        "svc:pa55word@auth",
+        "ftp://svc:pa55word@auth/",
+    ] {
+        let out = run(&["run"], &[db, ("AGENTEX_AUTH_URL", url)]);
+        assert_one_line_error(&out, "invalid agentex-auth URL");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("pa55word"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(
+        &["reconcile"],
+        &[
+            db,
+            ("SPICEDB_ENDPOINT", "http://svc:pa55word@spicedb:notaport"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("pa55word"));
+    let out = run(
+        &["status"],
+        &[(
+            "DATABASE_URL",
+            "postgres://app:pa55word@127.0.0.1:notaport/db",
+        )],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("pa55word"));
+}
+
+/// Inserts task rows (never stale) answered by `script_for` per id.
+async fn task_rows(pool: &PgPool, ids: &[String]) {
+    for id in ids {
+        sqlx::query(
+            "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+             VALUES ('task', $1, 'register', '{\"user_id\":\"u\"}')",
+        )
+        .bind(id)
+        .execute(pool)
+        .await
+        .expect("insert");
+    }
+}
+
+/// The scripted answer for a task id: its suffix names the status.
+fn answer_by_suffix(seen: &common::scripted_auth::Seen, _: usize) -> Answer {
+    let id = seen.body["resource"]["selector"]
+        .as_str()
+        .unwrap_or_default();
+    match id.rsplit('-').next() {
+        Some("503") => Answer::status(503),
+        Some("400") => Answer::status(400).body(serde_json::json!({"error": "bad"})),
+        Some("401") => Answer::status(401),
+        _ => Answer::ok(),
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn run_once_exits_1_when_a_row_it_attempted_went_dead_and_2_on_a_rejected_credential(
+    pool: PgPool,
+) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::start(answer_by_suffix).await;
+    let db = url_of(&pool).await;
+    let port = free_port().to_string();
+    let args = [
+        "run",
+        "--once",
+        "--concurrency",
+        "1",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ];
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("AGENTEX_AUTH_URL", &auth.url()),
+    ];
+    let ids = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    task_rows(&pool, &ids(&["a-ok", "a-503"])).await;
+    let out = run_async(&args, &env).await;
+    assert_eq!(out.status.code(), Some(0), "a retry is not a failure");
+
+    task_rows(&pool, &ids(&["b-ok", "b-400"])).await;
+    let out = run_async(&args, &env).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dead=1"));
+
+    task_rows(&pool, &ids(&["c-ok", "c-401"])).await;
+    let out = run_async(&args, &env).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rejected the credential"));
+}
+
+/// `RUST_LOG=debug`, both log formats, the credential from the environment
+/// and from a file, through a success, a retry, a dead row and a 401: no log
+/// line holds the token or a key's secret.
+#[sqlx::test(migrations = false)]
+async fn no_secret_reaches_the_logs(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::start(answer_by_suffix).await;
+    common::agent(&pool, "a1").await;
+    let secrets: Vec<String> = (0..3)
+        .map(|i| format!("agx_known_key_secret_{i}_do_not_log"))
+        .collect();
+    for (i, secret) in secrets.iter().enumerate() {
+        authz_outbox::capture::create_api_key(
+            &pool,
+            authz_outbox::capture::NewApiKey {
+                agent_id: "a1".into(),
+                name: format!("k{i}"),
+                key_type: authz_outbox::domain::ApiKeyType::External,
+                secret: Some(secret.clone()),
+            },
+            Some(&common::principal("u1")),
+        )
+        .await
+        .expect("key");
+    }
+    const TOKEN: &str = "svc-token-from-env-do-not-log";
+    const FILE_TOKEN: &str = "svc-token-from-file-do-not-log";
+    let dir = std::env::temp_dir().join(format!("authz-outbox-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{FILE_TOKEN}\n")).expect("token file");
+    let db = url_of(&pool).await;
+    let token_file = token_file.to_string_lossy().to_string();
+
+    for (round, (format, credential)) in [
+        ("json", "env"),
+        ("text", "env"),
+        ("json", "file"),
+        ("text", "file"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        task_rows(
+            &pool,
+            &["ok", "503", "400", "401"].map(|s| format!("r{round}-{s}")),
+        )
+        .await;
+        let port = free_port().to_string();
+        let mut env = vec![
+            ("DATABASE_URL", db.as_str()),
+            ("AGENTEX_AUTH_URL", auth.url().leak() as &str),
+            ("RUST_LOG", "debug"),
+            ("LOG_FORMAT", format),
+        ];
+        match credential {
+            "env" => env.push(("AGENTEX_AUTH_TOKEN", TOKEN)),
+            _ => env.push(("AGENTEX_AUTH_TOKEN_FILE", token_file.as_str())),
+        }
+        let out = run_async(
+            &[
+                "run",
+                "--once",
+                "--concurrency",
+                "1",
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+            ],
+            &env,
+        )
+        .await;
+        let logs = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            logs.contains("DEBUG") || logs.contains("\"DEBUG\""),
+            "debug logs on: {logs}"
+        );
+        assert!(
+            logs.contains("401") || logs.contains("credential"),
+            "{logs}"
+        );
+        for secret in secrets
+            .iter()
+            .map(String::as_str)
+            .chain([TOKEN, FILE_TOKEN])
+        {
+            assert!(
+                !logs.contains(secret),
+                "{format}/{credential}: {secret} in the logs"
+            );
+        }
+    }
+    // The requests did carry the credential: the check above is not vacuous.
+    let seen = auth.seen();
+    for expected in [TOKEN, FILE_TOKEN] {
+        assert!(
+            seen.iter().any(
+                |s| s.headers.get("authorization").and_then(|v| v.to_str().ok())
+                    == Some(format!("Bearer {expected}").as_str())
+            ),
+            "{expected} was sent"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[sqlx::test(migrations = false)]
+async fn run_warns_once_when_no_credential_is_configured(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    let db = url_of(&pool).await;
+    let port = free_port().to_string();
+    let args = [
+        "run",
+        "--once",
+        "--metrics-addr",
+        &format!("127.0.0.1:{port}"),
+    ];
+    let warning = "no agentex-auth credential configured";
+    let out = run_async(
+        &args,
+        &[
+            ("DATABASE_URL", db.as_str()),
+            ("AGENTEX_AUTH_URL", &auth.url()),
+        ],
+    )
+    .await;
+    assert_ok(&out);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .matches(warning)
+            .count(),
+        1
+    );
+    let out = run_async(
+        &args,
+        &[
+            ("DATABASE_URL", db.as_str()),
+            ("AGENTEX_AUTH_URL", &auth.url()),
+            ("AGENTEX_AUTH_TOKEN", "t"),
+        ],
+    )
+    .await;
+    assert_ok(&out);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(warning));
+}
+
+/// `/readyz` answers 503 while a rejected credential pauses delivery, and
+/// 200 again once it is accepted.
+#[sqlx::test(migrations = false)]
+async fn readyz_is_503_while_the_credential_is_rejected(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    let db = url_of(&pool).await;
+    let port = free_port();
+    let worker = Command::new(BIN)
+        .args([
+            "run",
+            "--poll-interval",
+            "50ms",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("DATABASE_URL", &db)
+        .env("AGENTEX_AUTH_URL", auth.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Reaped)
+        .expect("worker starts");
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let until_status = |code: u16| {
+        let readyz = readyz.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::Instant::now() < deadline {
+                if let Ok(r) = client.get(&readyz).send().await
+                    && r.status().as_u16() == code
+                {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    assert!(until_status(200).await, "ready with a working credential");
+    auth.set_script(|_, _| Answer::status(401));
+    task_rows(&pool, &["t-1".to_string()]).await;
+    assert!(until_status(503).await, "not ready while paused");
+    auth.set_script(|_, _| Answer::ok());
+    assert!(until_status(200).await, "ready again once accepted");
+    drop(worker);
+}
+
+/// `status` shows a stored error terminal-safe, whatever wrote it.
+#[sqlx::test(migrations = false)]
+async fn status_shows_errors_without_control_characters(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, last_error, finished_at)
+         VALUES ('task', 't1', 'register', '{\"user_id\":\"u\"}', 'dead', $1, now())",
+    )
+    .bind("boom\u{1b}[2J\u{1b}]0;pwned\u{7}\r\nagain")
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let db = url_of(&pool).await;
+    let out = run_async(&["status"], &[("DATABASE_URL", db.as_str())]).await;
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("boom[2J]0;pwned again"), "{stdout}");
+    assert!(
+        !stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "{stdout:?}"
+    );
+}

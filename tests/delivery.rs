@@ -96,7 +96,8 @@ async fn each_status_class_ends_in_the_right_state(pool: PgPool) {
     let pool = common::host_db(pool).await;
     let cases: &[(u16, &str, &str)] = &[
         (200, "register", "delivered"),
-        (204, "register", "delivered"),
+        // No body: not the contract's JSON answer, so not proof of a write.
+        (204, "register", "dead"),
         (400, "register", "dead"),
         (403, "register", "dead"),
         (404, "register", "dead"),
@@ -200,45 +201,62 @@ async fn retries_are_persisted_with_backoff_and_retry_after(pool: PgPool) {
     assert_eq!((r.state.as_str(), r.attempts), ("pending", 7));
 }
 
+/// A transient failure sends a row dead only once it has used max attempts
+/// AND is older than --dead-after: each half alone keeps it pending.
 #[sqlx::test(migrations = false)]
 async fn a_row_goes_dead_only_after_max_attempts_and_max_age(pool: PgPool) {
     let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::status(503)).await;
-    agent(&pool, "a1").await;
-    let young = authz_outbox::config::WorkerConfig {
-        max_attempts: 2,
-        ..config("w")
-    };
-    for _ in 0..4 {
-        make_due(&pool).await;
-        run_once(&pool, &auth.url(), young.clone()).await;
+    // Three tasks (no table, so never stale), each set up by hand:
+    //   old:     48 h old, 1 attempt so far   (old, attempts left)
+    //   retried: 1 min old, 5 attempts so far (out of attempts, young)
+    //   both:    48 h old, 5 attempts so far  (out of attempts, old)
+    for (id, age, attempts) in [
+        ("old", "48 hours", 1),
+        ("retried", "1 minute", 5),
+        ("both", "48 hours", 5),
+    ] {
+        sqlx::query(
+            "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, created_at, attempts)
+             VALUES ('task', $1, 'register', '{\"user_id\":\"u\"}', now() - $2::interval, $3)",
+        )
+        .bind(id)
+        .bind(age)
+        .bind(attempts)
+        .execute(&pool)
+        .await
+        .expect("insert");
     }
-    let r = rows(&pool).await.pop().expect("row");
-    assert_eq!(
-        (r.state.as_str(), r.attempts),
-        ("pending", 4),
-        "a young row outlives an outage"
-    );
-
-    let old_enough = authz_outbox::config::WorkerConfig {
-        max_attempts: 2,
-        dead_after: Duration::ZERO,
+    let cfg = authz_outbox::config::WorkerConfig {
+        max_attempts: 3,
+        dead_after: Duration::from_secs(24 * 3600),
         ..config("w")
     };
-    make_due(&pool).await;
-    let report = run_once(&pool, &auth.url(), old_enough).await;
+    let report = run_once(&pool, &auth.url(), cfg).await;
+    let all = rows(&pool).await;
+    let state = |id: &str| {
+        let r = all.iter().find(|r| r.resource_id == id).expect("row");
+        (r.state.clone(), r.attempts)
+    };
+    assert_eq!(state("old"), ("pending".into(), 2), "old but attempts left");
+    assert_eq!(
+        state("retried"),
+        ("pending".into(), 6),
+        "out of attempts but younger than --dead-after"
+    );
+    assert_eq!(state("both"), ("dead".into(), 6));
     assert_eq!(report.dead, 1);
-    let r = rows(&pool).await.pop().expect("row");
-    assert_eq!(r.state, "dead");
+    let both = all.iter().find(|r| r.resource_id == "both").expect("row");
     assert!(
-        r.last_error
+        both.last_error
             .as_deref()
-            .is_some_and(|e| e.contains("gave up after 5 attempts"))
+            .is_some_and(|e| e.contains("gave up after 6 attempts")),
+        "{both:?}"
     );
 }
 
 #[sqlx::test(migrations = false)]
-async fn an_expired_lease_hands_rows_to_another_worker_and_fences_the_old_one(pool: PgPool) {
+async fn an_expired_lease_hands_rows_to_another_worker(pool: PgPool) {
     let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
@@ -262,13 +280,36 @@ async fn an_expired_lease_hands_rows_to_another_worker_and_fences_the_old_one(po
     tokio::time::sleep(Duration::from_millis(400)).await;
     let report = run_once(&pool, &auth.url(), config("w2")).await;
     assert_eq!(report.delivered, 1, "the expired lease is taken over");
+}
 
-    // The old holder wakes up and tries to record a failure: fenced off.
+/// The fencing token: a stale holder records its outcome while the new
+/// holder's lease is live and the row still pending. Its write must be
+/// dropped, and the new holder's must land.
+#[sqlx::test(migrations = false)]
+async fn a_stale_worker_cannot_overwrite_the_new_holders_outcome(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    agent(&pool, "a1").await;
+    let claim_as = |worker: &'static str, lease: Duration| {
+        let pool = pool.clone();
+        async move {
+            claim::claim(&pool, worker, Operation::Register, lease, 10, None)
+                .await
+                .expect("claim")
+        }
+    };
+    let stale = claim_as("stale", Duration::from_millis(200)).await;
+    assert_eq!(stale.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holder = claim_as("holder", Duration::from_secs(60)).await;
+    assert_eq!(holder.len(), 1, "the expired lease is claimed again");
+    assert_eq!(holder[0].id, stale[0].id);
+
+    // The stale worker wakes up mid-way through the new holder's lease.
     let written = record(
         &pool,
         &[Recorded {
-            id: crashed[0].id,
-            lease_token: crashed[0].lease_token,
+            id: stale[0].id,
+            lease_token: stale[0].lease_token,
             update: RowUpdate::Dead {
                 status: Some(500),
                 error: "stale".into(),
@@ -277,8 +318,32 @@ async fn an_expired_lease_hands_rows_to_another_worker_and_fences_the_old_one(po
     )
     .await
     .expect("record");
-    assert!(written.is_empty());
-    assert_eq!(row(&pool, crashed[0].id).await.state, "delivered");
+    assert!(written.is_empty(), "the stale outcome is fenced off");
+    let r = row(&pool, holder[0].id).await;
+    assert_eq!(
+        (
+            r.state.as_str(),
+            r.locked_by.as_deref(),
+            r.last_error.as_deref()
+        ),
+        ("pending", Some("holder"), None),
+        "the row is untouched: still the new holder's"
+    );
+
+    let written = record(
+        &pool,
+        &[Recorded {
+            id: holder[0].id,
+            lease_token: holder[0].lease_token,
+            update: RowUpdate::Delivered {
+                consistency_token: None,
+            },
+        }],
+    )
+    .await
+    .expect("record");
+    assert_eq!(written.len(), 1, "the holder's outcome is written");
+    assert_eq!(row(&pool, holder[0].id).await.state, "delivered");
 }
 
 /// Keys deleted while their register is in flight, with two workers racing:
@@ -464,19 +529,54 @@ async fn a_guarded_deregister_of_a_row_that_exists_again_is_superseded(pool: PgP
     assert_eq!(row(&pool, id).await.state, "superseded");
 }
 
+/// `n` task rows (no host table, so never stale), due now.
+async fn tasks(pool: &PgPool, n: usize) {
+    for i in 0..n {
+        sqlx::query(
+            "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+             VALUES ('task', $1, 'register', '{\"user_id\":\"u\"}')",
+        )
+        .bind(format!("t{i}"))
+        .execute(pool)
+        .await
+        .expect("insert");
+    }
+}
+
+/// A scripted agentex-auth that also notes when each request arrived.
+async fn timed(
+    answer: impl Fn() -> Answer + Send + Sync + 'static,
+) -> (ScriptedAuth, Arc<std::sync::Mutex<Vec<std::time::Instant>>>) {
+    let arrivals: Arc<std::sync::Mutex<Vec<std::time::Instant>>> = Arc::default();
+    let noted = arrivals.clone();
+    let auth = ScriptedAuth::start(move |_, _| {
+        noted.lock().expect("lock").push(std::time::Instant::now());
+        answer()
+    })
+    .await;
+    (auth, arrivals)
+}
+
+/// After a 401 no request goes out until the pause ends: not the rows
+/// claimed ahead and waiting for a permit, not the rows the 401s released.
+/// Then one probe per cool-down; `/readyz` is not ready meanwhile.
 #[sqlx::test(migrations = false)]
 async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
     let pool = common::host_db(pool).await;
-    let auth = ScriptedAuth::always(Answer::status(401)).await;
-    agent(&pool, "a1").await;
-    for i in 0..5 {
-        key(&pool, "a1", &format!("k{i}")).await;
-    }
-    let worker = common::worker(&pool, &auth.url(), config("w"));
+    const ANSWER_AFTER: Duration = Duration::from_millis(300);
+    let (auth, arrivals) = timed(|| Answer::status(401).delay(ANSWER_AFTER)).await;
+    tasks(&pool, 40).await;
+    // 4 requests in flight, 16 more claimed ahead waiting for permits.
+    let cfg = authz_outbox::config::WorkerConfig {
+        concurrency: 4,
+        batch_size: 16,
+        ..config("w")
+    };
+    let worker = common::worker(&pool, &auth.url(), cfg);
     let health = worker.health();
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone(), false));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     assert!(
         !health.ready(),
         "a rejected credential makes the worker not ready"
@@ -486,10 +586,24 @@ async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
         all.iter().all(|r| r.state == "pending" && r.attempts == 0),
         "{all:?}"
     );
-    let requests = auth.seen().len();
+    let times = arrivals.lock().expect("lock").clone();
+    let first = *times.first().expect("the first requests went out");
+    // The first four answer 401 at first + 300 ms; the pause lasts 1 s from
+    // then. Nothing may arrive in between (the racy worker sent the rows
+    // claimed ahead as permits freed, at + 300, 600, 900 ms).
+    let during_pause = times
+        .iter()
+        .filter(|t| {
+            let since = t.duration_since(first);
+            since > ANSWER_AFTER + Duration::from_millis(50)
+                && since < ANSWER_AFTER + Duration::from_millis(900)
+        })
+        .count();
+    assert_eq!(during_pause, 0, "requests during the pause: {times:?}");
     assert!(
-        requests <= 8 + 2,
-        "paused after the first answers: {requests}"
+        (4..=6).contains(&times.len()),
+        "the first four, then one probe per cool-down: {} requests",
+        times.len()
     );
 
     auth.set_script(|_, _| Answer::ok());
@@ -499,19 +613,23 @@ async fn unauthorized_pauses_delivery_without_spending_attempts(pool: PgPool) {
         || async { rows(&pool).await.iter().all(|r| r.state == "delivered") },
     )
     .await;
+    assert!(
+        health.ready(),
+        "ready again once the credential is accepted"
+    );
     stop.cancel();
     run.await.expect("worker");
     assert!(rows(&pool).await.iter().all(|r| r.attempts == 1));
 }
 
+/// An outage opens the circuit: then exactly one row per cool-down is sent
+/// (the probe), the backlog keeps its attempts, and the circuit closes once
+/// a probe succeeds.
 #[sqlx::test(migrations = false)]
 async fn an_outage_opens_the_circuit_and_holds_the_backlog(pool: PgPool) {
     let pool = common::host_db(pool).await;
-    let auth = ScriptedAuth::always(Answer::status(503)).await;
-    agent(&pool, "a1").await;
-    for i in 0..60 {
-        key(&pool, "a1", &format!("k{i}")).await;
-    }
+    let (auth, arrivals) = timed(|| Answer::status(503)).await;
+    tasks(&pool, 60).await;
     let cfg = authz_outbox::config::WorkerConfig {
         circuit_threshold: 3,
         concurrency: 2,
@@ -523,19 +641,174 @@ async fn an_outage_opens_the_circuit_and_holds_the_backlog(pool: PgPool) {
     let worker = common::worker(&pool, &auth.url(), cfg);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone(), false));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.cancel();
-    run.await.expect("worker");
-    let requests = auth.seen().len();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let times = arrivals.lock().expect("lock").clone();
     assert!(
-        requests < 12,
-        "only probes once the circuit is open: {requests}"
+        times.len() < 12,
+        "only probes once the circuit is open: {times:?}"
     );
+    // The circuit opens after the first burst: the first gap of 500 ms.
+    // Every request after it is a probe, a cool-down (1 s, then 2 s) apart:
+    // one row each, never a batch.
+    let opened = times
+        .windows(2)
+        .position(|w| w[1].duration_since(w[0]) > Duration::from_millis(500))
+        .expect("the circuit opened");
+    let probes = &times[opened + 1..];
+    assert!(!probes.is_empty(), "a probe is sent once cooled down");
+    for pair in probes.windows(2) {
+        assert!(
+            pair[1].duration_since(pair[0]) > Duration::from_millis(500),
+            "one probe per cool-down: {times:?}"
+        );
+    }
     let untouched = rows(&pool).await.iter().filter(|r| r.attempts == 0).count();
     assert!(
         untouched >= 50,
         "the backlog kept its attempts: {untouched}"
     );
+
+    // agentex-auth recovers: the next probe succeeds and the circuit
+    // closes: requests go out two at a time again (concurrency 2), not one
+    // probe after another.
+    let recovered_at = arrivals.lock().expect("lock").len();
+    let noted = arrivals.clone();
+    auth.set_script(move |_, _| {
+        noted.lock().expect("lock").push(std::time::Instant::now());
+        Answer::ok().delay(Duration::from_millis(100))
+    });
+    common::until(Duration::from_secs(30), "the backlog drains", || async {
+        rows(&pool).await.iter().all(|r| r.state == "delivered")
+    })
+    .await;
+    stop.cancel();
+    run.await.expect("worker");
+    assert!(auth.seen().len() >= 60, "every row was sent");
+    let after: Vec<_> = arrivals.lock().expect("lock")[recovered_at..].to_vec();
+    let together = after
+        .windows(2)
+        .filter(|w| w[1].duration_since(w[0]) < Duration::from_millis(50))
+        .count();
+    assert!(
+        together >= 10,
+        "the circuit closed: requests in flight together again ({together} pairs)"
+    );
+}
+
+/// Behind a single-sign-on ingress: `302 Location: /login` for every call.
+/// Nothing is applied, so nothing may be recorded delivered, and the
+/// redirect is not followed.
+#[sqlx::test(migrations = false)]
+async fn a_redirect_is_never_recorded_as_delivered(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::status(302).header("location", "/login")).await;
+    sqlx::raw_sql(
+        r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal) VALUES
+             ('task', 'reg', 'register', '{"user_id":"u"}'),
+             ('task', 'dereg', 'deregister', '{"user_id":"u"}')"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let report = run_once(&pool, &auth.url(), config("w")).await;
+    assert_eq!((report.delivered, report.dead), (0, 2));
+    for r in rows(&pool).await {
+        assert_eq!(r.state, "dead", "{r:?}");
+        assert_eq!(r.last_status, Some(302), "{r:?}");
+        let error = r.last_error.unwrap_or_default();
+        assert!(
+            error.contains("/login") && error.contains("not followed"),
+            "{error}"
+        );
+    }
+    let seen = auth.seen();
+    assert!(
+        seen.iter().all(|s| s.method == "POST"),
+        "no redirect followed: {seen:?}"
+    );
+    assert_eq!(seen.len(), 2);
+}
+
+/// A 200 whose body is an HTML page (a proxy, a login screen) is not the
+/// contract's answer.
+#[sqlx::test(migrations = false)]
+async fn a_success_status_without_the_contracts_body_is_not_delivered(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth =
+        ScriptedAuth::always(Answer::status(200).raw("text/html", "<html>Sign in</html>")).await;
+    tasks(&pool, 1).await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let r = rows(&pool).await.pop().expect("row");
+    assert_eq!(r.state, "dead");
+    assert!(
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("not JSON")),
+        "{r:?}"
+    );
+}
+
+/// Whatever wrote the row, only identity fields reach agentex-auth.
+#[sqlx::test(migrations = false)]
+async fn the_worker_sends_only_identity_fields_whatever_wrote_the_row(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    let long = "u".repeat(authz_outbox::domain::MAX_PRINCIPAL_VALUE_CHARS + 1);
+    sqlx::query(
+        r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal) VALUES
+             ('task', 'direct', 'register',
+              '{"user_id":"u","api_key":"sk-live-abc","nested":{"token":"tok-xyz"},"account_id":"acc"}'),
+             ('task', 'too-long', 'register', jsonb_build_object('user_id', $1::text))"#,
+    )
+    .bind(&long)
+    .execute(&pool)
+    .await
+    .expect("insert");
+    run_once(&pool, &auth.url(), config("w")).await;
+    let seen = auth.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0].body["principal"],
+        json!({"user_id": "u", "account_id": "acc"})
+    );
+    let text = serde_json::to_string(&seen[0].body).expect("json");
+    assert!(
+        !text.contains("sk-live-abc") && !text.contains("tok-xyz"),
+        "{text}"
+    );
+    let all = rows(&pool).await;
+    let too_long = all
+        .iter()
+        .find(|r| r.resource_id == "too-long")
+        .expect("row");
+    assert_eq!(too_long.state, "dead");
+    assert!(
+        too_long
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no creator resolvable")),
+        "{too_long:?}"
+    );
+}
+
+/// An error body full of terminal escapes reaches last_error as plain text.
+#[sqlx::test(migrations = false)]
+async fn error_bodies_reach_last_error_without_control_characters(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(
+        Answer::status(503).body(json!({"error": "down\u{1b}[2J\u{1b}]0;pwned\u{7}\r\nfor now"})),
+    )
+    .await;
+    tasks(&pool, 1).await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let error = rows(&pool)
+        .await
+        .pop()
+        .expect("row")
+        .last_error
+        .unwrap_or_default();
+    assert!(error.contains("down[2J]0;pwned for now"), "{error:?}");
+    assert!(!error.chars().any(char::is_control), "{error:?}");
 }
 
 /// Runs a worker against an agentex-auth that never answers in time, stops

@@ -602,3 +602,126 @@ async fn an_outbox_from_before_the_upgrade_drains_in_order(pool: PgPool) {
     assert!(!check(&dev.base_url(), "u1", "api_key", "k2").await);
     dev.shutdown().await;
 }
+
+/// The agent mapping keeps the provider's `tenant` claim; api keys keep the
+/// identity fields only.
+const AGENT_KEEPS_TENANT: &str = r#"
+[[mapping]]
+type = "agent"
+table = "agents"
+live = "status IS DISTINCT FROM 'DELETED'"
+principal_fields = ["user_id", "tenant"]
+"#;
+
+#[sqlx::test(migrations = false)]
+async fn each_type_keeps_its_mappings_principal_fields_in_capture_and_worker(pool: PgPool) {
+    use common::scripted_auth::{Answer, ScriptedAuth};
+    let pool = common::host_db(pool).await;
+    let mappings = Mappings::from_toml(AGENT_KEEPS_TENANT).expect("valid");
+    authz_outbox::migrate::migrate_with(&pool, &mappings, &Default::default())
+        .await
+        .expect("migrate");
+    let who =
+        Some(r#"{"user_id":"u1","tenant":"t-9","account_id":"acc","refresh_token":"rt-secret"}"#);
+    host_tx(
+        &pool,
+        who,
+        &["INSERT INTO agents (id, name, description, status) VALUES ('a1', 'a1', '', 'READY')"],
+    )
+    .await;
+    host_tx(
+        &pool,
+        who,
+        &["INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key) VALUES ('k1', 'a1', 'k', 'EXTERNAL', 's')"],
+    )
+    .await;
+    let stored: Vec<(String, serde_json::Value)> = rows(&pool)
+        .await
+        .into_iter()
+        .map(|r| (r.resource_type, r.principal.unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (
+                "agent".to_string(),
+                json!({"user_id": "u1", "tenant": "t-9"})
+            ),
+            (
+                "api_key".to_string(),
+                json!({"user_id": "u1", "account_id": "acc"})
+            ),
+        ]
+    );
+    // Whatever a writer puts straight into the outbox, the worker sends
+    // only what the type's mapping keeps.
+    sqlx::query(
+        "UPDATE authz_outbox SET principal = principal || '{\"tenant\":\"t-9\",\"token\":\"tk\"}'",
+    )
+    .execute(&pool)
+    .await
+    .expect("tampered");
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let sent: Vec<(String, serde_json::Value)> = auth
+        .seen()
+        .into_iter()
+        .map(|s| {
+            (
+                s.body["resource"]["type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                s.body["principal"].clone(),
+            )
+        })
+        .collect();
+    assert!(
+        sent.contains(&("agent".into(), json!({"user_id": "u1", "tenant": "t-9"}))),
+        "{sent:?}"
+    );
+    assert!(
+        sent.contains(&(
+            "api_key".into(),
+            json!({"user_id": "u1", "account_id": "acc"})
+        )),
+        "{sent:?}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_capture_and_the_worker_agree_on_what_a_credential_is(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let mut names: Vec<String> = Vec::new();
+    for key in authz_outbox::domain::CREDENTIAL_KEYS {
+        names.push(key.to_string());
+        names.push(key.to_uppercase());
+        names.push(format!(" {key} "));
+    }
+    for suffix in authz_outbox::domain::CREDENTIAL_SUFFIXES {
+        names.push(format!("github{suffix}"));
+    }
+    names.extend(
+        [
+            "user_id",
+            "tenant",
+            "account_id",
+            "tokens_used",
+            "secretary",
+            "session_count",
+        ]
+        .map(String::from),
+    );
+    for name in names {
+        let sql: bool = sqlx::query_scalar("SELECT authz_outbox_is_credential_field($1)")
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .expect("query");
+        assert_eq!(
+            sql,
+            authz_outbox::domain::is_credential_key(&name),
+            "{name:?}"
+        );
+    }
+}

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
-use super::{DbArgs, parse_duration, parse_principal};
+use super::{DbArgs, Secret, duration_up_to, parse_principal, parse_secret};
 use crate::capture::{self, DeliveryState, NewApiKey};
 use crate::domain::{ApiKeyType, Principal};
 
@@ -23,11 +23,12 @@ pub enum KeysCommand {
         /// The creator, e.g. '{"user_id":"u1"}'. Only identity fields are kept.
         #[arg(long, env = "AUTHZ_OUTBOX_PRINCIPAL", value_parser = parse_principal)]
         principal: Option<Principal>,
-        /// The secret to store; generated when absent.
-        #[arg(long, env = "AUTHZ_OUTBOX_KEY_SECRET", hide_env_values = true)]
-        secret: Option<String>,
+        /// The secret to store; generated when absent. Prefer the environment:
+        /// a flag's value is visible in `ps`.
+        #[arg(long, env = "AUTHZ_OUTBOX_KEY_SECRET", hide_env_values = true, value_parser = parse_secret)]
+        secret: Option<Secret>,
         /// Wait up to this long for the register to be delivered.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration_up_to(crate::config::limits::WAIT))]
         wait: Option<Duration>,
     },
     /// Delete a key by id, or by agent, name and type.
@@ -45,7 +46,7 @@ pub enum KeysCommand {
         /// Who deletes; defaults to the creator recorded at registration.
         #[arg(long, env = "AUTHZ_OUTBOX_PRINCIPAL", value_parser = parse_principal)]
         principal: Option<Principal>,
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration_up_to(crate::config::limits::WAIT))]
         wait: Option<Duration>,
     },
 }
@@ -67,7 +68,7 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 agent_id,
                 name,
                 key_type,
-                secret,
+                secret: secret.map(|s| s.0),
             };
             let created = capture::create_api_key(&pool, key, principal.as_ref()).await?;
             println!("key_id={} outbox_id={}", created.id, created.outbox_id);

@@ -62,8 +62,8 @@ pub enum MappingsCommand {
         #[arg(long, env = "SPICEDB_ENDPOINT")]
         spicedb_endpoint: Option<String>,
         /// SpiceDB preshared key, sent as a bearer token.
-        #[arg(long, env = "SPICEDB_TOKEN", hide_env_values = true)]
-        spicedb_token: Option<String>,
+        #[arg(long, env = "SPICEDB_TOKEN", hide_env_values = true, value_parser = super::parse_secret)]
+        spicedb_token: Option<super::Secret>,
     },
 }
 
@@ -97,7 +97,7 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
             if let Some(endpoint) = &spicedb_endpoint {
                 let client = crate::spicedb_client::SpiceDbClient::new(
                     endpoint,
-                    spicedb_token.and_then(crate::spicedb_client::SpiceDbToken::new),
+                    spicedb_token.and_then(|t| crate::spicedb_client::SpiceDbToken::new(t.0)),
                     std::time::Duration::from_secs(10),
                 )?;
                 let schema = client

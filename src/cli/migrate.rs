@@ -58,7 +58,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         lock_retries: args.lock_retries,
         ..MigrateOptions::default()
     };
-    let pool = crate::db::connect_quiet(&args.db.database_url, 2).await?;
+    let pool = crate::db::connect_quiet(&args.db.database_url.0, 2).await?;
     if args.print_sql {
         print!("{}", print_sql(&pool, &mappings, &options).await?);
         return Ok(ExitCode::SUCCESS);

@@ -30,15 +30,32 @@ pub struct Cli {
 
 #[derive(Debug, clap::Args)]
 pub struct DbArgs {
-    /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub(crate) database_url: String,
+    /// PostgreSQL connection URL; `?sslmode=verify-full` (or `require`) for
+    /// TLS, `&sslrootcert=/path/ca.pem` for a private CA.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub(crate) database_url: Secret,
 }
 
 impl DbArgs {
     async fn connect(&self, max_connections: u32) -> anyhow::Result<PgPool> {
-        Ok(crate::db::connect(&self.database_url, max_connections).await?)
+        Ok(crate::db::connect(&self.database_url.0, max_connections).await?)
     }
+}
+
+/// A secret from a flag, the environment or a file (a token, a URL that may
+/// hold a password). Its `Debug` never shows the value, so no argument
+/// struct can print it.
+#[derive(Clone)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+pub(crate) fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret(s.to_string()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +146,110 @@ pub enum TargetKind {
     /// SpiceDB itself, over gRPC (any resource types, relationships from the mappings).
     #[value(name = "spicedb")]
     SpiceDb,
+}
+
+/// A duration flag bounded at parse time (limits in `config::limits`).
+pub(crate) fn duration_up_to(
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let duration = parse_duration(s)?;
+        if duration > max {
+            return Err(format!("must be at most {}", short_duration(max)));
+        }
+        Ok(duration)
+    }
+}
+
+/// `3650d`, `24h`, `5m`, `90s`: a limit as an operator would write it.
+pub(crate) fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// A number flag within `min..=max`, checked at parse time.
+pub(crate) fn number_in<T>(
+    min: T,
+    max: T,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |s| match s.trim().parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(format!("must be a whole number from {min} to {max}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsed_arguments_never_print_a_secret() {
+        let cli = Cli::try_parse_from([
+            "authz-outbox",
+            "run",
+            "--database-url",
+            "postgres://app:pg-pass-1@db/app",
+            "--agentex-auth-url",
+            "http://auth",
+            "--agentex-auth-token",
+            "tok-secret-1",
+        ])
+        .expect("parses");
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("pg-pass-1"), "{shown}");
+        assert!(!shown.contains("tok-secret-1"), "{shown}");
+        let cli = Cli::try_parse_from([
+            "authz-outbox",
+            "reconcile",
+            "--database-url",
+            "postgres://db/app",
+            "--spicedb-endpoint",
+            "http://spicedb:50051",
+            "--spicedb-token",
+            "psk-secret-1",
+        ])
+        .expect("parses");
+        assert!(!format!("{cli:?}").contains("psk-secret-1"));
+        let cli = Cli::try_parse_from([
+            "authz-outbox",
+            "keys",
+            "create",
+            "--database-url",
+            "postgres://db/app",
+            "--agent-id",
+            "a",
+            "--name",
+            "n",
+            "--type",
+            "external",
+            "--secret",
+            "agx_key_secret_1",
+        ])
+        .expect("parses");
+        assert!(!format!("{cli:?}").contains("agx_key_secret_1"));
+    }
+
+    #[test]
+    fn bounded_flags() {
+        let lease = duration_up_to(crate::config::limits::LEASE);
+        assert!(lease("1h").is_ok());
+        assert!(lease("61m").is_err());
+        assert!(lease("18446744073709551615s").is_err());
+        let concurrency = number_in(1usize, 4096);
+        assert_eq!(concurrency("4096"), Ok(4096));
+        assert!(concurrency("0").is_err());
+        assert!(concurrency("4097").is_err());
+        assert!(concurrency("99999999999999999999999").is_err());
+    }
 }
 
 /// Output formats of the reporting commands.

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{DbArgs, Format, parse_duration, parse_principal};
+use super::{DbArgs, Format, Secret, duration_up_to, number_in, parse_principal, parse_secret};
+use crate::config::limits;
 use crate::domain::{Principal, ResourceType};
 use crate::reconcile::{Printer, ReconcileOptions, SelectorEncoding, SpiceDbConfig, reconcile};
 
@@ -12,12 +13,26 @@ use crate::reconcile::{Printer, ReconcileOptions, SelectorEncoding, SpiceDbConfi
 pub struct ReconcileArgs {
     #[command(flatten)]
     db: DbArgs,
-    /// SpiceDB's gRPC endpoint, read directly (read-only).
+    /// SpiceDB's gRPC endpoint, read directly (read-only). `https://` is
+    /// dialled with TLS (system roots plus --spicedb-ca-file), never in clear.
     #[arg(long, env = "SPICEDB_ENDPOINT")]
     spicedb_endpoint: String,
-    /// SpiceDB preshared key, sent as a bearer token.
-    #[arg(long, env = "SPICEDB_TOKEN", hide_env_values = true)]
-    spicedb_token: Option<String>,
+    /// SpiceDB preshared key, sent as a bearer token. Prefer the environment:
+    /// a flag's value is visible in `ps`.
+    #[arg(long, env = "SPICEDB_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    spicedb_token: Option<Secret>,
+    /// PEM file of CA certificates trusted for an https:// SpiceDB endpoint,
+    /// besides the system's roots.
+    #[arg(long, env = "SPICEDB_CA_FILE")]
+    spicedb_ca_file: Option<std::path::PathBuf>,
+    /// Deadline of the whole SpiceDB read, every type included (at most 24h).
+    #[arg(long, env = "SPICEDB_READ_TIMEOUT", default_value = "30m",
+          value_parser = duration_up_to(limits::SPICEDB_READ_TIMEOUT))]
+    spicedb_read_timeout: Duration,
+    /// Longest wait for the next message of a SpiceDB stream (at most 1h).
+    #[arg(long, env = "SPICEDB_MESSAGE_TIMEOUT", default_value = "60s",
+          value_parser = duration_up_to(limits::SPICEDB_MESSAGE_TIMEOUT))]
+    spicedb_message_timeout: Duration,
     /// Enqueue fixes (origin `reconcile`); without it, only report.
     #[arg(long)]
     apply: bool,
@@ -26,12 +41,12 @@ pub struct ReconcileArgs {
     force: bool,
     /// Leave resources younger than this alone (rows by created_at; orphans
     /// by their newest outbox row).
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = duration_up_to(limits::LOOKBACK))]
     grace: Duration,
     /// --apply refuses to enqueue more deregisters than this of any one
     /// resource type without --force (it also refuses to deregister more than
     /// half of what SpiceDB holds of a type).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = number_in(0u64, 1_000_000_000))]
     max_deregisters: u64,
     /// Owner for missing registrations (legacy rows) whose creator nothing
     /// records: not the row's own creator column (a schedule's
@@ -56,7 +71,7 @@ pub struct ReconcileArgs {
     )]
     selector_encoding: SelectorEncoding,
     /// Relationships per batch read from SpiceDB (SpiceDB caps it, 1,000 by default).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = number_in(1, limits::PAGE_SIZE))]
     page_size: u32,
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
@@ -68,10 +83,20 @@ fn parse_type(s: &str) -> Result<ResourceType, String> {
 
 pub async fn reconcile_command(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     let pool = args.db.connect(2).await?;
+    let ca_pem = match &args.spicedb_ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading the SpiceDB CA file {}", path.display()))?,
+        ),
+        None => None,
+    };
     let spicedb = SpiceDbConfig {
         endpoint: args.spicedb_endpoint.clone(),
-        token: args.spicedb_token.clone(),
+        token: args.spicedb_token.as_ref().map(|t| t.0.clone()),
         page_size: args.page_size,
+        ca_pem,
+        read_timeout: args.spicedb_read_timeout,
+        message_timeout: args.spicedb_message_timeout,
     };
     let options = ReconcileOptions {
         apply: args.apply,

@@ -94,8 +94,17 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     }
     let ago = humantime::parse_duration(s)
         .map_err(|_| format!("invalid time {s:?}: expected RFC 3339 or a duration ago like 2h"))?;
-    let ago = chrono::Duration::from_std(ago).map_err(|e| format!("invalid time {s:?}: {e}"))?;
-    Ok(Utc::now() - ago)
+    let max = crate::config::limits::LOOKBACK;
+    if ago > max {
+        return Err(format!(
+            "invalid time {s:?}: at most {} ago",
+            super::short_duration(max)
+        ));
+    }
+    chrono::Duration::from_std(ago)
+        .ok()
+        .and_then(|ago| Utc::now().checked_sub_signed(ago))
+        .ok_or_else(|| format!("invalid time {s:?}: too far back"))
 }
 
 #[cfg(test)]
@@ -110,5 +119,8 @@ mod tests {
         let delta = Utc::now() - ago;
         assert!(delta.num_minutes() >= 119 && delta.num_minutes() <= 121);
         assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("3650d").is_ok());
+        assert!(parse_time("3651d").is_err());
+        assert!(parse_time("300000y").is_err());
     }
 }

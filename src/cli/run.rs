@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{DbArgs, TargetKind, parse_duration};
+use super::{DbArgs, Secret, TargetKind, duration_up_to, number_in, parse_secret};
 use crate::auth_client::{AuthClient, BearerToken};
+use crate::config::limits;
 use crate::config::{WorkerConfig, default_worker_id};
 use crate::delivery::spicedb::{DEFAULT_BATCH, SpiceDbTarget};
 use crate::delivery::{Target, Worker};
@@ -32,69 +33,93 @@ pub struct RunArgs {
     /// Base URL of agentex-auth (--target agentex-auth).
     #[arg(long, env = "AGENTEX_AUTH_URL")]
     agentex_auth_url: Option<String>,
-    /// Service credential, sent as a bearer token.
+    /// Service credential, sent as a bearer token. Prefer the environment or
+    /// --agentex-auth-token-file: a flag's value is visible in `ps`.
     #[arg(
         long,
         env = "AGENTEX_AUTH_TOKEN",
         hide_env_values = true,
-        conflicts_with = "agentex_auth_token_file"
+        conflicts_with = "agentex_auth_token_file",
+        value_parser = parse_secret
     )]
-    agentex_auth_token: Option<String>,
+    agentex_auth_token: Option<Secret>,
     /// File holding the service credential (e.g. a mounted Secret).
     #[arg(long, env = "AGENTEX_AUTH_TOKEN_FILE")]
     agentex_auth_token_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates trusted for an https://
+    /// AGENTEX_AUTH_URL (the system's roots are always trusted).
+    #[arg(long, env = "AGENTEX_AUTH_CA_FILE")]
+    agentex_auth_ca_file: Option<PathBuf>,
     /// SpiceDB's gRPC endpoint (--target spicedb): http://host:port, or
     /// https://host:port for TLS.
     #[arg(long, env = "SPICEDB_ENDPOINT")]
     spicedb_endpoint: Option<String>,
-    /// SpiceDB preshared key, sent as a bearer token.
+    /// SpiceDB preshared key, sent as a bearer token. Prefer the environment
+    /// or --spicedb-token-file: a flag's value is visible in `ps`.
     #[arg(
         long,
         env = "SPICEDB_TOKEN",
         hide_env_values = true,
-        conflicts_with = "spicedb_token_file"
+        conflicts_with = "spicedb_token_file",
+        value_parser = parse_secret
     )]
-    spicedb_token: Option<String>,
+    spicedb_token: Option<Secret>,
     /// File holding the SpiceDB preshared key.
     #[arg(long, env = "SPICEDB_TOKEN_FILE")]
     spicedb_token_file: Option<PathBuf>,
     /// Rows (of different resources) per WriteRelationships (--target
-    /// spicedb); 1 sends each row alone.
+    /// spicedb), 1 to 500; 1 sends each row alone.
     #[arg(long, env = "AUTHZ_OUTBOX_SPICEDB_BATCH", default_value_t = DEFAULT_BATCH,
-          value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=500), usize::from))]
+          value_parser = number_in(1, 500))]
     spicedb_batch: usize,
-    /// Requests in flight at once.
-    #[arg(long, env = "AUTHZ_OUTBOX_CONCURRENCY", default_value_t = 32)]
+    /// Requests in flight at once (1 to 4096).
+    #[arg(long, env = "AUTHZ_OUTBOX_CONCURRENCY", default_value_t = 32,
+          value_parser = number_in(1, limits::CONCURRENCY))]
     concurrency: usize,
-    /// Rows claimed per round trip.
-    #[arg(long, env = "AUTHZ_OUTBOX_BATCH_SIZE", default_value_t = 100)]
+    /// Rows claimed per round trip (1 to 10000).
+    #[arg(long, env = "AUTHZ_OUTBOX_BATCH_SIZE", default_value_t = 100,
+          value_parser = number_in(1, limits::BATCH_SIZE))]
     batch_size: usize,
-    /// How long a claim holds its rows; at least 3x the request timeout.
-    #[arg(long, env = "AUTHZ_OUTBOX_LEASE", default_value = "30s", value_parser = parse_duration)]
+    /// How long a claim holds its rows; at least 3x the request timeout, at most 1h.
+    #[arg(long, env = "AUTHZ_OUTBOX_LEASE", default_value = "30s",
+          value_parser = duration_up_to(limits::LEASE))]
     lease: Duration,
-    #[arg(long, env = "AUTHZ_OUTBOX_REQUEST_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    /// One request's deadline (at most 5m).
+    #[arg(long, env = "AUTHZ_OUTBOX_REQUEST_TIMEOUT", default_value = "5s",
+          value_parser = duration_up_to(limits::REQUEST_TIMEOUT))]
     request_timeout: Duration,
-    /// Attempts before a failing row may go dead (it must also be older than --dead-after).
-    #[arg(long, env = "AUTHZ_OUTBOX_MAX_ATTEMPTS", default_value_t = 20)]
+    /// Attempts before a failing row may go dead (it must also be older than
+    /// --dead-after); 1 to 1000.
+    #[arg(long, env = "AUTHZ_OUTBOX_MAX_ATTEMPTS", default_value_t = 20,
+          value_parser = number_in(1, limits::MAX_ATTEMPTS))]
     max_attempts: u32,
-    /// Age a failing row must reach before it may go dead.
-    #[arg(long, env = "AUTHZ_OUTBOX_DEAD_AFTER", default_value = "24h", value_parser = parse_duration)]
+    /// Age a failing row must reach before it may go dead (at most 365d).
+    #[arg(long, env = "AUTHZ_OUTBOX_DEAD_AFTER", default_value = "24h",
+          value_parser = duration_up_to(limits::DEAD_AFTER))]
     dead_after: Duration,
-    #[arg(long, env = "AUTHZ_OUTBOX_BACKOFF_BASE", default_value = "500ms", value_parser = parse_duration)]
+    /// First retry delay, doubled per attempt (at most 1h).
+    #[arg(long, env = "AUTHZ_OUTBOX_BACKOFF_BASE", default_value = "500ms",
+          value_parser = duration_up_to(limits::BACKOFF_BASE))]
     backoff_base: Duration,
-    #[arg(long, env = "AUTHZ_OUTBOX_BACKOFF_CAP", default_value = "5m", value_parser = parse_duration)]
+    /// Longest retry delay, `Retry-After` included (at most 24h).
+    #[arg(long, env = "AUTHZ_OUTBOX_BACKOFF_CAP", default_value = "5m",
+          value_parser = duration_up_to(limits::BACKOFF_CAP))]
     backoff_cap: Duration,
-    /// Fallback poll when no notification arrives.
-    #[arg(long, env = "AUTHZ_OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    /// Fallback poll when no notification arrives (at most 1h).
+    #[arg(long, env = "AUTHZ_OUTBOX_POLL_INTERVAL", default_value = "1s",
+          value_parser = duration_up_to(limits::POLL_INTERVAL))]
     poll_interval: Duration,
-    /// Delivered and superseded rows older than this are pruned.
-    #[arg(long, env = "AUTHZ_OUTBOX_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    /// Delivered and superseded rows older than this are pruned (at most 3650d).
+    #[arg(long, env = "AUTHZ_OUTBOX_RETENTION", default_value = "7d",
+          value_parser = duration_up_to(limits::RETENTION))]
     retention: Duration,
-    /// Time in-flight rows get to finish on SIGTERM before they are released.
-    #[arg(long, env = "AUTHZ_OUTBOX_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    /// Time in-flight rows get to finish on SIGTERM before they are released (at most 1h).
+    #[arg(long, env = "AUTHZ_OUTBOX_SHUTDOWN_TIMEOUT", default_value = "20s",
+          value_parser = duration_up_to(limits::SHUTDOWN_TIMEOUT))]
     shutdown_timeout: Duration,
-    /// Consecutive transient failures that open the circuit.
-    #[arg(long, env = "AUTHZ_OUTBOX_CIRCUIT_THRESHOLD", default_value_t = 10)]
+    /// Consecutive transient failures that open the circuit (1 to 10000).
+    #[arg(long, env = "AUTHZ_OUTBOX_CIRCUIT_THRESHOLD", default_value_t = 10,
+          value_parser = number_in(1, limits::CIRCUIT_THRESHOLD))]
     circuit_threshold: u32,
     /// The lease holder's name; defaults to hostname-pid.
     #[arg(long, env = "AUTHZ_OUTBOX_WORKER_ID")]
@@ -125,21 +150,39 @@ impl RunArgs {
 
     fn token(&self) -> anyhow::Result<Option<BearerToken>> {
         if let Some(path) = &self.agentex_auth_token_file {
-            let text = read_secret(path)?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the credential file {}", path.display()))?;
             let token = BearerToken::new(text)
                 .with_context(|| format!("the credential file {} is empty", path.display()))?;
             return Ok(Some(token));
         }
-        Ok(self.agentex_auth_token.clone().and_then(BearerToken::new))
+        Ok(self
+            .agentex_auth_token
+            .as_ref()
+            .and_then(|t| BearerToken::new(t.0.clone())))
+    }
+
+    fn ca_file(&self) -> anyhow::Result<Option<(String, Vec<u8>)>> {
+        let Some(path) = &self.agentex_auth_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .with_context(|| format!("reading the agentex-auth CA file {}", path.display()))?;
+        Ok(Some((path.display().to_string(), pem)))
     }
 
     fn spicedb_token(&self) -> anyhow::Result<Option<SpiceDbToken>> {
         if let Some(path) = &self.spicedb_token_file {
-            let token = SpiceDbToken::new(read_secret(path)?)
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the credential file {}", path.display()))?;
+            let token = SpiceDbToken::new(text)
                 .with_context(|| format!("the credential file {} is empty", path.display()))?;
             return Ok(Some(token));
         }
-        Ok(self.spicedb_token.clone().and_then(SpiceDbToken::new))
+        Ok(self
+            .spicedb_token
+            .as_ref()
+            .and_then(|t| SpiceDbToken::new(t.0.clone())))
     }
 
     /// The target's client, checked before anything connects (a bad URL
@@ -150,12 +193,17 @@ impl RunArgs {
                 let url = self.agentex_auth_url.as_deref().context(
                     "--agentex-auth-url (AGENTEX_AUTH_URL) is required with --target agentex-auth",
                 )?;
-                let client = AuthClient::new(
+                let token = self.token()?;
+                let ca = self.ca_file()?;
+                let client = AuthClient::with_ca(
                     url,
-                    self.token()?,
+                    token.clone(),
                     config.request_timeout,
                     config.concurrency,
+                    ca.as_ref()
+                        .map(|(path, pem)| (path.as_str(), pem.as_slice())),
                 )?;
+                warn_about_the_credential(token.is_some(), url);
                 Ok(Client::AgentexAuth(client))
             }
             TargetKind::SpiceDb => {
@@ -188,12 +236,6 @@ impl Client {
     }
 }
 
-/// A credential file's text.
-fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("reading the credential file {}", path.display()))
-}
-
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.worker_config();
     config.validate()?;
@@ -201,7 +243,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Claims, records, the listener and housekeeping each need a connection
     // at times; deliveries themselves hold none (a SpiceDB re-parent reads
     // one row).
-    let pool = crate::db::connect_worker(&args.db.database_url, 8).await?;
+    let pool = crate::db::connect_worker(&args.db.database_url.0, 8).await?;
     let target = client.target(&pool, args.spicedb_batch).await?;
     let metrics = crate::metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     // Every series the dashboard and the alerts read exists from the first
@@ -246,6 +288,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Once, at start: a worker without a credential is either a dev set-up or
+/// a forgotten Secret, and a token sent over plain http to another machine
+/// is readable on the wire.
+fn warn_about_the_credential(has_token: bool, url: &str) {
+    if !has_token {
+        tracing::warn!(
+            "no agentex-auth credential configured (AGENTEX_AUTH_TOKEN or \
+             AGENTEX_AUTH_TOKEN_FILE): requests are sent without Authorization"
+        );
+        return;
+    }
+    if let Ok(parsed) = url::Url::parse(url)
+        && parsed.scheme() == "http"
+        && !parsed.host().is_some_and(|h| match h {
+            url::Host::Domain(d) => d == "localhost",
+            url::Host::Ipv4(ip) => ip.is_loopback(),
+            url::Host::Ipv6(ip) => ip.is_loopback(),
+        })
+    {
+        tracing::warn!(
+            "AGENTEX_AUTH_URL is plain http to another host: the bearer token is \
+             readable on the wire; use https://"
+        );
+    }
 }
 
 /// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown.

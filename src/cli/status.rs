@@ -55,16 +55,19 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             if !s.recent_dead.is_empty() {
                 println!();
                 println!("newest dead rows:");
+                // Rows come from any writer and errors from a server: shown
+                // terminal-safe, whatever an older version stored.
+                let safe = |text: &str| crate::auth_client::one_line(text, 300);
                 for d in &s.recent_dead {
                     println!(
                         "  #{} {} {}:{} attempts={} status={} {}",
                         d.id,
-                        d.operation,
-                        d.resource_type,
-                        d.resource_id,
+                        safe(&d.operation),
+                        safe(&d.resource_type),
+                        safe(&d.resource_id),
                         d.attempts,
                         d.last_status.map_or("-".into(), |s| s.to_string()),
-                        d.last_error.as_deref().unwrap_or("")
+                        safe(d.last_error.as_deref().unwrap_or(""))
                     );
                 }
             }

@@ -86,7 +86,7 @@ impl Gate {
             None => Admit::All,
             Some((_, until)) if s.probe_in_flight || now < until => Admit::Nothing {
                 until: if s.probe_in_flight {
-                    now + self.base
+                    later(now, self.base)
                 } else {
                     until
                 },
@@ -140,11 +140,11 @@ impl Gate {
 
     fn open(&self, s: &mut State, reason: OpenReason, now: Instant) -> OpenReason {
         let cooldown = match s.open {
-            Some((current, _)) if current == reason => (s.cooldown * 2).min(self.cap),
+            Some((current, _)) if current == reason => s.cooldown.saturating_mul(2).min(self.cap),
             _ => self.base,
         };
         s.cooldown = cooldown;
-        s.open = Some((reason, now + cooldown));
+        s.open = Some((reason, later(now, cooldown)));
         reason
     }
 
@@ -155,6 +155,13 @@ impl Gate {
     pub fn cooldown(&self) -> Duration {
         self.lock().cooldown
     }
+}
+
+/// `now + after`, or as late as an `Instant` goes: no cool-down can panic.
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -226,6 +233,28 @@ mod tests {
         assert_eq!(g.admit(now), Admit::Probe);
         g.record(Signal::Answered, true, now);
         assert_eq!(g.open_reason(), None);
+    }
+
+    #[test]
+    fn a_new_reason_starts_from_the_base_cooldown() {
+        let g = gate();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            g.record(Signal::Transient, false, t0);
+        }
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(g.admit(later), Admit::Probe);
+        g.record(Signal::Transient, true, later);
+        assert_eq!(g.cooldown(), Duration::from_secs(2));
+        // The outage ends, but the credential is now refused: a different
+        // cause, so its pause starts from the base, not the doubled outage's.
+        let probe_at = later + Duration::from_secs(2);
+        assert_eq!(g.admit(probe_at), Admit::Probe);
+        assert_eq!(
+            g.record(Signal::Unauthorized, true, probe_at),
+            Some(OpenReason::Credential)
+        );
+        assert_eq!(g.cooldown(), Duration::from_secs(1));
     }
 
     #[test]

@@ -26,6 +26,21 @@ pub enum Verdict {
 pub fn classify(operation: Operation, answer: AuthAnswer) -> Verdict {
     match answer {
         AuthAnswer::Success { consistency_token } => Verdict::Applied { consistency_token },
+        // A retry cannot fix a misrouted URL (a login page, an ingress
+        // rule): dead, visible in `status`, replayed once it is fixed.
+        AuthAnswer::Redirect { status, location } => Verdict::Permanent {
+            status,
+            error: format!(
+                "HTTP {status} redirect to {location:?} not followed: nothing was applied; \
+                 AGENTEX_AUTH_URL must reach agentex-auth itself"
+            ),
+        },
+        AuthAnswer::NotTheContract { status, reason } => Verdict::Permanent {
+            status,
+            error: format!(
+                "HTTP {status} is not the contract's answer ({reason}); not counted as delivered"
+            ),
+        },
         AuthAnswer::Timeout => Verdict::Transient {
             status: None,
             retry_after: None,
@@ -120,6 +135,42 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    #[test]
+    fn a_redirect_is_never_applied_and_names_its_location() {
+        for operation in [Operation::Register, Operation::Deregister] {
+            let verdict = classify(
+                operation,
+                AuthAnswer::Redirect {
+                    status: 302,
+                    location: "/login".into(),
+                },
+            );
+            match verdict {
+                Verdict::Permanent { status, error } => {
+                    assert_eq!(status, 302);
+                    assert!(error.contains("\"/login\""), "{error}");
+                    assert!(error.contains("not followed"), "{error}");
+                }
+                other => panic!("{operation:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_success_status_without_the_contracts_body_is_not_applied() {
+        let verdict = classify(
+            Operation::Deregister,
+            AuthAnswer::NotTheContract {
+                status: 200,
+                reason: "body is not JSON".into(),
+            },
+        );
+        assert!(
+            matches!(&verdict, Verdict::Permanent { status: 200, error } if error.contains("not counted as delivered")),
+            "{verdict:?}"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::prepare::{self, Deliverable};
 use super::target::Target;
 use super::{housekeeping, listener};
 use crate::config::WorkerConfig;
-use crate::domain::Operation;
+use crate::domain::{Operation, PrincipalPolicy, ResourceRef, names_a_creator};
 use crate::metrics as m;
 use crate::outbox::record::{Recorded, RowUpdate, record};
 use crate::outbox::{ClaimedRow, claim};
@@ -109,9 +109,59 @@ struct Shared {
     due_by: Option<chrono::DateTime<Utc>>,
     /// When the last credential failure was logged, to log it once per interval.
     last_credential_log: Mutex<Option<Instant>>,
+    /// What of a stored principal may be sent, by resource type, from the
+    /// installed mappings' `principal_fields` (see [`Shared::principal_policy`]).
+    principal_policies: HashMap<String, PrincipalPolicy>,
+    default_policy: PrincipalPolicy,
+}
+
+/// Each mapped type's kept principal fields (the union over its mappings),
+/// read once at start: a mapping change is applied by `migrate` and picked
+/// up by restarting the workers, as the operations guide says. Unreadable
+/// (no mappings installed yet): every type gets the default.
+async fn principal_policies(pool: &PgPool) -> HashMap<String, PrincipalPolicy> {
+    let installed = match crate::mapping::install::installed(pool).await {
+        Ok(installed) => installed,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the installed mappings; sending identity fields only");
+            return HashMap::new();
+        }
+    };
+    let mut policies: HashMap<String, PrincipalPolicy> = HashMap::new();
+    for m in installed {
+        let fields = m
+            .definition
+            .get("principal_fields")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let policy = policies
+            .entry(m.resource_type.clone())
+            .or_insert_with(|| PrincipalPolicy { keep: Vec::new() });
+        for field in fields {
+            if !policy.keep.contains(&field) {
+                policy.keep.push(field);
+            }
+        }
+    }
+    policies.retain(|_, p| !p.keep.is_empty());
+    policies
 }
 
 impl Shared {
+    /// The policy applied to the principal of a request for `resource`: its
+    /// type's mapping's kept fields (the capture kept the same), else the
+    /// identity fields. Credential-looking fields never pass either way.
+    fn principal_policy(&self, resource: &ResourceRef) -> &PrincipalPolicy {
+        self.principal_policies
+            .get(resource.kind.as_str())
+            .unwrap_or(&self.default_policy)
+    }
+
     /// Every outcome passes here, so every one is logged the same way: row
     /// id, resource, attempt — never the principal or a credential.
     fn settle(&self, row: &ClaimedRow, operation: Operation, update: RowUpdate) {
@@ -192,6 +242,7 @@ impl Worker {
 
     /// Delivers until `shutdown` fires, or — with `once` — until no row is due.
     pub async fn run(self, shutdown: CancellationToken, once: bool) -> RunReport {
+        let principal_policies = principal_policies(&self.pool).await;
         let (tx, rx) = mpsc::unbounded_channel();
         let progress = Arc::new(Progress::default());
         let shared = Arc::new(Shared {
@@ -204,6 +255,8 @@ impl Worker {
             settled: tx,
             due_by: once.then(Utc::now),
             last_credential_log: Mutex::new(None),
+            principal_policies,
+            default_policy: PrincipalPolicy::default(),
         });
         let background = CancellationToken::new();
         let recorder = tokio::spawn(recorder(self.pool.clone(), progress.clone(), rx));
@@ -253,7 +306,10 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
     // A worker holds up to `concurrency` rows in flight plus one batch
     // claimed ahead, waiting for permits: a busy worker then pays one claim
     // (and one set of checks) per batch, not one per few finished requests.
-    let capacity = shared.config.concurrency + shared.config.batch_size;
+    let capacity = shared
+        .config
+        .concurrency
+        .saturating_add(shared.config.batch_size);
     let min_claim = (shared.config.batch_size / 4).max(1);
     let mut asleep = false;
     let mut tasks = JoinSet::new();
@@ -385,11 +441,11 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
         // well inside the lease; otherwise another worker could claim it
         // again while our request is in flight, and order per resource
         // would rest on timing.
-        let send_by = claimed_at
-            + shared
-                .config
-                .lease
-                .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let margin = shared
+            .config
+            .lease
+            .saturating_sub(shared.config.request_timeout.saturating_mul(2));
+        let send_by = claimed_at.checked_add(margin).unwrap_or(claimed_at);
         // One request per group: a row alone for agentex-auth, registers of
         // several resources together for SpiceDB.
         let mut queue = shared.target.group(deliverables).into_iter();
@@ -399,6 +455,19 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 _ = shutdown.cancelled() => None,
             };
             let reason = match permit {
+                // The gate may have opened while this row waited for a
+                // permit (the requests ahead of it answered 401, or failed
+                // past the threshold): it is held back unsent, its attempt
+                // refunded, like the rest of its batch. Only a probe goes out
+                // while the gate is open.
+                Some(_) if !is_probe && shared.gate.open_reason().is_some() => {
+                    match shared.gate.open_reason() {
+                        Some(OpenReason::Credential) => {
+                            "held back: the target rejected the credential (401 / UNAUTHENTICATED)"
+                        }
+                        _ => "held back: the target looks down (circuit open)",
+                    }
+                }
                 Some(permit) if Instant::now() < send_by => {
                     let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
                     for d in &group {
@@ -484,7 +553,11 @@ async fn settle_without_request(
 ) -> Result<Vec<Deliverable>, sqlx::Error> {
     let mut checked = Vec::with_capacity(claimed.len());
     for row in claimed {
-        match prepare::check(row, shared.target.open_types()) {
+        let checked_row = prepare::check(row, shared.target.open_types()).and_then(|d| {
+            let policy = shared.principal_policy(&d.resource);
+            apply_principal_policy(policy, d)
+        });
+        match checked_row {
             Ok(d) => checked.push(d),
             Err((row, reason)) => {
                 let operation = row.operation.parse().unwrap_or(Operation::Register);
@@ -519,6 +592,28 @@ async fn settle_without_request(
             Err(e)
         }
     }
+}
+
+/// Replaces the row's principal with what `policy` lets through, right
+/// before the request is built, whatever wrote the row. A register whose
+/// principal names no creator once sanitized cannot be sent.
+fn apply_principal_policy(
+    policy: &PrincipalPolicy,
+    mut d: Deliverable,
+) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
+    let Some(principal) = policy.sanitize(&d.principal) else {
+        return Err((Box::new(d.row), "principal must be a JSON object".into()));
+    };
+    if d.operation == Operation::Register && !names_a_creator(&principal) {
+        return Err((
+            Box::new(d.row),
+            "no creator resolvable: no user_id or service_account_id left once the \
+             principal policy dropped credential, non-identity, nested and over-long fields"
+                .into(),
+        ));
+    }
+    d.principal = principal;
+    Ok(d)
 }
 
 /// Returns the ids of rows settled as superseded.
@@ -696,11 +791,14 @@ pub fn decide(config: &WorkerConfig, row: &ClaimedRow, verdict: Verdict, jitter:
                     retry_after,
                     jitter,
                 );
-                RowUpdate::Retry {
-                    at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
-                    status,
-                    error,
-                }
+                // The delay is bounded by the backoff cap, itself bounded
+                // by the configuration; checked anyway, so no setting can
+                // panic a delivery task.
+                let at = chrono::Duration::from_std(delay)
+                    .ok()
+                    .and_then(|delay| now.checked_add_signed(delay))
+                    .unwrap_or_else(|| now + chrono::Duration::hours(24));
+                RowUpdate::Retry { at, status, error }
             }
         }
     }
@@ -857,4 +955,49 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
         .fetch_sub(batch.len(), Ordering::SeqCst);
     batch.clear();
     progress.wake.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(attempts: i32) -> ClaimedRow {
+        ClaimedRow {
+            id: 1,
+            resource_type: "task".into(),
+            resource_id: "t1".into(),
+            parent_type: None,
+            parent_id: None,
+            operation: "register".into(),
+            principal: None,
+            attempts,
+            created_at: Utc::now(),
+            lease_token: Uuid::new_v4(),
+            guarded: false,
+            origin: "capture".into(),
+            last_error: None,
+            attributes: None,
+        }
+    }
+
+    /// The library does not trust its caller to have validated: a backoff
+    /// cap and a `Retry-After` far past any date still schedule a retry.
+    #[test]
+    fn no_setting_can_panic_the_retry_schedule() {
+        let huge = Duration::from_secs(2_000_000 * 365 * 86_400);
+        let config = WorkerConfig {
+            backoff_cap: huge,
+            backoff_base: huge,
+            ..WorkerConfig::default()
+        };
+        let verdict = Verdict::Transient {
+            status: Some(429),
+            retry_after: Some(huge),
+            error: "slow down".into(),
+        };
+        match decide(&config, &row(3), verdict, 1.0) {
+            RowUpdate::Retry { at, .. } => assert!(at > Utc::now()),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -10,5 +10,9 @@ mod resource;
 
 pub use key_type::ApiKeyType;
 pub use operation::Operation;
-pub use principal::{IDENTITY_FIELDS, Principal, PrincipalError, is_credential_field};
+pub use principal::IDENTITY_FIELDS;
+pub use principal::{
+    CREDENTIAL_KEYS, CREDENTIAL_SUFFIXES, MAX_PRINCIPAL_VALUE_CHARS, Principal, PrincipalError,
+    PrincipalPolicy, is_credential_key, names_a_creator,
+};
 pub use resource::{ResourceRef, ResourceRefError, ResourceType};

@@ -1,3 +1,6 @@
+//! The principal: who created (or deletes) a resource, as agentex-auth gets
+//! it, and the policy that decides what of a stored principal is sent.
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -12,36 +15,6 @@ pub const IDENTITY_FIELDS: &[&str] = &[
     "account_id",
     "principal_type",
 ];
-
-/// Whether a principal field name looks like a credential. Such a field is
-/// dropped from every principal, whatever a mapping's `principal_fields`
-/// list says (the capture's SQL applies the same rule:
-/// `authz_outbox_is_credential_field`).
-pub fn is_credential_field(field: &str) -> bool {
-    const EXACT: &[&str] = &[
-        "api_key",
-        "apikey",
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "authorization",
-        "cookie",
-        "credential",
-        "credentials",
-        "private_key",
-        "client_secret",
-        "bearer",
-        "session",
-        "jwt",
-    ];
-    let f = field.to_ascii_lowercase();
-    EXACT.contains(&f.as_str())
-        || f.ends_with("_token")
-        || f.contains("secret")
-        || f.contains("password")
-        || f.contains("api_key")
-}
 
 /// The identity of whoever created (or deletes) a resource, as agentex-auth
 /// expects it in the `principal` field: a JSON object naming a user or a
@@ -63,6 +36,8 @@ pub enum PrincipalError {
     NotAString(String),
     #[error("no creator resolvable: principal needs a non-empty user_id or service_account_id")]
     NoCreator,
+    #[error("principal field {0:?} is longer than {MAX_PRINCIPAL_VALUE_CHARS} characters")]
+    TooLong(String),
 }
 
 impl Principal {
@@ -85,6 +60,9 @@ impl Principal {
                 continue;
             }
             match value {
+                Value::String(s) if s.chars().count() > MAX_PRINCIPAL_VALUE_CHARS => {
+                    return Err(PrincipalError::TooLong(key));
+                }
                 Value::String(_) | Value::Null => {
                     kept.insert(key, value);
                 }
@@ -119,9 +97,225 @@ impl Principal {
     }
 }
 
+/// The longest principal string value sent on (in characters). An
+/// identifier is far shorter; a longer value is not an identity but a
+/// payload (or a pasted token), and is dropped, not truncated, so an identity
+/// is never silently altered into another one.
+pub const MAX_PRINCIPAL_VALUE_CHARS: usize = 256;
+
+/// Key names that are never sent, whatever a policy keeps (compared
+/// case-insensitively, see [`is_credential_key`]).
+pub const CREDENTIAL_KEYS: &[&str] = &[
+    "api_key",
+    "apikey",
+    "api-key",
+    "x-api-key",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "bearer",
+    "secret",
+    "client_secret",
+    "password",
+    "passwd",
+    "pwd",
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "credential",
+    "credentials",
+    "private_key",
+    "session",
+    "session_id",
+    "jwt",
+];
+
+/// Suffixes that make any key a credential (`github_token`, `db_password`,
+/// `signing_secret`, `x_api_key`...).
+pub const CREDENTIAL_SUFFIXES: &[&str] = &[
+    "_token",
+    "-token",
+    "_secret",
+    "-secret",
+    "_password",
+    "_passwd",
+    "_api_key",
+    "_apikey",
+    "_key_secret",
+    "_private_key",
+    "_credential",
+    "_credentials",
+    "_cookie",
+    "_session",
+];
+
+/// Whether a principal names a creator: a non-empty `user_id` or
+/// `service_account_id` string (the host's rule for a register).
+pub fn names_a_creator(principal: &Value) -> bool {
+    ["user_id", "service_account_id"].iter().any(|field| {
+        principal
+            .get(*field)
+            .and_then(Value::as_str)
+            .is_some_and(|id| !id.is_empty())
+    })
+}
+
+/// Whether a principal key names a credential: one of [`CREDENTIAL_KEYS`],
+/// or ending in one of [`CREDENTIAL_SUFFIXES`], case-insensitively. The
+/// capture trigger mirrors this rule in SQL.
+pub fn is_credential_key(key: &str) -> bool {
+    let key = key.trim().to_ascii_lowercase();
+    CREDENTIAL_KEYS.contains(&key.as_str())
+        || CREDENTIAL_SUFFIXES
+            .iter()
+            .any(|suffix| key.ends_with(suffix))
+}
+
+/// What of a stored principal may be sent to agentex-auth.
+///
+/// The worker applies it to every principal right before a request is
+/// built, whatever wrote the row (the trigger, reconcile, replay, another
+/// language's code, a hand-written INSERT), so a credential that reached the
+/// outbox by some other path is still never forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalPolicy {
+    /// Fields kept; everything else is dropped.
+    pub keep: Vec<String>,
+}
+
+impl Default for PrincipalPolicy {
+    /// [`IDENTITY_FIELDS`], as the trigger keeps them.
+    fn default() -> Self {
+        PrincipalPolicy {
+            keep: IDENTITY_FIELDS.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+}
+
+impl PrincipalPolicy {
+    /// The principal to send: only the kept fields whose values are scalars
+    /// (string, number, bool, null; nested objects and arrays are dropped),
+    /// never a credential-named key (even when listed in `keep`), and no
+    /// string longer than [`MAX_PRINCIPAL_VALUE_CHARS`]. `None` when
+    /// `value` is not a JSON object.
+    pub fn sanitize(&self, value: &Value) -> Option<Value> {
+        let Value::Object(object) = value else {
+            return None;
+        };
+        let kept = object
+            .iter()
+            .filter(|(key, _)| self.keep.iter().any(|k| k == *key) && !is_credential_key(key))
+            .filter(|(_, value)| match value {
+                Value::String(s) => s.chars().count() <= MAX_PRINCIPAL_VALUE_CHARS,
+                Value::Number(_) | Value::Bool(_) | Value::Null => true,
+                Value::Array(_) | Value::Object(_) => false,
+            })
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        Some(Value::Object(kept))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_policy_keeps_identity_scalars_only() {
+        let policy = PrincipalPolicy::default();
+        let sent = policy
+            .sanitize(&json!({
+                "user_id": "u",
+                "account_id": 7,
+                "principal_type": null,
+                "service_account_id": true,
+                "api_key": "sk-live-1",
+                "nested": {"token": "t-1"},
+                "extra": "x"
+            }))
+            .expect("an object");
+        assert_eq!(
+            sent,
+            json!({"user_id": "u", "account_id": 7, "principal_type": null, "service_account_id": true})
+        );
+        let nested = policy
+            .sanitize(&json!({"user_id": {"token": "t"}, "account_id": ["a"]}))
+            .expect("an object");
+        assert_eq!(nested, json!({}));
+        assert_eq!(policy.sanitize(&json!("u")), None);
+        assert_eq!(policy.sanitize(&json!(null)), None);
+    }
+
+    #[test]
+    fn credentials_are_dropped_even_when_listed() {
+        let policy = PrincipalPolicy {
+            keep: [
+                "user_id",
+                "API_KEY",
+                "Token",
+                "github_token",
+                "session",
+                "cookie",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let sent = policy
+            .sanitize(&json!({
+                "user_id": "u", "API_KEY": "k", "Token": "t", "github_token": "g",
+                "session": "s", "cookie": "c"
+            }))
+            .expect("an object");
+        assert_eq!(sent, json!({"user_id": "u"}));
+    }
+
+    #[test]
+    fn the_credential_rule() {
+        for key in [
+            "api_key",
+            "APIKEY",
+            "token",
+            "Access_Token",
+            "x_refresh_token",
+            "secret",
+            "client_secret",
+            "password",
+            "passwd",
+            "Authorization",
+            "cookie",
+            "credential",
+            "credentials",
+            "private_key",
+            "bearer",
+            "session",
+            "db_password",
+            "jwt",
+        ] {
+            assert!(is_credential_key(key), "{key}");
+        }
+        for key in [
+            "user_id",
+            "service_account_id",
+            "account_id",
+            "principal_type",
+            "tokenizer",
+        ] {
+            assert!(!is_credential_key(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn over_long_values_are_dropped_not_truncated() {
+        let policy = PrincipalPolicy::default();
+        let at_cap = "u".repeat(MAX_PRINCIPAL_VALUE_CHARS);
+        let over = "é".repeat(MAX_PRINCIPAL_VALUE_CHARS + 1);
+        let sent = policy
+            .sanitize(&json!({"user_id": at_cap, "account_id": over}))
+            .expect("an object");
+        assert_eq!(sent, json!({"user_id": at_cap}));
+    }
 
     #[test]
     fn keeps_identity_fields_and_drops_credentials() {
@@ -156,6 +350,14 @@ mod tests {
         assert_eq!(
             Principal::parse(r#"{"account_id":"a"}"#),
             Err(PrincipalError::NoCreator)
+        );
+        let long = format!(
+            r#"{{"user_id":"{}"}}"#,
+            "u".repeat(MAX_PRINCIPAL_VALUE_CHARS + 1)
+        );
+        assert_eq!(
+            Principal::parse(&long),
+            Err(PrincipalError::TooLong("user_id".into()))
         );
     }
 }

@@ -262,7 +262,7 @@ impl Mapping {
             ));
         }
         for field in &spec.principal_fields {
-            if crate::domain::is_credential_field(field) {
+            if crate::domain::is_credential_key(field) {
                 return Err(invalid(
                     &name,
                     format!(

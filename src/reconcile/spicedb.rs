@@ -6,6 +6,8 @@
 //! that revision, so nothing written before the read began can be missed and
 //! the batches add up to one view.
 
+use std::fmt;
+use std::future::Future;
 use std::time::Duration;
 
 use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
@@ -14,18 +16,42 @@ use spicedb_grpc_tonic::v1::{
     ReadRelationshipsRequest, ReadRelationshipsResponse, Relationship, RelationshipFilter,
     ZedToken, consistency::Requirement,
 };
+use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Where SpiceDB is and how to authenticate to it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SpiceDbConfig {
-    /// e.g. `http://127.0.0.1:50051`.
+    /// e.g. `http://127.0.0.1:50051`, or `https://spicedb:50051` (TLS,
+    /// verified against the system's roots and `ca_pem`).
     pub endpoint: String,
     /// The preshared key, sent as `authorization: Bearer …`.
     pub token: Option<String>,
     /// Relationships per batch of the export stream.
     pub page_size: u32,
+    /// PEM certificates trusted for an `https://` endpoint besides the
+    /// system's roots (`SPICEDB_CA_FILE`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Deadline of the whole read (every type, from connect to the last
+    /// batch): a server that keeps a stream open without finishing it
+    /// cannot keep reconcile running forever.
+    pub read_timeout: Duration,
+    /// Longest wait for a call's answer or a stream's next message.
+    pub message_timeout: Duration,
+}
+
+impl fmt::Debug for SpiceDbConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiceDbConfig")
+            .field("endpoint", &crate::auth_client::redact_url(&self.endpoint))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("page_size", &self.page_size)
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .field("read_timeout", &self.read_timeout)
+            .field("message_timeout", &self.message_timeout)
+            .finish()
+    }
 }
 
 impl SpiceDbConfig {
@@ -34,6 +60,9 @@ impl SpiceDbConfig {
             endpoint: endpoint.into(),
             token: None,
             page_size: 1000,
+            ca_pem: None,
+            read_timeout: Duration::from_secs(30 * 60),
+            message_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -48,6 +77,10 @@ pub enum SpiceDbError {
     BadToken,
     #[error("SpiceDB ReadRelationships failed: {0}")]
     Read(String),
+    #[error("SpiceDB read timed out: {0}")]
+    Timeout(String),
+    #[error("invalid SpiceDB TLS settings: {0}")]
+    Tls(String),
 }
 
 /// One relationship, flattened: `resource_type:resource_id#relation@subject_type:subject_id`.
@@ -66,21 +99,51 @@ pub struct SpiceDbReader {
     client: PermissionsServiceClient<Channel>,
     authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
     page_size: u32,
+    /// When the whole read must be over.
+    deadline: Instant,
+    read_timeout: Duration,
+    message_timeout: Duration,
 }
 
 impl SpiceDbReader {
+    /// Connects; `https://` with TLS (never downgraded to clear text),
+    /// `http://` in clear. The read deadline starts now.
     pub async fn connect(config: &SpiceDbConfig) -> Result<Self, SpiceDbError> {
-        let endpoint = Endpoint::from_shared(config.endpoint.clone())
-            .map_err(|e| SpiceDbError::BadEndpoint {
-                endpoint: config.endpoint.clone(),
-                error: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(10));
-        let channel = endpoint
-            .connect()
+        let started = Instant::now();
+        let shown = crate::auth_client::redact_url(&config.endpoint);
+        let bad = |error: String| SpiceDbError::BadEndpoint {
+            endpoint: shown.clone(),
+            error,
+        };
+        let uri: tonic::transport::Uri =
+            config.endpoint.parse().map_err(|e| bad(format!("{e}")))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(bad("expected http://host:port or https://host:port".into())),
+        };
+        let mut endpoint = Endpoint::from(uri)
+            .connect_timeout(config.message_timeout.min(Duration::from_secs(10)));
+        if tls {
+            let mut tls_config = ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = &config.ca_pem {
+                tls_config = tls_config.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls_config)
+                .map_err(|e| SpiceDbError::Tls(error_chain(&e)))?;
+        } else if config.ca_pem.is_some() {
+            // A CA file says the operator expects TLS: refuse rather than
+            // dial in clear.
+            return Err(SpiceDbError::Tls(format!(
+                "a CA file is set but the endpoint {shown} is http://; use https://"
+            )));
+        }
+        let channel = within(started + config.read_timeout, endpoint.connect())
             .await
+            .map_err(|_| SpiceDbError::Timeout(format!("connecting to {shown}")))?
             .map_err(|e| SpiceDbError::Connect {
-                endpoint: config.endpoint.clone(),
+                endpoint: shown.clone(),
                 error: error_chain(&e),
             })?;
         let authorization = match &config.token {
@@ -95,6 +158,36 @@ impl SpiceDbReader {
             client: PermissionsServiceClient::new(channel),
             authorization,
             page_size: config.page_size.max(1),
+            deadline: started
+                .checked_add(config.read_timeout)
+                .unwrap_or(started + Duration::from_secs(24 * 3600)),
+            read_timeout: config.read_timeout,
+            message_timeout: config.message_timeout,
+        })
+    }
+
+    /// Runs one step of the read (a call, a stream's next message) within
+    /// the message timeout and the whole read's deadline.
+    async fn step<T>(
+        &self,
+        what: &str,
+        step: impl Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<Result<T, tonic::Status>, SpiceDbError> {
+        let by = Instant::now()
+            .checked_add(self.message_timeout)
+            .map_or(self.deadline, |at| at.min(self.deadline));
+        within(by, step).await.map_err(|_| {
+            SpiceDbError::Timeout(if by >= self.deadline {
+                format!(
+                    "the whole read took longer than {:?} (--spicedb-read-timeout) at {what}",
+                    self.read_timeout
+                )
+            } else {
+                format!(
+                    "no answer for {:?} (--spicedb-message-timeout) at {what}",
+                    self.message_timeout
+                )
+            })
         })
     }
 
@@ -171,13 +264,16 @@ impl Pages {
                 return Ok(None);
             }
             let batch = match &mut self.stream {
-                Some(stream) => next_batch(stream, self.reader.page_size as usize).await,
+                Some(stream) => {
+                    let reader = &self.reader;
+                    next_batch(reader, stream, reader.page_size as usize).await?
+                }
                 None => {
                     let Some(snapshot) = self.pin_snapshot().await? else {
                         self.done = true;
                         return Ok(None);
                     };
-                    match self.open(snapshot).await {
+                    match self.open(snapshot).await? {
                         Ok(stream) => self.stream = Some(stream),
                         Err(status) => self.broke(status)?,
                     }
@@ -248,18 +344,18 @@ impl Pages {
             optional_cursor: None,
         });
         request.set_timeout(Duration::from_secs(30));
+        let mut client = self.reader.client.clone();
         let mut stream = self
             .reader
-            .client
-            .clone()
-            .read_relationships(request)
-            .await
+            .step("the snapshot read", client.read_relationships(request))
+            .await?
             .map_err(|s| SpiceDbError::Read(status_line(&s)))?
             .into_inner();
         let mut read_at = None;
-        while let Some(item) = stream
-            .message()
-            .await
+        while let Some(item) = self
+            .reader
+            .step("the snapshot read", stream.message())
+            .await?
             .map_err(|s| SpiceDbError::Read(status_line(&s)))?
         {
             if read_at.is_none() {
@@ -271,7 +367,10 @@ impl Pages {
     }
 
     /// Opens (or re-opens, after the last cursor) the stream at `snapshot`.
-    async fn open(&self, snapshot: ZedToken) -> Result<Stream, tonic::Status> {
+    async fn open(
+        &self,
+        snapshot: ZedToken,
+    ) -> Result<Result<Stream, tonic::Status>, SpiceDbError> {
         let consistency = Some(Consistency {
             requirement: Some(Requirement::AtExactSnapshot(snapshot)),
         });
@@ -283,8 +382,14 @@ impl Pages {
                 optional_cursor: self.cursor.clone(),
                 optional_relationship_filter: Some(self.filter()),
             });
-            let stream = client.export_bulk_relationships(request).await?;
-            Ok(Stream::Export(stream.into_inner()))
+            let opened = self
+                .reader
+                .step(
+                    "opening the export",
+                    client.export_bulk_relationships(request),
+                )
+                .await?;
+            Ok(opened.map(|stream| Stream::Export(stream.into_inner())))
         } else {
             let request = self.reader.request(ReadRelationshipsRequest {
                 consistency,
@@ -292,8 +397,11 @@ impl Pages {
                 optional_limit: 0,
                 optional_cursor: self.cursor.clone(),
             });
-            let stream = client.read_relationships(request).await?;
-            Ok(Stream::Read(stream.into_inner()))
+            let opened = self
+                .reader
+                .step("opening the read", client.read_relationships(request))
+                .await?;
+            Ok(opened.map(|stream| Stream::Read(stream.into_inner())))
         }
     }
 
@@ -308,35 +416,57 @@ impl Pages {
 /// The next batch of a stream and the cursor after it; `None` at its end.
 /// A `ReadRelationships` stream answers one relationship per message, so up
 /// to `size` of them are gathered into one batch.
+/// Each message is awaited within the reader's timeouts: a stream that
+/// stalls ends the read with [`SpiceDbError::Timeout`] (the outer error);
+/// a stream that breaks returns its status (the inner one) to resume from.
+type Batch = Option<(Vec<Tuple>, Option<Cursor>)>;
+
 async fn next_batch(
+    reader: &SpiceDbReader,
     stream: &mut Stream,
     size: usize,
-) -> Result<Option<(Vec<Tuple>, Option<Cursor>)>, tonic::Status> {
+) -> Result<Result<Batch, tonic::Status>, SpiceDbError> {
     match stream {
-        Stream::Export(stream) => Ok(stream.message().await?.map(|batch| {
-            let tuples = batch
-                .relationships
-                .into_iter()
-                .filter_map(flatten)
-                .collect();
-            (tuples, batch.after_result_cursor)
-        })),
+        Stream::Export(stream) => {
+            let message = match reader.step("the export stream", stream.message()).await? {
+                Ok(message) => message,
+                Err(status) => return Ok(Err(status)),
+            };
+            Ok(Ok(message.map(|batch| {
+                let tuples = batch
+                    .relationships
+                    .into_iter()
+                    .filter_map(flatten)
+                    .collect();
+                (tuples, batch.after_result_cursor)
+            })))
+        }
         Stream::Read(stream) => {
             let mut tuples = Vec::with_capacity(size);
             let mut cursor = None;
             while tuples.len() < size {
-                let Some(item) = stream.message().await? else {
-                    break;
+                let item = match reader.step("the read stream", stream.message()).await? {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(status) => return Ok(Err(status)),
                 };
                 cursor = item.after_result_cursor;
                 tuples.extend(item.relationship.and_then(flatten));
             }
             if tuples.is_empty() && cursor.is_none() {
-                return Ok(None);
+                return Ok(Ok(None));
             }
-            Ok(Some((tuples, cursor)))
+            Ok(Ok(Some((tuples, cursor))))
         }
     }
+}
+
+/// `future`, unless `deadline` passes first.
+async fn within<F: Future>(
+    deadline: Instant,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::time::timeout_at(deadline, future).await
 }
 
 /// Errors after which the same read at the same snapshot can succeed.

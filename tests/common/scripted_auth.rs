@@ -8,13 +8,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::Value;
 
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub method: String,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Value,
@@ -26,6 +27,10 @@ pub struct Answer {
     pub body: Value,
     pub retry_after: Option<u64>,
     pub delay: Duration,
+    /// Extra response headers (e.g. `Location`).
+    pub headers: Vec<(String, String)>,
+    /// A body that is not JSON: (content type, text).
+    pub raw: Option<(String, String)>,
 }
 
 impl Answer {
@@ -38,7 +43,17 @@ impl Answer {
             body: serde_json::json!({}),
             retry_after: None,
             delay: Duration::ZERO,
+            headers: Vec::new(),
+            raw: None,
         }
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+    pub fn raw(mut self, content_type: &str, text: &str) -> Self {
+        self.raw = Some((content_type.into(), text.into()));
+        self
     }
     pub fn body(mut self, body: Value) -> Self {
         self.body = body;
@@ -88,8 +103,11 @@ impl ScriptedAuth {
             seen: Arc::new(Mutex::new(Vec::new())),
             script: Arc::new(Mutex::new(Arc::new(script))),
         };
+        // Anything else (a followed redirect's `GET /login`) is recorded
+        // too, and answered the way a single-sign-on page would: 200 HTML.
         let app = Router::new()
             .route("/v1/authz/{op}", post(handle))
+            .fallback(login_page)
             .with_state(inner.clone());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -135,8 +153,35 @@ impl ScriptedAuth {
     }
 }
 
-async fn handle(State(inner): State<Inner>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn login_page(
+    State(inner): State<Inner>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    inner.seen.lock().expect("lock").push(Seen {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        headers,
+        body: Value::Null,
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "text/html")],
+        "<html><body>Sign in</body></html>",
+    )
+        .into_response()
+}
+
+async fn handle(
+    State(inner): State<Inner>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let seen = Seen {
+        method: method.to_string(),
         path: uri.path().to_string(),
         headers,
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
@@ -151,11 +196,19 @@ async fn handle(State(inner): State<Inner>, uri: Uri, headers: HeaderMap, body: 
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
     }
-    let mut response = (
-        StatusCode::from_u16(answer.status).expect("valid status"),
-        axum::Json(answer.body),
-    )
-        .into_response();
+    let status = StatusCode::from_u16(answer.status).expect("valid status");
+    let mut response = match answer.raw {
+        Some((content_type, text)) => {
+            (status, [("content-type", content_type)], text).into_response()
+        }
+        None => (status, axum::Json(answer.body)).into_response(),
+    };
+    for (name, value) in &answer.headers {
+        response.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            value.parse().expect("header value"),
+        );
+    }
     if let Some(secs) = answer.retry_after {
         response
             .headers_mut()

@@ -98,9 +98,13 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<HostWritesResult>
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    sqlx::raw_sql("VACUUM ANALYZE tasks; VACUUM ANALYZE plain_tasks; VACUUM ANALYZE authz_outbox;")
-        .execute(&pool)
-        .await?;
+    // One statement each: VACUUM cannot run in the implicit transaction of
+    // a multi-statement query.
+    for table in ["tasks", "plain_tasks", "task_agents", "authz_outbox"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("VACUUM ANALYZE {table}")))
+            .execute(&pool)
+            .await?;
+    }
     let outbox_before: i64 = sqlx::query_scalar("SELECT count(*) FROM authz_outbox")
         .fetch_one(&pool)
         .await?;

@@ -172,7 +172,7 @@ impl Worker {
             ])
             .args(["--backoff-base", "20ms", "--backoff-cap", "500ms"])
             // Transient failures never go dead here: any dead row is a finding.
-            .args(["--max-attempts", "1000000", "--dead-after", "24h"])
+            .args(["--max-attempts", "1000", "--dead-after", "24h"])
             .args(["--poll-interval", "200ms", "--shutdown-timeout", "2s"])
             .args(["--concurrency", "16", "--batch-size", "50"])
             .env("DATABASE_URL", &config.database_url)
