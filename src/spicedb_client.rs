@@ -140,6 +140,17 @@ impl SpiceDbClient {
         token: Option<SpiceDbToken>,
         request_timeout: Duration,
     ) -> Result<Self, SpiceDbClientError> {
+        Self::with_ca(endpoint, token, request_timeout, None)
+    }
+
+    /// [`SpiceDbClient::new`], trusting `ca_pem` (PEM certificates) for an
+    /// `https` endpoint besides the system's roots.
+    pub fn with_ca(
+        endpoint: &str,
+        token: Option<SpiceDbToken>,
+        request_timeout: Duration,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, SpiceDbClientError> {
         let bad = |error: String| SpiceDbClientError::BadEndpoint {
             endpoint: endpoint.to_string(),
             error,
@@ -155,7 +166,7 @@ impl SpiceDbClient {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(request_timeout);
-        let builder = tls(builder, &url).map_err(bad)?;
+        let builder = tls(builder, &url, ca_pem).map_err(bad)?;
         let channel = builder.connect_lazy();
         let authorization = token
             .map(|t| {
@@ -293,14 +304,18 @@ impl SpiceDbClient {
     }
 }
 
-/// TLS for an `https` endpoint.
-// TODO(merge): use the SpiceDB TLS setup reconcile gets on main (one
-// place for roots and the provider) once it lands.
-fn tls(builder: Endpoint, url: &url::Url) -> Result<Endpoint, String> {
-    if url.scheme() == "https" {
-        return Err("https (TLS) is not supported by this build yet; use http://".into());
+/// TLS for an `https` endpoint (the same set-up as reconcile's reader);
+/// a CA file with an `http` endpoint is refused rather than dialled in clear.
+fn tls(builder: Endpoint, url: &url::Url, ca_pem: Option<&[u8]>) -> Result<Endpoint, String> {
+    match url.scheme() {
+        "https" => builder
+            .tls_config(crate::reconcile::spicedb::tls_config(ca_pem))
+            .map_err(|e| format!("TLS: {e}")),
+        _ if ca_pem.is_some() => {
+            Err("a CA file is set but the endpoint is http://; use https://".into())
+        }
+        _ => Ok(builder),
     }
-    Ok(builder)
 }
 
 #[cfg(test)]
@@ -318,6 +333,16 @@ mod tests {
         let e = CallError::from(status);
         assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
         assert_eq!(e.to_string(), "RESOURCE_EXHAUSTED: slow down");
+    }
+
+    #[tokio::test]
+    async fn https_means_tls_and_a_ca_file_never_goes_out_in_clear() {
+        let t = Duration::from_secs(1);
+        assert!(SpiceDbClient::new("https://spicedb.example:50051", None, t).is_ok());
+        let err = SpiceDbClient::with_ca("http://h:1", None, t, Some(b"pem"))
+            .expect_err("CA file with http")
+            .to_string();
+        assert!(err.contains("use https://"), "{err}");
     }
 
     #[test]

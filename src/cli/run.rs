@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// File holding the SpiceDB preshared key.
     #[arg(long, env = "SPICEDB_TOKEN_FILE")]
     spicedb_token_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates trusted for an https://
+    /// SPICEDB_ENDPOINT (the system's roots are always trusted).
+    #[arg(long, env = "SPICEDB_CA_FILE")]
+    spicedb_ca_file: Option<PathBuf>,
     /// Rows (of different resources) per WriteRelationships (--target
     /// spicedb), 1 to 500; 1 sends each row alone.
     #[arg(long, env = "AUTHZ_OUTBOX_SPICEDB_BATCH", default_value_t = DEFAULT_BATCH,
@@ -210,8 +214,18 @@ impl RunArgs {
                 let endpoint = self.spicedb_endpoint.as_deref().context(
                     "--spicedb-endpoint (SPICEDB_ENDPOINT) is required with --target spicedb",
                 )?;
-                let client =
-                    SpiceDbClient::new(endpoint, self.spicedb_token()?, config.request_timeout)?;
+                let ca = match &self.spicedb_ca_file {
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("reading the SpiceDB CA file {}", path.display())
+                    })?),
+                    None => None,
+                };
+                let client = SpiceDbClient::with_ca(
+                    endpoint,
+                    self.spicedb_token()?,
+                    config.request_timeout,
+                    ca.as_deref(),
+                )?;
                 Ok(Client::SpiceDb(client))
             }
         }
