@@ -74,7 +74,7 @@ pub struct RunArgs {
     /// Rows (of different resources) per WriteRelationships (--target
     /// spicedb), 1 to 500; 1 sends each row alone.
     #[arg(long, env = "AUTHZ_OUTBOX_SPICEDB_BATCH", default_value_t = DEFAULT_BATCH,
-          value_parser = number_in(1, 500))]
+          value_parser = number_in(1usize, 500))]
     spicedb_batch: usize,
     /// Requests in flight at once (1 to 4096).
     #[arg(long, env = "AUTHZ_OUTBOX_CONCURRENCY", default_value_t = 32,
