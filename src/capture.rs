@@ -308,6 +308,26 @@ pub enum WaitError {
 /// The longest wait `authz_outbox_wait_for_resource` accepts.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
 
+/// Read-your-writes with a token: waits as [`wait_until_delivered`] does,
+/// then returns the row's `consistency_token` as well — the ZedToken of the
+/// write that delivered it (SpiceDB target) or agentex-auth's token — so a
+/// caller can ask SpiceDB for results at least as fresh as its own write
+/// (`Consistency::AtLeastAsFresh`).
+pub async fn wait_for_consistency_token(
+    pool: &PgPool,
+    outbox_id: i64,
+    timeout: Duration,
+) -> Result<(DeliveryState, Option<String>), WaitError> {
+    let state = wait_until_delivered(pool, outbox_id, timeout).await?;
+    let token: Option<String> =
+        sqlx::query_scalar("SELECT consistency_token FROM authz_outbox WHERE id = $1")
+            .bind(outbox_id)
+            .fetch_optional(pool)
+            .await?
+            .flatten();
+    Ok((state, token))
+}
+
 /// Waits until the worker has finished with an outbox row: the row is
 /// delivered, superseded or dead. A later change to the same resource does
 /// not lengthen the wait.
@@ -431,6 +451,9 @@ mod tests {
             secret: Some("agx_topsecret".into()),
         };
         let shown = format!("{key:?}");
-        assert!(!shown.contains("topsecret") && shown.contains("<redacted>"), "{shown}");
+        assert!(
+            !shown.contains("topsecret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }

@@ -35,4 +35,5 @@ pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod reconcile;
+pub mod spicedb_client;
 pub mod telemetry;

@@ -937,9 +937,17 @@ async fn cli_type_is_validated_and_the_json_report_has_per_type_counts(pool: PgP
     assert_eq!(code, 0, "{stdout}");
     assert!(stdout.contains("TYPE"), "per-type table: {stdout}");
 
+    // Any SpiceDB definition name is a type (the SpiceDB target's open
+    // types); one without an installed mapping is refused by name.
     let (code, _, stderr) = cli(&pool, &[&base[..], &["--type", "widget"]].concat()).await;
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("unknown resource type"), "{stderr}");
+    assert!(
+        stderr.contains("no mapping is installed for type widget"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = cli(&pool, &[&base[..], &["--type", "Widget"]].concat()).await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("invalid resource type"), "{stderr}");
 
     sqlx::query("DELETE FROM authz_outbox_mappings WHERE resource_type = 'schedule'")
         .execute(&pool)

@@ -140,6 +140,42 @@ async fn a_thousand_operations_under_faults_kills_and_a_restart_converge() {
     drop(cluster);
 }
 
+/// The same run delivering straight to SpiceDB (`run --target spicedb`):
+/// gRPC faults (UNAVAILABLE, INTERNAL, RESOURCE_EXHAUSTED, hangs past the
+/// deadline, writes applied then UNAVAILABLE), kills and a PostgreSQL
+/// restart, then zero drift by reconcile and every check as the rows say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_operations_delivered_straight_to_spicedb_converge() {
+    let cluster = PrivateCluster::start();
+    let mut config = small(&cluster);
+    config.target = chaos::Target::SpiceDb;
+    config.ops = 1_000;
+    config.rate = 50.0;
+    config.keys = 200;
+    config.agents = 10;
+    config.users = 5;
+    config.drivers = 4;
+    config.kill_every = Duration::from_secs(2);
+    config.pg_restart_cmd = Some(cluster.restart_command());
+    config.quiesce_timeout = Duration::from_secs(60);
+    config.seed = 7;
+
+    let summary = chaos::run(config)
+        .await
+        .expect("the chaos run could be carried out");
+    let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
+    eprintln!("{json}");
+    assert!(
+        summary.ok,
+        "chaos run failed: {:?}\n{json}",
+        summary.failures
+    );
+    assert_eq!(summary.drift, Some(0));
+    assert!(summary.faults_injected > 0, "no faults were injected");
+    assert!(summary.checks.passed > 0 && summary.checks.failed == 0);
+    drop(cluster);
+}
+
 /// The assertions can fail: a key row removed behind the outbox's back
 /// (triggers off, so no deregister) must show up as reconcile drift and as a
 /// deleted key its creator can still read.

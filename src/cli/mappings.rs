@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use super::{DbArgs, Format};
+use super::{DbArgs, Format, TargetKind};
 use crate::mapping::Mappings;
 use crate::mapping::install;
 
@@ -18,11 +18,26 @@ pub struct MappingArgs {
     /// mappings on top of the built-in agentex ones.
     #[arg(long = "mappings", env = "AUTHZ_OUTBOX_MAPPINGS", value_name = "FILE")]
     pub file: Option<PathBuf>,
+    /// The delivery target the mappings are for: agentex-auth accepts only
+    /// the types agent, task, api_key and schedule; spicedb any SpiceDB
+    /// definition, with one relationship set per type.
+    #[arg(
+        long,
+        env = "AUTHZ_OUTBOX_TARGET",
+        value_enum,
+        default_value = "agentex-auth"
+    )]
+    pub target: TargetKind,
 }
 
 impl MappingArgs {
     pub fn load(&self) -> anyhow::Result<Mappings> {
-        Ok(Mappings::load(self.file.as_deref())?)
+        let mappings = Mappings::load(self.file.as_deref())?;
+        match self.target {
+            TargetKind::AgentexAuth => mappings.require_agentex_types()?,
+            TargetKind::SpiceDb => mappings.require_one_relationship_set_per_type()?,
+        }
+        Ok(mappings)
     }
 }
 
@@ -42,6 +57,13 @@ pub enum MappingsCommand {
         db: DbArgs,
         #[command(flatten)]
         mappings: MappingArgs,
+        /// Also check every mapping's relationships against this SpiceDB's
+        /// schema (definitions, relations, subject types).
+        #[arg(long, env = "SPICEDB_ENDPOINT")]
+        spicedb_endpoint: Option<String>,
+        /// SpiceDB preshared key, sent as a bearer token.
+        #[arg(long, env = "SPICEDB_TOKEN", hide_env_values = true, value_parser = super::parse_secret)]
+        spicedb_token: Option<super::Secret>,
     },
 }
 
@@ -65,8 +87,25 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        MappingsCommand::Check { db, mappings } => {
+        MappingsCommand::Check {
+            db,
+            mappings,
+            spicedb_endpoint,
+            spicedb_token,
+        } => {
             let mappings = mappings.load()?;
+            if let Some(endpoint) = &spicedb_endpoint {
+                let client = crate::spicedb_client::SpiceDbClient::new(
+                    endpoint,
+                    spicedb_token.and_then(|t| crate::spicedb_client::SpiceDbToken::new(t.0)),
+                    std::time::Duration::from_secs(10),
+                )?;
+                let schema = client
+                    .read_schema()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading the schema from {endpoint}: {e}"))?;
+                mappings.check_schema(&schema)?;
+            }
             let pool = db.connect(1).await?;
             let mut tx = pool.begin().await?;
             // Catalog reads and compiling expressions only: no lock a host
@@ -78,6 +117,9 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
                     "ok      {} ({} on {})",
                     r.mapping.name, r.mapping.resource_type, r.table.name
                 );
+            }
+            if let Some(endpoint) = &spicedb_endpoint {
+                println!("ok      relationships fit the schema at {endpoint}");
             }
             for name in skipped {
                 println!("skipped {name} (built-in; its table does not exist here)");
@@ -116,8 +158,21 @@ fn describe(m: &install::Installed) -> String {
                 .join(" > ")
         })
         .unwrap_or_default();
+    // The relationships the SpiceDB target writes (stated, or the defaults).
+    let relationships = serde_json::from_value::<crate::mapping::MappingSpec>(d.clone())
+        .ok()
+        .and_then(|spec| crate::mapping::Mapping::from_spec(spec).ok())
+        .map(|m| {
+            let list: Vec<String> = m.relationships.iter().map(|r| r.to_string()).collect();
+            format!(
+                " relationships=[{}] deregister={}",
+                list.join(", "),
+                m.deregister
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{name}: type={kind} table={table} selector={selector} parent={parent} live={live} creator={creator}",
+        "{name}: type={kind} table={table} selector={selector} parent={parent} live={live} creator={creator}{relationships}",
         name = m.name,
         kind = m.resource_type,
         table = m.table_name,

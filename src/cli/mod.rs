@@ -68,8 +68,8 @@ enum Command {
         #[command(subcommand)]
         command: mappings::MappingsCommand,
     },
-    /// Deliver the outbox to agentex-auth (long-running; `--once` to drain and exit).
-    Run(run::RunArgs),
+    /// Deliver the outbox to agentex-auth or SpiceDB (long-running; `--once` to drain and exit).
+    Run(Box<run::RunArgs>),
     /// Show outbox counts, the oldest pending age and the newest dead rows.
     Status(status::StatusArgs),
     /// Create and delete agent API keys (row and outbox row in one transaction).
@@ -117,7 +117,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Migrate(args) => migrate::migrate(args).await,
         Command::Mappings { command } => mappings::mappings(command).await,
-        Command::Run(args) => run::run(args).await,
+        Command::Run(args) => run::run(*args).await,
         Command::Status(args) => status::status(args).await,
         Command::Keys { command } => keys::keys(command).await,
         Command::Agents { command } => agents::agents(command).await,
@@ -134,6 +134,18 @@ pub(crate) fn parse_principal(s: &str) -> Result<Principal, String> {
 /// Durations like `500ms`, `5s`, `24h`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Where `run` delivers, and what `migrate` / `mappings check` hold the
+/// mappings to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetKind {
+    /// agentex-auth's HTTP API (the agentex host's four resource types).
+    #[value(name = "agentex-auth")]
+    AgentexAuth,
+    /// SpiceDB itself, over gRPC (any resource types, relationships from the mappings).
+    #[value(name = "spicedb")]
+    SpiceDb,
 }
 
 /// A duration flag bounded at parse time (limits in `config::limits`).

@@ -6,11 +6,13 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use super::{DbArgs, Secret, duration_up_to, number_in, parse_secret};
+use super::{DbArgs, Secret, TargetKind, duration_up_to, number_in, parse_secret};
 use crate::auth_client::{AuthClient, BearerToken};
 use crate::config::limits;
 use crate::config::{WorkerConfig, default_worker_id};
-use crate::delivery::Worker;
+use crate::delivery::spicedb::{DEFAULT_BATCH, SpiceDbTarget};
+use crate::delivery::{Target, Worker};
+use crate::spicedb_client::{SpiceDbClient, SpiceDbToken};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -19,9 +21,18 @@ pub struct RunArgs {
     /// Drain every row due now, then exit (non-zero if any attempted row ended dead).
     #[arg(long)]
     once: bool,
-    /// Base URL of agentex-auth.
+    /// Where rows are delivered: agentex-auth's HTTP API, or SpiceDB itself
+    /// over gRPC (relationships from the installed mappings).
+    #[arg(
+        long,
+        env = "AUTHZ_OUTBOX_TARGET",
+        value_enum,
+        default_value = "agentex-auth"
+    )]
+    target: TargetKind,
+    /// Base URL of agentex-auth (--target agentex-auth).
     #[arg(long, env = "AGENTEX_AUTH_URL")]
-    agentex_auth_url: String,
+    agentex_auth_url: Option<String>,
     /// Service credential, sent as a bearer token. Prefer the environment or
     /// --agentex-auth-token-file: a flag's value is visible in `ps`.
     #[arg(
@@ -39,6 +50,32 @@ pub struct RunArgs {
     /// AGENTEX_AUTH_URL (the system's roots are always trusted).
     #[arg(long, env = "AGENTEX_AUTH_CA_FILE")]
     agentex_auth_ca_file: Option<PathBuf>,
+    /// SpiceDB's gRPC endpoint (--target spicedb): http://host:port, or
+    /// https://host:port for TLS.
+    #[arg(long, env = "SPICEDB_ENDPOINT")]
+    spicedb_endpoint: Option<String>,
+    /// SpiceDB preshared key, sent as a bearer token. Prefer the environment
+    /// or --spicedb-token-file: a flag's value is visible in `ps`.
+    #[arg(
+        long,
+        env = "SPICEDB_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "spicedb_token_file",
+        value_parser = parse_secret
+    )]
+    spicedb_token: Option<Secret>,
+    /// File holding the SpiceDB preshared key.
+    #[arg(long, env = "SPICEDB_TOKEN_FILE")]
+    spicedb_token_file: Option<PathBuf>,
+    /// PEM file of extra CA certificates trusted for an https://
+    /// SPICEDB_ENDPOINT (the system's roots are always trusted).
+    #[arg(long, env = "SPICEDB_CA_FILE")]
+    spicedb_ca_file: Option<PathBuf>,
+    /// Rows (of different resources) per WriteRelationships (--target
+    /// spicedb), 1 to 500; 1 sends each row alone.
+    #[arg(long, env = "AUTHZ_OUTBOX_SPICEDB_BATCH", default_value_t = DEFAULT_BATCH,
+          value_parser = number_in(1, 500))]
+    spicedb_batch: usize,
     /// Requests in flight at once (1 to 4096).
     #[arg(long, env = "AUTHZ_OUTBOX_CONCURRENCY", default_value_t = 32,
           value_parser = number_in(1, limits::CONCURRENCY))]
@@ -137,25 +174,91 @@ impl RunArgs {
             .with_context(|| format!("reading the agentex-auth CA file {}", path.display()))?;
         Ok(Some((path.display().to_string(), pem)))
     }
+
+    fn spicedb_token(&self) -> anyhow::Result<Option<SpiceDbToken>> {
+        if let Some(path) = &self.spicedb_token_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the credential file {}", path.display()))?;
+            let token = SpiceDbToken::new(text)
+                .with_context(|| format!("the credential file {} is empty", path.display()))?;
+            return Ok(Some(token));
+        }
+        Ok(self
+            .spicedb_token
+            .as_ref()
+            .and_then(|t| SpiceDbToken::new(t.0.clone())))
+    }
+
+    /// The target's client, checked before anything connects (a bad URL
+    /// or credential is a one-line error, whatever the database does).
+    fn client(&self, config: &WorkerConfig) -> anyhow::Result<Client> {
+        match self.target {
+            TargetKind::AgentexAuth => {
+                let url = self.agentex_auth_url.as_deref().context(
+                    "--agentex-auth-url (AGENTEX_AUTH_URL) is required with --target agentex-auth",
+                )?;
+                let token = self.token()?;
+                let ca = self.ca_file()?;
+                let client = AuthClient::with_ca(
+                    url,
+                    token.clone(),
+                    config.request_timeout,
+                    config.concurrency,
+                    ca.as_ref()
+                        .map(|(path, pem)| (path.as_str(), pem.as_slice())),
+                )?;
+                warn_about_the_credential(token.is_some(), url);
+                Ok(Client::AgentexAuth(client))
+            }
+            TargetKind::SpiceDb => {
+                let endpoint = self.spicedb_endpoint.as_deref().context(
+                    "--spicedb-endpoint (SPICEDB_ENDPOINT) is required with --target spicedb",
+                )?;
+                let ca = match &self.spicedb_ca_file {
+                    Some(path) => Some(std::fs::read(path).with_context(|| {
+                        format!("reading the SpiceDB CA file {}", path.display())
+                    })?),
+                    None => None,
+                };
+                let client = SpiceDbClient::with_ca(
+                    endpoint,
+                    self.spicedb_token()?,
+                    config.request_timeout,
+                    ca.as_deref(),
+                )?;
+                Ok(Client::SpiceDb(client))
+            }
+        }
+    }
+}
+
+enum Client {
+    AgentexAuth(AuthClient),
+    SpiceDb(SpiceDbClient),
+}
+
+impl Client {
+    /// The SpiceDB target reads the mappings `migrate` installed.
+    async fn target(self, pool: &sqlx::PgPool, batch: usize) -> anyhow::Result<Target> {
+        Ok(match self {
+            Client::AgentexAuth(client) => client.into(),
+            Client::SpiceDb(client) => SpiceDbTarget::from_database(client, pool.clone(), batch)
+                .await
+                .context("the SpiceDB target")?
+                .into(),
+        })
+    }
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.worker_config();
     config.validate()?;
-    let token = args.token()?;
-    let ca = args.ca_file()?;
-    let client = AuthClient::with_ca(
-        &args.agentex_auth_url,
-        token.clone(),
-        config.request_timeout,
-        config.concurrency,
-        ca.as_ref()
-            .map(|(path, pem)| (path.as_str(), pem.as_slice())),
-    )?;
-    warn_about_the_credential(token.is_some(), &args.agentex_auth_url);
+    let client = args.client(&config)?;
     // Claims, records, the listener and housekeeping each need a connection
-    // at times; deliveries themselves hold none.
+    // at times; deliveries themselves hold none (a SpiceDB re-parent reads
+    // one row).
     let pool = crate::db::connect_worker(&args.db.database_url.0, 8).await?;
+    let target = client.target(&pool, args.spicedb_batch).await?;
     let metrics = crate::metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     // Every series the dashboard and the alerts read exists from the first
     // scrape; a database that is down now only delays them to housekeeping.
@@ -166,7 +269,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding the metrics endpoint on {}", args.metrics_addr))?;
     let once = args.once;
-    let worker = Worker::new(pool, client, config)?;
+    let target_name = target.name();
+    let worker = Worker::new(pool, target, config)?;
 
     let shutdown = CancellationToken::new();
     let http_cancel = CancellationToken::new();
@@ -176,7 +280,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         http_cancel.clone(),
     ));
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    tracing::info!(addr = %args.metrics_addr, once, "worker started");
+    tracing::info!(addr = %args.metrics_addr, once, target = target_name, "worker started");
 
     let report = worker.run(shutdown, once).await;
     http_cancel.cancel();
@@ -189,7 +293,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         if report.credential_failure {
             eprintln!(
-                "error: agentex-auth rejected the credential (401); nothing was dead-lettered"
+                "error: {target_name} rejected the credential (401 / UNAUTHENTICATED); nothing was dead-lettered"
             );
             return Ok(ExitCode::from(2));
         }

@@ -1,8 +1,9 @@
-//! Delivery: claim → call agentex-auth → record, for one worker process.
+//! Delivery: claim → send to the target → record, for one worker process.
 //!
 //! Follow a row: [`worker`] claims it (`outbox::claim`), checks it
 //! ([`prepare`]: bad data goes dead, a key created and deleted before
-//! delivery is superseded), sends it (`auth_client`), turns the answer into
+//! delivery is superseded), sends it through its [`target`] (agentex-auth
+//! with `auth_client`, or SpiceDB itself: [`spicedb`]), turns the answer into
 //! an outcome ([`outcome`], [`backoff`]) and hands that to the recorder,
 //! which writes outcomes in batches (`outbox::record`). [`gate`] decides how
 //! much may be claimed while agentex-auth is down or rejects our credential;
@@ -15,6 +16,9 @@ pub mod housekeeping;
 pub mod listener;
 pub mod outcome;
 pub mod prepare;
+pub mod spicedb;
+pub mod target;
 pub mod worker;
 
+pub use target::Target;
 pub use worker::{RunReport, Worker, WorkerError};

@@ -40,8 +40,10 @@ impl Deliverable {
 /// Checks a row written by any writer (the triggers, reconcile, another
 /// language's code, a hand-written INSERT). Returns the reason it can never
 /// be delivered, which sends it dead without stopping the worker.
-pub fn check(row: ClaimedRow) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
-    match parse(&row) {
+/// `open_types`: the target accepts any SpiceDB definition name (the
+/// SpiceDB target), not only agentex-auth's four types.
+pub fn check(row: ClaimedRow, open_types: bool) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
+    match parse(&row, open_types) {
         Ok((operation, resource, parent, principal)) => Ok(Deliverable {
             row,
             operation,
@@ -55,10 +57,16 @@ pub fn check(row: ClaimedRow) -> Result<Deliverable, (Box<ClaimedRow>, String)> 
 
 type Parsed = (Operation, ResourceRef, Option<ResourceRef>, Value);
 
-fn parse(row: &ClaimedRow) -> Result<Parsed, String> {
+fn parse(row: &ClaimedRow, open_types: bool) -> Result<Parsed, String> {
     let operation: Operation = row.operation.parse()?;
     let resource = ResourceRef::new(&row.resource_type, &row.resource_id)
         .map_err(|e| format!("bad resource: {e}"))?;
+    if !open_types {
+        resource
+            .kind
+            .require_agentex()
+            .map_err(|e| format!("bad resource: {e}"))?;
+    }
     let parent = match (&row.parent_type, &row.parent_id) {
         (Some(kind), Some(id)) => {
             Some(ResourceRef::new(kind, id).map_err(|e| format!("bad parent: {e}"))?)
@@ -133,11 +141,12 @@ mod tests {
             guarded: false,
             origin: "capture".into(),
             last_error: None,
+            attributes: None,
         }
     }
 
     fn reason(r: ClaimedRow) -> String {
-        match check(r) {
+        match check(r, false) {
             Ok(_) => panic!("expected a bad row"),
             Err((_, reason)) => reason,
         }
@@ -145,12 +154,15 @@ mod tests {
 
     #[test]
     fn accepts_a_well_formed_key_register() {
-        let ok = check(row(
-            "register",
-            "api_key",
-            Some("a1"),
-            Some(json!({"user_id": "u"})),
-        ));
+        let ok = check(
+            row(
+                "register",
+                "api_key",
+                Some("a1"),
+                Some(json!({"user_id": "u"})),
+            ),
+            false,
+        );
         assert!(ok.is_ok());
     }
 
@@ -174,12 +186,15 @@ mod tests {
             ))
             .contains("no creator")
         );
-        assert!(reason(row("upsert", "agent", None, p)).contains("unknown operation"));
+        assert!(reason(row("upsert", "agent", None, p.clone())).contains("unknown operation"));
+        // The SpiceDB target takes any definition name, still not a bad one.
+        assert!(check(row("register", "widget", None, p.clone()), true).is_ok());
+        assert!(check(row("register", "Widget", None, p), true).is_err());
     }
 
     #[test]
     fn a_deregister_needs_no_creator() {
-        let d = check(row("deregister", "api_key", None, None)).expect("deliverable");
+        let d = check(row("deregister", "api_key", None, None), false).expect("deliverable");
         assert_eq!(d.principal, json!({}));
     }
 }

@@ -24,10 +24,10 @@ use uuid::Uuid;
 
 use super::backoff::retry_delay;
 use super::gate::{Admit, Gate, OpenReason, Signal};
-use super::outcome::{Verdict, classify};
+use super::outcome::Verdict;
 use super::prepare::{self, Deliverable};
+use super::target::Target;
 use super::{housekeeping, listener};
-use crate::auth_client::AuthClient;
 use crate::config::WorkerConfig;
 use crate::domain::{Operation, PrincipalPolicy, ResourceRef, names_a_creator};
 use crate::metrics as m;
@@ -98,7 +98,7 @@ impl listener::Wake for Progress {
 /// State shared by the claimer and the delivery tasks.
 struct Shared {
     pool: PgPool,
-    client: AuthClient,
+    target: Target,
     config: WorkerConfig,
     gate: Arc<Gate>,
     progress: Arc<Progress>,
@@ -205,15 +205,17 @@ impl Shared {
 
 pub struct Worker {
     pool: PgPool,
-    client: AuthClient,
+    target: Target,
     config: WorkerConfig,
     health: Arc<Health>,
 }
 
 impl Worker {
+    /// A worker delivering to `target` (an `AuthClient` for agentex-auth,
+    /// or a `SpiceDbTarget`).
     pub fn new(
         pool: PgPool,
-        client: AuthClient,
+        target: impl Into<Target>,
         config: WorkerConfig,
     ) -> Result<Self, WorkerError> {
         config.validate()?;
@@ -228,7 +230,7 @@ impl Worker {
         });
         Ok(Worker {
             pool,
-            client,
+            target: target.into(),
             config,
             health,
         })
@@ -245,7 +247,7 @@ impl Worker {
         let progress = Arc::new(Progress::default());
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),
-            client: self.client,
+            target: self.target,
             config: self.config,
             gate: self.health.gate.clone(),
             progress: progress.clone(),
@@ -444,8 +446,10 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             .lease
             .saturating_sub(shared.config.request_timeout.saturating_mul(2));
         let send_by = claimed_at.checked_add(margin).unwrap_or(claimed_at);
-        let mut queue = deliverables.into_iter();
-        while let Some(deliverable) = queue.next() {
+        // One request per group: a row alone for agentex-auth, registers of
+        // several resources together for SpiceDB.
+        let mut queue = shared.target.group(deliverables).into_iter();
+        while let Some(group) = queue.next() {
             let permit = tokio::select! {
                 permit = permits.clone().acquire_owned() => permit.ok(),
                 _ = shutdown.cancelled() => None,
@@ -459,31 +463,31 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 Some(_) if !is_probe && shared.gate.open_reason().is_some() => {
                     match shared.gate.open_reason() {
                         Some(OpenReason::Credential) => {
-                            "held back: agentex-auth rejected the credential (401)"
+                            "held back: the target rejected the credential (401 / UNAUTHENTICATED)"
                         }
-                        _ => "held back: agentex-auth looks down (circuit open)",
+                        _ => "held back: the target looks down (circuit open)",
                     }
                 }
                 Some(permit) if Instant::now() < send_by => {
-                    shared
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            deliverable.row.id,
+                    let mut in_flight = shared.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                    for d in &group {
+                        in_flight.insert(
+                            d.row.id,
                             (
-                                deliverable.row.lease_token,
-                                deliverable.operation,
-                                m::type_label(&deliverable.row.resource_type),
+                                d.row.lease_token,
+                                d.operation,
+                                m::type_label(&d.row.resource_type),
                             ),
                         );
-                    tasks.spawn(deliver(shared.clone(), deliverable, is_probe, permit));
+                    }
+                    drop(in_flight);
+                    tasks.spawn(deliver(shared.clone(), group, is_probe, permit));
                     continue;
                 }
                 Some(_) => "claimed ahead too long to send within its lease",
                 None => "released at shutdown",
             };
-            for unsent in std::iter::once(deliverable).chain(queue.by_ref()) {
+            for unsent in std::iter::once(group).chain(queue.by_ref()).flatten() {
                 shared.settle(
                     &unsent.row,
                     unsent.operation,
@@ -549,7 +553,7 @@ async fn settle_without_request(
 ) -> Result<Vec<Deliverable>, sqlx::Error> {
     let mut checked = Vec::with_capacity(claimed.len());
     for row in claimed {
-        let checked_row = prepare::check(row).and_then(|d| {
+        let checked_row = prepare::check(row, shared.target.open_types()).and_then(|d| {
             let policy = shared.principal_policy(&d.resource);
             apply_principal_policy(policy, d)
         });
@@ -690,37 +694,50 @@ async fn settle_stale(
     Ok(stale)
 }
 
-/// Sends one row and settles it.
+/// Sends one group (one request) and settles its rows.
 async fn deliver(
     shared: Arc<Shared>,
-    d: Deliverable,
+    group: Vec<Deliverable>,
     is_probe: bool,
     _permit: OwnedSemaphorePermit,
 ) {
-    let op = d.operation.as_str();
-    metrics::counter!(m::ATTEMPTS, "operation" => op).increment(1);
+    for d in &group {
+        metrics::counter!(m::ATTEMPTS, "operation" => d.operation.as_str()).increment(1);
+    }
     let started = Instant::now();
-    let answer = shared.client.send(&d.request(), &d.idempotency_key()).await;
-    metrics::histogram!(m::DELIVERY_DURATION, "operation" => op)
-        .record(started.elapsed().as_secs_f64());
+    let answered = shared.target.send(group).await;
+    let elapsed = started.elapsed().as_secs_f64();
 
-    let verdict = classify(d.operation, answer);
-    let signal = match &verdict {
-        Verdict::Applied { .. } | Verdict::Permanent { .. } => Signal::Answered,
-        Verdict::Transient { .. } => Signal::Transient,
-        Verdict::Unauthorized { .. } => Signal::Unauthorized,
-    };
+    // The gate hears one signal per request: the target was up if any row
+    // got an answer of its own, and refused our credential if any was.
+    let mut signal = Signal::Transient;
+    for (d, verdict) in &answered {
+        metrics::histogram!(m::DELIVERY_DURATION, "operation" => d.operation.as_str())
+            .record(elapsed);
+        match verdict {
+            Verdict::Unauthorized { .. } => signal = Signal::Unauthorized,
+            Verdict::Applied { .. } | Verdict::Permanent { .. }
+                if signal != Signal::Unauthorized =>
+            {
+                signal = Signal::Answered
+            }
+            _ => {}
+        }
+    }
     if let Some(reason) = shared.gate.record(signal, is_probe, Instant::now()) {
         match reason {
             OpenReason::Outage => tracing::warn!(
                 cooldown = ?shared.gate.cooldown(),
-                "agentex-auth looks down; circuit open, probing with one row"
+                target = shared.target.name(),
+                "the delivery target looks down; circuit open, probing with one row"
             ),
             OpenReason::Credential => log_credential_failure(&shared),
         }
     }
-    let update = decide(&shared.config, &d.row, verdict, rand::random());
-    shared.settle(&d.row, d.operation, update);
+    for (d, verdict) in answered {
+        let update = decide(&shared.config, &d.row, verdict, rand::random());
+        shared.settle(&d.row, d.operation, update);
+    }
 }
 
 fn log_credential_failure(shared: &Shared) {
@@ -732,8 +749,10 @@ fn log_credential_failure(shared: &Shared) {
     if last.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
         *last = Some(now);
         tracing::error!(
-            "agentex-auth rejected our credential (401); delivery is paused and the worker is \
-             not ready. Check AGENTEX_AUTH_TOKEN / AGENTEX_AUTH_TOKEN_FILE"
+            target_name = shared.target.name(),
+            "the delivery target rejected our credential (401 / UNAUTHENTICATED); delivery is \
+             paused and the worker is not ready. Check {}",
+            shared.target.credential_hint()
         );
     }
 }
@@ -957,6 +976,7 @@ mod tests {
             guarded: false,
             origin: "capture".into(),
             last_error: None,
+            attributes: None,
         }
     }
 

@@ -97,6 +97,10 @@ pub async fn resolve(
         require_column(mapping, &main, column, "selector column")?;
         require_scalar(mapping, &main, column, "selector column")?;
     }
+    for column in super::relationships::attribute_columns(&mapping.relationships) {
+        require_column(mapping, &main, &column, "relationship subject column")?;
+        require_scalar(mapping, &main, &column, "relationship subject column")?;
+    }
     for source in &mapping.creator {
         if let CreatorSource::Column(column) = source {
             require_column(mapping, &main, column, "creator column")?;

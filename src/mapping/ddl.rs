@@ -150,9 +150,28 @@ fn watched_columns(r: &Resolved) -> Vec<String> {
     columns.into_iter().collect()
 }
 
-/// Columns that make up the selector or lead to the parent.
+/// The columns (besides the parent's) whose values the mapping's
+/// relationships need.
+pub fn attribute_columns(r: &Resolved) -> Vec<String> {
+    super::relationships::attribute_columns(&r.mapping.relationships)
+        .into_iter()
+        .collect()
+}
+
+/// `jsonb_build_object('col', q.col::text, ...)` of the attribute columns.
+fn attributes_sql(r: &Resolved, q: &str) -> String {
+    let pairs: Vec<String> = attribute_columns(r)
+        .iter()
+        .map(|c| format!("{}, {q}.{}::text", quote_literal(c), quote_ident(c)))
+        .collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}
+
+/// Columns that make up the selector, lead to the parent, or name a
+/// relationship's subject.
 fn identity_columns(r: &Resolved) -> Vec<String> {
     let mut columns = r.mapping.selector.column_set();
+    columns.extend(attribute_columns(r));
     if let Some(parent) = &r.mapping.parent {
         match &parent.join {
             None => {
@@ -183,6 +202,10 @@ pub fn install_statements(r: &Resolved) -> Vec<String> {
     } else {
         ""
     };
+    // Columns the relationships need besides the parent's: captured into
+    // `attributes` (and a change to one re-registers, like a new parent).
+    // Without any, the generated text is what it was before relationships.
+    let attrs = !attribute_columns(r).is_empty();
     let mut out = Vec::new();
     out.push(format!(
         r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger
@@ -193,29 +216,29 @@ DECLARE
     old_sel    text;
     new_sel    text;
     old_parent text;
-    new_parent text;
+    new_parent text;{attrs_declare}
     enqueued   boolean;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
         old_live := {live_old};
         old_sel := {sel_old};
-        old_parent := {parent_old};
+        old_parent := {parent_old};{attrs_old}
     END IF;
     IF TG_OP <> 'DELETE' THEN
         new_live := {live_new};
         new_sel := {sel_new};
-        new_parent := {parent_new};
+        new_parent := {parent_new};{attrs_new}
     END IF;
     -- A live resource that stops being live, or moves, is deregistered
     -- (whether or not it had a parent: a cascade may have removed the link
     -- already, and a deregister of nothing is harmless).
     IF old_live AND old_sel IS NOT NULL
-       AND (NOT new_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent) THEN
-        enqueued := authz_outbox_enqueue_as('deregister', {rtype}, old_sel, {ptype}, old_parent, {who_old});
+       AND (NOT new_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent{attrs_changed}) THEN
+        enqueued := {enqueue}('deregister', {rtype}, old_sel, {ptype}, old_parent, {who_old}{attrs_old_arg});
     END IF;
     IF new_live AND new_sel IS NOT NULL{has_parent}
-       AND (NOT old_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent) THEN
-        enqueued := authz_outbox_enqueue_as('register', {rtype}, new_sel, {ptype}, new_parent, {who_new});
+       AND (NOT old_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent{attrs_changed}) THEN
+        enqueued := {enqueue}('register', {rtype}, new_sel, {ptype}, new_parent, {who_new}{attrs_new_arg});
     END IF;
     RETURN NULL;
 END
@@ -227,6 +250,13 @@ $fn$"#,
         sel_new = m.selector.sql("NEW"),
         who_old = principal_sql(r, "OLD"),
         who_new = principal_sql(r, "NEW"),
+        attrs_declare = if attrs { "\n    old_attrs  jsonb;\n    new_attrs  jsonb;" } else { "" },
+        attrs_old = if attrs { format!("\n        old_attrs := {};", attributes_sql(r, "OLD")) } else { String::new() },
+        attrs_new = if attrs { format!("\n        new_attrs := {};", attributes_sql(r, "NEW")) } else { String::new() },
+        attrs_changed = if attrs { " OR old_attrs IS DISTINCT FROM new_attrs" } else { "" },
+        enqueue = if attrs { "authz_outbox_enqueue_with" } else { "authz_outbox_enqueue_as" },
+        attrs_old_arg = if attrs { ", old_attrs" } else { "" },
+        attrs_new_arg = if attrs { ", new_attrs" } else { "" },
     ));
     let func = quote_ident(&capture_function(name));
     let when = |live: String| {

@@ -148,17 +148,20 @@ pub async fn plan(
         sqlx::query_scalar("SELECT to_regclass('authz_outbox_mappings') IS NOT NULL")
             .fetch_one(&mut **tx)
             .await?;
-    let previous: BTreeMap<String, (String, Option<String>, String)> = if registry {
-        sqlx::query_as::<_, (String, String, Option<String>, String)>(
-            "SELECT name, table_name, join_table, ddl FROM authz_outbox_mappings",
+    type Previous = BTreeMap<String, (String, Option<String>, String)>;
+    let (previous, definitions): (Previous, BTreeMap<String, serde_json::Value>) = if registry {
+        sqlx::query_as::<_, (String, String, Option<String>, String, serde_json::Value)>(
+            "SELECT name, table_name, join_table, ddl, definition FROM authz_outbox_mappings",
         )
         .fetch_all(&mut **tx)
         .await?
         .into_iter()
-        .map(|(name, table, join, ddl)| (name, (table, join, ddl)))
-        .collect()
+        .map(|(name, table, join, ddl, definition)| {
+            ((name.clone(), (table, join, ddl)), (name, definition))
+        })
+        .unzip()
     } else {
-        BTreeMap::new()
+        Default::default()
     };
     let legacy: Vec<(String, String)> = sqlx::query_as(
         "SELECT t.tgname::text, c.relname::text
@@ -215,8 +218,29 @@ pub async fn plan(
         let install = ddl::install_statements(r);
         let text = install.join(";\n");
         let name = &r.mapping.name;
+        let definition = serde_json::to_string(&r.mapping.spec).unwrap_or_else(|_| "{}".into());
         let action = match previous.get(name) {
-            Some((_, _, old)) if *old == text => continue,
+            Some((_, _, old)) if *old == text => {
+                // Same capture, changed definition (relationships, which
+                // only the worker reads): record it, touch no trigger.
+                let same =
+                    serde_json::to_value(&r.mapping.spec).ok() == definitions.get(name).cloned();
+                if !same {
+                    plan.push(
+                        name,
+                        format!(
+                            "UPDATE authz_outbox_mappings SET definition = {}::jsonb, installed_at = now() WHERE name = {}",
+                            quote_literal(&definition),
+                            quote_literal(name)
+                        ),
+                    );
+                    plan.changes.push(Change {
+                        name: name.clone(),
+                        action: ChangeAction::Updated,
+                    });
+                }
+                continue;
+            }
             Some(_) => ChangeAction::Updated,
             None => ChangeAction::Installed,
         };
@@ -241,7 +265,6 @@ pub async fn plan(
         for sql in install {
             plan.push(name, sql);
         }
-        let definition = serde_json::to_string(&r.mapping.spec).unwrap_or_else(|_| "{}".into());
         plan.push(
             name,
             format!(

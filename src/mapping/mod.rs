@@ -24,12 +24,24 @@
 //! parent = { type = "agent", column = "agent_id" }
 //! # a parent reached through a join table:
 //! # parent = { type = "agent", column = "agent_id", join = { table = "task_agents", on = "task_id", references = "id" } }
+//! # For the SpiceDB target: the relationships a live row means (see
+//! # `relationships`); absent = the owner and parent edges agentex-auth writes.
+//! relationships = [
+//!     "api_key:{id}#parent_agent@agent:{agent_id}",
+//!     "api_key:{id}#owner@user:{principal.user_id}|service_account:{principal.service_account_id}",
+//! ]
+//! deregister = "all"                 # what a deregister deletes: "all" relationships of the resource (default), or only the "mapped" relations
 //! ```
+//!
+//! Types: any SpiceDB definition name for the SpiceDB target; the
+//! agentex-auth target knows only the host's four (`migrate` and `mappings
+//! check` refuse others with `--target agentex-auth`).
 
 pub mod catalog;
 pub mod ddl;
 pub mod install;
 pub mod predicate;
+pub mod relationships;
 pub mod template;
 
 use std::collections::BTreeMap;
@@ -39,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{IDENTITY_FIELDS, ResourceType};
 use predicate::{Predicate, PredicateError};
+use relationships::{DeregisterScope, Relationship};
 use template::{SelectorTemplate, TemplateError};
 
 /// A mapping as written in a file (and stored, as JSON, in
@@ -78,6 +91,14 @@ pub struct MappingSpec {
     /// without schedules); a file's mappings must find their table.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub optional: bool,
+    /// For the SpiceDB target: the relationships a live row means (see
+    /// [`relationships`]). Absent: the owner and parent edges agentex-auth
+    /// writes for a register.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relationships: Option<Vec<String>>,
+    /// For the SpiceDB target: what a deregister deletes (default `all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deregister: Option<DeregisterScope>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +180,9 @@ pub struct Mapping {
     pub principal_fields: Vec<String>,
     pub created_at: Option<String>,
     pub optional: bool,
+    /// What a live row means in SpiceDB (stated, or the defaults).
+    pub relationships: Vec<Relationship>,
+    pub deregister: DeregisterScope,
     /// What it was parsed from (stored with the installed mapping).
     pub spec: MappingSpec,
 }
@@ -266,6 +290,41 @@ impl Mapping {
         if let Some(column) = &spec.created_at {
             check_identifier(&name, "created_at column", column)?;
         }
+        let texts = match &spec.relationships {
+            Some(stated) => stated.clone(),
+            None => relationships::defaults(
+                parent
+                    .as_ref()
+                    .map(|p| (&p.resource_type, p.column.as_str())),
+                &spec.principal_fields,
+            ),
+        };
+        let cx = relationships::Context {
+            resource_type: &resource_type,
+            selector: selector.as_str(),
+            parent_column: parent.as_ref().map(|p| p.column.as_str()),
+            principal_fields: &spec.principal_fields,
+        };
+        let relationships = texts
+            .iter()
+            .map(|t| relationships::parse(t, &cx))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&name, e))?;
+        if relationships.is_empty() {
+            return Err(invalid(
+                &name,
+                "relationships must list at least one (a live row with none would be invisible in SpiceDB)",
+            ));
+        }
+        if parent.as_ref().is_some_and(|p| p.join.is_some())
+            && !relationships::attribute_columns(&relationships).is_empty()
+        {
+            // The join-table capture re-parents from the join table alone.
+            return Err(invalid(
+                &name,
+                "with a join-table parent, relationship subjects come from the parent or the principal only",
+            ));
+        }
         Ok(Mapping {
             name,
             resource_type,
@@ -277,6 +336,8 @@ impl Mapping {
             principal_fields: spec.principal_fields.clone(),
             created_at: spec.created_at.clone(),
             optional: spec.optional,
+            relationships,
+            deregister: spec.deregister.unwrap_or_default(),
             spec,
         })
     }
@@ -394,6 +455,81 @@ impl Mappings {
     pub fn get(&self, name: &str) -> Option<&Mapping> {
         self.mappings.iter().find(|m| m.name == name)
     }
+
+    /// The agentex-auth target knows only the host's four types: any other
+    /// type (or parent type) is refused here, before anything is installed,
+    /// rather than dead-lettered at delivery.
+    pub fn require_agentex_types(&self) -> Result<(), MappingError> {
+        for m in &self.mappings {
+            m.resource_type
+                .require_agentex()
+                .map_err(|e| invalid(&m.name, e))?;
+            if let Some(p) = &m.parent {
+                p.resource_type
+                    .require_agentex()
+                    .map_err(|e| invalid(&m.name, format!("parent: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The SpiceDB target writes one relationship set per resource type, so
+    /// every mapping of a type must mean the same relationships.
+    pub fn require_one_relationship_set_per_type(&self) -> Result<(), MappingError> {
+        for (i, a) in self.mappings.iter().enumerate() {
+            for b in &self.mappings[i + 1..] {
+                if a.resource_type == b.resource_type
+                    && (a.relationships != b.relationships || a.deregister != b.deregister)
+                {
+                    return Err(invalid(
+                        &b.name,
+                        format!(
+                            "its relationships differ from mapping {}'s, for the same type {}; the SpiceDB target needs one set per type",
+                            a.name, a.resource_type
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every mapping's relationships against a SpiceDB schema's text.
+    pub fn check_schema(&self, schema: &str) -> Result<(), MappingError> {
+        let names = relationships::SchemaNames::parse(schema);
+        for m in &self.mappings {
+            for r in &m.relationships {
+                for s in &r.subjects {
+                    names
+                        .check(
+                            m.resource_type.as_str(),
+                            &r.relation,
+                            s.subject_type.as_str(),
+                        )
+                        .map_err(|e| invalid(&m.name, e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The mappings as recorded by `migrate` (`authz_outbox_mappings`), for
+    /// the worker: the same parse as a file's, so a definition written by an
+    /// older release gets today's defaults.
+    pub fn from_installed(definitions: &[serde_json::Value]) -> Result<Self, MappingError> {
+        let mappings = definitions
+            .iter()
+            .map(|d| {
+                let spec: MappingSpec =
+                    serde_json::from_value(d.clone()).map_err(|e| MappingError::File {
+                        path: "authz_outbox_mappings".into(),
+                        message: one_line(&e.to_string()),
+                    })?;
+                Mapping::from_spec(spec)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Mappings { mappings })
+    }
 }
 
 fn one_line(message: &str) -> String {
@@ -413,6 +549,19 @@ fn builtin_specs() -> Vec<MappingSpec> {
         created_at: None,
         enabled: true,
         optional: true,
+        relationships: None,
+        deregister: None,
+    };
+    // What agentex-auth writes for each (CONTRACT.md), so the SpiceDB target
+    // produces the same graph.
+    let owner = "owner@user:{principal.user_id}|service_account:{principal.service_account_id}";
+    let relationships = |kind: &str, selector: &str, parent: bool| {
+        let mut out = Vec::new();
+        if parent {
+            out.push(format!("{kind}:{selector}#parent_agent@agent:{{agent_id}}"));
+        }
+        out.push(format!("{kind}:{selector}#{owner}"));
+        Some(out)
     };
     let agent_parent = |join: Option<JoinSpec>| {
         Some(ParentSpec {
@@ -425,11 +574,13 @@ fn builtin_specs() -> Vec<MappingSpec> {
         // Deleted softly: `status` set to DELETED, the row kept.
         MappingSpec {
             live: Some("status IS DISTINCT FROM 'DELETED'".into()),
+            relationships: relationships("agent", "{id}", false),
             ..base("agent", "agents")
         },
         // Deleted hard, by id, by (agent, name, type), or by cascade.
         MappingSpec {
             parent: agent_parent(None),
+            relationships: relationships("api_key", "{id}", true),
             ..base("api_key", "agent_api_keys")
         },
         // Deleted softly; NULL and every other status are live. The parent
@@ -441,6 +592,7 @@ fn builtin_specs() -> Vec<MappingSpec> {
                 references: "id".into(),
             })),
             live: Some("status IS DISTINCT FROM 'DELETED'".into()),
+            relationships: relationships("task", "{id}", true),
             ..base("task", "tasks")
         },
         // Deleted softly by `deleted_at`; the row records its own creator.
@@ -449,6 +601,7 @@ fn builtin_specs() -> Vec<MappingSpec> {
             parent: agent_parent(None),
             live: Some("deleted_at IS NULL".into()),
             creator: vec!["column:creator_principal".into(), "setting".into()],
+            relationships: relationships("schedule", "run-schedule::{agent_id}::{id}", true),
             ..base("schedule", "agent_run_schedules")
         },
     ]
@@ -509,7 +662,25 @@ mod tests {
     fn bad_mappings_name_themselves() {
         let err = |toml: &str| Mappings::from_toml(toml).expect_err("invalid").to_string();
         assert!(
-            err("[[mapping]]\ntype = \"widget\"\ntable = \"w\"").contains("unknown resource type")
+            err("[[mapping]]\nname = \"x\"\ntype = \"Widget\"\ntable = \"w\"")
+                .contains("invalid resource type")
+        );
+        let widget = Mappings::from_toml("[[mapping]]\ntype = \"widget\"\ntable = \"w\"")
+            .expect("any definition name parses");
+        assert!(
+            widget
+                .require_agentex_types()
+                .expect_err("agentex-auth knows four types")
+                .to_string()
+                .contains("unknown resource type")
+        );
+        assert!(
+            err("[[mapping]]\nname = \"x\"\ntype = \"task\"\ntable = \"t\"\nrelationships = [\"owner@user:{principal.tenant}\"]")
+                .contains("principal_fields")
+        );
+        assert!(
+            err("[[mapping]]\nname = \"x\"\ntype = \"task\"\ntable = \"t\"\nrelationships = []")
+                .contains("at least one")
         );
         assert!(
             err("[[mapping]]\nname = \"x\"\ntype = \"task\"\ntable = \"Tasks\"")
@@ -534,5 +705,32 @@ mod tests {
             err("[[mapping]]\nname = \"x\"\ntype = \"task\"\ntable = \"t\"\n[[mapping]]\nname = \"x\"\ntype = \"task\"\ntable = \"t\"")
                 .contains("two mappings")
         );
+    }
+
+    #[test]
+    fn builtins_state_what_agentex_auth_writes() {
+        let m = Mappings::builtin();
+        let key = m.get("api_key").expect("api_key");
+        let shown: Vec<String> = key.relationships.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "parent_agent@agent:{agent_id}",
+                "owner@user:{principal.user_id}|service_account:{principal.service_account_id}"
+            ]
+        );
+        assert_eq!(m.get("agent").expect("agent").relationships.len(), 1);
+        assert_eq!(key.deregister, DeregisterScope::All);
+        // A definition stored by a release before relationships existed
+        // means the same.
+        let mut old = serde_json::to_value(&key.spec).expect("json");
+        old.as_object_mut().expect("object").remove("relationships");
+        let again = Mappings::from_installed(&[old]).expect("parses");
+        assert_eq!(
+            again.iter().next().expect("one").relationships,
+            key.relationships
+        );
+        m.require_one_relationship_set_per_type()
+            .expect("one set per type");
     }
 }

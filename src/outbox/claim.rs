@@ -59,7 +59,7 @@ pub async fn claim(
         WHERE o.id = due.id
         RETURNING o.id, o.resource_type, o.resource_id, o.parent_type, o.parent_id,
                   o.operation, o.principal, o.attempts, o.created_at, o.lease_token,
-                  o.guarded, o.origin, o.last_error
+                  o.guarded, o.origin, o.last_error, o.attributes
     "#;
     if limit <= 0 {
         return Ok(Vec::new());

@@ -42,6 +42,9 @@ pub struct ClaimedRow {
     /// capture, reconcile or replay.
     pub origin: String,
     pub last_error: Option<String>,
+    /// Column values the mapping's relationships need besides the parent
+    /// (SpiceDB target; NULL for every other capture).
+    pub attributes: Option<Value>,
 }
 
 impl ClaimedRow {

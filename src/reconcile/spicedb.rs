@@ -105,6 +105,16 @@ pub struct SpiceDbReader {
     message_timeout: Duration,
 }
 
+/// The TLS every SpiceDB client of this crate uses (reconcile's reader,
+/// the SpiceDB delivery target): the system's roots, plus `ca_pem`.
+pub fn tls_config(ca_pem: Option<&[u8]>) -> ClientTlsConfig {
+    let mut tls_config = ClientTlsConfig::new().with_native_roots();
+    if let Some(pem) = ca_pem {
+        tls_config = tls_config.ca_certificate(Certificate::from_pem(pem));
+    }
+    tls_config
+}
+
 impl SpiceDbReader {
     /// Connects; `https://` with TLS (never downgraded to clear text),
     /// `http://` in clear. The read deadline starts now.
@@ -125,12 +135,8 @@ impl SpiceDbReader {
         let mut endpoint = Endpoint::from(uri)
             .connect_timeout(config.message_timeout.min(Duration::from_secs(10)));
         if tls {
-            let mut tls_config = ClientTlsConfig::new().with_native_roots();
-            if let Some(pem) = &config.ca_pem {
-                tls_config = tls_config.ca_certificate(Certificate::from_pem(pem));
-            }
             endpoint = endpoint
-                .tls_config(tls_config)
+                .tls_config(tls_config(config.ca_pem.as_deref()))
                 .map_err(|e| SpiceDbError::Tls(error_chain(&e)))?;
         } else if config.ca_pem.is_some() {
             // A CA file says the operator expects TLS: refuse rather than

@@ -276,3 +276,135 @@ where
         panic!("timed out after {limit:?} waiting for {what}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// The SpiceDB target: a worker writing straight to the engine behind
+// agentex-auth-dev's gRPC port, and an independent read-back.
+
+/// A worker delivering to SpiceDB at `endpoint`, with the mappings
+/// installed in the test's database; `batch` rows per WriteRelationships.
+pub async fn spicedb_worker(
+    pool: &PgPool,
+    endpoint: &str,
+    config: WorkerConfig,
+    batch: usize,
+) -> Worker {
+    use authz_outbox::delivery::spicedb::SpiceDbTarget;
+    use authz_outbox::spicedb_client::SpiceDbClient;
+    let client =
+        SpiceDbClient::new(endpoint, None, config.request_timeout).expect("SpiceDB client builds");
+    let target = SpiceDbTarget::from_database(client, pool.clone(), batch)
+        .await
+        .expect("installed mappings read");
+    Worker::new(pool.clone(), target, config).expect("valid config")
+}
+
+/// `run --once --target spicedb`.
+pub async fn run_once_spicedb(
+    pool: &PgPool,
+    endpoint: &str,
+    config: WorkerConfig,
+    batch: usize,
+) -> RunReport {
+    spicedb_worker(pool, endpoint, config, batch)
+        .await
+        .run(CancellationToken::new(), true)
+        .await
+}
+
+/// Every relationship SpiceDB holds for `TYPE:ID` (the id as stored, i.e.
+/// encoded), fully consistent, as `relation@subject_type:subject_id`.
+/// Read with a plain client, not the product's.
+pub async fn relationships_of(
+    endpoint: &str,
+    resource_type: &str,
+    object_id: &str,
+) -> std::collections::BTreeSet<String> {
+    use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
+    use spicedb_grpc_tonic::v1::{
+        Consistency, ReadRelationshipsRequest, RelationshipFilter, consistency::Requirement,
+    };
+    let mut client = PermissionsServiceClient::connect(endpoint.to_string())
+        .await
+        .expect("gRPC connects");
+    let mut stream = client
+        .read_relationships(ReadRelationshipsRequest {
+            consistency: Some(Consistency {
+                requirement: Some(Requirement::FullyConsistent(true)),
+            }),
+            relationship_filter: Some(RelationshipFilter {
+                resource_type: resource_type.into(),
+                optional_resource_id: object_id.into(),
+                ..Default::default()
+            }),
+            optional_limit: 0,
+            optional_cursor: None,
+        })
+        .await
+        .expect("ReadRelationships")
+        .into_inner();
+    let mut out = std::collections::BTreeSet::new();
+    while let Some(item) = stream.message().await.expect("stream reads") {
+        let r = item.relationship.expect("relationship");
+        let s = r.subject.and_then(|s| s.object).expect("subject");
+        out.insert(format!("{}@{}:{}", r.relation, s.object_type, s.object_id));
+    }
+    out
+}
+
+/// Writes relationships straight into SpiceDB (TOUCH), behind the outbox's
+/// back: a share granted elsewhere.
+pub async fn touch_relationship(
+    endpoint: &str,
+    resource: (&str, &str),
+    relation: &str,
+    subject: (&str, &str),
+) {
+    use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
+    use spicedb_grpc_tonic::v1::relationship_update::Operation;
+    use spicedb_grpc_tonic::v1::{
+        ObjectReference, Relationship, RelationshipUpdate, SubjectReference,
+        WriteRelationshipsRequest,
+    };
+    let mut client = PermissionsServiceClient::connect(endpoint.to_string())
+        .await
+        .expect("gRPC connects");
+    client
+        .write_relationships(WriteRelationshipsRequest {
+            updates: vec![RelationshipUpdate {
+                operation: Operation::Touch as i32,
+                relationship: Some(Relationship {
+                    resource: Some(ObjectReference {
+                        object_type: resource.0.into(),
+                        object_id: resource.1.into(),
+                    }),
+                    relation: relation.into(),
+                    subject: Some(SubjectReference {
+                        object: Some(ObjectReference {
+                            object_type: subject.0.into(),
+                            object_id: subject.1.into(),
+                        }),
+                        optional_relation: String::new(),
+                    }),
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("planted relationship written");
+}
+
+/// Replaces the engine's schema through the gRPC port.
+pub async fn write_schema(endpoint: &str, schema: &str) {
+    use spicedb_grpc_tonic::v1::WriteSchemaRequest;
+    use spicedb_grpc_tonic::v1::schema_service_client::SchemaServiceClient;
+    SchemaServiceClient::connect(endpoint.to_string())
+        .await
+        .expect("gRPC connects")
+        .write_schema(WriteSchemaRequest {
+            schema: schema.into(),
+        })
+        .await
+        .expect("schema written");
+}

@@ -19,4 +19,5 @@ pub mod report;
 pub mod sink;
 pub mod stats;
 pub mod svg;
+pub mod target;
 pub mod write_path;

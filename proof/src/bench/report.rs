@@ -25,6 +25,8 @@ pub struct Results {
     pub write_path: Option<WritePathResult>,
     pub host_writes: Option<super::host_writes::HostWritesResult>,
     pub delivery: Option<DeliveryResult>,
+    /// `run --target spicedb` against the engine's own write capacity.
+    pub delivery_target: Option<super::target::TargetResult>,
     pub ceiling: Option<CeilingResult>,
     pub latency: Option<LatencyResult>,
     pub reconcile: Vec<ReconcileResult>,
@@ -82,6 +84,20 @@ impl Results {
                 "<= 15%",
                 format!("{:.1}%", h.task_creation.cost * 100.0),
                 h.task_creation.cost <= 0.15,
+            );
+        }
+        if let Some(d) = &self.delivery_target {
+            add(
+                "--target spicedb vs the engine's capacity (1 row per write)",
+                ">= 90%",
+                format!("{:.0}%", d.spicedb_ratio * 100.0),
+                d.spicedb_ratio >= 0.9,
+            );
+            add(
+                "--target spicedb vs the engine's capacity (batched writes)",
+                ">= 90%",
+                format!("{:.0}%", d.spicedb_batched_ratio * 100.0),
+                d.spicedb_batched_ratio >= 0.9,
             );
         }
         if let Some(d) = &self.delivery {
@@ -192,6 +208,30 @@ impl Results {
                     v.latency.p95_ms,
                     v.latency.p99_ms
                 );
+            }
+        }
+        if let Some(d) = &self.delivery_target {
+            println!(
+                "\nDelivery targets ({} rows per drain, {} in flight, batches of {})",
+                d.rows, d.concurrency, d.batch
+            );
+            for (name, rate) in [
+                ("direct gRPC, 1 row per write", d.direct_per_second),
+                (
+                    "run --target spicedb --spicedb-batch 1",
+                    d.spicedb_per_second,
+                ),
+                ("direct gRPC, batched writes", d.direct_batched_per_second),
+                (
+                    "run --target spicedb (batched)",
+                    d.spicedb_batched_per_second,
+                ),
+                (
+                    "run --target agentex-auth (HTTP)",
+                    d.agentex_auth_per_second,
+                ),
+            ] {
+                println!("  {name:<42} {rate:>8.0} rows/s");
             }
         }
         if let Some(d) = &self.delivery {

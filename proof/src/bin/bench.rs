@@ -13,13 +13,15 @@ use clap::{Parser, ValueEnum};
 
 use bench::report::{Machine, Results};
 use bench::svg::{Series, cdf_chart};
-use bench::{ceiling, delivery, env::Env, host_writes, latency, reconcile, write_path};
+use bench::{ceiling, delivery, env::Env, host_writes, latency, reconcile, target, write_path};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
     Write,
     HostWrites,
     Delivery,
+    /// `run --target spicedb` vs the engine's own write capacity.
+    Target,
     Ceiling,
     Latency,
     Reconcile,
@@ -69,6 +71,17 @@ struct Args {
     /// own, everything else on the others).
     #[arg(long)]
     delivery_no_pinning: bool,
+
+    /// Rows per delivery-target drain (`--only target`).
+    #[arg(long, default_value_t = 20_000)]
+    target_rows: i64,
+    #[arg(long, default_value_t = 16)]
+    target_concurrency: usize,
+    #[arg(long, default_value_t = 2)]
+    target_rounds: usize,
+    /// `--spicedb-batch` of the batching variant.
+    #[arg(long, default_value_t = 50)]
+    target_batch: usize,
 
     #[arg(long, default_value_t = 50_000)]
     ceiling_rows: i64,
@@ -162,6 +175,21 @@ async fn main() -> anyhow::Result<()> {
             pinned: !args.delivery_no_pinning,
         };
         results.delivery = Some(delivery::run(&env, &config).await.context("delivery")?);
+    }
+    if runs(Which::Target) {
+        eprintln!("bench: delivery targets");
+        let config = target::Config {
+            rows: args.target_rows,
+            concurrency: args.target_concurrency,
+            rounds: args.target_rounds,
+            batch: args.target_batch,
+            batch_size: args.delivery_batch_size,
+        };
+        results.delivery_target = Some(
+            target::run(&env, &config)
+                .await
+                .context("delivery targets")?,
+        );
     }
     if runs(Which::Ceiling) {
         eprintln!("bench: worker ceiling");

@@ -43,6 +43,9 @@ struct Args {
     /// Probability of an injected fault per agentex-auth request.
     #[arg(long, default_value_t = 0.2)]
     fault_rate: f64,
+    /// Where the workers deliver: agentex-auth (HTTP) or spicedb (gRPC, the same engine).
+    #[arg(long, value_enum, default_value = "agentex-auth")]
+    target: chaos::Target,
     /// How long an injected hang lasts (longer than --request-timeout).
     #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
     hang: Duration,
@@ -95,6 +98,7 @@ async fn main() -> ExitCode {
     config.drivers = args.drivers;
     config.workers = args.workers;
     config.fault_rate = args.fault_rate;
+    config.target = args.target;
     config.hang = args.hang;
     config.seed = args.seed;
     config.kill_every = args.kill_every;

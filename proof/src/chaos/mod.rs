@@ -38,6 +38,17 @@ use tokio::sync::watch;
 use driver::{DriverOutcome, DriverPlan, OpKind};
 use procs::{AuthServer, Worker};
 
+/// Where the workers deliver: agentex-auth-dev's HTTP API, or the same
+/// engine's SpiceDB gRPC port (`run --target spicedb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    #[value(name = "agentex-auth")]
+    AgentexAuth,
+    #[value(name = "spicedb")]
+    SpiceDb,
+}
+
 /// Everything a run needs; the `chaos` binary's flags map onto it.
 #[derive(Debug, Clone)]
 pub struct ChaosConfig {
@@ -76,6 +87,9 @@ pub struct ChaosConfig {
     /// row with the capture triggers disabled (no deregister), so SpiceDB
     /// keeps a tuple PostgreSQL no longer has. The run must then fail.
     pub sabotage: bool,
+    /// Where the workers deliver. The faults, checks and reconcile are the
+    /// same either way: both write into one SpiceDB engine.
+    pub target: Target,
 }
 
 impl ChaosConfig {
@@ -105,6 +119,7 @@ impl ChaosConfig {
             pg_restart_at: 0.5,
             quiesce_timeout: Duration::from_secs(180),
             sabotage: false,
+            target: Target::AgentexAuth,
         }
     }
 
@@ -133,6 +148,7 @@ impl ChaosConfig {
 pub struct ChaosSummary {
     pub ok: bool,
     pub failures: Vec<String>,
+    pub target: Target,
     pub seed: u64,
     pub ops: BTreeMap<OpKind, u64>,
     pub ops_total: u64,
@@ -195,6 +211,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosSummary> {
     let mut workers = Vec::new();
     for i in 0..config.workers {
         let mut w = Worker::new(i)?;
+        w.spicedb_endpoint = auth.grpc_endpoint.clone();
         w.spawn(&config, &auth.base_url)?;
         workers.push(w);
     }
@@ -422,6 +439,7 @@ async fn storm_and_verify(
     Ok(ChaosSummary {
         ok: failures.is_empty(),
         failures,
+        target: config.target,
         seed: config.seed,
         ops: outcome.ops,
         ops_total,

@@ -127,6 +127,8 @@ pub struct Worker {
     child: Option<Child>,
     /// How many times this worker has been started.
     pub starts: u64,
+    /// The SpiceDB gRPC endpoint, for `Target::SpiceDb`.
+    pub spicedb_endpoint: String,
 }
 
 impl Worker {
@@ -136,12 +138,22 @@ impl Worker {
             metrics_port: free_port()?,
             child: None,
             starts: 0,
+            spicedb_endpoint: String::new(),
         })
     }
 
     pub fn spawn(&mut self, config: &ChaosConfig, auth_url: &str) -> anyhow::Result<()> {
         let bin = binary(config, "authz-outbox")?;
         let log = format!("{}.log", self.id);
+        let target: Vec<&str> = match config.target {
+            super::Target::AgentexAuth => vec!["--agentex-auth-url", auth_url],
+            super::Target::SpiceDb => vec![
+                "--target",
+                "spicedb",
+                "--spicedb-endpoint",
+                &self.spicedb_endpoint,
+            ],
+        };
         let child = Command::new(bin)
             .arg("run")
             .args(["--worker-id", &self.id])
@@ -149,7 +161,7 @@ impl Worker {
                 "--metrics-addr",
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
-            .args(["--agentex-auth-url", auth_url])
+            .args(&target)
             .args([
                 "--request-timeout",
                 &humantime::format_duration(config.request_timeout).to_string(),
@@ -164,7 +176,10 @@ impl Worker {
             .args(["--poll-interval", "200ms", "--shutdown-timeout", "2s"])
             .args(["--concurrency", "16", "--batch-size", "50"])
             .env("DATABASE_URL", &config.database_url)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("CHAOS_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log_file(&config.log_dir, &log)?)
             .stderr(log_file(&config.log_dir, &log)?)

@@ -264,8 +264,21 @@ pub fn faults_injected(stats: &Value) -> (u64, BTreeMap<String, u64>) {
         for outcomes in endpoints.values() {
             if let Some(outcomes) = outcomes.as_object() {
                 for (kind, n) in outcomes {
-                    if ["500", "502", "503", "429", "hang", "applied_then_503"]
-                        .contains(&kind.as_str())
+                    // HTTP statuses, and the gRPC writes' injected codes
+                    // (`run --target spicedb`); hangs and applied-then-fail
+                    // by kind on both.
+                    if [
+                        "500",
+                        "502",
+                        "503",
+                        "429",
+                        "INTERNAL",
+                        "UNAVAILABLE",
+                        "RESOURCE_EXHAUSTED",
+                        "hang",
+                        "applied_then_503",
+                    ]
+                    .contains(&kind.as_str())
                     {
                         *by_kind.entry(kind.clone()).or_default() += n.as_u64().unwrap_or(0);
                     }
