@@ -365,6 +365,7 @@ async fn the_largest_settings_and_a_huge_retry_after_do_not_panic(pool: PgPool) 
     .execute(&pool)
     .await
     .expect("insert");
+    common::planted_tasks_live(&pool).await;
     let db = url_of(&pool).await;
     let port = free_port().to_string();
     let out = run_async(
@@ -470,7 +471,7 @@ fn a_password_in_a_url_is_never_echoed() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("pa55word"));
 }
 
-/// Inserts task rows (never stale) answered by `script_for` per id.
+/// Inserts task rows (their tasks live, so never stale) answered by `script_for` per id.
 async fn task_rows(pool: &PgPool, ids: &[String]) {
     for id in ids {
         sqlx::query(
@@ -482,6 +483,7 @@ async fn task_rows(pool: &PgPool, ids: &[String]) {
         .await
         .expect("insert");
     }
+    common::planted_tasks_live(pool).await;
 }
 
 /// The scripted answer for a task id: its suffix names the status.
@@ -717,7 +719,8 @@ async fn readyz_is_503_while_the_credential_is_rejected(pool: PgPool) {
         let readyz = readyz.clone();
         async move {
             let client = reqwest::Client::new();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            // Generous: a loaded CI machine may take a while to start it.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
             while tokio::time::Instant::now() < deadline {
                 if let Ok(r) = client.get(&readyz).send().await
                     && r.status().as_u16() == code

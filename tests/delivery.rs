@@ -227,6 +227,7 @@ async fn a_row_goes_dead_only_after_max_attempts_and_max_age(pool: PgPool) {
         .await
         .expect("insert");
     }
+    common::planted_tasks_live(&pool).await;
     let cfg = authz_outbox::config::WorkerConfig {
         max_attempts: 3,
         dead_after: Duration::from_secs(24 * 3600),
@@ -529,7 +530,7 @@ async fn a_guarded_deregister_of_a_row_that_exists_again_is_superseded(pool: PgP
     assert_eq!(row(&pool, id).await.state, "superseded");
 }
 
-/// `n` task rows (no host table, so never stale), due now.
+/// `n` task rows (their tasks live, so never stale), due now.
 async fn tasks(pool: &PgPool, n: usize) {
     for i in 0..n {
         sqlx::query(
@@ -541,6 +542,7 @@ async fn tasks(pool: &PgPool, n: usize) {
         .await
         .expect("insert");
     }
+    common::planted_tasks_live(pool).await;
 }
 
 /// A scripted agentex-auth that also notes when each request arrived.
@@ -710,6 +712,7 @@ async fn a_redirect_is_never_recorded_as_delivered(pool: PgPool) {
     .execute(&pool)
     .await
     .expect("insert");
+    common::planted_tasks_live(&pool).await;
     let report = run_once(&pool, &auth.url(), config("w")).await;
     assert_eq!((report.delivered, report.dead), (0, 2));
     for r in rows(&pool).await {
@@ -764,6 +767,7 @@ async fn the_worker_sends_only_identity_fields_whatever_wrote_the_row(pool: PgPo
     .execute(&pool)
     .await
     .expect("insert");
+    common::planted_tasks_live(&pool).await;
     run_once(&pool, &auth.url(), config("w")).await;
     let seen = auth.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");

@@ -66,6 +66,21 @@ pub async fn live_tasks(pool: &PgPool, ids: &[String]) {
     tx.commit().await.expect("commit");
 }
 
+/// Makes every task the outbox names live (a row in `tasks`, linked to
+/// `seed-agent`), written with capture switched off: tests that plant raw
+/// task rows to exercise delivery itself need the worker's liveness check
+/// (the task mapping) to find them live, or it supersedes them as stale.
+pub async fn planted_tasks_live(pool: &PgPool) {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT resource_id FROM authz_outbox o
+         WHERE resource_type = 'task' AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = o.resource_id)",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("planted task ids");
+    live_tasks(pool, &ids).await;
+}
+
 pub fn principal(user: &str) -> Principal {
     Principal::parse(&format!(r#"{{"user_id":"{user}"}}"#)).expect("valid principal")
 }
