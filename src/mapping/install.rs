@@ -244,7 +244,12 @@ pub async fn plan(
             Some(_) => ChangeAction::Updated,
             None => ChangeAction::Installed,
         };
-        if let Some((table, join, _)) = previous.get(name) {
+        // The previous version's objects, where they were on other tables
+        // (the drop below covers the current tables).
+        let current_join = r.join.as_ref().map(|j| j.name.clone());
+        if let Some((table, join, _)) = previous.get(name)
+            && (*table != r.table.name || *join != current_join)
+        {
             plan.tables.insert(table.clone());
             plan.tables.extend(join.clone());
             for sql in ddl::drop_statements(name, table, join.as_deref()) {
