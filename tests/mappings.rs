@@ -725,3 +725,65 @@ async fn the_capture_and_the_worker_agree_on_what_a_credential_is(pool: PgPool) 
         );
     }
 }
+
+/// `authz_outbox_desired` is what the reconcile role reads: a mapping
+/// change must not take its grant away (the view is replaced, not dropped),
+/// and an upgrade that changes the view's shape regenerates it even when
+/// no mapping changed.
+#[sqlx::test(migrations = false)]
+async fn the_desired_view_keeps_its_grants_and_follows_upgrades(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    host_tx(
+        &pool,
+        None,
+        &[
+            // Roles outlive the test's database: one left by an earlier run is fine.
+            "DO $$ BEGIN CREATE ROLE desired_reader; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            "GRANT SELECT ON authz_outbox_desired TO desired_reader",
+        ],
+    )
+    .await;
+    let can_read = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT has_table_privilege('desired_reader', 'authz_outbox_desired', 'SELECT')",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("privilege")
+    };
+    let without_schedules = Mappings::from_toml(
+        "[[mapping]]\ntype = \"schedule\"\ntable = \"agent_run_schedules\"\nenabled = false",
+    )
+    .expect("mappings");
+    let report =
+        authz_outbox::migrate::migrate_with(&pool, &without_schedules, &Default::default())
+            .await
+            .expect("migrate");
+    assert!(!report.mappings.is_empty(), "a mapping was removed");
+    assert!(can_read().await, "the grant survives the mapping change");
+
+    // The view as a release before relationship-aware reconcile left it.
+    host_tx(
+        &pool,
+        None,
+        &[
+            "DROP VIEW authz_outbox_desired",
+            "CREATE VIEW authz_outbox_desired AS SELECT NULL::text AS mapping, NULL::text AS resource_type, NULL::text AS resource_id, NULL::text AS parent_type, NULL::text AS parent_id, NULL::timestamptz AS created_at, NULL::jsonb AS creator WHERE false",
+            "GRANT SELECT ON authz_outbox_desired TO desired_reader",
+        ],
+    )
+    .await;
+    let report =
+        authz_outbox::migrate::migrate_with(&pool, &without_schedules, &Default::default())
+            .await
+            .expect("migrate");
+    assert!(report.mappings.is_empty(), "no mapping changed");
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = 'authz_outbox_desired'::regclass AND attnum > 0 ORDER BY attnum",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("columns");
+    assert_eq!(columns[7..], ["attributes", "edges"], "regenerated");
+    assert!(can_read().await, "and still readable");
+}

@@ -158,6 +158,7 @@ async fn refuses_a_register_overtaken_by_a_later_deregister(pool: PgPool) {
             parent: None,
             principal: Some(principal("u1")),
             guarded: false,
+            attributes: None,
         }],
         "reconcile",
     )

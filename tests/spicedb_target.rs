@@ -14,6 +14,9 @@ use authz_outbox::capture;
 use authz_outbox::delivery::Worker;
 use authz_outbox::delivery::spicedb::SpiceDbTarget;
 use authz_outbox::mapping::Mappings;
+use authz_outbox::reconcile::{
+    Finding, ReconcileOptions, ReconcileReport, SpiceDbConfig, Writer, reconcile,
+};
 use authz_outbox::spicedb_client::SpiceDbClient;
 use common::{agent, config, key, relationships_of, row, rows, run_once_spicedb};
 use sqlx::PgPool;
@@ -624,6 +627,19 @@ async fn the_quickstart_runs(pool: PgPool) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("delivered=4 "), "{stdout}");
+    // Its reconcile step (a failing exit would have failed the script)
+    // finds the folders and the documents left consistent.
+    let summary = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|n| n.trim().to_string()))
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (summary("drift "), summary("consistent ")),
+        ("0".to_string(), "4".to_string()),
+        "{stdout}"
+    );
     assert_eq!(
         relationships_of(&grpc, "folder", "plans").await,
         set(&["owner@user:alice"])
@@ -743,5 +759,184 @@ async fn a_group_never_outlasts_the_request_timeout(pool: PgPool) {
         "DEADLINE_EXCEEDED: {pending:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(5));
+    dev.shutdown().await;
+}
+
+/// The quickstart's application (examples/spicedb-app): its tables, its
+/// mapping file installed by `migrate`, its schema in the engine.
+async fn quickstart_app(pool: PgPool, grpc: &str) -> PgPool {
+    let dir = "examples/spicedb-app";
+    common::write_schema(
+        grpc,
+        &std::fs::read_to_string(format!("{dir}/schema.zed")).expect("schema"),
+    )
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(
+        std::fs::read_to_string(format!("{dir}/app.sql")).expect("app.sql"),
+    ))
+    .execute(&pool)
+    .await
+    .expect("the app's tables");
+    let mappings =
+        Mappings::load(Some(std::path::Path::new(&format!("{dir}/mappings.toml")))).expect("file");
+    authz_outbox::migrate::migrate_with(&pool, &mappings, &Default::default())
+        .await
+        .expect("migrate with the app's mappings");
+    pool
+}
+
+/// Reconcile now (no grace), judging by `writer`'s relationships.
+async fn reconcile_as(
+    pool: &PgPool,
+    grpc: &str,
+    writer: Writer,
+    apply: bool,
+) -> (ReconcileReport, Vec<Finding>) {
+    let options = ReconcileOptions {
+        apply,
+        grace: Duration::ZERO,
+        writer,
+        ..ReconcileOptions::default()
+    };
+    let mut findings = Vec::new();
+    let report = reconcile(pool, &SpiceDbConfig::new(grpc), &options, &mut |f| {
+        findings.push(f.clone())
+    })
+    .await
+    .expect("reconcile runs");
+    (report, findings)
+}
+
+fn kinds(findings: &[Finding]) -> BTreeSet<String> {
+    findings
+        .iter()
+        .map(|f| format!("{} {} ({})", f.kind.as_str(), f.resource, f.reason))
+        .collect()
+}
+
+/// An application that is not agentex gets the agentex path's proof:
+/// reconcile judges each type by the relationships its mapping lists (a
+/// document's `folder` edge to its parent, its `owner` named by a column),
+/// finds every kind of drift in them, and `--apply` heals it through the
+/// SpiceDB target.
+#[sqlx::test(migrations = false)]
+async fn reconcile_judges_an_application_by_its_mappings_relationships(pool: PgPool) {
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    let pool = quickstart_app(pool, &grpc).await;
+    for sql in [
+        "INSERT INTO folders (id, name, owner_id) VALUES ('plans', 'Plans', $1)",
+        "INSERT INTO documents (id, folder_id, owner_id, title) VALUES ('roadmap', 'plans', $1, 'R')",
+        "INSERT INTO documents (id, folder_id, owner_id, title) VALUES ('spec', 'plans', $1, 'S')",
+    ] {
+        as_user(&pool, "alice", sql, "alice").await;
+    }
+    as_user(
+        &pool,
+        "alice",
+        "INSERT INTO documents (id, folder_id, owner_id, title) VALUES ('notes', 'plans', $1, 'N')",
+        "bob",
+    )
+    .await;
+    let report = run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    assert_eq!(report.delivered, 4, "{report:?}");
+    // A share granted elsewhere is no drift of a live document.
+    common::touch_relationship(&grpc, ("document", "roadmap"), "viewer", ("user", "carol")).await;
+
+    let (report, findings) = reconcile_as(&pool, &grpc, Writer::SpiceDb, false).await;
+    assert_eq!(report.summary.drift, 0, "{:#?}", kinds(&findings));
+    assert_eq!(report.summary.by_type["document"].consistent, 3);
+    assert_eq!(report.summary.by_type["folder"].consistent, 1);
+    // Judged by agentex-auth's edges instead, every document lacks its
+    // `parent_folder` edge: the writer decides what consistent means.
+    let (report, _) = reconcile_as(&pool, &grpc, Writer::AgentexAuth, false).await;
+    assert_eq!(report.summary.by_type["document"].missing, 3);
+
+    // Drift behind the outbox's back, one of each kind.
+    common::delete_relationship(&grpc, ("document", "spec"), "owner", ("user", "alice")).await;
+    common::touch_relationship(&grpc, ("document", "spec"), "owner", ("user", "mallory")).await;
+    common::delete_relationship(&grpc, ("document", "notes"), "folder", ("folder", "plans")).await;
+    common::touch_relationship(&grpc, ("document", "ghost"), "owner", ("user", "x")).await;
+    common::delete_relationship(&grpc, ("folder", "plans"), "owner", ("user", "alice")).await;
+    common::touch_relationship(&grpc, ("folder", "plans"), "viewer", ("user", "carol")).await;
+    let (report, findings) = reconcile_as(&pool, &grpc, Writer::SpiceDb, true).await;
+    assert_eq!(
+        kinds(&findings),
+        set(&[
+            "missing document:notes (parent edge missing)",
+            "missing folder:plans (owner@user:alice missing)",
+            "orphan document:ghost (relationships in SpiceDB, no live row (deleted, soft-deleted or moved))",
+            "subject_mismatch document:spec (SpiceDB holds owner@user:mallory, the row names owner@user:alice)",
+        ])
+    );
+    assert!(report.applied && report.refused.is_none(), "{report:?}");
+    assert_eq!(report.summary.subject_mismatch, 1);
+    assert_eq!(
+        report.enqueued, 5,
+        "deregister, deregister + register, two registers"
+    );
+
+    let report = run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    assert_eq!(report.delivered, 5, "{report:?}");
+    assert_eq!(
+        relationships_of(&grpc, "document", "spec").await,
+        set(&["folder@folder:plans", "owner@user:alice"])
+    );
+    assert_eq!(
+        relationships_of(&grpc, "document", "notes").await,
+        set(&["folder@folder:plans", "owner@user:bob"])
+    );
+    assert!(
+        relationships_of(&grpc, "document", "ghost")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        relationships_of(&grpc, "folder", "plans").await,
+        set(&["owner@user:alice", "viewer@user:carol"])
+    );
+    let (report, findings) = reconcile_as(&pool, &grpc, Writer::SpiceDb, false).await;
+    assert_eq!(report.summary.drift, 0, "{:#?}", kinds(&findings));
+    dev.shutdown().await;
+}
+
+/// With `deregister = "mapped"`, relationships the mapping does not list
+/// are someone else's: a resource that holds only those is no orphan to
+/// reconcile (its deregister would not remove them, so "healing" it would
+/// never end), while with the default scope it is.
+#[sqlx::test(migrations = false)]
+async fn reconcile_leaves_relationships_a_mapped_deregister_does_not_own(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    let mapped = "[[mapping]]\ntype = \"api_key\"\ntable = \"agent_api_keys\"\nparent = { type = \"agent\", column = \"agent_id\" }\nrelationships = [\"parent_agent@agent:{agent_id}\"]\nderegister = \"mapped\"";
+    authz_outbox::migrate::migrate_with(
+        &pool,
+        &Mappings::from_toml(mapped).expect("mappings"),
+        &Default::default(),
+    )
+    .await
+    .expect("migrate");
+    agent(&pool, "a1").await;
+    let k = key(&pool, "a1", "k").await;
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    common::touch_relationship(&grpc, ("api_key", &k.id), "owner", ("user", "u9")).await;
+    capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    assert_eq!(
+        relationships_of(&grpc, "api_key", &k.id).await,
+        set(&["owner@user:u9"])
+    );
+    let (report, findings) = reconcile_as(&pool, &grpc, Writer::SpiceDb, false).await;
+    assert_eq!(
+        report.summary.by_type["api_key"].orphan,
+        0,
+        "{:#?}",
+        kinds(&findings)
+    );
+    let (report, _) = reconcile_as(&pool, &grpc, Writer::AgentexAuth, false).await;
+    assert_eq!(report.summary.by_type["api_key"].orphan, 1);
     dev.shutdown().await;
 }

@@ -57,3 +57,7 @@ SQL
 
 echo "== 7. what the outbox did"
 "$ao" status
+
+echo "== 8. reconcile: SpiceDB against the tables, judged by the mapping's relationships"
+# Exit 0: consistent; 1: drift found (--apply enqueues the fixes); 2: refused.
+"$ao" reconcile --spicedb-endpoint "$SPICEDB_ENDPOINT" --grace 0s

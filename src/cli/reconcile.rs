@@ -4,15 +4,29 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{DbArgs, Format, Secret, duration_up_to, number_in, parse_principal, parse_secret};
+use super::{
+    DbArgs, Format, Secret, TargetKind, duration_up_to, number_in, parse_principal, parse_secret,
+};
 use crate::config::limits;
 use crate::domain::{Principal, ResourceType};
-use crate::reconcile::{Printer, ReconcileOptions, SelectorEncoding, SpiceDbConfig, reconcile};
+use crate::reconcile::{
+    Printer, ReconcileOptions, SelectorEncoding, SpiceDbConfig, Writer, reconcile,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
     #[command(flatten)]
     db: DbArgs,
+    /// The target `run` delivers to, whose relationships the resources are
+    /// judged by: agentex-auth writes an `owner` and a `parent_<type>` edge
+    /// per resource; spicedb writes the relationships each mapping lists.
+    #[arg(
+        long,
+        env = "AUTHZ_OUTBOX_TARGET",
+        value_enum,
+        default_value = "agentex-auth"
+    )]
+    target: TargetKind,
     /// SpiceDB's gRPC endpoint, read directly (read-only). `https://` is
     /// dialled with TLS (system roots plus --spicedb-ca-file), never in clear.
     #[arg(long, env = "SPICEDB_ENDPOINT")]
@@ -107,6 +121,10 @@ pub async fn reconcile_command(args: ReconcileArgs) -> anyhow::Result<ExitCode> 
         progress: std::io::stderr().is_terminal(),
         types: args.types.clone(),
         selector_encoding: args.selector_encoding,
+        writer: match args.target {
+            TargetKind::AgentexAuth => Writer::AgentexAuth,
+            TargetKind::SpiceDb => Writer::SpiceDb,
+        },
     };
     let stdout = std::io::stdout();
     let mut printer = Printer::new(stdout.lock(), args.format == Format::Json);

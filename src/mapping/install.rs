@@ -306,7 +306,17 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
             ),
         );
     }
-    if !plan.is_empty() {
+    // The view and the dispatch are regenerated with any change, and when
+    // the installed view is of an older shape (an upgrade, mappings as they
+    // were).
+    let view_comment: Option<String> = sqlx::query_scalar(
+        "SELECT obj_description(to_regclass('authz_outbox_desired'), 'pg_class')",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    let stale_view =
+        !resolved.is_empty() && view_comment.as_deref() != Some(ddl::DESIRED_VIEW_COMMENT);
+    if !plan.is_empty() || stale_view {
         for sql in ddl::shared_statements(&resolved) {
             plan.push("shared", sql);
         }

@@ -54,6 +54,36 @@ pub enum Source {
     Principal(String),
 }
 
+/// How reconcile can judge a relationship of a live row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Its subject is the row's parent: SpiceDB must hold exactly the
+    /// parents the row names.
+    Parent,
+    /// Every alternative is a column of the row: SpiceDB must hold exactly
+    /// the subject the row names.
+    Column,
+    /// The subject comes from whoever wrote the row (a principal field),
+    /// which the row does not keep: SpiceDB must hold one, any one.
+    Principal,
+}
+
+impl Relationship {
+    /// How reconcile judges it: by the parent when any alternative is the
+    /// parent, by the row when every alternative is a column, else by
+    /// presence.
+    pub fn role(&self) -> Role {
+        let sources = || self.subjects.iter().map(|s| &s.source);
+        if sources().any(|s| matches!(s, Source::Parent(_))) {
+            Role::Parent
+        } else if sources().all(|s| matches!(s, Source::Column(_))) {
+            Role::Column
+        } else {
+            Role::Principal
+        }
+    }
+}
+
 /// What a deregister deletes in SpiceDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -352,6 +382,16 @@ mod tests {
             column.subjects[0].source,
             Source::Column("editor_id".into())
         );
+        assert_eq!(
+            (parent.role(), owner.role(), column.role()),
+            (Role::Parent, Role::Principal, Role::Column)
+        );
+        let mixed = parse(
+            "owner@user:{editor_id}|user:{principal.user_id}",
+            &cx(&fields),
+        )
+        .expect("ok");
+        assert_eq!(mixed.role(), Role::Principal);
         assert_eq!(attribute_columns(&[parent, owner, column]).len(), 1);
     }
 

@@ -13,6 +13,9 @@ pub struct NewRow {
     pub principal: Option<Principal>,
     /// Deliver only if the resource's row still does not exist then.
     pub guarded: bool,
+    /// The row's columns the SpiceDB target's relationships name (what the
+    /// capture records in `attributes`).
+    pub attributes: Option<serde_json::Value>,
 }
 
 /// Inserts rows in the caller's transaction and wakes the workers on commit.
@@ -23,9 +26,9 @@ pub async fn enqueue(
 ) -> Result<Vec<i64>, sqlx::Error> {
     const SQL: &str = r#"
         INSERT INTO authz_outbox (operation, resource_type, resource_id, parent_type, parent_id,
-                                  principal, guarded, origin)
+                                  principal, guarded, origin, attributes)
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::jsonb[], $7::bool[], $8::text[])
+                             $6::jsonb[], $7::bool[], $8::text[], $9::jsonb[])
         RETURNING id
     "#;
     if rows.is_empty() {
@@ -48,6 +51,8 @@ pub async fn enqueue(
         .collect();
     let guarded: Vec<bool> = rows.iter().map(|r| r.guarded).collect();
     let origins: Vec<&str> = rows.iter().map(|_| origin).collect();
+    let attributes: Vec<Option<&serde_json::Value>> =
+        rows.iter().map(|r| r.attributes.as_ref()).collect();
     let ids = sqlx::query_scalar(SQL)
         .bind(&ops)
         .bind(&types)
@@ -57,6 +62,7 @@ pub async fn enqueue(
         .bind(&principals)
         .bind(&guarded)
         .bind(&origins)
+        .bind(&attributes)
         .fetch_all(&mut **tx)
         .await?;
     sqlx::query("SELECT pg_notify($1, '')")

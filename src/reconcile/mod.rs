@@ -39,6 +39,7 @@
 //!   types look fine.
 
 pub mod encoding;
+pub mod expected;
 pub mod report;
 pub mod spicedb;
 pub mod stage;
@@ -54,6 +55,7 @@ use sqlx::{Acquire, PgPool};
 use crate::domain::{Operation, Principal, ResourceRef, ResourceType};
 use crate::outbox::enqueue::{NewRow, enqueue};
 pub use encoding::SelectorEncoding;
+pub use expected::Writer;
 pub use report::{Finding, FindingKind, Printer, Summary, TypeCounts};
 pub use spicedb::{SpiceDbConfig, SpiceDbError, SpiceDbReader};
 
@@ -83,6 +85,9 @@ pub struct ReconcileOptions {
     pub types: Vec<ResourceType>,
     /// How object ids read from SpiceDB decode into selectors.
     pub selector_encoding: SelectorEncoding,
+    /// Whose relationships the resources are judged by (the target `run`
+    /// delivers to).
+    pub writer: Writer,
 }
 
 impl Default for ReconcileOptions {
@@ -96,6 +101,7 @@ impl Default for ReconcileOptions {
             progress: false,
             types: Vec::new(),
             selector_encoding: SelectorEncoding::default(),
+            writer: Writer::default(),
         }
     }
 }
@@ -110,6 +116,8 @@ pub enum ReconcileError {
     Output(#[from] std::io::Error),
     #[error("no resource mappings are installed; run `authz-outbox migrate` first")]
     NoMappings,
+    #[error("an installed resource mapping cannot be read: {0}")]
+    Mapping(String),
     #[error(
         "no mapping is installed for type {requested} (installed: {installed}); \
          run `authz-outbox migrate` with a mapping for it, or leave it out of --type"
@@ -188,8 +196,10 @@ pub async fn reconcile(
     // when the run ends, taking them with it even if the run fails.
     let mut conn = pool.acquire().await?.detach();
     let types = selected_types(&mut conn, &options.types).await?;
+    let expectations = expected::load(&mut conn, &types, options.writer).await?;
     let reader = SpiceDbReader::connect(spicedb).await?;
     stage::create(&mut conn).await?;
+    expected::stage(&mut conn, &expectations).await?;
 
     let bar = progress_bar(options.progress);
     let mut summary = Summary::for_types(&types);
@@ -238,7 +248,6 @@ pub async fn reconcile(
 
     let classified_at = stage::classify(
         &mut conn,
-        &types,
         options.selector_encoding.as_str(),
         options.grace,
         &mut summary,
@@ -418,7 +427,7 @@ fn describe(kind: FindingKind, undecodable: bool) -> String {
         FindingKind::Orphan if undecodable => "none: object id not in the selector encoding",
         FindingKind::Orphan => "deregister (guarded)",
         FindingKind::Missing => "register",
-        FindingKind::ParentMismatch => "deregister + register",
+        FindingKind::ParentMismatch | FindingKind::SubjectMismatch => "deregister + register",
         FindingKind::NeedsOwner => "none: needs --owner-principal",
     }
     .to_string()
@@ -447,6 +456,7 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         parent: None,
         principal: principal.clone(),
         guarded,
+        attributes: None,
     };
     let register = || NewRow {
         operation: Operation::Register,
@@ -454,6 +464,7 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         parent: parent.clone(),
         principal: principal.clone(),
         guarded: false,
+        attributes: f.attributes.clone(),
     };
     match kind {
         // The row may come back before delivery: the worker re-checks.
@@ -461,7 +472,7 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         FindingKind::Missing if principal.is_some() => vec![register()],
         // The row exists, so the deregister must not be guarded (it would
         // always be superseded); the register right behind it restores it.
-        FindingKind::ParentMismatch if principal.is_some() => {
+        FindingKind::ParentMismatch | FindingKind::SubjectMismatch if principal.is_some() => {
             vec![deregister(false), register()]
         }
         _ => Vec::new(),

@@ -15,8 +15,11 @@ pub enum FindingKind {
     /// A row without its relationships (none, no owner edge, or no parent
     /// edge): the key fails closed.
     Missing,
-    /// The parent edge points at another agent than the row's.
+    /// The parent edge points at another parent than the row's.
     ParentMismatch,
+    /// A relationship whose subject the row names in a column (a document's
+    /// `owner@user:{owner_id}`, SpiceDB target) points at another subject.
+    SubjectMismatch,
     /// Missing or mismatched, and no creator is known to register it as.
     NeedsOwner,
 }
@@ -27,6 +30,7 @@ impl FindingKind {
             FindingKind::Orphan => "orphan",
             FindingKind::Missing => "missing",
             FindingKind::ParentMismatch => "parent_mismatch",
+            FindingKind::SubjectMismatch => "subject_mismatch",
             FindingKind::NeedsOwner => "needs_owner",
         }
     }
@@ -36,6 +40,7 @@ impl FindingKind {
             "orphan" => Some(FindingKind::Orphan),
             "missing" => Some(FindingKind::Missing),
             "parent_mismatch" => Some(FindingKind::ParentMismatch),
+            "subject_mismatch" => Some(FindingKind::SubjectMismatch),
             "needs_owner" => Some(FindingKind::NeedsOwner),
             _ => None,
         }
@@ -71,23 +76,24 @@ pub struct TypeCounts {
     pub orphan: u64,
     pub missing: u64,
     pub parent_mismatch: u64,
+    pub subject_mismatch: u64,
     pub needs_owner: u64,
     pub in_flight: u64,
     pub young: u64,
     /// Resources of this type SpiceDB holds.
     pub spicedb_resources: u64,
-    /// orphan + missing + parent_mismatch + needs_owner.
+    /// orphan + missing + parent_mismatch + subject_mismatch + needs_owner.
     pub drift: u64,
 }
 
 impl TypeCounts {
     pub fn drift(&self) -> u64 {
-        self.orphan + self.missing + self.parent_mismatch + self.needs_owner
+        self.orphan + self.missing + self.parent_mismatch + self.subject_mismatch + self.needs_owner
     }
 
     /// Deregisters `--apply` would enqueue: one per orphan and mismatch.
     pub fn deregisters(&self) -> u64 {
-        self.orphan + self.parent_mismatch
+        self.orphan + self.parent_mismatch + self.subject_mismatch
     }
 }
 
@@ -99,6 +105,7 @@ pub struct Summary {
     pub orphan: u64,
     pub missing: u64,
     pub parent_mismatch: u64,
+    pub subject_mismatch: u64,
     pub needs_owner: u64,
     /// Drifted, but an undelivered outbox row will change it: left alone.
     pub in_flight: u64,
@@ -107,7 +114,8 @@ pub struct Summary {
     /// Relationships read from SpiceDB, and the resources they describe.
     pub spicedb_relationships: u64,
     pub spicedb_resources: u64,
-    /// Drifted resources: orphan + missing + parent_mismatch + needs_owner.
+    /// Drifted resources: orphan + missing + parent_mismatch +
+    /// subject_mismatch + needs_owner.
     pub drift: u64,
     /// The same counts for each resource type compared (every type the
     /// run covered is present, zero or not).
@@ -140,6 +148,7 @@ impl Summary {
             self.orphan += c.orphan;
             self.missing += c.missing;
             self.parent_mismatch += c.parent_mismatch;
+            self.subject_mismatch += c.subject_mismatch;
             self.needs_owner += c.needs_owner;
             self.in_flight += c.in_flight;
             self.young += c.young;
@@ -150,12 +159,12 @@ impl Summary {
     }
 
     pub fn drift(&self) -> u64 {
-        self.orphan + self.missing + self.parent_mismatch + self.needs_owner
+        self.orphan + self.missing + self.parent_mismatch + self.subject_mismatch + self.needs_owner
     }
 
     /// Deregisters `--apply` would enqueue: one per orphan and mismatch.
     pub fn deregisters(&self) -> u64 {
-        self.orphan + self.parent_mismatch
+        self.orphan + self.parent_mismatch + self.subject_mismatch
     }
 }
 
@@ -234,11 +243,12 @@ impl<W: Write> Printer<W> {
             if !self.first {
                 writeln!(self.out)?;
             }
-            let rows: [(&str, u64); 9] = [
+            let rows: [(&str, u64); 10] = [
                 ("consistent", summary.consistent),
                 ("orphan", summary.orphan),
                 ("missing", summary.missing),
                 ("parent_mismatch", summary.parent_mismatch),
+                ("subject_mismatch", summary.subject_mismatch),
                 ("needs_owner", summary.needs_owner),
                 ("in_flight", summary.in_flight),
                 ("young", summary.young),
@@ -253,12 +263,13 @@ impl<W: Write> Printer<W> {
                 writeln!(self.out)?;
                 writeln!(
                     self.out,
-                    "{:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+                    "{:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
                     "TYPE",
                     "CONSISTENT",
                     "ORPHAN",
                     "MISSING",
                     "PARENT",
+                    "SUBJECT",
                     "NO_OWNER",
                     "IN_FLIGHT",
                     "YOUNG",
@@ -267,11 +278,12 @@ impl<W: Write> Printer<W> {
                 for (t, c) in &summary.by_type {
                     writeln!(
                         self.out,
-                        "{t:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+                        "{t:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
                         c.consistent,
                         c.orphan,
                         c.missing,
                         c.parent_mismatch,
+                        c.subject_mismatch,
                         c.needs_owner,
                         c.in_flight,
                         c.young,

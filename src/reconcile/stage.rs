@@ -101,19 +101,31 @@ pub async fn insert(conn: &mut PgConnection, batch: &Batch) -> Result<(), sqlx::
 /// Folds the relationships into one row per resource (its owner, its parent
 /// edges) and adds how many resources SpiceDB holds, per type, to `summary`.
 pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), sqlx::Error> {
+    // Relationships the type's mapping does not list count only where a
+    // deregister deletes them too (`scope_all`); the owner is read from
+    // `owner` whatever its role (whom a fix is sent as).
     const SQL: &str = r#"
         CREATE TEMPORARY TABLE reconcile_held AS
-        SELECT resource_type, resource_id,
-               (array_agg(subject_type ORDER BY subject_type, subject_id)
-                    FILTER (WHERE relation = 'owner'))[1] AS owner_type,
-               (array_agg(subject_id ORDER BY subject_type, subject_id)
-                    FILTER (WHERE relation = 'owner'))[1] AS owner_id,
-               coalesce(array_agg(DISTINCT subject_id)
-                    FILTER (WHERE relation = 'parent_agent' AND subject_type = 'agent'),
+        SELECT t.resource_type, t.resource_id,
+               (array_agg(t.subject_type ORDER BY t.subject_type, t.subject_id)
+                    FILTER (WHERE t.relation = 'owner'))[1] AS owner_type,
+               (array_agg(t.subject_id ORDER BY t.subject_type, t.subject_id)
+                    FILTER (WHERE t.relation = 'owner'))[1] AS owner_id,
+               coalesce(array_agg(DISTINCT t.subject_id)
+                    FILTER (WHERE t.relation = ty.parent_relation
+                              AND t.subject_type = ty.parent_subject_type),
                     '{}') AS parents,
-               bool_or(undecodable) AS undecodable
-        FROM reconcile_tuples
-        GROUP BY resource_type, resource_id;
+               coalesce(array_agg(DISTINCT t.relation)
+                    FILTER (WHERE t.relation = ANY (ty.principal_relations)),
+                    '{}') AS principal_held,
+               coalesce(array_agg(DISTINCT t.relation || '@' || t.subject_type || ':' || t.subject_id)
+                    FILTER (WHERE t.relation = ANY (ty.column_relations)),
+                    '{}') AS edges,
+               bool_or(t.undecodable) AS undecodable
+        FROM reconcile_tuples t
+        JOIN reconcile_types ty ON ty.resource_type = t.resource_type
+        WHERE ty.scope_all OR t.relation = ANY (ty.relations)
+        GROUP BY t.resource_type, t.resource_id;
         DROP TABLE reconcile_tuples;
         CREATE UNIQUE INDEX ON reconcile_held (resource_type, resource_id);
         ANALYZE reconcile_held;
@@ -155,7 +167,6 @@ pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), 
 /// delete that is still settling).
 pub async fn classify(
     conn: &mut PgConnection,
-    types: &[String],
     encoding: &str,
     grace: Duration,
     summary: &mut Summary,
@@ -174,13 +185,14 @@ pub async fn classify(
             owner_type       text,
             owner_id         text,
             row_creator      jsonb,
+            attributes       jsonb,
             undecodable      boolean NOT NULL DEFAULT false,
             principal        jsonb
         );
     "#;
     // Several rows may desire one resource (an api key id under two agents,
     // two mappings of one type): they are folded into one, with every
-    // parent they name.
+    // parent and every column-named edge they name.
     const SQL: &str = r#"
         WITH desired AS (
             SELECT d.resource_type AS rtype, d.resource_id AS rid,
@@ -189,9 +201,14 @@ pub async fn classify(
                    coalesce(array_agg(d.parent_id) FILTER (WHERE d.parent_id IS NOT NULL),
                             '{}') AS parent_ids,
                    max(d.created_at) AS created_at,
-                   (array_agg(d.creator) FILTER (WHERE d.creator IS NOT NULL))[1] AS creator
+                   (array_agg(d.creator) FILTER (WHERE d.creator IS NOT NULL))[1] AS creator,
+                   (array_agg(d.attributes) FILTER (WHERE d.attributes IS NOT NULL))[1] AS attributes,
+                   coalesce(array_agg(DISTINCT e.edge)
+                                FILTER (WHERE split_part(e.edge, '@', 1) = ANY (ty.column_relations)),
+                            '{}') AS edges
             FROM authz_outbox_desired d
-            WHERE d.resource_type = ANY ($2::text[])
+            JOIN reconcile_types ty ON ty.resource_type = d.resource_type
+            LEFT JOIN LATERAL unnest(d.edges) AS e(edge) ON true
             GROUP BY d.resource_type, d.resource_id
         ),
         joined AS (
@@ -199,37 +216,55 @@ pub async fn classify(
                    coalesce(h.rid, s.resource_id) AS rid,
                    h.rid IS NOT NULL AS has_row, h.parent_type, h.parent_id,
                    coalesce(h.parent_ids, '{}') AS parent_ids, h.created_at, h.creator,
+                   h.attributes, coalesce(h.edges, '{}') AS row_edges,
                    s.resource_id IS NOT NULL AS has_tuples,
                    coalesce(s.undecodable, false) AS undecodable,
-                   s.owner_type, s.owner_id, coalesce(s.parents, '{}') AS parents
+                   s.owner_type, s.owner_id, coalesce(s.parents, '{}') AS parents,
+                   coalesce(s.principal_held, '{}') AS principal_held,
+                   coalesce(s.edges, '{}') AS held_edges,
+                   ty.parent_relation IS NOT NULL AND h.parent_type IS NOT NULL AS judge_parent,
+                   ty.parent_relation, ty.principal_relations
             FROM desired h
             FULL JOIN reconcile_held s
                    ON s.resource_type = h.rtype AND s.resource_id = h.rid
+            JOIN reconcile_types ty ON ty.resource_type = coalesce(h.rtype, s.resource_type)
         ),
         drift AS (
             SELECT j.*,
                    CASE
                        WHEN NOT j.has_row THEN 'orphan'
                        WHEN NOT j.has_tuples THEN 'missing'
-                       WHEN j.parent_type IS NOT NULL AND NOT (j.parents <@ j.parent_ids)
+                       WHEN j.judge_parent AND NOT (j.parents <@ j.parent_ids)
                            THEN 'parent_mismatch'
-                       WHEN j.owner_id IS NULL THEN 'missing'
-                       WHEN j.parent_type IS NOT NULL AND NOT (j.parent_ids <@ j.parents)
-                           THEN 'missing'
+                       WHEN NOT (j.held_edges <@ j.row_edges) THEN 'subject_mismatch'
+                       WHEN NOT (j.principal_relations <@ j.principal_held) THEN 'missing'
+                       WHEN j.judge_parent AND NOT (j.parent_ids <@ j.parents) THEN 'missing'
+                       WHEN NOT (j.row_edges <@ j.held_edges) THEN 'missing'
                    END AS drift_kind,
                    CASE
                        WHEN NOT j.has_row AND j.undecodable
-                           THEN 'object id is not in the ' || $3 || ' selector encoding; '
+                           THEN 'object id is not in the ' || $2 || ' selector encoding; '
                                 'check --selector-encoding, or remove it by hand'
                        WHEN NOT j.has_row
                            THEN 'relationships in SpiceDB, no live row (deleted, soft-deleted or moved)'
                        WHEN NOT j.has_tuples THEN 'live row, no relationships in SpiceDB'
-                       WHEN j.parent_type IS NOT NULL AND NOT (j.parents <@ j.parent_ids)
+                       WHEN j.judge_parent AND NOT (j.parents <@ j.parent_ids)
                            THEN 'parent edge points at another ' || j.parent_type
                                 || ' than the row''s'
-                       WHEN j.owner_id IS NULL THEN 'owner edge missing'
-                       WHEN j.parent_type IS NOT NULL AND NOT (j.parent_ids <@ j.parents)
+                       WHEN NOT (j.held_edges <@ j.row_edges)
+                           THEN 'SpiceDB holds '
+                                || (SELECT min(x) FROM unnest(j.held_edges) x
+                                    WHERE NOT x = ANY (j.row_edges))
+                                || ', the row names '
+                                || coalesce(nullif(array_to_string(j.row_edges, ', '), ''), 'none')
+                       WHEN NOT (j.principal_relations <@ j.principal_held)
+                           THEN (SELECT min(x) FROM unnest(j.principal_relations) x
+                                 WHERE NOT x = ANY (j.principal_held)) || ' edge missing'
+                       WHEN j.judge_parent AND NOT (j.parent_ids <@ j.parents)
                            THEN 'parent edge missing'
+                       WHEN NOT (j.row_edges <@ j.held_edges)
+                           THEN (SELECT min(x) FROM unnest(j.row_edges) x
+                                 WHERE NOT x = ANY (j.held_edges)) || ' missing'
                    END AS reason
             FROM joined j
         ),
@@ -256,9 +291,10 @@ pub async fn classify(
         saved AS (
             INSERT INTO reconcile_findings (kind, drift_kind, resource_type, resource_id, reason,
                                             row_parent_type, row_parent, held_parents,
-                                            owner_type, owner_id, row_creator, undecodable)
+                                            owner_type, owner_id, row_creator, attributes,
+                                            undecodable)
             SELECT kind, drift_kind, rtype, rid, reason, parent_type, parent_id, parents,
-                   owner_type, owner_id, creator, undecodable
+                   owner_type, owner_id, creator, attributes, undecodable
             FROM classified
             WHERE kind <> 'consistent'
             ORDER BY rtype, rid
@@ -274,7 +310,6 @@ pub async fn classify(
     sqlx::raw_sql(SETUP).execute(&mut *conn).await?;
     let rows: Vec<(Option<String>, i64, i64, DateTime<Utc>)> = sqlx::query_as(SQL)
         .bind(grace.as_millis() as i64)
-        .bind(types)
         .bind(encoding)
         .fetch_all(conn)
         .await?;
@@ -317,7 +352,7 @@ pub async fn resolve_principals(
                       AND o.operation = 'register' AND authz_outbox_has_creator(o.principal)
                     ORDER BY o.id DESC LIMIT 1) AS recorded
             FROM reconcile_findings f
-            WHERE f.kind IN ('orphan', 'missing', 'parent_mismatch')
+            WHERE f.kind IN ('orphan', 'missing', 'parent_mismatch', 'subject_mismatch')
         )
         UPDATE reconcile_findings f
         SET principal = CASE WHEN f.kind = 'missing'
@@ -330,7 +365,7 @@ pub async fn resolve_principals(
         UPDATE reconcile_findings
         SET kind = 'needs_owner',
             reason = reason || '; no creator known (pass --owner-principal)'
-        WHERE kind IN ('missing', 'parent_mismatch') AND principal IS NULL
+        WHERE kind IN ('missing', 'parent_mismatch', 'subject_mismatch') AND principal IS NULL
     "#;
     sqlx::query(SQL)
         .bind(owner_principal)
@@ -354,6 +389,7 @@ pub async fn count(conn: &mut PgConnection, summary: &mut Summary) -> Result<(),
             "orphan" => counts.orphan = n,
             "missing" => counts.missing = n,
             "parent_mismatch" => counts.parent_mismatch = n,
+            "subject_mismatch" => counts.subject_mismatch = n,
             "needs_owner" => counts.needs_owner = n,
             "in_flight" => counts.in_flight = n,
             "young" => counts.young = n,
@@ -379,6 +415,8 @@ pub struct StagedFinding {
     pub owner_id: Option<String>,
     pub undecodable: bool,
     pub principal: Option<Value>,
+    /// The row's columns its relationships name (for a register's fix).
+    pub attributes: Option<Value>,
 }
 
 impl StagedFinding {
@@ -396,9 +434,10 @@ pub async fn page(
     sqlx::query_as(
         r#"
         SELECT seq, kind, resource_type, resource_id, reason, row_parent_type, row_parent,
-               held_parents, owner_type, owner_id, undecodable, principal
+               held_parents, owner_type, owner_id, undecodable, principal, attributes
         FROM reconcile_findings
-        WHERE seq > $1 AND kind IN ('orphan', 'missing', 'parent_mismatch', 'needs_owner')
+        WHERE seq > $1
+          AND kind IN ('orphan', 'missing', 'parent_mismatch', 'subject_mismatch', 'needs_owner')
         ORDER BY seq
         LIMIT $2
         "#,
@@ -461,7 +500,7 @@ pub async fn record_run(
 pub async fn drop_all(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(
         "DROP TABLE IF EXISTS pg_temp.reconcile_tuples, pg_temp.reconcile_held,
-                              pg_temp.reconcile_findings",
+                              pg_temp.reconcile_findings, pg_temp.reconcile_types",
     )
     .execute(conn)
     .await?;

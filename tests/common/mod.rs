@@ -375,8 +375,30 @@ pub async fn touch_relationship(
     relation: &str,
     subject: (&str, &str),
 ) {
-    use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
     use spicedb_grpc_tonic::v1::relationship_update::Operation;
+    change_relationship(endpoint, Operation::Touch, resource, relation, subject).await;
+}
+
+/// Deletes a relationship straight from SpiceDB, behind the outbox's back:
+/// drift.
+pub async fn delete_relationship(
+    endpoint: &str,
+    resource: (&str, &str),
+    relation: &str,
+    subject: (&str, &str),
+) {
+    use spicedb_grpc_tonic::v1::relationship_update::Operation;
+    change_relationship(endpoint, Operation::Delete, resource, relation, subject).await;
+}
+
+async fn change_relationship(
+    endpoint: &str,
+    operation: spicedb_grpc_tonic::v1::relationship_update::Operation,
+    resource: (&str, &str),
+    relation: &str,
+    subject: (&str, &str),
+) {
+    use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
     use spicedb_grpc_tonic::v1::{
         ObjectReference, Relationship, RelationshipUpdate, SubjectReference,
         WriteRelationshipsRequest,
@@ -387,7 +409,7 @@ pub async fn touch_relationship(
     client
         .write_relationships(WriteRelationshipsRequest {
             updates: vec![RelationshipUpdate {
-                operation: Operation::Touch as i32,
+                operation: operation as i32,
                 relationship: Some(Relationship {
                     resource: Some(ObjectReference {
                         object_type: resource.0.into(),
@@ -407,7 +429,7 @@ pub async fn touch_relationship(
             ..Default::default()
         })
         .await
-        .expect("planted relationship written");
+        .expect("relationship written behind the outbox's back");
 }
 
 /// Replaces the engine's schema through the gRPC port.

@@ -137,6 +137,14 @@ pub async fn reconcile(
     let bin = config.bin_dir.join("authz-outbox");
     let out = tokio::process::Command::new(&bin)
         .args(["reconcile", "--grace", "0s", "--format", "json"])
+        // Judged by the relationships the run's target wrote.
+        .env(
+            "AUTHZ_OUTBOX_TARGET",
+            match config.target {
+                super::Target::AgentexAuth => "agentex-auth",
+                super::Target::SpiceDb => "spicedb",
+            },
+        )
         .env("DATABASE_URL", &config.database_url)
         .env("SPICEDB_ENDPOINT", grpc_endpoint)
         .env("RUST_LOG", "warn")
