@@ -366,7 +366,7 @@ async fn each_grpc_code_class_ends_in_the_right_state(pool: PgPool) {
                 ..Faults::none()
             },
             "pending",
-            Some(401),
+            Some(16),
             0,
         ),
     ];

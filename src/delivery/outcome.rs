@@ -19,8 +19,9 @@ pub enum Verdict {
     },
     /// Will not succeed as it is: other 4xx.
     Permanent { status: u16, error: String },
-    /// 401: *our* credential is wrong. Not the row's fault.
-    Unauthorized { error: String },
+    /// 401 (or gRPC UNAUTHENTICATED): *our* credential is wrong. Not the
+    /// row's fault. `status` is the target's own code, kept on the row.
+    Unauthorized { status: u16, error: String },
 }
 
 pub fn classify(operation: Operation, answer: AuthAnswer) -> Verdict {
@@ -58,7 +59,7 @@ pub fn classify(operation: Operation, answer: AuthAnswer) -> Verdict {
         } => {
             let error = describe(status, &message);
             match status {
-                401 => Verdict::Unauthorized { error },
+                401 => Verdict::Unauthorized { status, error },
                 // Deleting what is not there is the goal reached.
                 404 if operation == Operation::Deregister => Verdict::Applied {
                     consistency_token: None,
@@ -189,7 +190,7 @@ mod tests {
     fn unauthorized_is_the_workers_problem() {
         assert!(matches!(
             classify(Operation::Register, status(401)),
-            Verdict::Unauthorized { .. }
+            Verdict::Unauthorized { status: 401, .. }
         ));
     }
 

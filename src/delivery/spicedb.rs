@@ -535,7 +535,7 @@ pub fn classify(e: &CallError) -> Verdict {
             retry_after: e.retry_after,
             error,
         },
-        Code::Unauthenticated => Verdict::Unauthorized { error },
+        Code::Unauthenticated => Verdict::Unauthorized { status, error },
         _ => Verdict::Permanent { status, error },
     }
 }
@@ -580,7 +580,7 @@ mod tests {
         }
         assert!(matches!(
             classify(&e(Code::Unauthenticated)),
-            Verdict::Unauthorized { .. }
+            Verdict::Unauthorized { status: 16, .. }
         ));
         let pushed = CallError {
             retry_after: Some(Duration::from_secs(2)),

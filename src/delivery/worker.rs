@@ -766,9 +766,9 @@ pub fn decide(config: &WorkerConfig, row: &ClaimedRow, verdict: Verdict, jitter:
             status: Some(status),
             error,
         },
-        Verdict::Unauthorized { error } => RowUpdate::Release {
+        Verdict::Unauthorized { status, error } => RowUpdate::Release {
             at: now,
-            status: Some(401),
+            status: Some(status),
             error: Some(error),
         },
         Verdict::Transient {
