@@ -940,3 +940,61 @@ async fn reconcile_leaves_relationships_a_mapped_deregister_does_not_own(pool: P
     assert_eq!(report.summary.by_type["api_key"].orphan, 1);
     dev.shutdown().await;
 }
+
+/// A batched worker keeps the engine busy: while `concurrency` requests of
+/// `--spicedb-batch` rows each are in flight, it has already claimed the
+/// next batch (counted in rows, not requests), so no request waits for a
+/// claim round trip once one finishes.
+#[sqlx::test(migrations = false)]
+async fn a_batched_worker_claims_ahead_while_its_requests_are_in_flight(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    agent(&pool, "a1").await;
+    run_once_spicedb(&pool, &grpc, config("w"), 5).await;
+    for i in 0..40 {
+        key(&pool, "a1", &format!("k{i}")).await;
+    }
+    dev.set_faults(Faults {
+        endpoints: [(
+            Endpoint::WriteRelationships,
+            FaultRates {
+                latency_ms: 1500,
+                ..FaultRates::default()
+            },
+        )]
+        .into(),
+        ..Faults::none()
+    });
+    // Two requests of five rows in flight, claims of ten.
+    let cfg = authz_outbox::config::WorkerConfig {
+        concurrency: 2,
+        batch_size: 10,
+        ..config("w")
+    };
+    let worker = common::spicedb_worker(&pool, &grpc, cfg, 5).await;
+    let run = tokio::spawn(async move { worker.run(CancellationToken::new(), true).await });
+    let claimed = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM authz_outbox WHERE state = 'pending' AND locked_by IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("count")
+    };
+    let mut most = 0;
+    for _ in 0..50 {
+        most = most.max(claimed().await);
+        if most >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        most, 20,
+        "2 requests x 5 rows in flight plus one claim of 10 ahead"
+    );
+    let report = run.await.expect("worker");
+    assert_eq!(report.delivered, 40, "{report:?}");
+    dev.shutdown().await;
+}

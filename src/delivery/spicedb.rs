@@ -119,6 +119,11 @@ impl SpiceDbTarget {
         })
     }
 
+    /// The most rows one `WriteRelationships` carries.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// A target for the mappings `migrate` installed in this database (what
     /// capture follows, so what the rows were written by).
     pub async fn from_database(

@@ -52,6 +52,14 @@ impl Target {
         matches!(self, Target::SpiceDb(_))
     }
 
+    /// The most rows one request carries.
+    pub fn rows_per_request(&self) -> usize {
+        match self {
+            Target::AgentexAuth(_) => 1,
+            Target::SpiceDb(t) => t.batch(),
+        }
+    }
+
     /// The rows of a claim, split into requests.
     pub fn group(&self, deliverables: Vec<Deliverable>) -> Vec<Vec<Deliverable>> {
         match self {

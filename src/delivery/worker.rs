@@ -303,12 +303,15 @@ impl Worker {
 /// Claims and dispatches until shutdown (or, with `once`, until idle).
 async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bool) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(shared.config.concurrency));
-    // A worker holds up to `concurrency` rows in flight plus one batch
-    // claimed ahead, waiting for permits: a busy worker then pays one claim
-    // (and one set of checks) per batch, not one per few finished requests.
+    // A worker holds up to `concurrency` requests' rows in flight plus one
+    // batch claimed ahead, waiting for permits: a busy worker then pays one
+    // claim (and one set of checks) per batch, not one per few finished
+    // requests, and the target is never idle while it claims. Rows, not
+    // requests: a SpiceDB request carries up to `--spicedb-batch` of them.
     let capacity = shared
         .config
         .concurrency
+        .saturating_mul(shared.target.rows_per_request())
         .saturating_add(shared.config.batch_size);
     let min_claim = (shared.config.batch_size / 4).max(1);
     let mut asleep = false;
