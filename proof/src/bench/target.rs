@@ -16,6 +16,15 @@
 //!   outbox (claims, records, the swap lookups: the whole product path);
 //! - **worker, agentex-auth**: `--target agentex-auth`, the same rows
 //!   through agentex-auth-dev's HTTP API into the same kind of engine.
+//!
+//! Each round runs twice: every process free to use every CPU ("shared"),
+//! and agentex-auth-dev alone on one CPU with PostgreSQL, the worker and the
+//! load generator on the others ("pinned", see [`Pinning`]). Shared, on a
+//! two-core machine, the direct generator costs the engine almost nothing
+//! while the worker path runs PostgreSQL and a worker process on the
+//! engine's cores; pinned, the engine has the same CPU in both variants and
+//! the ratio says whether the worker keeps it busy, as it would a SpiceDB on
+//! machines of its own.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -32,6 +41,7 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
 use super::env::{AGENT, Env, delivered_count, free_port, outbox_states, terminate, wait_for_port};
+use super::pinning::Pinning;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -46,6 +56,8 @@ pub struct Config {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
+    /// "shared" or "pinned".
+    pub mode: &'static str,
     pub variant: String,
     pub round: usize,
     pub rows: i64,
@@ -59,6 +71,17 @@ pub struct TargetResult {
     pub concurrency: usize,
     pub batch: usize,
     pub drains: Vec<Drain>,
+    /// Every process free to use every CPU.
+    #[serde(flatten)]
+    pub shared: TargetMode,
+    /// agentex-auth-dev alone on one CPU; `None` where pinning is unavailable.
+    pub pinned: Option<TargetMode>,
+    pub pinning: Option<String>,
+}
+
+/// The variants' rates in one CPU arrangement, over all rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetMode {
     pub direct_per_second: f64,
     pub direct_batched_per_second: f64,
     pub spicedb_per_second: f64,
@@ -78,67 +101,113 @@ const AGENTEX: &str = "run --target agentex-auth";
 
 pub async fn run(env: &Env, config: &Config) -> anyhow::Result<TargetResult> {
     let pool = env.pool(4).await?;
+    let pinning = Pinning::for_this_machine();
+    let mut modes: Vec<(&'static str, Option<&Pinning>)> = vec![("shared", None)];
+    if let Some(p) = &pinning {
+        modes.push(("pinned", Some(p)));
+    }
     let mut drains = Vec::new();
     for round in 0..config.rounds {
-        for variant in [DIRECT, SPICEDB, DIRECT_BATCHED, SPICEDB_BATCHED, AGENTEX] {
-            env.reset(&pool).await?;
-            let prefix = format!("t{round}{}", variant.len());
-            let worker = !variant.starts_with("direct");
-            if worker {
-                env.enqueue_registers(&pool, &prefix, config.rows).await?;
+        for &(mode, pin) in &modes {
+            if let Some(p) = pin {
+                p.pin_running().await?;
             }
-            let server = Engine::start(env).await?;
-            let seconds = match variant {
-                DIRECT => direct(&server.grpc, &prefix, config.rows, config.concurrency, 1).await?,
-                DIRECT_BATCHED => {
-                    direct(
-                        &server.grpc,
-                        &prefix,
-                        config.rows,
-                        config.concurrency,
-                        config.batch,
-                    )
-                    .await?
-                }
-                SPICEDB => drain(env, &server, config, Some(1)).await?,
-                SPICEDB_BATCHED => drain(env, &server, config, Some(config.batch)).await?,
-                _ => drain(env, &server, config, None).await?,
-            };
-            server.stop().await;
-            if worker {
-                let delivered = delivered_count(&pool).await?;
-                if delivered != config.rows {
-                    bail!(
-                        "{variant}: {delivered} of {} rows delivered ({:?})",
-                        config.rows,
-                        outbox_states(&pool).await?
-                    );
-                }
+            let result = round_of(env, &pool, config, round, mode, pin, &mut drains).await;
+            if let Some(p) = pin {
+                p.unpin_running().await?;
             }
-            eprintln!(
-                "  target round {round}: {variant}: {:.0}/s",
-                config.rows as f64 / seconds
-            );
-            drains.push(Drain {
-                variant: variant.into(),
-                round,
-                rows: config.rows,
-                seconds,
-                per_second: config.rows as f64 / seconds,
-            });
+            result?;
         }
     }
-    let rate = |variant: &str| {
-        let (rows, secs) = drains
-            .iter()
-            .filter(|d| d.variant == variant)
-            .fold((0i64, 0.0), |(r, s), d| (r + d.rows, s + d.seconds));
-        rows as f64 / secs
-    };
     Ok(TargetResult {
         rows: config.rows,
         concurrency: config.concurrency,
         batch: config.batch,
+        shared: summarise(&drains, "shared"),
+        pinned: pinning.as_ref().map(|_| summarise(&drains, "pinned")),
+        pinning: pinning.map(|p| {
+            format!(
+                "agentex-auth-dev on CPU {}, PostgreSQL, the worker and the load generator on CPU {}",
+                p.server, p.rest
+            )
+        }),
+        drains,
+    })
+}
+
+/// One drain of each variant in one CPU arrangement.
+async fn round_of(
+    env: &Env,
+    pool: &sqlx::PgPool,
+    config: &Config,
+    round: usize,
+    mode: &'static str,
+    pin: Option<&Pinning>,
+    drains: &mut Vec<Drain>,
+) -> anyhow::Result<()> {
+    let server_cpus = pin.map(|p| p.server.as_str());
+    let rest_cpus = pin.map(|p| p.rest.as_str());
+    for variant in [DIRECT, SPICEDB, DIRECT_BATCHED, SPICEDB_BATCHED, AGENTEX] {
+        env.reset(pool).await?;
+        let prefix = format!("t{round}{}{}", &mode[..1], variant.len());
+        let worker = !variant.starts_with("direct");
+        if worker {
+            env.enqueue_registers(pool, &prefix, config.rows).await?;
+        }
+        let server = Engine::start(env, server_cpus).await?;
+        let drain = |batch| drain(env, &server, config, batch, rest_cpus);
+        let seconds = match variant {
+            DIRECT => direct(&server.grpc, &prefix, config.rows, config.concurrency, 1).await?,
+            DIRECT_BATCHED => {
+                direct(
+                    &server.grpc,
+                    &prefix,
+                    config.rows,
+                    config.concurrency,
+                    config.batch,
+                )
+                .await?
+            }
+            SPICEDB => drain(Some(1)).await?,
+            SPICEDB_BATCHED => drain(Some(config.batch)).await?,
+            _ => drain(None).await?,
+        };
+        server.stop().await;
+        if worker {
+            let delivered = delivered_count(pool).await?;
+            if delivered != config.rows {
+                bail!(
+                    "{variant}: {delivered} of {} rows delivered ({:?})",
+                    config.rows,
+                    outbox_states(pool).await?
+                );
+            }
+        }
+        eprintln!(
+            "  target round {round}, {mode}: {variant}: {:.0}/s",
+            config.rows as f64 / seconds
+        );
+        drains.push(Drain {
+            mode,
+            variant: variant.into(),
+            round,
+            rows: config.rows,
+            seconds,
+            per_second: config.rows as f64 / seconds,
+        });
+    }
+    Ok(())
+}
+
+fn summarise(drains: &[Drain], mode: &str) -> TargetMode {
+    let rate = |variant: &str| {
+        let (rows, secs) = drains
+            .iter()
+            .filter(|d| d.mode == mode && d.variant == variant)
+            .fold((0i64, 0.0), |(r, s), d| (r + d.rows, s + d.seconds));
+        rows as f64 / secs
+    };
+    TargetMode {
         direct_per_second: rate(DIRECT),
         direct_batched_per_second: rate(DIRECT_BATCHED),
         spicedb_per_second: rate(SPICEDB),
@@ -146,8 +215,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<TargetResult> {
         agentex_auth_per_second: rate(AGENTEX),
         spicedb_ratio: rate(SPICEDB) / rate(DIRECT),
         spicedb_batched_ratio: rate(SPICEDB_BATCHED) / rate(DIRECT_BATCHED),
-        drains,
-    })
+    }
 }
 
 /// A fresh agentex-auth-dev: its HTTP base URL and its gRPC endpoint.
@@ -158,9 +226,13 @@ struct Engine {
 }
 
 impl Engine {
-    async fn start(env: &Env) -> anyhow::Result<Engine> {
+    async fn start(env: &Env, cpus: Option<&str>) -> anyhow::Result<Engine> {
         let (http, grpc) = (free_port()?, free_port()?);
-        let child = Command::new(env.auth_dev())
+        let mut cmd = match cpus {
+            Some(cpus) => Pinning::command(cpus, &env.auth_dev()),
+            None => Command::new(env.auth_dev()),
+        };
+        let child = cmd
             .args(["--listen", &format!("127.0.0.1:{http}")])
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
             .env("RUST_LOG", "warn")
@@ -188,6 +260,7 @@ async fn drain(
     server: &Engine,
     config: &Config,
     spicedb_batch: Option<usize>,
+    cpus: Option<&str>,
 ) -> anyhow::Result<f64> {
     // Batched, a claim must hold enough rows to fill every request in
     // flight, as the direct load generator does.
@@ -195,7 +268,10 @@ async fn drain(
         Some(batch) if batch > 1 => (config.concurrency * batch).clamp(config.batch_size, 1000),
         _ => config.batch_size,
     };
-    let mut cmd = Command::new(env.authz_outbox());
+    let mut cmd = match cpus {
+        Some(cpus) => Pinning::command(cpus, &env.authz_outbox()),
+        None => Command::new(env.authz_outbox()),
+    };
     cmd.args(["run", "--once"])
         .args(["--concurrency", &config.concurrency.to_string()])
         .args(["--batch-size", &claim.to_string()])
