@@ -203,7 +203,9 @@ pub async fn classify(
                    max(d.created_at) AS created_at,
                    (array_agg(d.creator) FILTER (WHERE d.creator IS NOT NULL))[1] AS creator,
                    (array_agg(d.attributes) FILTER (WHERE d.attributes IS NOT NULL))[1] AS attributes,
-                   coalesce(array_agg(DISTINCT e.edge)
+                   -- No DISTINCT (it would sort every desired row): a
+                   -- repeated edge compares the same under <@.
+                   coalesce(array_agg(e.edge)
                                 FILTER (WHERE split_part(e.edge, '@', 1) = ANY (ty.column_relations)),
                             '{}') AS edges
             FROM authz_outbox_desired d
