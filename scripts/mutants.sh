@@ -10,6 +10,7 @@
 #
 #   scripts/mutants.sh                 # every group below
 #   scripts/mutants.sh logic           # one group: logic | client | delivery
+#   scripts/mutants.sh client delivery # several groups
 #   MUTANTS_TIMEOUT=180 scripts/mutants.sh
 #
 # Mutants are applied IN PLACE (the incremental build is what makes this
@@ -31,7 +32,7 @@ pg_start
 
 OUT=${MUTANTS_OUT:-target/mutants}
 TIMEOUT=${MUTANTS_TIMEOUT:-120}
-GROUPS_TO_RUN=${1:-logic client delivery}
+GROUPS_TO_RUN=${*:-logic client delivery}
 mkdir -p "$OUT"
 
 run_group() {

@@ -1,10 +1,10 @@
 //! The agentex-auth client against raw HTTP servers, for what a well-behaved
-//! test server never does: bodies that never end, and https answered by a
-//! plain TCP socket.
+//! test server never does: bodies that never end, stall or stop half-way,
+//! no answer at all, and https answered by a plain TCP socket.
 
 use std::time::{Duration, Instant};
 
-use authz_outbox::auth_client::{AuthAnswer, AuthClient, AuthRequest, BearerToken};
+use authz_outbox::auth_client::{AuthAnswer, AuthClient, AuthRequest, BearerToken, MAX_BODY_BYTES};
 use authz_outbox::domain::ResourceRef;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +13,11 @@ use tokio::net::TcpListener;
 const TOKEN: &str = "svc-token-never-in-clear";
 
 fn client(url: &str) -> AuthClient {
-    AuthClient::new(url, BearerToken::new(TOKEN), Duration::from_secs(5), 1).expect("client")
+    client_with_timeout(url, Duration::from_secs(5))
+}
+
+fn client_with_timeout(url: &str, request_timeout: Duration) -> AuthClient {
+    AuthClient::new(url, BearerToken::new(TOKEN), request_timeout, 1).expect("client")
 }
 
 async fn send(client: &AuthClient) -> AuthAnswer {
@@ -126,4 +130,124 @@ async fn https_is_never_spoken_in_clear() {
     assert_eq!(bytes[0], 0x16, "a TLS handshake record, not HTTP: {text:?}");
     assert!(!text.contains(TOKEN) && !text.contains("POST"), "{text:?}");
     assert!(matches!(answer, AuthAnswer::Network(_)), "{answer:?}");
+}
+
+/// What a raw server does once it has written its reply.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Closes the connection.
+    HangUp,
+    /// Keeps the connection open and sends nothing more.
+    Stall,
+}
+
+/// Answers every connection with `reply` (possibly nothing), then `then`.
+async fn raw_server(reply: Vec<u8>, then: Then) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let reply = std::sync::Arc::new(reply);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let _ = socket.write_all(&reply).await;
+                if let Then::Stall = then {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A whole 200 answer with `body` as its JSON body.
+fn ok_with_body(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The contract's answer, padded with spaces to exactly `len` bytes.
+fn success_body(len: usize) -> String {
+    let body = r#"{"success": true}"#;
+    format!("{body:<len$}")
+}
+
+/// The cap is the most the client reads, not a size it refuses: a body of
+/// exactly 8 KiB is whole, one byte more is cut off.
+#[tokio::test]
+async fn a_body_of_exactly_the_cap_is_read_whole() {
+    let exact = raw_server(ok_with_body(&success_body(MAX_BODY_BYTES)), Then::HangUp).await;
+    assert_eq!(
+        send(&client(&exact)).await,
+        AuthAnswer::Success {
+            consistency_token: None
+        },
+        "exactly the cap is not over it"
+    );
+    let over = raw_server(
+        ok_with_body(&success_body(MAX_BODY_BYTES + 1)),
+        Then::HangUp,
+    )
+    .await;
+    match send(&client(&over)).await {
+        AuthAnswer::NotTheContract {
+            status: 200,
+            reason,
+        } => assert!(reason.contains("larger"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The head of a 200 and the first bytes of its 100-byte body.
+const HALF_AN_ANSWER: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                              content-length: 100\r\n\r\n{\"success\"";
+
+/// Timed out is not the same as unreachable: `last_error` tells the
+/// operator which (a slow agentex-auth, or none at all).
+#[tokio::test]
+async fn no_answer_within_the_request_timeout_is_a_timeout() {
+    let url = raw_server(Vec::new(), Then::Stall).await;
+    let answer = send(&client_with_timeout(&url, Duration::from_millis(300))).await;
+    assert_eq!(answer, AuthAnswer::Timeout);
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_a_timeout() {
+    let url = raw_server(HALF_AN_ANSWER.into(), Then::Stall).await;
+    let answer = send(&client_with_timeout(&url, Duration::from_millis(300))).await;
+    assert_eq!(answer, AuthAnswer::Timeout);
+}
+
+/// A connection lost mid-body is not a timeout, and the answer says what
+/// happened (the cause sits at the end of the error chain).
+#[tokio::test]
+async fn a_body_cut_off_by_a_hang_up_is_a_network_error() {
+    let url = raw_server(HALF_AN_ANSWER.into(), Then::HangUp).await;
+    match send(&client(&url)).await {
+        AuthAnswer::Network(message) => assert!(
+            message.contains("end of file before message length reached"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// reqwest's own message ("error sending request for url ...") hides the
+/// cause; the answer carries the chain, which names it.
+#[tokio::test]
+async fn a_refused_connection_is_a_network_error_naming_the_cause() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    match send(&client(&format!("http://{addr}"))).await {
+        AuthAnswer::Network(message) => {
+            assert!(message.contains("Connection refused"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
 }

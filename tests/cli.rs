@@ -227,9 +227,12 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
         assert_ok(&out);
     }
 
-    let workers: Vec<_> = (0..2)
-        .map(|i| {
-            let port = free_port().to_string();
+    let ports = [free_port(), free_port()];
+    let workers: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            let port = port.to_string();
             Command::new(BIN)
                 .args([
                     "run",
@@ -291,6 +294,16 @@ async fn two_replicas_drain_what_the_cli_enqueued(pool: PgPool) {
     })
     .await
     .expect("backlog drained by two replicas");
+    // SIGTERM before a replica has installed its handler (a loaded machine
+    // may still be starting one after the other drained the backlog) kills
+    // it outright: wait until both serve their endpoint.
+    for port in ports {
+        let healthz = format!("http://127.0.0.1:{port}/healthz");
+        common::until(Duration::from_secs(30), "replica started", || async {
+            reqwest::get(&healthz).await.is_ok()
+        })
+        .await;
+    }
     for mut w in workers {
         let _ = Command::new("kill")
             .args(["-TERM", &w.0.id().to_string()])
@@ -438,13 +451,23 @@ async fn postgres_sslmode_is_honoured_never_downgraded(pool: PgPool) {
 #[test]
 fn a_password_in_a_url_is_never_echoed() {
     let db = ("DATABASE_URL", "postgres://x@127.0.0.1:1/db");
-    for url in [
-        "http://svc:pa55word@auth:notaport",
-        "svc:pa55word@auth",
-        "ftp://svc:pa55word@auth/",
+    // The refused URL is shown as far as it holds no secret, so the
+    // operator can still tell which one it was.
+    for (url, shown) in [
+        (
+            "http://svc:pa55word@auth:notaport",
+            "http://<redacted>@auth:notaport",
+        ),
+        ("svc:pa55word@auth", "<redacted>"),
+        ("pa55word@auth", "<redacted>"),
+        ("ftp://svc:pa55word@auth/", "ftp://auth/"),
+        ("ftp://:pa55word@auth/", "ftp://auth/"),
+        // A token in the user-name place, no password.
+        ("ftp://pa55word@auth/", "ftp://auth/"),
+        ("ftp//nope", "ftp//nope"),
     ] {
         let out = run(&["run"], &[db, ("AGENTEX_AUTH_URL", url)]);
-        assert_one_line_error(&out, "invalid agentex-auth URL");
+        assert_one_line_error(&out, &format!("invalid agentex-auth URL {shown:?}"));
         assert!(
             !String::from_utf8_lossy(&out.stderr).contains("pa55word"),
             "{}",
@@ -472,7 +495,11 @@ fn a_password_in_a_url_is_never_echoed() {
 }
 
 /// Inserts task rows (their tasks live, so never stale) answered by `script_for` per id.
+/// The tasks go live first: a worker already running may claim a row the
+/// moment it commits, and would supersede it as stale if its task were not
+/// there yet.
 async fn task_rows(pool: &PgPool, ids: &[String]) {
+    common::live_tasks(pool, ids).await;
     for id in ids {
         sqlx::query(
             "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
@@ -483,7 +510,6 @@ async fn task_rows(pool: &PgPool, ids: &[String]) {
         .await
         .expect("insert");
     }
-    common::planted_tasks_live(pool).await;
 }
 
 /// The scripted answer for a task id: its suffix names the status.
