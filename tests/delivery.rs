@@ -32,7 +32,7 @@ async fn sends_the_contract_wire_format(pool: PgPool) {
     .expect("client");
     let worker =
         authz_outbox::delivery::Worker::new(pool.clone(), client, config("w")).expect("worker");
-    worker.run(CancellationToken::new(), true).await;
+    common::run_worker_once(worker).await;
     capture::delete_api_key(&pool, &k.id, None)
         .await
         .expect("delete");

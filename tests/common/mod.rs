@@ -164,11 +164,21 @@ pub fn worker(pool: &PgPool, url: &str, config: WorkerConfig) -> Worker {
     Worker::new(pool.clone(), client, config).expect("valid config")
 }
 
+/// Longer than any test's `run --once` takes, even on a loaded machine.
+pub const RUN_ONCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// `run --once` of `worker`. A run that never ends (it must, once nothing
+/// is due) fails the test after [`RUN_ONCE_LIMIT`] instead of hanging the
+/// test binary.
+pub async fn run_worker_once(worker: Worker) -> RunReport {
+    tokio::time::timeout(RUN_ONCE_LIMIT, worker.run(CancellationToken::new(), true))
+        .await
+        .unwrap_or_else(|_| panic!("run --once did not end within {RUN_ONCE_LIMIT:?}"))
+}
+
 /// `run --once`.
 pub async fn run_once(pool: &PgPool, url: &str, config: WorkerConfig) -> RunReport {
-    worker(pool, url, config)
-        .run(CancellationToken::new(), true)
-        .await
+    run_worker_once(worker(pool, url, config)).await
 }
 
 /// Makes every pending row due now (skips the backoff wait in tests).
@@ -321,10 +331,7 @@ pub async fn run_once_spicedb(
     config: WorkerConfig,
     batch: usize,
 ) -> RunReport {
-    spicedb_worker(pool, endpoint, config, batch)
-        .await
-        .run(CancellationToken::new(), true)
-        .await
+    run_worker_once(spicedb_worker(pool, endpoint, config, batch).await).await
 }
 
 /// Every relationship SpiceDB holds for `TYPE:ID` (the id as stored, i.e.
