@@ -82,3 +82,21 @@ fn redact(message: &str, url: &str) -> String {
     }
     out
 }
+
+/// Whether retrying the same statement can succeed: the connection or the
+/// server was briefly unavailable (SQLSTATE classes 08 connection, 40
+/// serialization/deadlock, 53 insufficient resources, 57 operator
+/// intervention such as a restart or a statement timeout, 58 system error).
+/// Anything else — a constraint, a type, a privilege, a trigger raising —
+/// fails the same way every time, so a retry only delays the error.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|c| code.starts_with(c))
+        }),
+        _ => false,
+    }
+}

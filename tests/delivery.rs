@@ -985,6 +985,65 @@ async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
     );
 }
 
+/// A `--once` run whose outcomes the database refuses (here a trigger; in
+/// life a permission or a constraint) stops with the error instead of
+/// re-claiming the same rows every lease until someone kills it, and loses
+/// nothing: the row is delivered by the next run once the cause is gone.
+#[sqlx::test(migrations = false)]
+async fn a_one_shot_run_stops_when_the_database_refuses_its_outcomes(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    sqlx::raw_sql(
+        r#"
+        CREATE SEQUENCE refusals;
+        CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          -- A sequence counts the refusals: it survives the rollback.
+          IF NEW.state = 'delivered' THEN PERFORM nextval('refusals'); RAISE EXCEPTION 'outcomes refused by the test'; END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_delivered BEFORE UPDATE ON authz_outbox
+          FOR EACH ROW EXECUTE FUNCTION refuse_delivered();
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+
+    let report = run_once(&pool, &auth.url(), config("w")).await;
+    let error = report
+        .database_error
+        .expect("the run reports why it stopped");
+    assert!(
+        error.contains("recording outcomes") && error.contains("outcomes refused by the test"),
+        "{error}"
+    );
+    // Not retried: the same statement fails the same way every time.
+    let refusals: i64 =
+        sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refusals")
+            .fetch_one(&pool)
+            .await
+            .expect("refusals");
+    assert_eq!(refusals, 1, "a refused outcome was written again");
+    assert_eq!(report.delivered, 0);
+    let all = rows(&pool).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].state, "pending", "nothing is lost");
+
+    sqlx::raw_sql(
+        "DROP TRIGGER refuse_delivered ON authz_outbox; \
+         UPDATE authz_outbox SET locked_until = now() - interval '1 second'",
+    )
+    .execute(&pool)
+    .await
+    .expect("cause removed, lease expired");
+    let report = run_once(&pool, &auth.url(), config("w")).await;
+    assert_eq!(report.database_error, None);
+    assert_eq!(report.delivered, 1);
+    assert_eq!(rows(&pool).await[0].state, "delivered");
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
     let pool = common::host_db(pool).await;

@@ -18,7 +18,9 @@ use crate::spicedb_client::{SpiceDbClient, SpiceDbToken};
 pub struct RunArgs {
     #[command(flatten)]
     db: DbArgs,
-    /// Drain every row due now, then exit (non-zero if any attempted row ended dead).
+    /// Drain every row due now, then exit: 1 if any attempted row ended dead,
+    /// 2 if the target rejected the credential or the database refused the
+    /// run's claims or outcomes.
     #[arg(long)]
     once: bool,
     /// Where rows are delivered: agentex-auth's HTTP API, or SpiceDB itself
@@ -291,6 +293,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "delivered={} retried={} dead={} superseded={} released={}",
             report.delivered, report.retried, report.dead, report.superseded, report.released
         );
+        if let Some(error) = &report.database_error {
+            eprintln!(
+                "error: the run stopped early: {error}; the rows it held return to pending when their lease expires"
+            );
+            return Ok(ExitCode::from(2));
+        }
         if report.credential_failure {
             eprintln!(
                 "error: {target_name} rejected the credential (401 / UNAUTHENTICATED); nothing was dead-lettered"

@@ -52,6 +52,10 @@ pub struct RunReport {
     pub lost_lease: u64,
     /// agentex-auth was rejecting our credential when the run ended.
     pub credential_failure: bool,
+    /// Why a `--once` run stopped early: the database refused a claim or an
+    /// outcome in a way retrying does not fix (or stayed down through every
+    /// retry). The rows it held return to pending when their lease expires.
+    pub database_error: Option<String>,
 }
 
 /// Liveness facts the health endpoint reports.
@@ -87,6 +91,25 @@ struct Progress {
     /// Rows claimed and not yet written back.
     outstanding: AtomicUsize,
     report: Mutex<RunReport>,
+    /// The last database error no retry could fix; a `--once` run stops on it.
+    database_error: Mutex<Option<String>>,
+}
+
+impl Progress {
+    fn give_up(&self, what: &str, e: &sqlx::Error) {
+        *self
+            .database_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(format!("{what}: {e}"));
+        self.wake.notify_one();
+    }
+
+    fn gave_up(&self) -> bool {
+        self.database_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
 }
 
 impl listener::Wake for Progress {
@@ -296,6 +319,11 @@ impl Worker {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         report.credential_failure = credential_failure;
+        report.database_error = progress
+            .database_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         report
     }
 }
@@ -319,6 +347,12 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
     let mut db_failures = 0u32;
     loop {
         if shutdown.is_cancelled() {
+            break;
+        }
+        // A one-shot run cannot wait out a database that refuses its writes:
+        // it ends, non-zero, and the next run (or a long-running worker)
+        // takes the rows once their lease expires.
+        if once && shared.progress.gave_up() {
             break;
         }
         // Reap finished tasks so the set does not grow without bound.
@@ -356,10 +390,14 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 }
                 Err(e) => {
                     db_failures += 1;
-                    tracing::warn!(error = %e, "claiming rows failed; retrying");
                     if admit == Admit::Probe {
                         shared.gate.probe_unused();
                     }
+                    if once && (!crate::db::is_transient(&e) || db_failures >= ONCE_DB_ATTEMPTS) {
+                        shared.progress.give_up("claiming rows", &e);
+                        break;
+                    }
+                    tracing::warn!(error = %e, "claiming rows failed; retrying");
                     let pause = retry_delay(
                         db_failures,
                         Duration::from_millis(100),
@@ -433,6 +471,9 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
                 tracing::warn!(error = %e, "checking claimed rows failed; they are released");
                 if is_probe {
                     shared.gate.probe_unused();
+                }
+                if once && !crate::db::is_transient(&e) {
+                    shared.progress.give_up("checking claimed rows", &e);
                 }
                 continue;
             }
@@ -630,7 +671,12 @@ async fn settle_stale(
         .map(|d| &d.row)
         .collect();
     // These were written by the statement itself; count them here.
-    let pairs = claim::supersede_create_then_delete(&shared.pool, &fresh_registers).await?;
+    // The statement returns both rows of each pair; ours are the registers.
+    let pairs: Vec<i64> = claim::supersede_create_then_delete(&shared.pool, &fresh_registers)
+        .await?
+        .into_iter()
+        .filter(|id| fresh_registers.iter().any(|r| r.id == *id))
+        .collect();
     if !pairs.is_empty() {
         let n = pairs.len() as u64;
         // Each pair is two rows: the claimed register and its deregister.
@@ -857,6 +903,10 @@ async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) {
 const RECORD_BATCH: usize = 512;
 /// How long a small batch waits for outcomes still in flight to join it.
 const RECORD_LINGER: Duration = Duration::from_millis(2);
+/// Consecutive failed claims after which a `--once` run stops (about 15 s
+/// of backoff); a long-running worker retries for as long as it runs.
+const ONCE_DB_ATTEMPTS: u32 = 8;
+
 /// A batch this large is written without waiting.
 const RECORD_EAGER: usize = 32;
 
@@ -896,6 +946,7 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                 .with_max_delay(Duration::from_secs(5))
                 .with_max_times(12),
         )
+        .when(crate::db::is_transient)
         .notify(
             |e, after| tracing::warn!(error = %e, ?after, "recording outcomes failed; retrying"),
         )
@@ -951,6 +1002,7 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
             // The rows stay leased; when the lease expires another claim
             // re-delivers them (requests are idempotent). Nothing is lost.
             tracing::error!(error = %e, rows = batch.len(), "could not record outcomes; rows return after their lease");
+            progress.give_up("recording outcomes", &e);
         }
     }
     progress

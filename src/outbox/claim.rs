@@ -78,8 +78,8 @@ pub async fn claim(
 
 /// Supersedes pairs of a never-attempted register and the deregister that
 /// directly follows it for the same resource: a key created and deleted
-/// before delivery costs agentex-auth nothing. Returns the ids of the claimed
-/// registers that were superseded.
+/// before delivery costs agentex-auth nothing. Returns the ids of every row
+/// it superseded: the claimed registers and the deregisters paired with them.
 ///
 /// Only the *next* pending row counts: in register, register, deregister the
 /// second register must still be delivered before the deregister.
@@ -120,15 +120,11 @@ pub async fn supersede_create_then_delete(
     }
     let ids: Vec<i64> = registers.iter().map(|r| r.id).collect();
     let tokens: Vec<uuid::Uuid> = registers.iter().map(|r| r.lease_token).collect();
-    let superseded: Vec<i64> = sqlx::query_scalar(SQL)
+    sqlx::query_scalar(SQL)
         .bind(&ids)
         .bind(&tokens)
         .fetch_all(pool)
-        .await?;
-    Ok(superseded
-        .into_iter()
-        .filter(|id| ids.contains(id))
-        .collect())
+        .await
 }
 
 /// Of the given rows, those whose resource is live right now, as its
