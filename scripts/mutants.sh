@@ -32,7 +32,7 @@ pg_start
 
 OUT=${MUTANTS_OUT:-target/mutants}
 TIMEOUT=${MUTANTS_TIMEOUT:-120}
-GROUPS_TO_RUN=${*:-logic client delivery}
+GROUPS_TO_RUN=${*:-delivery client logic}
 mkdir -p "$OUT"
 
 run_group() {
@@ -66,13 +66,15 @@ for group in $GROUPS_TO_RUN; do
       ;;
     # SQL-backed: claim, record, and the worker's decisions (dead by
     # attempts and age, the principal policy, readiness, holding rows back
-    # while the gate is open), against the delivery tests. cargo-mutants
+    # while the gate is open, which database errors are retried and when a
+    # one-shot run gives up), against the delivery tests. cargo-mutants
     # does not mutate SQL text; the SQL's guards (the lease token in
     # record, the order rule in claim) were checked by hand (BENCHMARKS.md).
     delivery)
       run_group delivery \
         --file src/outbox/claim.rs --file src/outbox/record.rs --file src/delivery/worker.rs \
-        --re 'src/outbox/|decide|apply_principal_policy|Health::ready|match guard !is_probe' \
+        --file src/db.rs \
+        --re 'src/outbox/|decide|apply_principal_policy|Health::ready|match guard !is_probe|Progress::give_up|Progress::gave_up|is_transient' \
         -- --test delivery
       ;;
     *) echo "unknown group $group (logic | client | delivery)" >&2; exit 2 ;;

@@ -985,6 +985,35 @@ async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
     );
 }
 
+/// What a worker retries: an error the server may not repeat (a statement
+/// cancelled by its timeout, as during a failover or under load, or a lost
+/// connection), not one it always repeats (a division by zero stands for a
+/// constraint, a type or a trigger).
+#[sqlx::test(migrations = false)]
+async fn only_database_errors_a_retry_can_fix_are_retried(pool: PgPool) {
+    use authz_outbox::db::is_transient;
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL statement_timeout = 1")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    let cancelled = sqlx::query("SELECT pg_sleep(1)")
+        .execute(&mut *tx)
+        .await
+        .expect_err("cancelled by the statement timeout");
+    drop(tx);
+    assert!(is_transient(&cancelled), "{cancelled}");
+    let always = sqlx::query("SELECT 1 / 0")
+        .execute(&pool)
+        .await
+        .expect_err("division by zero");
+    assert!(!is_transient(&always), "{always}");
+    let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    assert!(is_transient(&io));
+    assert!(is_transient(&sqlx::Error::PoolTimedOut));
+    assert!(!is_transient(&sqlx::Error::RowNotFound));
+}
+
 /// A `--once` run whose outcomes the database refuses (here a trigger; in
 /// life a permission or a constraint) stops with the error instead of
 /// re-claiming the same rows every lease until someone kills it, and loses
