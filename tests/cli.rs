@@ -526,7 +526,7 @@ fn answer_by_suffix(seen: &common::scripted_auth::Seen, _: usize) -> Answer {
 }
 
 #[sqlx::test(migrations = false)]
-async fn run_once_exits_1_when_a_row_it_attempted_went_dead_and_2_on_a_rejected_credential(
+async fn run_once_exits_1_when_a_row_it_attempted_went_dead_and_2_on_a_rejected_credential_or_a_refused_outcome(
     pool: PgPool,
 ) {
     let pool = common::host_db(pool).await;
@@ -565,6 +565,29 @@ async fn run_once_exits_1_when_a_row_it_attempted_went_dead_and_2_on_a_rejected_
     let out = run_async(&args, &env).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("rejected the credential"));
+
+    // The database refuses the outcome: exit 2 with the reason, at once.
+    sqlx::raw_sql(
+        r#"
+        UPDATE authz_outbox SET state = 'delivered' WHERE state = 'pending';
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'no outcomes today'; END $$;
+        CREATE TRIGGER refuse BEFORE UPDATE OF state ON authz_outbox
+          FOR EACH ROW WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse();
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+    task_rows(&pool, &ids(&["d-ok"])).await;
+    let out = run_async(&args, &env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the run stopped early: recording outcomes")
+            && stderr.contains("no outcomes today"),
+        "{stderr}"
+    );
 }
 
 /// `RUST_LOG=debug`, both log formats, the credential from the environment
