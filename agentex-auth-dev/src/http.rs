@@ -22,10 +22,10 @@ use tokio::sync::watch;
 
 use crate::engine::{Engine, Object, Tuple, WriteKind};
 use crate::faults::{Endpoint, Fault, FaultInjector, Faults};
-use crate::object_id;
 use crate::schema::{LiveSchema, Schema};
 use crate::stats::StatsRecorder;
 use crate::token::BearerToken;
+use authz_object_id as object_id;
 
 /// What every handler shares.
 #[derive(Clone)]

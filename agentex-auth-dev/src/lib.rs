@@ -49,7 +49,6 @@ mod faults;
 mod ffi;
 mod grpc;
 mod http;
-mod object_id;
 mod schema;
 mod stats;
 mod token;

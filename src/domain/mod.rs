@@ -3,11 +3,13 @@
 //! always names a known resource type.
 
 mod key_type;
-pub mod object_id;
 mod operation;
 mod principal;
 mod resource;
 
+/// The selector-to-SpiceDB-id encoding (its own crate, shared with
+/// agentex-auth-dev).
+pub use authz_object_id as object_id;
 pub use key_type::ApiKeyType;
 pub use operation::Operation;
 pub use principal::IDENTITY_FIELDS;

@@ -28,8 +28,10 @@
 //! - An empty selector (or id), and an encoded id longer than 1,024
 //!   characters, are errors: SpiceDB would reject them.
 //!
-//! agentex-auth-dev carries its own copy of these rules (it stands in for a
-//! separate service); the two must stay identical.
+//! A crate of its own so that both sides use one implementation: the
+//! product (`authz_outbox::domain::object_id`) encodes and reconcile
+//! decodes, and agentex-auth-dev, which stands in for a separate service and
+//! must not link the product, encodes what it stores the same way.
 
 /// SpiceDB's maximum object id length.
 pub const MAX_LEN: usize = 1024;
