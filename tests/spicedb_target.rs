@@ -183,6 +183,26 @@ async fn check(
     answer.permissionship == Permissionship::HasPermission as i32
 }
 
+/// A live task with a pending register, after the engine's schema lost
+/// `definition task`: SpiceDB refuses that one relationship.
+async fn a_task_the_schema_does_not_define(pool: &PgPool, grpc: &str) {
+    common::live_tasks(pool, &["t1".to_string()]).await;
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation, principal)
+         VALUES ('task', 't1', 'agent', 'seed-agent', 'register', '{\"user_id\": \"u1\"}')",
+    )
+    .execute(pool)
+    .await
+    .expect("task row");
+    let schema = agentex_auth_dev::DEFAULT_SCHEMA;
+    let start = schema.find("definition task").expect("task in schema");
+    let end = start
+        + schema[start..]
+            .find("definition schedule")
+            .expect("schedule");
+    common::write_schema(grpc, &format!("{}{}", &schema[..start], &schema[end..])).await;
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_batch_with_one_relationship_the_schema_rejects_delivers_the_others(pool: PgPool) {
     let pool = common::host_db(pool).await;
@@ -193,22 +213,7 @@ async fn a_batch_with_one_relationship_the_schema_rejects_delivers_the_others(po
     for i in 0..5 {
         keys.push(key(&pool, "a1", &format!("k{i}")).await);
     }
-    // A task the schema no longer defines.
-    common::live_tasks(&pool, &["t1".to_string()]).await;
-    sqlx::query(
-        "INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation, principal)
-         VALUES ('task', 't1', 'agent', 'seed-agent', 'register', '{\"user_id\": \"u1\"}')",
-    )
-    .execute(&pool)
-    .await
-    .expect("task row");
-    let schema = agentex_auth_dev::DEFAULT_SCHEMA;
-    let start = schema.find("definition task").expect("task in schema");
-    let end = start
-        + schema[start..]
-            .find("definition schedule")
-            .expect("schedule");
-    common::write_schema(&grpc, &format!("{}{}", &schema[..start], &schema[end..])).await;
+    a_task_the_schema_does_not_define(&pool, &grpc).await;
 
     dev.reset_stats();
     let report = run_once_spicedb(&pool, &grpc, config("w"), 50).await;
@@ -714,21 +719,7 @@ async fn a_group_never_outlasts_the_request_timeout(pool: PgPool) {
     for i in 0..2 {
         key(&pool, "a1", &format!("k{i}")).await;
     }
-    common::live_tasks(&pool, &["t1".to_string()]).await;
-    sqlx::query(
-        "INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation, principal)
-         VALUES ('task', 't1', 'agent', 'seed-agent', 'register', '{\"user_id\": \"u1\"}')",
-    )
-    .execute(&pool)
-    .await
-    .expect("task row");
-    let schema = agentex_auth_dev::DEFAULT_SCHEMA;
-    let start = schema.find("definition task").expect("task in schema");
-    let end = start
-        + schema[start..]
-            .find("definition schedule")
-            .expect("schedule");
-    common::write_schema(&grpc, &format!("{}{}", &schema[..start], &schema[end..])).await;
+    a_task_the_schema_does_not_define(&pool, &grpc).await;
     // Each write takes 300 ms: the shared write and its resends, 1.2 s.
     dev.set_faults(Faults {
         endpoints: [(
