@@ -83,15 +83,22 @@ fn redact(message: &str, url: &str) -> String {
     out
 }
 
-/// Whether retrying the same statement can succeed: the connection or the
-/// server was briefly unavailable (SQLSTATE classes 08 connection, 40
-/// serialization/deadlock, 53 insufficient resources, 57 operator
-/// intervention such as a restart or a statement timeout, 58 system error).
+/// Whether retrying the same statement can succeed: the connection, the
+/// pool or the server was briefly unavailable (SQLSTATE classes 08
+/// connection, 40 serialization/deadlock, 53 insufficient resources, 57
+/// operator intervention such as a restart or a statement timeout, 58
+/// system error).
 /// Anything else — a constraint, a type, a privilege, a trigger raising —
 /// fails the same way every time, so a retry only delays the error.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        // A connection that broke (or a driver that lost track of one): a
+        // new connection may well succeed.
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(d) => d.code().is_some_and(|code| {
             ["08", "40", "53", "57", "58"]
                 .iter()

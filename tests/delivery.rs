@@ -1011,6 +1011,7 @@ async fn only_database_errors_a_retry_can_fix_are_retried(pool: PgPool) {
     let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
     assert!(is_transient(&io));
     assert!(is_transient(&sqlx::Error::PoolTimedOut));
+    assert!(is_transient(&sqlx::Error::WorkerCrashed));
     assert!(!is_transient(&sqlx::Error::RowNotFound));
 }
 
