@@ -985,6 +985,38 @@ async fn malformed_rows_go_dead_and_the_worker_keeps_going(pool: PgPool) {
     );
 }
 
+/// Once an outcome is refused, a `--once` run stops claiming: it does not
+/// go on sending every due row only to fail to record each one.
+#[sqlx::test(migrations = false)]
+async fn a_one_shot_run_stops_sending_at_the_first_refused_outcome(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    for i in 0..20 {
+        agent(&pool, &format!("a{i}")).await;
+    }
+    sqlx::raw_sql(
+        r#"
+        CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'outcomes refused by the test'; END $$;
+        CREATE TRIGGER refuse_delivered BEFORE UPDATE OF state ON authz_outbox
+          FOR EACH ROW WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse_delivered();
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("trigger");
+    let one_at_a_time = authz_outbox::config::WorkerConfig {
+        concurrency: 1,
+        batch_size: 1,
+        ..config("w")
+    };
+    let report = run_once(&pool, &auth.url(), one_at_a_time).await;
+    assert!(report.database_error.is_some(), "{report:?}");
+    let sent = auth.seen().len();
+    assert!(sent < 10, "{sent} of 20 rows sent after the first refusal");
+    assert!(rows(&pool).await.iter().all(|r| r.state == "pending"));
+}
+
 /// What a worker retries: an error the server may not repeat (a statement
 /// cancelled by its timeout, as during a failover or under load, or a lost
 /// connection), not one it always repeats (a division by zero stands for a
