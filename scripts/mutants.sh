@@ -12,6 +12,9 @@
 #   scripts/mutants.sh logic           # one group: logic | client | delivery
 #   scripts/mutants.sh client delivery # several groups
 #   MUTANTS_TIMEOUT=180 scripts/mutants.sh
+#   MUTANTS_ONLY='gave_up' MUTANTS_OUT=target/mutants-recheck \
+#     scripts/mutants.sh delivery      # re-check some of a group's mutants
+#                                      # (a regex on their names) after a new test
 #
 # Mutants are applied IN PLACE (the incremental build is what makes this
 # affordable): do not edit the tree while it runs. cargo-mutants restores
@@ -53,7 +56,7 @@ for group in $GROUPS_TO_RUN; do
     logic)
       run_group logic \
         --file src/delivery/gate.rs --file src/delivery/outcome.rs --file src/auth_client.rs \
-        --re 'src/delivery/(gate|outcome)\.rs|AuthRequest|BearerToken|success|parse_retry_after|one_line|is_bidi_control|short_message|consistency_token' \
+        --re "${MUTANTS_ONLY:-src/delivery/(gate|outcome)\.rs|AuthRequest|BearerToken|success|parse_retry_after|one_line|is_bidi_control|short_message|consistency_token}" \
         -- --lib
       ;;
     # The client on the wire: redirects not followed, bodies cut off, TLS,
@@ -61,7 +64,7 @@ for group in $GROUPS_TO_RUN; do
     client)
       run_group client \
         --file src/auth_client.rs \
-        --re 'AuthClient|read_capped|redact_url|error_chain' \
+        --re "${MUTANTS_ONLY:-AuthClient|read_capped|redact_url|error_chain}" \
         -- --test auth_client --test delivery --test cli
       ;;
     # SQL-backed: claim, record, and the worker's decisions (dead by
@@ -74,7 +77,7 @@ for group in $GROUPS_TO_RUN; do
       run_group delivery \
         --file src/outbox/claim.rs --file src/outbox/record.rs --file src/delivery/worker.rs \
         --file src/db.rs \
-        --re 'src/outbox/|decide|apply_principal_policy|Health::ready|match guard !is_probe|Progress::give_up|Progress::gave_up|is_transient' \
+        --re "${MUTANTS_ONLY:-src/outbox/|decide|apply_principal_policy|Health::ready|match guard !is_probe|Progress::give_up|Progress::gave_up|is_transient}" \
         -- --test delivery
       ;;
     *) echo "unknown group $group (logic | client | delivery)" >&2; exit 2 ;;
