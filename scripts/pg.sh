@@ -2,6 +2,8 @@
 # Throwaway PostgreSQL cluster for tests, the demo and benchmarks.
 # Source this file, then call `pg_start`; it exports DATABASE_URL and
 # PG_DIR and registers `pg_stop` on EXIT. `pg_restart` restarts the server.
+# PG_FSYNC / PG_SYNCHRONOUS_COMMIT (default off) and PG_EXTRA_CONF (lines
+# appended to postgresql.conf, e.g. to preload pg_stat_statements) tune it.
 #
 # Installs the `postgresql` package with apt-get when no initdb is found.
 # PostgreSQL refuses to run as root, so as root the cluster runs as the
@@ -61,6 +63,7 @@ fsync = ${PG_FSYNC:-off}
 synchronous_commit = ${PG_SYNCHRONOUS_COMMIT:-off}
 full_page_writes = off
 shared_buffers = 256MB
+${PG_EXTRA_CONF:-}
 CONF
   trap pg_stop EXIT
   pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 start >/dev/null \

@@ -349,6 +349,42 @@ async fn a_stale_worker_cannot_overwrite_the_new_holders_outcome(pool: PgPool) {
 
 /// Keys deleted while their register is in flight, with two workers racing:
 /// the deregister must never reach agentex-auth before the register's answer.
+/// A draining backlog: statistics taken while every row was pending, most
+/// rows delivered since. The claim must still read due rows from the pending
+/// index: served from the primary key, each claim would filter out every
+/// row delivered so far (200 ms per claim at 150,000 of 200,000 delivered).
+#[sqlx::test(migrations = false)]
+async fn a_claim_reads_the_pending_index_whatever_the_statistics_say(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::raw_sql(
+        r#"
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+        SELECT 'api_key', 'k' || g, 'register', '{"user_id":"u"}' FROM generate_series(1, 3000) g;
+        ANALYZE authz_outbox;
+        UPDATE authz_outbox SET state = 'delivered', finished_at = now()
+        WHERE id < (SELECT min(id) + 2500 FROM authz_outbox);
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("a backlog, mostly drained since its statistics");
+    let plan: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {}", claim::CLAIM_SQL)))
+            .bind("register")
+            .bind(100_i64)
+            .bind("w")
+            .bind(30_000_i64)
+            .bind(None::<chrono::DateTime<chrono::Utc>>)
+            .fetch_all(&pool)
+            .await
+            .expect("explain");
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("authz_outbox_pending_by_operation"),
+        "the claim does not read the pending index:\n{plan}"
+    );
+}
+
 #[sqlx::test(migrations = false)]
 async fn two_workers_never_deliver_a_deregister_before_its_register(pool: PgPool) {
     let pool = common::host_db(pool).await;

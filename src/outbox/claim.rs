@@ -8,6 +8,51 @@ use sqlx::PgPool;
 use super::ClaimedRow;
 use crate::domain::Operation;
 
+/// The claim statement (public so a test can check its plan): binds the
+/// operation, the limit, the worker id, the lease in milliseconds and the
+/// optional `due_by`.
+///
+/// `operation BETWEEN $1 AND $1` and `ORDER BY operation, id` are on
+/// purpose. With `operation = $1` the planner treats the operation as fixed
+/// and may serve `ORDER BY id` from the primary key, filtering out every
+/// finished row on the way. It does so when its statistics were taken while
+/// a backlog was pending (it assumes the pending rows are spread through the
+/// table, not behind the delivered ones), and then each claim of a draining
+/// backlog reads every row delivered so far: 200 ms per claim once 150,000
+/// of 200,000 rows are delivered, where the pending index takes 10 ms (and
+/// under 1 ms once vacuumed). The range keeps the order that only
+/// `authz_outbox_pending_by_operation (operation, id) WHERE state =
+/// 'pending'` provides.
+pub const CLAIM_SQL: &str = r#"
+        WITH due AS (
+            SELECT o.id
+            FROM authz_outbox o
+            WHERE o.state = 'pending'
+              AND o.operation BETWEEN $1 AND $1
+              AND o.next_attempt_at <= least(now(), coalesce($5, now()))
+              AND (o.locked_until IS NULL OR o.locked_until < now())
+              AND NOT EXISTS (
+                  SELECT 1 FROM authz_outbox e
+                  WHERE e.state = 'pending'
+                    AND e.resource_type = o.resource_type
+                    AND e.resource_id = o.resource_id
+                    AND e.id < o.id)
+            ORDER BY o.operation, o.id
+            LIMIT $2
+            FOR UPDATE OF o SKIP LOCKED
+        )
+        UPDATE authz_outbox o
+        SET locked_by = $3,
+            locked_until = now() + $4 * interval '1 millisecond',
+            lease_token = gen_random_uuid(),
+            attempts = o.attempts + 1
+        FROM due
+        WHERE o.id = due.id
+        RETURNING o.id, o.resource_type, o.resource_id, o.parent_type, o.parent_id,
+                  o.operation, o.principal, o.attempts, o.created_at, o.lease_token,
+                  o.guarded, o.origin, o.last_error, o.attributes
+"#;
+
 /// Leases up to `limit` due rows of one operation to `worker_id`.
 ///
 /// A row is due when it is pending, its `next_attempt_at` has passed, no live
@@ -32,39 +77,10 @@ pub async fn claim(
     limit: i64,
     due_by: Option<DateTime<Utc>>,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-    const SQL: &str = r#"
-        WITH due AS (
-            SELECT o.id
-            FROM authz_outbox o
-            WHERE o.state = 'pending'
-              AND o.operation = $1
-              AND o.next_attempt_at <= least(now(), coalesce($5, now()))
-              AND (o.locked_until IS NULL OR o.locked_until < now())
-              AND NOT EXISTS (
-                  SELECT 1 FROM authz_outbox e
-                  WHERE e.state = 'pending'
-                    AND e.resource_type = o.resource_type
-                    AND e.resource_id = o.resource_id
-                    AND e.id < o.id)
-            ORDER BY o.id
-            LIMIT $2
-            FOR UPDATE OF o SKIP LOCKED
-        )
-        UPDATE authz_outbox o
-        SET locked_by = $3,
-            locked_until = now() + $4 * interval '1 millisecond',
-            lease_token = gen_random_uuid(),
-            attempts = o.attempts + 1
-        FROM due
-        WHERE o.id = due.id
-        RETURNING o.id, o.resource_type, o.resource_id, o.parent_type, o.parent_id,
-                  o.operation, o.principal, o.attempts, o.created_at, o.lease_token,
-                  o.guarded, o.origin, o.last_error, o.attributes
-    "#;
     if limit <= 0 {
         return Ok(Vec::new());
     }
-    let mut rows: Vec<ClaimedRow> = sqlx::query_as(SQL)
+    let mut rows: Vec<ClaimedRow> = sqlx::query_as(CLAIM_SQL)
         .bind(operation.as_str())
         .bind(limit)
         .bind(worker_id)
