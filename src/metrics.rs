@@ -120,7 +120,7 @@ pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     metrics::gauge!(READY).set(0.0);
     metrics::gauge!(CREDENTIAL_FAILURE).set(0.0);
     metrics::gauge!(CIRCUIT_OPEN).set(0.0);
-    let stats = crate::outbox::stats::collect(pool, 0).await?;
+    let stats = crate::outbox::stats::collect(pool, crate::outbox::stats::Scope::All, 0).await?;
     let types: Vec<&String> = stats.by_type.keys().collect();
     init_series(&types);
     set_outbox_gauges(&stats);

@@ -246,6 +246,48 @@ async fn status_shows_counts_and_oldest_pending_age_per_type(pool: PgPool) {
     );
 }
 
+/// The gauges refreshed every few seconds count only pending and dead rows
+/// (through their partial indexes); the rows kept for `--retention` are
+/// counted by the full collection alone, which `status` and the worker's
+/// once-a-minute refresh use.
+#[sqlx::test(migrations = false)]
+async fn the_frequent_refresh_counts_only_pending_and_dead_rows(pool: PgPool) {
+    use authz_outbox::outbox::stats::{Scope, collect};
+    let pool = common::host_db(pool).await;
+    sqlx::raw_sql(
+        r#"
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, finished_at)
+        SELECT 'task', 't' || g, 'register', '{"user_id":"u"}', s, CASE WHEN s = 'pending' THEN NULL ELSE now() END
+        FROM generate_series(1, 2) g,
+             unnest(ARRAY['pending', 'delivered', 'dead', 'superseded', 'delivered']) s;
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("rows in every state");
+    let counts = |c: &std::collections::BTreeMap<String, i64>| {
+        c.iter().map(|(k, v)| (k.clone(), *v)).collect::<Vec<_>>()
+    };
+    let live = collect(&pool, Scope::Live, 0).await.expect("live");
+    let expected = vec![("dead".to_string(), 2), ("pending".to_string(), 2)];
+    assert_eq!(counts(&live.counts), expected);
+    assert_eq!(counts(&live.by_type["task"].counts), expected);
+    assert_eq!(
+        counts(&live.by_type["agent"].counts),
+        vec![("dead".to_string(), 0), ("pending".to_string(), 0)]
+    );
+    let all = collect(&pool, Scope::All, 0).await.expect("all");
+    assert_eq!(
+        counts(&all.by_type["task"].counts),
+        vec![
+            ("dead".to_string(), 2),
+            ("delivered".to_string(), 4),
+            ("pending".to_string(), 2),
+            ("superseded".to_string(), 2)
+        ]
+    );
+}
+
 #[test]
 fn the_dashboard_selects_by_resource_type() {
     let text = std::fs::read_to_string(concat!(

@@ -16,7 +16,7 @@ pub struct StatusArgs {
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let pool = args.db.connect(2).await?;
-    let s = stats::collect(&pool, args.dead).await?;
+    let s = stats::collect(&pool, stats::Scope::All, args.dead).await?;
     match args.format {
         Format::Json => print_json(&s)?,
         Format::Table => {

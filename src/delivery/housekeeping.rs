@@ -11,10 +11,13 @@ use tokio_util::sync::CancellationToken;
 use super::gate::OpenReason;
 use super::worker::Health;
 use crate::metrics as m;
-use crate::outbox::{prune, stats};
+use crate::outbox::prune;
+use crate::outbox::stats::{self, Scope};
 
 const TICK: Duration = Duration::from_secs(1);
 const STATS_EVERY: u32 = 5;
+/// Delivered and superseded rows are counted this often (see [`Scope`]).
+const ALL_STATS_EVERY: u32 = 60;
 const PRUNE_EVERY: u32 = 60;
 const PRUNE_BATCH: i64 = 1000;
 
@@ -33,7 +36,12 @@ pub async fn run(
             .set(f64::from(u8::from(gate == Some(OpenReason::Credential))));
         metrics::gauge!(m::CIRCUIT_OPEN).set(f64::from(u8::from(gate == Some(OpenReason::Outage))));
         if tick.is_multiple_of(STATS_EVERY) {
-            refresh_gauges(&pool, &health).await;
+            let scope = if tick.is_multiple_of(ALL_STATS_EVERY) {
+                Scope::All
+            } else {
+                Scope::Live
+            };
+            refresh_gauges(&pool, &health, scope).await;
             if let Err(e) = super::listener::refresh(&pool, &worker_id).await {
                 tracing::debug!(error = %e, "refreshing wake-up marks failed");
             }
@@ -50,8 +58,8 @@ pub async fn run(
     }
 }
 
-async fn refresh_gauges(pool: &PgPool, health: &Health) {
-    match stats::collect(pool, 0).await {
+async fn refresh_gauges(pool: &PgPool, health: &Health, scope: Scope) {
+    match stats::collect(pool, scope, 0).await {
         Ok(s) => {
             health.database_ok.store(true, Ordering::Relaxed);
             // Every installed mapping type has its series (a mapping

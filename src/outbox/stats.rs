@@ -34,10 +34,31 @@ pub struct TypeStats {
 }
 
 impl TypeStats {
-    fn zero() -> Self {
+    fn zero(states: &[&str]) -> Self {
         TypeStats {
-            counts: super::STATES.iter().map(|s| (s.to_string(), 0)).collect(),
+            counts: states.iter().map(|s| (s.to_string(), 0)).collect(),
             oldest_pending_age_seconds: 0.0,
+        }
+    }
+}
+
+/// Which rows a collection counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every state: `status`, and the metrics now and then.
+    All,
+    /// Pending and dead rows only, read through their partial indexes: what
+    /// alerts watch, cheap enough for every few seconds. Counting delivered
+    /// and superseded rows reads the whole table (the rows kept for
+    /// `--retention`): 0.4 s at a million rows, against under 1 ms for these.
+    Live,
+}
+
+impl Scope {
+    fn states(self) -> &'static [&'static str] {
+        match self {
+            Scope::All => &super::STATES,
+            Scope::Live => &["pending", "dead"],
         }
     }
 }
@@ -54,12 +75,25 @@ pub struct DeadRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// Collects [`OutboxStats`], with up to `dead_limit` recent dead rows.
-pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx::Error> {
+/// Collects [`OutboxStats`] over `scope` (the counts hold exactly its
+/// states), with up to `dead_limit` recent dead rows.
+pub async fn collect(
+    pool: &PgPool,
+    scope: Scope,
+    dead_limit: i64,
+) -> Result<OutboxStats, sqlx::Error> {
     const COUNTS: &str = r#"
         SELECT resource_type, state, operation, count(*)::bigint,
                coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
         FROM authz_outbox
+        GROUP BY resource_type, state, operation
+    "#;
+    // An OR of the two partial indexes' predicates, so both are used.
+    const LIVE_COUNTS: &str = r#"
+        SELECT resource_type, state, operation, count(*)::bigint,
+               coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+        FROM authz_outbox
+        WHERE state = 'pending' OR state = 'dead'
         GROUP BY resource_type, state, operation
     "#;
     const PENDING: &str = r#"
@@ -75,15 +109,20 @@ pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx
         ORDER BY finished_at DESC NULLS LAST, id DESC
         LIMIT $1
     "#;
+    let states = scope.states();
     let mut stats = OutboxStats::default();
-    for state in super::STATES {
+    for state in states {
         stats.counts.insert(state.to_string(), 0);
     }
     for resource_type in installed_types(pool).await? {
-        stats.by_type.insert(resource_type, TypeStats::zero());
+        stats.by_type.insert(resource_type, TypeStats::zero(states));
     }
+    let counts = match scope {
+        Scope::All => COUNTS,
+        Scope::Live => LIVE_COUNTS,
+    };
     let rows: Vec<(String, String, String, i64, f64)> =
-        sqlx::query_as(COUNTS).fetch_all(pool).await?;
+        sqlx::query_as(counts).fetch_all(pool).await?;
     for (resource_type, state, operation, n, age) in rows {
         *stats.counts.entry(state.clone()).or_default() += n;
         *stats
@@ -95,7 +134,7 @@ pub async fn collect(pool: &PgPool, dead_limit: i64) -> Result<OutboxStats, sqlx
         let by_type = stats
             .by_type
             .entry(resource_type)
-            .or_insert_with(TypeStats::zero);
+            .or_insert_with(|| TypeStats::zero(states));
         *by_type.counts.entry(state.clone()).or_default() += n;
         if state == "pending" {
             by_type.oldest_pending_age_seconds = by_type.oldest_pending_age_seconds.max(age);
