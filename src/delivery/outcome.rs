@@ -210,4 +210,34 @@ mod tests {
             }
         );
     }
+
+    /// `last_error` names the status's meaning, so an operator reading
+    /// `status` or a dead row sees why without looking the code up.
+    #[test]
+    fn each_status_is_described_by_its_meaning() {
+        for (code, label) in [
+            (401, "credential rejected"),
+            (403, "principal not allowed"),
+            (404, "not found"),
+            (409, "conflict"),
+            (422, "unprocessable"),
+            (429, "rate limited"),
+            (502, "bad gateway"),
+            (503, "temporarily unavailable"),
+            (400, "client error"),
+            (418, "client error"),
+            (499, "client error"),
+            (500, "server error"),
+            (504, "server error"),
+            (599, "server error"),
+            (302, "unexpected status"),
+            (600, "unexpected status"),
+        ] {
+            assert_eq!(describe(code, ""), format!("HTTP {code} {label}"));
+        }
+        assert_eq!(
+            describe(409, "already there"),
+            "HTTP 409 conflict: already there"
+        );
+    }
 }
