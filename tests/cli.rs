@@ -567,25 +567,18 @@ async fn run_once_exits_1_when_a_row_it_attempted_went_dead_and_2_on_a_rejected_
     assert!(String::from_utf8_lossy(&out.stderr).contains("rejected the credential"));
 
     // The database refuses the outcome: exit 2 with the reason, at once.
-    sqlx::raw_sql(
-        r#"
-        UPDATE authz_outbox SET state = 'delivered' WHERE state = 'pending';
-        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'no outcomes today'; END $$;
-        CREATE TRIGGER refuse BEFORE UPDATE OF state ON authz_outbox
-          FOR EACH ROW WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse();
-        "#,
-    )
-    .execute(&pool)
-    .await
-    .expect("trigger");
+    sqlx::query("UPDATE authz_outbox SET state = 'delivered' WHERE state = 'pending'")
+        .execute(&pool)
+        .await
+        .expect("earlier rows settled");
+    common::refuse_delivered_outcomes(&pool).await;
     task_rows(&pool, &ids(&["d-ok"])).await;
     let out = run_async(&args, &env).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("the run stopped early: recording outcomes")
-            && stderr.contains("no outcomes today"),
+            && stderr.contains("outcomes refused by the test"),
         "{stderr}"
     );
 }

@@ -1030,17 +1030,7 @@ async fn a_one_shot_run_stops_sending_at_the_first_refused_outcome(pool: PgPool)
     for i in 0..20 {
         agent(&pool, &format!("a{i}")).await;
     }
-    sqlx::raw_sql(
-        r#"
-        CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN RAISE EXCEPTION 'outcomes refused by the test'; END $$;
-        CREATE TRIGGER refuse_delivered BEFORE UPDATE OF state ON authz_outbox
-          FOR EACH ROW WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse_delivered();
-        "#,
-    )
-    .execute(&pool)
-    .await
-    .expect("trigger");
+    common::refuse_delivered_outcomes(&pool).await;
     let one_at_a_time = authz_outbox::config::WorkerConfig {
         concurrency: 1,
         batch_size: 1,
@@ -1092,22 +1082,7 @@ async fn a_one_shot_run_stops_when_the_database_refuses_its_outcomes(pool: PgPoo
     let pool = common::host_db(pool).await;
     let auth = ScriptedAuth::always(Answer::ok()).await;
     agent(&pool, "a1").await;
-    sqlx::raw_sql(
-        r#"
-        CREATE SEQUENCE refusals;
-        CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-          -- A sequence counts the refusals: it survives the rollback.
-          IF NEW.state = 'delivered' THEN PERFORM nextval('refusals'); RAISE EXCEPTION 'outcomes refused by the test'; END IF;
-          RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_delivered BEFORE UPDATE ON authz_outbox
-          FOR EACH ROW EXECUTE FUNCTION refuse_delivered();
-        "#,
-    )
-    .execute(&pool)
-    .await
-    .expect("trigger");
+    common::refuse_delivered_outcomes(&pool).await;
 
     let report = run_once(&pool, &auth.url(), config("w")).await;
     let error = report
@@ -1118,12 +1093,11 @@ async fn a_one_shot_run_stops_when_the_database_refuses_its_outcomes(pool: PgPoo
         "{error}"
     );
     // Not retried: the same statement fails the same way every time.
-    let refusals: i64 =
-        sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refusals")
-            .fetch_one(&pool)
-            .await
-            .expect("refusals");
-    assert_eq!(refusals, 1, "a refused outcome was written again");
+    assert_eq!(
+        common::refusals(&pool).await,
+        1,
+        "a refused outcome was written again"
+    );
     assert_eq!(report.delivered, 0);
     let all = rows(&pool).await;
     assert_eq!(all.len(), 1);

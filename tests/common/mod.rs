@@ -452,3 +452,33 @@ pub async fn write_schema(endpoint: &str, schema: &str) {
         .await
         .expect("schema written");
 }
+
+/// Makes the database refuse every outcome that marks a row delivered (a
+/// trigger raising "outcomes refused by the test"), as a revoked grant or a
+/// constraint would; `refusals()` counts the refused writes.
+pub async fn refuse_delivered_outcomes(pool: &PgPool) {
+    sqlx::raw_sql(
+        r#"
+        CREATE SEQUENCE refusals;
+        CREATE FUNCTION refuse_delivered() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          -- A sequence counts the refusals: it survives the rollback.
+          PERFORM nextval('refusals');
+          RAISE EXCEPTION 'outcomes refused by the test';
+        END $$;
+        CREATE TRIGGER refuse_delivered BEFORE UPDATE OF state ON authz_outbox
+          FOR EACH ROW WHEN (NEW.state = 'delivered') EXECUTE FUNCTION refuse_delivered();
+        "#,
+    )
+    .execute(pool)
+    .await
+    .expect("refusing trigger");
+}
+
+/// How many writes [`refuse_delivered_outcomes`] refused.
+pub async fn refusals(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM refusals")
+        .fetch_one(pool)
+        .await
+        .expect("refusals")
+}
