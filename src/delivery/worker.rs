@@ -91,24 +91,21 @@ struct Progress {
     /// Rows claimed and not yet written back.
     outstanding: AtomicUsize,
     report: Mutex<RunReport>,
-    /// The last database error no retry could fix; a `--once` run stops on it.
-    database_error: Mutex<Option<String>>,
 }
 
 impl Progress {
+    fn report(&self) -> std::sync::MutexGuard<'_, RunReport> {
+        self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a database error no retry could fix; a `--once` run stops on it.
     fn give_up(&self, what: &str, e: &sqlx::Error) {
-        *self
-            .database_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(format!("{what}: {e}"));
+        self.report().database_error = Some(format!("{what}: {e}"));
         self.wake.notify_one();
     }
 
     fn gave_up(&self) -> bool {
-        self.database_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.report().database_error.is_some()
     }
 }
 
@@ -313,17 +310,8 @@ impl Worker {
                 tracing::error!(error = %e, "worker task ended abnormally");
             }
         }
-        let mut report = progress
-            .report
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut report = progress.report().clone();
         report.credential_failure = credential_failure;
-        report.database_error = progress
-            .database_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
         report
     }
 }
@@ -680,12 +668,7 @@ async fn settle_stale(
     if !pairs.is_empty() {
         let n = pairs.len() as u64;
         // Each pair is two rows: the claimed register and its deregister.
-        shared
-            .progress
-            .report
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .superseded += 2 * n;
+        shared.progress.report().superseded += 2 * n;
         for id in &pairs {
             let kind = fresh_registers
                 .iter()
@@ -954,7 +937,7 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
     match written {
         Ok(written) => {
             let by_id: HashMap<i64, _> = written.into_iter().map(|w| (w.id, w)).collect();
-            let mut report = progress.report.lock().unwrap_or_else(|p| p.into_inner());
+            let mut report = progress.report();
             for s in batch.iter() {
                 let op = s.operation.as_str();
                 let Some(w) = by_id.get(&s.recorded.id) else {
