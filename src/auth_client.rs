@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use url::Url;
 
+use crate::display;
 use crate::domain::ResourceRef;
 
 /// The service credential. Its `Debug` never shows the value, so it cannot
@@ -213,7 +214,7 @@ impl AuthClient {
         let response = match builder.send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => return AuthAnswer::Timeout,
-            Err(e) => return AuthAnswer::Network(one_line(&error_chain(&e), 300)),
+            Err(e) => return AuthAnswer::Network(display::line(&error_chain(&e), 300)),
         };
         let status = response.status();
         let code = status.as_u16();
@@ -221,7 +222,7 @@ impl AuthClient {
             let location = response
                 .headers()
                 .get(LOCATION)
-                .map(|v| one_line(&String::from_utf8_lossy(v.as_bytes()), 200))
+                .map(|v| display::line(&String::from_utf8_lossy(v.as_bytes()), 200))
                 .unwrap_or_default();
             return AuthAnswer::Redirect {
                 status: code,
@@ -236,7 +237,7 @@ impl AuthClient {
         let body = match read_capped(response, MAX_BODY_BYTES).await {
             Ok(body) => body,
             Err(e) if e.is_timeout() => return AuthAnswer::Timeout,
-            Err(e) => return AuthAnswer::Network(one_line(&error_chain(&e), 300)),
+            Err(e) => return AuthAnswer::Network(display::line(&error_chain(&e), 300)),
         };
         if status.is_success() {
             return success(code, &body);
@@ -321,7 +322,8 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
         .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
-/// One line, at most 200 characters, of an error body.
+/// One line, at most 200 characters, of an error body, escaped
+/// ([`display::line`]): it reaches a terminal, a log line and `last_error`.
 fn short_message(body: &str) -> String {
     let detail = serde_json::from_str::<Value>(body)
         .ok()
@@ -332,51 +334,16 @@ fn short_message(body: &str) -> String {
             })
         })
         .unwrap_or_else(|| body.to_string());
-    one_line(&detail, 200)
+    display::line(&detail, 200)
 }
 
-/// Text from a server made safe for a terminal, a text log line and
-/// `last_error`: control characters (ANSI escapes, carriage returns, NUL)
-/// and bidirectional overrides are dropped, whitespace runs become one
-/// space, and at most `max` characters are kept.
+/// Text from a server as one line of at most `max` characters, escaped
+/// ([`crate::display::line`]). Kept for the callers that still name it here.
 pub fn one_line(text: &str, max: usize) -> String {
-    let cleaned: String = text
-        .chars()
-        .map(|c| if c.is_whitespace() { ' ' } else { c })
-        .filter(|c| !c.is_control() && !is_bidi_control(*c))
-        .collect();
-    let line = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
-    line.chars().take(max).collect()
+    crate::display::line(text, max)
 }
 
-/// Characters that reorder how a terminal shows the text around them.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// A URL as it may be shown: without user-info (`user:password@`). Text
-/// that does not parse as a URL is not shown at all past its scheme.
-pub fn redact_url(raw: &str) -> String {
-    match Url::parse(raw) {
-        // `user:pass@host` parses as scheme `user` and an opaque path.
-        Ok(url) if url.host().is_none() && raw.contains('@') => "<redacted>".into(),
-        Ok(mut url) => {
-            if !url.username().is_empty() || url.password().is_some() {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-            }
-            url.to_string()
-        }
-        Err(_) => match raw.split_once("://") {
-            Some((scheme, rest)) => match rest.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://<redacted>@{host}"),
-                None => raw.to_string(),
-            },
-            None if raw.contains('@') => "<redacted>".into(),
-            None => raw.to_string(),
-        },
-    }
-}
+pub use crate::display::redact_url;
 
 /// reqwest's top-level message hides the cause ("error sending request");
 /// the chain names it (connection refused, reset...).
@@ -495,15 +462,11 @@ mod tests {
     #[test]
     fn server_text_is_terminal_safe() {
         assert_eq!(
-            one_line("a\u{1b}[31mred\u{1b}[0m\r\nb\u{7}\u{0}c", 100),
-            "a[31mred[0m bc"
-        );
-        assert_eq!(one_line("x\u{202e}evil\u{2066}", 100), "xevil");
-        assert_eq!(
             short_message(r#"{"error":"bad\u001b]0;pwned\u0007"}"#),
-            "bad]0;pwned"
+            "bad\\u{1b}]0;pwned\\u{7}"
         );
-        assert!(!short_message("\u{9b}2J").contains('\u{9b}'));
+        assert_eq!(short_message("\u{9b}2J"), "\\u{9b}2J");
+        assert_eq!(short_message("x\u{202e}evil\r\n"), "x\\u{202e}evil");
     }
 
     #[test]
@@ -553,8 +516,10 @@ mod tests {
 
     #[test]
     fn error_bodies_become_one_short_line() {
-        assert_eq!(short_message(r#"{"error":"bad\nthing"}"#), "bad thing");
-        assert_eq!(short_message(&"x".repeat(500)).len(), 200);
+        assert_eq!(short_message(r#"{"error":"bad\nthing"}"#), "bad\\nthing");
+        let long = short_message(&"x".repeat(500));
+        assert_eq!(long.chars().count(), 200);
+        assert!(long.ends_with(display::ELLIPSIS), "{long}");
         assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }

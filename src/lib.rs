@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod delivery;
+pub mod display;
 pub mod domain;
 pub mod http;
 pub mod mapping;

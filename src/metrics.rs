@@ -3,13 +3,16 @@
 //!
 //! Labels: `resource_type` on [`ROWS`] (with `state`), [`OLDEST_PENDING_AGE`],
 //! [`DELIVERIES`] (with `operation`, `outcome`) and [`DEAD_ROWS`], so an
-//! operator sees which type is backing up. Every labelled series a
+//! operator sees which type is backing up: the built-in types and each
+//! installed mapping's type (up to [`MAX_CUSTOM_TYPES`]); rows of any other
+//! type share `unknown`. Every labelled series a
 //! dashboard or an alert reads is created at zero when the worker starts
 //! ([`init_series`]), for every installed mapping type, operation and
 //! outcome: a fresh deployment's panels show zero, not "no data", and an
 //! `increase()` over a counter sees its first step.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::{OnceLock, RwLock};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -45,9 +48,19 @@ pub const ALL: &[&str] = &[
     RECONCILE_LAST_RUN,
 ];
 
-/// The resource types a label can take (`unknown` for anything else, so a
-/// bad row cannot mint series).
+/// The built-in resource types, always a label of their own.
 pub const RESOURCE_TYPES: &[&str] = &["agent", "api_key", "schedule", "task"];
+
+/// The most other types (custom SpiceDB definitions with an installed
+/// mapping) that get a label of their own. Types come from installed
+/// mappings, a set an operator writes by hand; the cap only matters if
+/// something installs mappings by the thousand, and then keeps the series
+/// count (and the memory each label holds) bounded.
+pub const MAX_CUSTOM_TYPES: usize = 64;
+
+/// The label of every type not registered: rows of a type no mapping
+/// names (a hand-written INSERT), and types past [`MAX_CUSTOM_TYPES`].
+pub const UNKNOWN_TYPE: &str = "unknown";
 
 /// Every `operation` label.
 pub const OPERATIONS: &[&str] = &["register", "deregister"];
@@ -55,13 +68,66 @@ pub const OPERATIONS: &[&str] = &["register", "deregister"];
 /// Every `outcome` label of [`DELIVERIES`].
 pub const OUTCOMES: &[&str] = &["delivered", "retry", "released", "dead", "superseded"];
 
-/// The `resource_type` label for a row's type: a known type, or `unknown`.
+/// The custom types with a label of their own, registered from the
+/// installed mappings. Each name is leaked once, so a label is a
+/// `&'static str` like the built-ins; the set only grows, never past `max`.
+struct TypeLabels {
+    custom: RwLock<Vec<&'static str>>,
+    max: usize,
+}
+
+impl TypeLabels {
+    const fn new(max: usize) -> Self {
+        TypeLabels {
+            custom: RwLock::new(Vec::new()),
+            max,
+        }
+    }
+
+    fn register<S: AsRef<str>>(&self, types: &[S]) -> Vec<String> {
+        let mut refused = Vec::new();
+        let mut custom = self.custom.write().unwrap_or_else(|p| p.into_inner());
+        for t in types {
+            let t = t.as_ref();
+            if RESOURCE_TYPES.contains(&t) || custom.contains(&t) {
+                continue;
+            }
+            if t.parse::<crate::domain::ResourceType>().is_err() || custom.len() >= self.max {
+                refused.push(t.to_string());
+                continue;
+            }
+            custom.push(Box::leak(t.to_string().into_boxed_str()));
+        }
+        refused
+    }
+
+    fn label(&self, resource_type: &str) -> &'static str {
+        if let Some(t) = RESOURCE_TYPES.iter().find(|t| **t == resource_type) {
+            return t;
+        }
+        self.custom
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|t| **t == resource_type)
+            .copied()
+            .unwrap_or(UNKNOWN_TYPE)
+    }
+}
+
+static TYPE_LABELS: TypeLabels = TypeLabels::new(MAX_CUSTOM_TYPES);
+
+/// Gives each of `types` (the installed mappings' types) a label of its
+/// own: a valid SpiceDB definition name, up to [`MAX_CUSTOM_TYPES`] besides
+/// the built-ins. Idempotent; returns the types left at `unknown`.
+pub fn register_types<S: AsRef<str>>(types: &[S]) -> Vec<String> {
+    TYPE_LABELS.register(types)
+}
+
+/// The `resource_type` label for a row's type: a built-in or registered
+/// type, or [`UNKNOWN_TYPE`] (so a bad row cannot mint series).
 pub fn type_label(resource_type: &str) -> &'static str {
-    RESOURCE_TYPES
-        .iter()
-        .find(|t| **t == resource_type)
-        .copied()
-        .unwrap_or("unknown")
+    TYPE_LABELS.label(resource_type)
 }
 
 /// Creates every labelled series at zero for `types` (the installed
@@ -90,17 +156,45 @@ pub fn init_series<S: AsRef<str>>(types: &[S]) {
 /// Sets the outbox gauges from `stats`: rows by type and state (every
 /// installed type, zero or not), the oldest pending age by type, leased
 /// rows.
+///
+/// Types that share a label (every type at `unknown`) are added up, their
+/// ages the oldest of them: set one after the other, the last would
+/// overwrite the others' counts.
 pub fn set_outbox_gauges(stats: &crate::outbox::stats::OutboxStats) {
+    let mut by_label: BTreeMap<&'static str, (BTreeMap<&str, i64>, f64)> = BTreeMap::new();
     for (resource_type, t) in &stats.by_type {
-        let label = type_label(resource_type);
+        let (counts, age) = by_label.entry(type_label(resource_type)).or_default();
         for (state, n) in &t.counts {
-            metrics::gauge!(ROWS, "state" => state.clone(), "resource_type" => label)
-                .set(*n as f64);
+            *counts.entry(state.as_str()).or_default() += n;
         }
-        metrics::gauge!(OLDEST_PENDING_AGE, "resource_type" => label)
-            .set(t.oldest_pending_age_seconds);
+        *age = age.max(t.oldest_pending_age_seconds);
+    }
+    for (label, (counts, age)) in by_label {
+        for (state, n) in counts {
+            metrics::gauge!(ROWS, "state" => state.to_string(), "resource_type" => label)
+                .set(n as f64);
+        }
+        metrics::gauge!(OLDEST_PENDING_AGE, "resource_type" => label).set(age);
     }
     metrics::gauge!(LEASED_ROWS).set(stats.leased as f64);
+}
+
+/// Registers the installed mappings' types ([`register_types`]), warning
+/// once per type that must share `unknown`.
+pub async fn register_installed_types(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    let installed = crate::outbox::stats::installed_types(pool).await?;
+    let refused = register_types(&installed);
+    if !refused.is_empty() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                types = %crate::display::Escaped(&refused.join(",")),
+                max = MAX_CUSTOM_TYPES,
+                "more installed resource types than metric labels; these share resource_type=\"unknown\""
+            )
+        });
+    }
+    Ok(())
 }
 
 /// Sets the reconcile gauges from the latest recorded run (zero when none).
@@ -120,6 +214,7 @@ pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     metrics::gauge!(READY).set(0.0);
     metrics::gauge!(CREDENTIAL_FAILURE).set(0.0);
     metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    register_installed_types(pool).await?;
     let stats = crate::outbox::stats::collect(pool, crate::outbox::stats::Scope::All, 0).await?;
     let types: Vec<&String> = stats.by_type.keys().collect();
     init_series(&types);
@@ -189,4 +284,71 @@ fn describe() {
         RECONCILE_LAST_RUN,
         "When the latest reconcile run finished."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::stats::{OutboxStats, TypeStats};
+
+    fn type_stats(pending: i64, age: f64) -> TypeStats {
+        TypeStats {
+            counts: [("pending".to_string(), pending), ("dead".to_string(), 0)]
+                .into_iter()
+                .collect(),
+            oldest_pending_age_seconds: age,
+        }
+    }
+
+    /// The gauges as one recorder of the test's own sees them.
+    fn rendered(stats: &OutboxStats) -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || set_outbox_gauges(stats));
+        handle.render()
+    }
+
+    #[test]
+    fn each_installed_custom_type_keeps_its_own_label() {
+        assert!(register_types(&["document", "folder"]).is_empty());
+        assert_eq!(type_label("document"), "document");
+        assert_eq!(type_label("folder"), "folder");
+        assert_eq!(type_label("api_key"), "api_key");
+        assert_eq!(type_label("never_installed"), UNKNOWN_TYPE);
+        let mut stats = OutboxStats::default();
+        stats.by_type.insert("document".into(), type_stats(2, 5.0));
+        stats.by_type.insert("folder".into(), type_stats(7, 9.0));
+        stats.by_type.insert("stray_one".into(), type_stats(3, 1.0));
+        stats.by_type.insert("stray_two".into(), type_stats(4, 8.0));
+        let body = rendered(&stats);
+        for series in [
+            r#"authz_outbox_rows{state="pending",resource_type="document"} 2"#,
+            r#"authz_outbox_rows{state="pending",resource_type="folder"} 7"#,
+            r#"authz_outbox_oldest_pending_age_seconds{resource_type="document"} 5"#,
+            r#"authz_outbox_oldest_pending_age_seconds{resource_type="folder"} 9"#,
+            // Types without a label of their own add up, not overwrite.
+            r#"authz_outbox_rows{state="pending",resource_type="unknown"} 7"#,
+            r#"authz_outbox_oldest_pending_age_seconds{resource_type="unknown"} 8"#,
+        ] {
+            assert!(body.contains(series), "{series} missing:\n{body}");
+        }
+    }
+
+    #[test]
+    fn labels_stay_few_and_well_formed() {
+        let labels = TypeLabels::new(4);
+        let refused = labels.register(&["Bad Type", "x\u{1b}[2J", "ok_type/nested_type", "agent"]);
+        assert_eq!(refused, vec!["Bad Type".to_string(), "x\u{1b}[2J".to_string()]);
+        assert_eq!(labels.label("Bad Type"), UNKNOWN_TYPE);
+        assert_eq!(labels.label("ok_type/nested_type"), "ok_type/nested_type");
+        assert_eq!(labels.label("agent"), "agent");
+        let many: Vec<String> = (0..10).map(|i| format!("bulk_{i:03}")).collect();
+        assert_eq!(labels.register(&many).len(), 7, "past the cap, types share unknown");
+        let labelled = |l: &TypeLabels| many.iter().filter(|t| l.label(t) != UNKNOWN_TYPE).count();
+        assert_eq!(labelled(&labels), 3);
+        // Registering again changes nothing.
+        labels.register(&many);
+        assert_eq!(labelled(&labels), 3);
+        assert_eq!(labels.custom.read().map(|c| c.len()).unwrap_or(0), 4);
+    }
 }

@@ -415,10 +415,11 @@ pub async fn print_sql(
         if let Some(lock) = install::lock_statement(&plan) {
             let _ = writeln!(out, "{lock};");
         }
+        out.push_str("SET LOCAL search_path = pg_catalog, pg_temp;\n");
         for s in &plan.statements {
             // The linter's rule is about objects clients use; these are the
             // tool's own generated objects, replaced in this transaction.
-            if s.sql.starts_with("DROP FUNCTION") || s.sql.starts_with("DO $$ DECLARE f") {
+            if s.sql.starts_with("DROP FUNCTION") || s.sql.contains("EXECUTE 'DROP FUNCTION '") {
                 out.push_str("-- squawk-ignore ban-drop-function\n");
             } else if s.sql.starts_with("DROP VIEW") {
                 out.push_str("-- squawk-ignore ban-drop-view\n");

@@ -18,7 +18,9 @@ use spicedb_grpc_tonic::v1::{
     consistency::Requirement,
 };
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::display;
 
 /// The largest message sent or accepted (SpiceDB's own default).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -47,10 +49,16 @@ impl fmt::Debug for SpiceDbToken {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpiceDbClientError {
+    /// The endpoint is shown redacted ([`display::redact_url`]): a
+    /// password in it never reaches a terminal or a log.
     #[error("invalid SpiceDB endpoint {endpoint:?}: {error}")]
     BadEndpoint { endpoint: String, error: String },
     #[error("the SpiceDB token is not a valid header value")]
     BadToken,
+    #[error("invalid SpiceDB CA certificates: {0}")]
+    BadCa(String),
+    #[error("cannot use the SpiceDB CA file {0}: {1}")]
+    CaFile(String, String),
 }
 
 /// A failed call, before any interpretation.
@@ -80,8 +88,9 @@ impl From<tonic::Status> for CallError {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_millis);
-        let message = status.message().split_whitespace().collect::<Vec<_>>();
-        let message: String = message.join(" ").chars().take(300).collect();
+        // SpiceDB's (or a proxy's) own text: it reaches `last_error`, a log
+        // line and a terminal, so it is escaped and bounded.
+        let message = display::line(status.message(), 300);
         CallError {
             code: status.code(),
             message,
@@ -126,7 +135,7 @@ pub struct SpiceDbClient {
 impl fmt::Debug for SpiceDbClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiceDbClient")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &display::redact_url(&self.endpoint))
             .finish_non_exhaustive()
     }
 }
@@ -152,8 +161,8 @@ impl SpiceDbClient {
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, SpiceDbClientError> {
         let bad = |error: String| SpiceDbClientError::BadEndpoint {
-            endpoint: endpoint.to_string(),
-            error,
+            endpoint: display::redact_url(endpoint),
+            error: display::error_line(&error),
         };
         let url = url::Url::parse(endpoint).map_err(|e| bad(e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
@@ -166,6 +175,11 @@ impl SpiceDbClient {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(request_timeout);
+        if url.scheme() == "https"
+            && let Some(pem) = ca_pem
+        {
+            check_ca_pem(pem).map_err(SpiceDbClientError::BadCa)?;
+        }
         let builder = tls(builder, &url, ca_pem).map_err(bad)?;
         let channel = builder.connect_lazy();
         let authorization = token
@@ -187,8 +201,9 @@ impl SpiceDbClient {
         })
     }
 
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// The endpoint as it may be shown (no user-info, escaped).
+    pub fn endpoint(&self) -> String {
+        display::redact_url(&self.endpoint)
     }
 
     /// The deadline of one call (`--request-timeout`).
@@ -309,13 +324,47 @@ impl SpiceDbClient {
 fn tls(builder: Endpoint, url: &url::Url, ca_pem: Option<&[u8]>) -> Result<Endpoint, String> {
     match url.scheme() {
         "https" => builder
-            .tls_config(crate::reconcile::spicedb::tls_config(ca_pem))
+            .tls_config(tls_config(ca_pem))
             .map_err(|e| format!("TLS: {e}")),
         _ if ca_pem.is_some() => {
             Err("a CA file is set but the endpoint is http://; use https://".into())
         }
         _ => Ok(builder),
     }
+}
+
+/// The TLS every SpiceDB client of this crate uses (this one, reconcile's
+/// reader): the system's roots, plus `ca_pem` (checked with
+/// [`check_ca_pem`] by whoever read it).
+pub fn tls_config(ca_pem: Option<&[u8]>) -> ClientTlsConfig {
+    let mut tls_config = ClientTlsConfig::new().with_native_roots();
+    if let Some(pem) = ca_pem {
+        tls_config = tls_config.ca_certificate(Certificate::from_pem(pem));
+    }
+    tls_config
+}
+
+/// How many PEM certificates `pem` holds, refusing none. A CA file with no
+/// certificate in it (an empty file, a key, the wrong file mounted) would
+/// otherwise be accepted silently and trust nothing beyond the system's
+/// roots, so a private CA's server fails every handshake with a message
+/// that does not name the file.
+pub fn check_ca_pem(pem: &[u8]) -> Result<usize, String> {
+    match reqwest::Certificate::from_pem_bundle(pem) {
+        Ok(certificates) if !certificates.is_empty() => Ok(certificates.len()),
+        Ok(_) => Err("no PEM certificate in it".into()),
+        Err(e) => Err(display::error_line(&e.to_string())),
+    }
+}
+
+/// Reads a SpiceDB CA file (`SPICEDB_CA_FILE`) and checks that it holds a
+/// certificate.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<u8>, SpiceDbClientError> {
+    let shown = display::escape(&path.display().to_string()).into_owned();
+    let pem = std::fs::read(path)
+        .map_err(|e| SpiceDbClientError::CaFile(shown.clone(), e.to_string()))?;
+    check_ca_pem(&pem).map_err(|reason| SpiceDbClientError::CaFile(shown, reason))?;
+    Ok(pem)
 }
 
 #[cfg(test)]
@@ -332,7 +381,11 @@ mod tests {
             .insert("grpc-retry-pushback-ms", "1500".parse().expect("ascii"));
         let e = CallError::from(status);
         assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
-        assert_eq!(e.to_string(), "RESOURCE_EXHAUSTED: slow down");
+        assert_eq!(e.to_string(), "RESOURCE_EXHAUSTED: slow\\ndown");
+        let e = CallError::from(tonic::Status::invalid_argument(
+            "bad \u{1b}[2J\u{202e}id\r\n",
+        ));
+        assert_eq!(e.message, "bad \\u{1b}[2J\\u{202e}id");
     }
 
     #[tokio::test]
@@ -343,6 +396,30 @@ mod tests {
             .expect_err("CA file with http")
             .to_string();
         assert!(err.contains("use https://"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_ca_without_a_certificate_is_refused() {
+        let t = Duration::from_secs(1);
+        for pem in [&b""[..], b"not a certificate\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"] {
+            let err = SpiceDbClient::with_ca("https://h:1", None, t, Some(pem))
+                .expect_err("no certificate")
+                .to_string();
+            assert!(err.contains("no PEM certificate"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_is_shown_without_its_password() {
+        let t = Duration::from_secs(1);
+        let err = SpiceDbClient::new("http://svc:pa55word@spicedb:notaport", None, t)
+            .expect_err("bad port")
+            .to_string();
+        assert!(!err.contains("pa55word"), "{err}");
+        let client = SpiceDbClient::new("http://svc:pa55word@spicedb:50051", None, t)
+            .expect("valid endpoint");
+        assert!(!format!("{client:?}").contains("pa55word"));
+        assert_eq!(client.endpoint(), "http://spicedb:50051/");
     }
 
     #[test]

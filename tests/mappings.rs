@@ -460,7 +460,7 @@ async fn mappings_check_names_each_kind_of_bad_mapping(pool: PgPool) {
         ),
         (
             "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status\"",
-            "mapping m: live predicate is taskstatus, not boolean",
+            "mapping m: live predicate is public.taskstatus, not boolean",
         ),
         (
             "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status = 1; DROP TABLE tasks\"",
@@ -693,25 +693,49 @@ async fn each_type_keeps_its_mappings_principal_fields_in_capture_and_worker(poo
 async fn the_capture_and_the_worker_agree_on_what_a_credential_is(pool: PgPool) {
     let pool = common::host_db(pool).await;
     let mut names: Vec<String> = Vec::new();
-    for key in authz_outbox::domain::CREDENTIAL_KEYS {
-        names.push(key.to_string());
-        names.push(key.to_uppercase());
-        names.push(format!(" {key} "));
+    for word in authz_outbox::domain::CREDENTIAL_WORDS
+        .iter()
+        .chain(authz_outbox::domain::CREDENTIAL_NAMES)
+    {
+        names.push(word.to_string());
+        names.push(word.to_uppercase());
+        names.push(format!(" {word} "));
+        names.push(format!("github_{word}"));
+        names.push(format!("x-{word}-v2"));
     }
-    for suffix in authz_outbox::domain::CREDENTIAL_SUFFIXES {
-        names.push(format!("github{suffix}"));
+    // Every style a provider may write a credential in: each is dropped
+    // by both sides (these five were stored and sent before the rule
+    // folded case and separators).
+    let credentials = [
+        "clientSecret",
+        "accessToken",
+        "password_hash",
+        "authToken",
+        "secret_key",
+        "api_key",
+        "ApiKey",
+        "X-API-KEY",
+        "private.key",
+        "Pwd",
+    ];
+    for name in credentials {
+        assert!(
+            authz_outbox::domain::is_credential_key(name),
+            "{name} is a credential"
+        );
+        let sql: bool = sqlx::query_scalar("SELECT authz_outbox_is_credential_field($1)")
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .expect("query");
+        assert!(sql, "{name} is a credential to the trigger");
+        names.push(name.to_string());
     }
-    names.extend(
-        [
-            "user_id",
-            "tenant",
-            "account_id",
-            "tokens_used",
-            "secretary",
-            "session_count",
-        ]
-        .map(String::from),
-    );
+    let identities = ["user_id", "tenant", "account_id", "service_account_id", "principal_type", "email"];
+    for name in identities {
+        assert!(!authz_outbox::domain::is_credential_key(name), "{name} is kept");
+        names.push(name.to_string());
+    }
     for name in names {
         let sql: bool = sqlx::query_scalar("SELECT authz_outbox_is_credential_field($1)")
             .bind(&name)

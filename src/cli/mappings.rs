@@ -1,13 +1,14 @@
 //! `authz-outbox mappings list | check`, and the `--mappings` setting that
 //! `migrate` shares.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
 
 use super::{DbArgs, Format, TargetKind};
+use crate::display::{self, Escaped};
 use crate::mapping::Mappings;
 use crate::mapping::install;
 
@@ -32,6 +33,9 @@ pub struct MappingArgs {
 
 impl MappingArgs {
     pub fn load(&self) -> anyhow::Result<Mappings> {
+        if let Some(path) = &self.file {
+            require_regular_file(path)?;
+        }
         let mappings = Mappings::load(self.file.as_deref())?;
         match self.target {
             TargetKind::AgentexAuth => mappings.require_agentex_types()?,
@@ -39,6 +43,33 @@ impl MappingArgs {
         }
         Ok(mappings)
     }
+}
+
+/// Refuses a mappings path that is not a regular file, before anything
+/// opens it: opening a FIFO blocks until some writer appears (a `migrate`
+/// hung at start, holding no lock but doing nothing), and a device
+/// (`/dev/zero`, `/dev/stdin`) is read without end or answers something
+/// else each time. `stat` does not open, so it cannot block.
+fn require_regular_file(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = display::escape(&path.display().to_string()).into_owned();
+    let kind = std::fs::metadata(path)
+        .with_context(|| format!("reading the mappings file {shown}"))?
+        .file_type();
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    };
+    anyhow::bail!("the mappings file {shown} is {what}; --mappings takes a regular TOML file")
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,6 +95,10 @@ pub enum MappingsCommand {
         /// SpiceDB preshared key, sent as a bearer token.
         #[arg(long, env = "SPICEDB_TOKEN", hide_env_values = true, value_parser = super::parse_secret)]
         spicedb_token: Option<super::Secret>,
+        /// PEM file of extra CA certificates trusted for an https://
+        /// SPICEDB_ENDPOINT (the system's roots are always trusted), as `run` takes it.
+        #[arg(long, env = "SPICEDB_CA_FILE")]
+        spicedb_ca_file: Option<PathBuf>,
     },
 }
 
@@ -80,8 +115,10 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
                     if installed.is_empty() {
                         println!("no mappings installed (run `authz-outbox migrate`)");
                     }
+                    // Definitions are read back from the database, where
+                    // any writer could have put them.
                     for m in &installed {
-                        println!("{}", describe(m));
+                        println!("{}", display::escape(&describe(m)));
                     }
                 }
             }
@@ -92,18 +129,31 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
             mappings,
             spicedb_endpoint,
             spicedb_token,
+            spicedb_ca_file,
         } => {
             let mappings = mappings.load()?;
             if let Some(endpoint) = &spicedb_endpoint {
-                let client = crate::spicedb_client::SpiceDbClient::new(
+                let ca = spicedb_ca_file
+                    .as_deref()
+                    .map(crate::spicedb_client::read_ca_file)
+                    .transpose()?;
+                let token =
+                    spicedb_token.and_then(|t| crate::spicedb_client::SpiceDbToken::new(t.0));
+                super::warn_if_sent_in_clear(
+                    token.is_some(),
+                    "SPICEDB_ENDPOINT",
+                    "preshared key",
                     endpoint,
-                    spicedb_token.and_then(|t| crate::spicedb_client::SpiceDbToken::new(t.0)),
+                );
+                let client = crate::spicedb_client::SpiceDbClient::with_ca(
+                    endpoint,
+                    token,
                     std::time::Duration::from_secs(10),
+                    ca.as_deref(),
                 )?;
-                let schema = client
-                    .read_schema()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("reading the schema from {endpoint}: {e}"))?;
+                let schema = client.read_schema().await.map_err(|e| {
+                    anyhow::anyhow!("reading the schema from {}: {e}", client.endpoint())
+                })?;
                 mappings.check_schema(&schema)?;
             }
             let pool = db.connect(1).await?;
@@ -115,14 +165,22 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
             for r in &resolved {
                 println!(
                     "ok      {} ({} on {})",
-                    r.mapping.name, r.mapping.resource_type, r.table.name
+                    Escaped(&r.mapping.name),
+                    r.mapping.resource_type,
+                    Escaped(&r.table.name)
                 );
             }
             if let Some(endpoint) = &spicedb_endpoint {
-                println!("ok      relationships fit the schema at {endpoint}");
+                println!(
+                    "ok      relationships fit the schema at {}",
+                    display::redact_url(endpoint)
+                );
             }
             for name in skipped {
-                println!("skipped {name} (built-in; its table does not exist here)");
+                println!(
+                    "skipped {} (built-in; its table does not exist here)",
+                    Escaped(&name)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -107,7 +107,9 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             tracing::debug!(error = ?e, "command failed");
-            eprintln!("error: {e:#}");
+            // One bounded line, escaped: the chain may quote a server, a
+            // row or a configuration file (a TOML error shows the line).
+            eprintln!("error: {}", crate::display::error_line(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }
@@ -239,6 +241,29 @@ mod tests {
     }
 
     #[test]
+    fn only_plain_http_to_another_host_is_in_clear() {
+        for url in [
+            "http://spicedb:50051",
+            "http://10.0.0.7:50051",
+            "http://[2001:db8::1]:50051",
+            "http://localhost.evil.example:1",
+        ] {
+            assert!(in_clear_to_another_host(url), "{url}");
+        }
+        for url in [
+            "https://spicedb:50051",
+            "http://localhost:50051",
+            "http://LOCALHOST:50051",
+            "http://127.0.0.1:50051",
+            "http://127.1.2.3:50051",
+            "http://[::1]:50051",
+            "not a url",
+        ] {
+            assert!(!in_clear_to_another_host(url), "{url}");
+        }
+    }
+
+    #[test]
     fn bounded_flags() {
         let lease = duration_up_to(crate::config::limits::LEASE);
         assert!(lease("1h").is_ok());
@@ -249,6 +274,32 @@ mod tests {
         assert!(concurrency("0").is_err());
         assert!(concurrency("4097").is_err());
         assert!(concurrency("99999999999999999999999").is_err());
+    }
+}
+
+/// Whether a credential sent to `url` crosses the network in clear: plain
+/// `http://` to anything but this machine.
+pub(crate) fn in_clear_to_another_host(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    parsed.scheme() == "http"
+        && !parsed.host().is_some_and(|h| match h {
+            url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+            url::Host::Ipv4(ip) => ip.is_loopback(),
+            url::Host::Ipv6(ip) => ip.is_loopback(),
+        })
+}
+
+/// Once, at start: a token sent over plain http to another machine is
+/// readable on the wire. `setting` names where the URL came from
+/// (`AGENTEX_AUTH_URL`), `credential` what is exposed.
+pub(crate) fn warn_if_sent_in_clear(has_token: bool, setting: &str, credential: &str, url: &str) {
+    if has_token && in_clear_to_another_host(url) {
+        tracing::warn!(
+            "{setting} is plain http to another host: the {credential} is readable on the \
+             wire; use https://"
+        );
     }
 }
 

@@ -96,14 +96,21 @@ fn parse_type(s: &str) -> Result<ResourceType, String> {
 }
 
 pub async fn reconcile_command(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    // Settings first: a bad CA file is a one-line error whatever the
+    // database does.
+    let ca_pem = args
+        .spicedb_ca_file
+        .as_deref()
+        .map(crate::spicedb_client::read_ca_file)
+        .transpose()?;
+    let has_token = args.spicedb_token.as_ref().is_some_and(|t| !t.0.is_empty());
+    super::warn_if_sent_in_clear(
+        has_token,
+        "SPICEDB_ENDPOINT",
+        "preshared key",
+        &args.spicedb_endpoint,
+    );
     let pool = args.db.connect(2).await?;
-    let ca_pem = match &args.spicedb_ca_file {
-        Some(path) => Some(
-            std::fs::read(path)
-                .with_context(|| format!("reading the SpiceDB CA file {}", path.display()))?,
-        ),
-        None => None,
-    };
     let spicedb = SpiceDbConfig {
         endpoint: args.spicedb_endpoint.clone(),
         token: args.spicedb_token.as_ref().map(|t| t.0.clone()),

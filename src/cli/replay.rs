@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use chrono::{DateTime, Utc};
 
 use super::{DbArgs, Format, parse_principal, print_json};
+use crate::display::{self, Escaped};
 use crate::domain::{Principal, ResourceRef};
 use crate::outbox::replay::{ReplayOptions, Selector, replay};
 
@@ -66,14 +67,16 @@ pub async fn replay_command(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 "{:>10} {:<48} {:<11} {:<11} REASON",
                 "ID", "RESOURCE", "OPERATION", "ACTION"
             );
+            // Rows come from any writer: their resource, operation and
+            // reason are shown escaped, one line per row.
             for r in &report.rows {
                 println!(
                     "{:>10} {:<48} {:<11} {:<11} {}",
                     r.id,
-                    r.resource,
-                    r.operation,
+                    Escaped(&r.resource),
+                    Escaped(&r.operation),
                     r.action.as_str(),
-                    r.reason
+                    display::error_line(&r.reason)
                 );
             }
             if report.rows.is_empty() {

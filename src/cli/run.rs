@@ -216,18 +216,25 @@ impl RunArgs {
                 let endpoint = self.spicedb_endpoint.as_deref().context(
                     "--spicedb-endpoint (SPICEDB_ENDPOINT) is required with --target spicedb",
                 )?;
-                let ca = match &self.spicedb_ca_file {
-                    Some(path) => Some(std::fs::read(path).with_context(|| {
-                        format!("reading the SpiceDB CA file {}", path.display())
-                    })?),
-                    None => None,
-                };
+                let ca = self
+                    .spicedb_ca_file
+                    .as_deref()
+                    .map(crate::spicedb_client::read_ca_file)
+                    .transpose()?;
+                let token = self.spicedb_token()?;
+                let has_token = token.is_some();
                 let client = SpiceDbClient::with_ca(
                     endpoint,
-                    self.spicedb_token()?,
+                    token,
                     config.request_timeout,
                     ca.as_deref(),
                 )?;
+                super::warn_if_sent_in_clear(
+                    has_token,
+                    "SPICEDB_ENDPOINT",
+                    "preshared key",
+                    endpoint,
+                );
                 Ok(Client::SpiceDb(client))
             }
         }
@@ -323,19 +330,7 @@ fn warn_about_the_credential(has_token: bool, url: &str) {
         );
         return;
     }
-    if let Ok(parsed) = url::Url::parse(url)
-        && parsed.scheme() == "http"
-        && !parsed.host().is_some_and(|h| match h {
-            url::Host::Domain(d) => d == "localhost",
-            url::Host::Ipv4(ip) => ip.is_loopback(),
-            url::Host::Ipv6(ip) => ip.is_loopback(),
-        })
-    {
-        tracing::warn!(
-            "AGENTEX_AUTH_URL is plain http to another host: the bearer token is \
-             readable on the wire; use https://"
-        );
-    }
+    super::warn_if_sent_in_clear(has_token, "AGENTEX_AUTH_URL", "bearer token", url);
 }
 
 /// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown.

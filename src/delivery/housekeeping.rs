@@ -59,6 +59,10 @@ pub async fn run(
 }
 
 async fn refresh_gauges(pool: &PgPool, health: &Health, scope: Scope) {
+    // A mapping installed after start gets its own label here.
+    if let Err(e) = m::register_installed_types(pool).await {
+        tracing::debug!(error = %e, "reading the installed mapping types failed");
+    }
     match stats::collect(pool, scope, 0).await {
         Ok(s) => {
             health.database_ok.store(true, Ordering::Relaxed);

@@ -29,6 +29,7 @@ use super::prepare::{self, Deliverable};
 use super::target::Target;
 use super::{housekeeping, listener};
 use crate::config::WorkerConfig;
+use crate::display::{self, Escaped};
 use crate::domain::{Operation, PrincipalPolicy, ResourceRef, names_a_creator};
 use crate::metrics as m;
 use crate::outbox::record::{Recorded, RowUpdate, record};
@@ -183,9 +184,16 @@ impl Shared {
     }
 
     /// Every outcome passes here, so every one is logged the same way: row
-    /// id, resource, attempt — never the principal or a credential.
+    /// id, resource, attempt — never the principal or a credential — and
+    /// every error is stored and logged as one escaped, bounded line
+    /// ([`display::error_line`]): it may quote a server, or the row itself.
     fn settle(&self, row: &ClaimedRow, operation: Operation, update: RowUpdate) {
-        let resource = format_args!("{}:{}", row.resource_type, row.resource_id);
+        let update = one_line_errors(update);
+        let resource = format_args!(
+            "{}:{}",
+            Escaped(&row.resource_type),
+            Escaped(&row.resource_id)
+        );
         let (id, attempt, op) = (row.id, row.attempts, operation.as_str());
         match &update {
             RowUpdate::Delivered { .. } => {
@@ -533,6 +541,30 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
         }
     }
     tasks
+}
+
+/// The update with its error (or reason) as `last_error` may hold it.
+fn one_line_errors(update: RowUpdate) -> RowUpdate {
+    match update {
+        RowUpdate::Retry { at, status, error } => RowUpdate::Retry {
+            at,
+            status,
+            error: display::error_line(&error),
+        },
+        RowUpdate::Release { at, status, error } => RowUpdate::Release {
+            at,
+            status,
+            error: error.as_deref().map(display::error_line),
+        },
+        RowUpdate::Dead { status, error } => RowUpdate::Dead {
+            status,
+            error: display::error_line(&error),
+        },
+        RowUpdate::Superseded { reason } => RowUpdate::Superseded {
+            reason: display::error_line(&reason),
+        },
+        delivered @ RowUpdate::Delivered { .. } => delivered,
+    }
 }
 
 /// Deregisters first (revoking access is more urgent than granting it), then

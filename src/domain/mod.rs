@@ -14,7 +14,7 @@ pub use key_type::ApiKeyType;
 pub use operation::Operation;
 pub use principal::IDENTITY_FIELDS;
 pub use principal::{
-    CREDENTIAL_KEYS, CREDENTIAL_SUFFIXES, MAX_PRINCIPAL_VALUE_CHARS, Principal, PrincipalError,
+    CREDENTIAL_NAMES, CREDENTIAL_WORDS, MAX_PRINCIPAL_VALUE_CHARS, Principal, PrincipalError,
     PrincipalPolicy, is_credential_key, names_a_creator,
 };
 pub use resource::{ResourceRef, ResourceRefError, ResourceType};

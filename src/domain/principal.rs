@@ -103,52 +103,27 @@ impl Principal {
 /// is never silently altered into another one.
 pub const MAX_PRINCIPAL_VALUE_CHARS: usize = 256;
 
-/// Key names that are never sent, whatever a policy keeps (compared
-/// case-insensitively, see [`is_credential_key`]).
-pub const CREDENTIAL_KEYS: &[&str] = &[
-    "api_key",
-    "apikey",
-    "api-key",
-    "x-api-key",
-    "token",
-    "access_token",
-    "refresh_token",
-    "id_token",
-    "bearer",
+/// Words that make a key a credential wherever they occur in its name,
+/// once the name is folded to lower case and stripped of everything but
+/// letters and digits (`clientSecret`, `access-token`, `password_hash`,
+/// `X-Api-Key`, `secret_key`...). Never sent, whatever a policy keeps.
+pub const CREDENTIAL_WORDS: &[&str] = &[
     "secret",
-    "client_secret",
     "password",
     "passwd",
-    "pwd",
+    "token",
+    "credential",
+    "apikey",
+    "privatekey",
     "authorization",
     "cookie",
-    "set-cookie",
-    "credential",
-    "credentials",
-    "private_key",
     "session",
-    "session_id",
     "jwt",
+    "bearer",
 ];
 
-/// Suffixes that make any key a credential (`github_token`, `db_password`,
-/// `signing_secret`, `x_api_key`...).
-pub const CREDENTIAL_SUFFIXES: &[&str] = &[
-    "_token",
-    "-token",
-    "_secret",
-    "-secret",
-    "_password",
-    "_passwd",
-    "_api_key",
-    "_apikey",
-    "_key_secret",
-    "_private_key",
-    "_credential",
-    "_credentials",
-    "_cookie",
-    "_session",
-];
+/// Folded names that are credentials although they contain no word above.
+pub const CREDENTIAL_NAMES: &[&str] = &["pwd"];
 
 /// Whether a principal names a creator: a non-empty `user_id` or
 /// `service_account_id` string (the host's rule for a register).
@@ -161,15 +136,18 @@ pub fn names_a_creator(principal: &Value) -> bool {
     })
 }
 
-/// Whether a principal key names a credential: one of [`CREDENTIAL_KEYS`],
-/// or ending in one of [`CREDENTIAL_SUFFIXES`], case-insensitively. The
-/// capture trigger mirrors this rule in SQL.
+/// Whether a principal key names a credential: its folded form (lower
+/// case, letters and digits only) contains one of [`CREDENTIAL_WORDS`] or is
+/// one of [`CREDENTIAL_NAMES`]. The capture trigger applies the same rule in
+/// SQL (`authz_outbox_is_credential_field`; a test compares the two).
 pub fn is_credential_key(key: &str) -> bool {
-    let key = key.trim().to_ascii_lowercase();
-    CREDENTIAL_KEYS.contains(&key.as_str())
-        || CREDENTIAL_SUFFIXES
-            .iter()
-            .any(|suffix| key.ends_with(suffix))
+    let folded: String = key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    CREDENTIAL_WORDS.iter().any(|w| folded.contains(w))
+        || CREDENTIAL_NAMES.contains(&folded.as_str())
 }
 
 /// What of a stored principal may be sent to agentex-auth.

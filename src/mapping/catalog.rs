@@ -16,10 +16,18 @@ use super::{CreatorSource, Mapping};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub name: String,
+    /// The schema the name resolved to when the mapping was checked: the
+    /// generated SQL names the table with it, never through a search path.
+    pub schema: String,
     pub columns: BTreeMap<String, String>,
 }
 
 impl Table {
+    /// `"schema"."name"`.
+    pub fn qualified(&self) -> String {
+        super::quote::qualified(&self.schema, &self.name)
+    }
+
     pub fn column_names(&self) -> BTreeSet<String> {
         self.columns.keys().cloned().collect()
     }
@@ -32,6 +40,8 @@ impl Table {
 /// A mapping with the tables it reads, checked against each other.
 #[derive(Debug, Clone)]
 pub struct Resolved {
+    /// The schema of authz-outbox's own objects (where `authz_outbox` is).
+    pub schema: String,
     pub mapping: Mapping,
     pub table: Table,
     pub join: Option<Table>,
@@ -58,24 +68,41 @@ fn mismatch(mapping: &Mapping, message: impl Into<String>) -> CatalogError {
 
 /// Reads a table (in the search path) or `None` when there is none.
 pub async fn table(conn: &mut PgConnection, name: &str) -> Result<Option<Table>, sqlx::Error> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), n.nspname::text
          FROM pg_attribute a
+         JOIN pg_class c ON c.oid = a.attrelid
+         JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE a.attrelid = to_regclass(quote_ident($1))
            AND a.attnum > 0 AND NOT a.attisdropped
-           AND (SELECT relkind FROM pg_class WHERE oid = a.attrelid) IN ('r', 'p')
+           AND c.relkind IN ('r', 'p')
+           AND n.nspname NOT LIKE 'pg\\_temp\\_%'
          ORDER BY a.attnum",
     )
     .bind(name)
     .fetch_all(conn)
     .await?;
-    if rows.is_empty() {
+    let Some(schema) = rows.first().map(|r| r.2.clone()) else {
         return Ok(None);
-    }
+    };
     Ok(Some(Table {
         name: name.to_string(),
-        columns: rows.into_iter().collect(),
+        schema,
+        columns: rows.into_iter().map(|(c, t, _)| (c, t)).collect(),
     }))
+}
+
+/// The schema of authz-outbox's own objects: where `authz_outbox` is, or
+/// (before the migrations ran, for `--print-sql`) where they will be.
+pub async fn outbox_schema(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(
+            (SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.oid = to_regclass('authz_outbox') AND n.nspname NOT LIKE 'pg\\_temp\\_%'),
+            current_schema()::text)",
+    )
+    .fetch_one(conn)
+    .await
 }
 
 /// Resolves a mapping against the database: `Ok(None)` for an optional
@@ -166,6 +193,7 @@ pub async fn resolve(
         None => main.has("created_at").then(|| "created_at".to_string()),
     };
     let resolved = Resolved {
+        schema: outbox_schema(conn).await?,
         mapping: mapping.clone(),
         table: main,
         join,
@@ -221,14 +249,22 @@ async fn compile(conn: &mut PgConnection, resolved: &Resolved) -> Result<(), Cat
         Some(p) => p.qualified("t", &resolved.table.column_names()),
         None => "true".into(),
     };
+    // Compiled as the generated functions will run it: with only the
+    // system catalog on the search path, so a predicate that needs a type
+    // or function of another schema says so here, and names it.
     let sql = format!(
-        "SELECT pg_typeof(({live}))::text FROM (SELECT 1) AS one LEFT JOIN {table} AS t ON false",
-        table = super::predicate::quote_ident(&resolved.table.name),
+        "SELECT pg_catalog.pg_typeof(({live}))::text FROM (SELECT 1) AS one LEFT JOIN {table} AS t ON false",
+        table = resolved.table.qualified(),
     );
-    let kind: String = match sqlx::query_scalar(AssertSqlSafe(sql))
+    let saved = pin_path(conn).await?;
+    let compiled: Result<String, sqlx::Error> = sqlx::query_scalar(AssertSqlSafe(sql))
         .fetch_one(&mut *conn)
-        .await
-    {
+        .await;
+    let compiled = match compiled {
+        Ok(kind) => restore_path(conn, saved.clone()).await.map(|_| kind),
+        Err(e) => Err(e),
+    };
+    let kind: String = match compiled {
         Ok(kind) => kind,
         Err(e) => {
             let message = e
@@ -251,9 +287,15 @@ async fn compile(conn: &mut PgConnection, resolved: &Resolved) -> Result<(), Cat
         "SELECT {selector}, {parent} FROM {table} AS t LIMIT 0",
         selector = resolved.mapping.selector.sql("t"),
         parent = super::ddl::parent_sql(resolved, "t").unwrap_or_else(|| "NULL".into()),
-        table = super::predicate::quote_ident(&resolved.table.name),
+        table = resolved.table.qualified(),
     );
-    if let Err(e) = sqlx::query(AssertSqlSafe(probe)).execute(&mut *conn).await {
+    pin_path(conn).await?;
+    let probed = sqlx::query(AssertSqlSafe(probe)).execute(&mut *conn).await;
+    let probed = match probed {
+        Ok(_) => restore_path(conn, saved).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = probed {
         let message = e
             .as_database_error()
             .map(|d| d.message().to_string())
@@ -264,4 +306,27 @@ async fn compile(conn: &mut PgConnection, resolved: &Resolved) -> Result<(), Cat
         ));
     }
     Ok(())
+}
+
+/// Sets `search_path` to the system catalog alone (what every generated
+/// function pins) and a statement timeout (a predicate probe never blocks
+/// a check); returns what to restore.
+async fn pin_path(conn: &mut PgConnection) -> Result<(String, String), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT current_setting('search_path'), current_setting('statement_timeout'),
+                set_config('search_path', 'pg_catalog, pg_temp', false),
+                set_config('statement_timeout', '5s', false)",
+    )
+    .fetch_one(conn)
+    .await
+    .map(|(path, timeout, _, _): (String, String, String, String)| (path, timeout))
+}
+
+async fn restore_path(conn: &mut PgConnection, saved: (String, String)) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('search_path', $1, false), set_config('statement_timeout', $2, false)")
+        .bind(saved.0)
+        .bind(saved.1)
+        .execute(conn)
+        .await
+        .map(|_| ())
 }

@@ -19,8 +19,23 @@
 //! parent)` and the view `authz_outbox_desired` (what SpiceDB should hold).
 
 use super::catalog::Resolved;
-use super::predicate::{quote_ident, quote_literal};
+use super::quote::{dollar_quote, qualified, quote_ident, quote_literal};
 use super::{CreatorSource, IDENTITY_FIELDS};
+
+/// How every generated function that runs as its owner starts: it is
+/// SECURITY DEFINER so a host writer needs no privilege on the outbox, and
+/// its `search_path` holds only the system catalog (then `pg_temp`, named
+/// last so a session's temporary table can never stand in for ours). Every
+/// table and function it names carries its schema; operators and built-in
+/// functions then resolve in `pg_catalog` alone, so nothing a caller
+/// creates - a table, a function, an exact-type `=` on an enum - is ever
+/// chosen in its place.
+pub const DEFINER: &str = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp";
+
+/// One of our objects, by its qualified name.
+fn ours(r: &Resolved, name: &str) -> String {
+    qualified(&r.schema, name)
+}
 
 /// Names of what a mapping installs, so it can be removed again.
 pub fn capture_function(name: &str) -> String {
@@ -34,6 +49,12 @@ fn reparent_function(name: &str) -> String {
 }
 pub fn live_function(name: &str) -> String {
     format!("authz_outbox_live__{name}")
+}
+fn truncate_function(name: &str) -> String {
+    format!("authz_outbox_truncate__{name}")
+}
+fn parent_truncate_function(name: &str) -> String {
+    format!("authz_outbox_truncate__{name}__parent")
 }
 fn trigger(name: &str, event: &str) -> String {
     format!("authz_outbox__{name}__{event}")
@@ -61,7 +82,11 @@ pub fn parent_sql(r: &Resolved, q: &str) -> Option<String> {
         Some(join) => format!(
             "(SELECT min(j.{col}::text) FROM {jt} AS j WHERE j.{on} = {q}.{refs})",
             col = quote_ident(&parent.column),
-            jt = quote_ident(&join.table),
+            jt = r
+                .join
+                .as_ref()
+                .map(|t| t.qualified())
+                .unwrap_or_else(|| quote_ident(&join.table)),
             on = quote_ident(&join.on),
             refs = quote_ident(&join.references),
         ),
@@ -85,33 +110,51 @@ fn fields_sql(r: &Resolved) -> String {
     format!("ARRAY[{}]::text[]", fields.join(", "))
 }
 
-/// The creator of a write to the row `q`, reduced to the kept fields.
-fn principal_sql(r: &Resolved, q: &str) -> String {
+/// PL/pgSQL statements that set `who` to the creator of a write to the row
+/// `q`, reduced to the kept fields, and `src` to where it came from
+/// (`setting`, `role_default`, `column:<name>`): recorded on the outbox row
+/// as `principal_source`, so a host that writes everything as its role
+/// default is visible at a glance.
+fn creator_sql(r: &Resolved, q: &str, who: &str, src: &str) -> String {
     let default_fields = r
         .mapping
         .principal_fields
         .iter()
         .map(String::as_str)
         .eq(IDENTITY_FIELDS.iter().copied());
+    let setting_source = format!("{}()", ours(r, "authz_outbox_setting_source"));
     if r.mapping.creator == [CreatorSource::Setting] && default_fields {
         // The common case keeps its fast path (no array, no loop).
-        return "authz_outbox_current_principal()".into();
+        return format!(
+            "{who} := {}(); {src} := {setting_source};",
+            ours(r, "authz_outbox_current_principal")
+        );
     }
-    let sources: Vec<String> = r
+    let (sources, labels): (Vec<String>, Vec<String>) = r
         .mapping
         .creator
         .iter()
         .map(|s| match s {
-            CreatorSource::Setting => "authz_outbox_setting_principal()".to_string(),
-            CreatorSource::Column(c) => {
-                format!("authz_outbox_parse_jsonb({q}.{}::text)", quote_ident(c))
-            }
+            CreatorSource::Setting => (
+                format!("{}()", ours(r, "authz_outbox_setting_principal")),
+                setting_source.clone(),
+            ),
+            CreatorSource::Column(c) => (
+                format!(
+                    "{}({q}.{}::text)",
+                    ours(r, "authz_outbox_parse_jsonb"),
+                    quote_ident(c)
+                ),
+                quote_literal(&format!("column:{c}")),
+            ),
         })
-        .collect();
+        .unzip();
     format!(
-        "authz_outbox_first_creator(ARRAY[{}]::jsonb[], {})",
+        "SELECT c.who, c.source INTO {who}, {src} FROM {pick}(ARRAY[{}]::jsonb[], ARRAY[{}]::text[], {}) AS c;",
         sources.join(", "),
-        fields_sql(r)
+        labels.join(", "),
+        fields_sql(r),
+        pick = ours(r, "authz_outbox_pick_creator"),
     )
 }
 
@@ -123,7 +166,8 @@ fn row_creator_sql(r: &Resolved, q: &str) -> String {
         .iter()
         .filter_map(|s| match s {
             CreatorSource::Column(c) => Some(format!(
-                "authz_outbox_parse_jsonb({q}.{}::text)",
+                "{}({q}.{}::text)",
+                ours(r, "authz_outbox_parse_jsonb"),
                 quote_ident(c)
             )),
             CreatorSource::Setting => None,
@@ -133,7 +177,8 @@ fn row_creator_sql(r: &Resolved, q: &str) -> String {
         "NULL::jsonb".into()
     } else {
         format!(
-            "authz_outbox_first_creator(ARRAY[{}]::jsonb[], {})",
+            "{}(ARRAY[{}]::jsonb[], {})",
+            ours(r, "authz_outbox_first_creator"),
             sources.join(", "),
             fields_sql(r)
         )
@@ -190,7 +235,7 @@ fn identity_columns(r: &Resolved) -> Vec<String> {
 pub fn install_statements(r: &Resolved) -> Vec<String> {
     let m = &r.mapping;
     let name = &m.name;
-    let table = quote_ident(&r.table.name);
+    let table = r.table.qualified();
     let rtype = quote_literal(m.resource_type.as_str());
     let ptype = parent_type_sql(r);
     let parent_old = parent_sql(r, "OLD").unwrap_or_else(|| "NULL".into());
@@ -204,19 +249,22 @@ pub fn install_statements(r: &Resolved) -> Vec<String> {
     };
     // Columns the relationships need besides the parent's: captured into
     // `attributes` (and a change to one re-registers, like a new parent).
-    // Without any, the generated text is what it was before relationships.
     let attrs = !attribute_columns(r).is_empty();
+    let enqueue = ours(r, "authz_outbox_capture_enqueue");
     let mut out = Vec::new();
-    out.push(format!(
-        r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+    let body = format!(
+        r#"
 DECLARE
     old_live   boolean := false;
     new_live   boolean := false;
     old_sel    text;
     new_sel    text;
     old_parent text;
-    new_parent text;{attrs_declare}
+    new_parent text;
+    old_attrs  jsonb;
+    new_attrs  jsonb;
+    who        jsonb;
+    src        text;
     enqueued   boolean;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
@@ -233,32 +281,35 @@ BEGIN
     -- (whether or not it had a parent: a cascade may have removed the link
     -- already, and a deregister of nothing is harmless).
     IF old_live AND old_sel IS NOT NULL
-       AND (NOT new_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent{attrs_changed}) THEN
-        enqueued := {enqueue}('deregister', {rtype}, old_sel, {ptype}, old_parent, {who_old}{attrs_old_arg});
+       AND (NOT new_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent
+            OR old_attrs IS DISTINCT FROM new_attrs) THEN
+        {who_old}
+        enqueued := {enqueue}('deregister', {rtype}, old_sel, {ptype}, old_parent, who, src, old_attrs);
     END IF;
     IF new_live AND new_sel IS NOT NULL{has_parent}
-       AND (NOT old_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent{attrs_changed}) THEN
-        enqueued := {enqueue}('register', {rtype}, new_sel, {ptype}, new_parent, {who_new}{attrs_new_arg});
+       AND (NOT old_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent
+            OR old_attrs IS DISTINCT FROM new_attrs) THEN
+        {who_new}
+        enqueued := {enqueue}('register', {rtype}, new_sel, {ptype}, new_parent, who, src, new_attrs);
     END IF;
     RETURN NULL;
 END
-$fn$"#,
-        func = quote_ident(&capture_function(name)),
+"#,
         live_old = live_sql(r, "OLD"),
         live_new = live_sql(r, "NEW"),
         sel_old = m.selector.sql("OLD"),
         sel_new = m.selector.sql("NEW"),
-        who_old = principal_sql(r, "OLD"),
-        who_new = principal_sql(r, "NEW"),
-        attrs_declare = if attrs { "\n    old_attrs  jsonb;\n    new_attrs  jsonb;" } else { "" },
+        who_old = creator_sql(r, "OLD", "who", "src"),
+        who_new = creator_sql(r, "NEW", "who", "src"),
         attrs_old = if attrs { format!("\n        old_attrs := {};", attributes_sql(r, "OLD")) } else { String::new() },
         attrs_new = if attrs { format!("\n        new_attrs := {};", attributes_sql(r, "NEW")) } else { String::new() },
-        attrs_changed = if attrs { " OR old_attrs IS DISTINCT FROM new_attrs" } else { "" },
-        enqueue = if attrs { "authz_outbox_enqueue_with" } else { "authz_outbox_enqueue_as" },
-        attrs_old_arg = if attrs { ", old_attrs" } else { "" },
-        attrs_new_arg = if attrs { ", new_attrs" } else { "" },
+    );
+    out.push(format!(
+        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\nLANGUAGE plpgsql {DEFINER} AS {body}",
+        func = ours(r, &capture_function(name)),
+        body = dollar_quote(&body),
     ));
-    let func = quote_ident(&capture_function(name));
+    let func = ours(r, &capture_function(name));
     let when = |live: String| {
         if m.live.is_some() {
             format!(" WHEN ({live})")
@@ -294,12 +345,88 @@ $fn$"#,
         cols = watched.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
         changed = changed.join(" OR "),
     ));
+    out.extend(truncate_statements(r));
     if let (Some(parent), Some(join_table)) = (&m.parent, &r.join)
         && let Some(join) = &parent.join
     {
         out.extend(join_statements(r, parent, join, join_table));
     }
     out.push(lookup_statement(r));
+    out
+}
+
+/// `TRUNCATE` fires no row trigger: a statement trigger before it
+/// deregisters every live resource the table holds, in the truncating
+/// transaction (rolled back with it). Truncating a join table removes
+/// every resource's parent, so it deregisters each linked live resource.
+fn truncate_statements(r: &Resolved) -> Vec<String> {
+    let m = &r.mapping;
+    // The loop's query reads the table as `x`; its rows land in the
+    // variable `t` (one name each: PL/pgSQL refuses an ambiguous one).
+    let parent = parent_sql(r, "x");
+    let parent_value = parent_sql(r, "t").unwrap_or_else(|| "NULL".into());
+    let attrs = if attribute_columns(r).is_empty() {
+        "NULL".to_string()
+    } else {
+        attributes_sql(r, "t")
+    };
+    let body = |require_parent: bool| {
+        format!(
+            r#"
+DECLARE
+    t        {table}%ROWTYPE;
+    who      jsonb;
+    src      text;
+    enqueued boolean;
+BEGIN
+    FOR t IN SELECT x.* FROM {table} AS x WHERE {live} AND {sel_x} IS NOT NULL{parent_filter} LOOP
+        {who}
+        enqueued := {enqueue}('deregister', {rtype}, {sel}, {ptype}, {parent}, who, src, {attrs});
+    END LOOP;
+    RETURN NULL;
+END
+"#,
+            table = r.table.qualified(),
+            live = live_sql(r, "x"),
+            sel_x = m.selector.sql("x"),
+            sel = m.selector.sql("t"),
+            parent_filter = match (&parent, require_parent) {
+                (Some(p), true) => format!(" AND {p} IS NOT NULL"),
+                _ => String::new(),
+            },
+            who = creator_sql(r, "t", "who", "src"),
+            enqueue = ours(r, "authz_outbox_capture_enqueue"),
+            rtype = quote_literal(m.resource_type.as_str()),
+            ptype = parent_type_sql(r),
+            parent = parent_value,
+        )
+    };
+    let mut out = vec![
+        format!(
+            "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\nLANGUAGE plpgsql {DEFINER} AS {body}",
+            func = ours(r, &truncate_function(&m.name)),
+            body = dollar_quote(&body(false)),
+        ),
+        format!(
+            "CREATE TRIGGER {trg} BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {func}()",
+            trg = quote_ident(&trigger(&m.name, "truncate")),
+            table = r.table.qualified(),
+            func = ours(r, &truncate_function(&m.name)),
+        ),
+    ];
+    if let Some(join) = &r.join {
+        out.push(format!(
+            "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\nLANGUAGE plpgsql {DEFINER} AS {body}",
+            func = ours(r, &parent_truncate_function(&m.name)),
+            body = dollar_quote(&body(true)),
+        ));
+        out.push(format!(
+            "CREATE TRIGGER {trg} BEFORE TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {func}()",
+            trg = quote_ident(&trigger(&m.name, "parent_truncate")),
+            table = join.qualified(),
+            func = ours(r, &parent_truncate_function(&m.name)),
+        ));
+    }
     out
 }
 
@@ -316,23 +443,27 @@ fn join_statements(
     let key_type = &join_table.columns[&join.on];
     let col = quote_ident(&parent.column);
     let on = quote_ident(&join.on);
-    let jt = quote_ident(&join.table);
-    let reparent = quote_ident(&reparent_function(name));
-    let helper = format!(
-        r#"CREATE OR REPLACE FUNCTION {reparent}(p_ref {key_type}, p_added text, p_removed text) RETURNS void
-LANGUAGE plpgsql AS $fn$
+    let jt = join_table.qualified();
+    let reparent = ours(r, &reparent_function(name));
+    let enqueue = ours(r, "authz_outbox_capture_enqueue");
+    let helper_body = format!(
+        r#"
 DECLARE
+    t             {table}%ROWTYPE;
     before_parent text;
     after_parent  text;
     sel           text;
     who           jsonb;
+    src           text;
     enqueued      boolean;
 BEGIN
-    SELECT {sel_t}, {who_t} INTO sel, who
-    FROM {table} AS t
-    WHERE t.{refs} = p_ref AND {live_t};
-    IF NOT FOUND OR sel IS NULL THEN
+    SELECT x.* INTO t FROM {table} AS x WHERE x.{refs} = p_ref AND {live_x};
+    IF NOT FOUND THEN
         RETURN;  -- no live resource: nothing registered to move
+    END IF;
+    sel := {sel_t};
+    IF sel IS NULL THEN
+        RETURN;
     END IF;
     SELECT min(j.{col}::text) INTO after_parent FROM {jt} AS j WHERE j.{on} = p_ref;
     SELECT min(v) INTO before_parent FROM (
@@ -343,26 +474,32 @@ BEGIN
     IF before_parent IS NOT DISTINCT FROM after_parent THEN
         RETURN;
     END IF;
+    {who_t}
     IF before_parent IS NOT NULL THEN
-        enqueued := authz_outbox_enqueue_as('deregister', {rtype}, sel, {ptype}, before_parent, who);
+        enqueued := {enqueue}('deregister', {rtype}, sel, {ptype}, before_parent, who, src, NULL);
     END IF;
     IF after_parent IS NOT NULL THEN
-        enqueued := authz_outbox_enqueue_as('register', {rtype}, sel, {ptype}, after_parent, who);
+        enqueued := {enqueue}('register', {rtype}, sel, {ptype}, after_parent, who, src, NULL);
     END IF;
 END
-$fn$"#,
+"#,
         sel_t = m.selector.sql("t"),
-        who_t = principal_sql(r, "t"),
-        table = quote_ident(&r.table.name),
+        who_t = creator_sql(r, "t", "who", "src"),
+        table = r.table.qualified(),
         refs = quote_ident(&join.references),
-        live_t = live_sql(r, "t"),
+        live_x = live_sql(r, "x"),
         rtype = quote_literal(m.resource_type.as_str()),
         ptype = parent_type_sql(r),
     );
-    let func = quote_ident(&parent_function(name));
-    let trigger_fn = format!(
-        r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
+    // Runs only inside the join table's trigger (its owner, its pinned
+    // search_path); EXECUTE is never granted to anyone else.
+    let helper = format!(
+        "CREATE OR REPLACE FUNCTION {reparent}(p_ref {key_type}, p_added text, p_removed text) RETURNS void\nLANGUAGE plpgsql AS {}",
+        dollar_quote(&helper_body)
+    );
+    let func = ours(r, &parent_function(name));
+    let trigger_body = format!(
+        r#"
 BEGIN
     IF TG_OP = 'INSERT' THEN
         PERFORM {reparent}(NEW.{on}, NEW.{col}::text, NULL);
@@ -376,7 +513,11 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$fn$"#
+"#
+    );
+    let trigger_fn = format!(
+        "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\nLANGUAGE plpgsql {DEFINER} AS {}",
+        dollar_quote(&trigger_body)
     );
     let trg = format!(
         "CREATE TRIGGER {trg} AFTER INSERT OR DELETE OR UPDATE OF {on}, {col} ON {jt} FOR EACH ROW EXECUTE FUNCTION {func}()",
@@ -388,8 +529,9 @@ $fn$"#
 /// `authz_outbox_live__N(selector, parent)`: the row found from the
 /// selector's parts (an index lookup), then re-checked in full.
 /// SECURITY DEFINER (search path pinned), like the dispatcher: the worker
-/// and replay roles then need no grant on the host's tables, only on this
-/// yes/no answer.
+/// and replay roles then need no grant on the host's tables, only EXECUTE
+/// on the dispatcher's yes/no answer; PUBLIC has none (it would tell any
+/// role whether an id exists).
 fn lookup_statement(r: &Resolved) -> String {
     let m = &r.mapping;
     let columns = m.selector.columns();
@@ -415,9 +557,8 @@ fn lookup_statement(r: &Resolved) -> String {
         ),
         None => String::new(),
     };
-    format!(
-        r#"CREATE OR REPLACE FUNCTION {func}(p_selector text, p_parent_id text) RETURNS boolean
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
+    let body = format!(
+        r#"
 DECLARE
     rest text;
     pos  integer;
@@ -431,13 +572,17 @@ DECLARE
           AND {selector} = p_selector
           AND {live}{parent_check});
 END
-$fn$"#,
-        func = quote_ident(&live_function(&m.name)),
+"#,
         split = indent(&m.selector.plpgsql_split("p_selector")),
-        table = quote_ident(&r.table.name),
+        table = r.table.qualified(),
         conditions = conditions.join(" AND "),
         selector = m.selector.sql("t"),
         live = live_sql(r, "t"),
+    );
+    format!(
+        "CREATE OR REPLACE FUNCTION {func}(p_selector text, p_parent_id text) RETURNS boolean\nLANGUAGE plpgsql STABLE {DEFINER} AS {}",
+        dollar_quote(&body),
+        func = ours(r, &live_function(&m.name)),
     )
 }
 
@@ -446,36 +591,55 @@ fn indent(block: &str) -> String {
 }
 
 /// Statements that remove what [`install_statements`] created for the
-/// mapping `name` on `table` (and `join_table`). Safe when absent.
-pub fn drop_statements(name: &str, table: &str, join_table: Option<&str>) -> Vec<String> {
-    // The table may be gone (a host that dropped a feature): guarded, as
-    // DROP TRIGGER IF EXISTS still needs its table.
+/// mapping `name` on `table` (and `join_table`), given as qualified names
+/// (`None`: the table is gone, only the functions are left to drop). Our
+/// functions live in `schema`. Safe when absent.
+pub fn drop_statements(
+    schema: &str,
+    name: &str,
+    table: Option<&str>,
+    join_table: Option<&str>,
+) -> Vec<String> {
+    // The table may be gone between planning and running (a host that
+    // dropped a feature): guarded, as DROP TRIGGER IF EXISTS still needs
+    // its table.
     let drop_trigger = |trigger_name: String, on: &str| {
-        format!(
-            "DO $$ BEGIN IF to_regclass({lit}) IS NOT NULL THEN DROP TRIGGER IF EXISTS {trg} ON {tbl}; END IF; END $$",
-            lit = quote_literal(&quote_ident(on)),
+        let body = format!(
+            " BEGIN IF pg_catalog.to_regclass({lit}) IS NOT NULL THEN DROP TRIGGER IF EXISTS {trg} ON {on}; END IF; END ",
+            lit = quote_literal(on),
             trg = quote_ident(&trigger_name),
-            tbl = quote_ident(on),
-        )
+        );
+        format!("DO {}", dollar_quote(&body))
     };
     let mut out = Vec::new();
-    for event in ["insert", "delete", "update"] {
-        out.push(drop_trigger(trigger(name, event), table));
+    if let Some(table) = table {
+        for event in ["insert", "delete", "update", "truncate"] {
+            out.push(drop_trigger(trigger(name, event), table));
+        }
     }
     if let Some(join) = join_table {
         out.push(drop_trigger(trigger(name, "parent"), join));
+        out.push(drop_trigger(trigger(name, "parent_truncate"), join));
     }
+    for function in [
+        parent_function(name),
+        truncate_function(name),
+        parent_truncate_function(name),
+    ] {
+        out.push(format!(
+            "DROP FUNCTION IF EXISTS {}()",
+            qualified(schema, &function)
+        ));
+    }
+    let body = format!(
+        " DECLARE f regprocedure; BEGIN FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p WHERE p.proname = {} AND p.pronamespace = pg_catalog.to_regnamespace({}) LOOP EXECUTE 'DROP FUNCTION ' || f; END LOOP; END ",
+        quote_literal(&reparent_function(name)),
+        quote_literal(&quote_ident(schema)),
+    );
+    out.push(format!("DO {}", dollar_quote(&body)));
     out.push(format!(
         "DROP FUNCTION IF EXISTS {}()",
-        quote_ident(&parent_function(name))
-    ));
-    out.push(format!(
-        "DO $$ DECLARE f regprocedure; BEGIN FOR f IN SELECT p.oid::regprocedure FROM pg_proc p WHERE p.proname = {} LOOP EXECUTE 'DROP FUNCTION ' || f; END LOOP; END $$",
-        quote_literal(&reparent_function(name))
-    ));
-    out.push(format!(
-        "DROP FUNCTION IF EXISTS {}()",
-        quote_ident(&capture_function(name))
+        qualified(schema, &capture_function(name))
     ));
     out
 }
@@ -524,7 +688,7 @@ fn edges_sql(r: &Resolved, q: &str) -> String {
 /// the desired state. Regenerated whenever the set of mappings changes.
 /// Types with no installed mapping count as live (nothing to judge by), as
 /// before mappings existed.
-pub fn shared_statements(resolved: &[Resolved]) -> Vec<String> {
+pub fn shared_statements(schema: &str, resolved: &[Resolved]) -> Vec<String> {
     let mut by_type: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     for r in resolved {
         by_type
@@ -532,7 +696,7 @@ pub fn shared_statements(resolved: &[Resolved]) -> Vec<String> {
             .or_default()
             .push(format!(
                 "{}(p_selector, p_parent_id)",
-                quote_ident(&live_function(&r.mapping.name))
+                ours(r, &live_function(&r.mapping.name))
             ));
     }
     let cases: String = by_type
@@ -546,12 +710,10 @@ pub fn shared_statements(resolved: &[Resolved]) -> Vec<String> {
         })
         .collect();
     let dispatch = format!(
-        r#"CREATE OR REPLACE FUNCTION authz_outbox_resource_live(p_type text, p_selector text, p_parent_id text)
-RETURNS boolean LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
-BEGIN
-{cases}    RETURN true;
-END
-$fn$"#
+        "CREATE OR REPLACE FUNCTION {func}(p_type text, p_selector text, p_parent_id text)\n\
+         RETURNS boolean LANGUAGE plpgsql STABLE {DEFINER} AS {body}",
+        func = qualified(schema, "authz_outbox_resource_live"),
+        body = dollar_quote(&format!("\nBEGIN\n{cases}    RETURN true;\nEND\n")),
     );
     let selects: Vec<String> = resolved
         .iter()
@@ -587,7 +749,7 @@ $fn$"#
                     attributes_sql(r, "t")
                 },
                 edges = edges_sql(r, "t"),
-                table = quote_ident(&r.table.name),
+                table = r.table.qualified(),
                 live = live_sql(r, "t"),
             )
         })
@@ -605,9 +767,13 @@ $fn$"#
         // Replaced, never dropped: the grants on it (the reconcile role's
         // SELECT) survive a mapping change. Its columns only ever grow at
         // the end, which is what CREATE OR REPLACE allows.
-        format!("CREATE OR REPLACE VIEW authz_outbox_desired AS\n{body}"),
         format!(
-            "COMMENT ON VIEW authz_outbox_desired IS {}",
+            "CREATE OR REPLACE VIEW {} AS\n{body}",
+            qualified(schema, "authz_outbox_desired")
+        ),
+        format!(
+            "COMMENT ON VIEW {} IS {}",
+            qualified(schema, "authz_outbox_desired"),
             quote_literal(DESIRED_VIEW_COMMENT)
         ),
     ]

@@ -15,7 +15,7 @@ use sqlx::{Acquire, AssertSqlSafe, PgConnection, PgPool, Postgres, Transaction};
 use super::Mappings;
 use super::catalog::{self, CatalogError, Resolved};
 use super::ddl;
-use super::predicate::{quote_ident, quote_literal};
+use super::quote::{qualified, quote_ident, quote_literal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -144,6 +144,8 @@ pub async fn plan(
     pending_migrations: bool,
 ) -> Result<Plan, InstallError> {
     let (resolved, skipped) = resolve_all(tx, mappings).await?;
+    let schema = catalog::outbox_schema(&mut *tx).await?;
+    let registry_table = qualified(&schema, "authz_outbox_mappings");
     let registry: bool =
         sqlx::query_scalar("SELECT to_regclass('authz_outbox_mappings') IS NOT NULL")
             .fetch_one(&mut **tx)
@@ -199,13 +201,18 @@ pub async fn plan(
         }
         plan.tables.insert(table.clone());
         plan.tables.extend(join.clone());
-        for sql in ddl::drop_statements(name, table, join.as_deref()) {
+        let table_q = qualified_table(tx, table).await?;
+        let join_q = match join {
+            Some(j) => qualified_table(tx, j).await?,
+            None => None,
+        };
+        for sql in ddl::drop_statements(&schema, name, table_q.as_deref(), join_q.as_deref()) {
             plan.push(name, sql);
         }
         plan.push(
             name,
             format!(
-                "DELETE FROM authz_outbox_mappings WHERE name = {}",
+                "DELETE FROM {registry_table} WHERE name = {}",
                 quote_literal(name)
             ),
         );
@@ -229,7 +236,7 @@ pub async fn plan(
                     plan.push(
                         name,
                         format!(
-                            "UPDATE authz_outbox_mappings SET definition = {}::jsonb, installed_at = now() WHERE name = {}",
+                            "UPDATE {registry_table} SET definition = {}::jsonb, installed_at = pg_catalog.now() WHERE name = {}",
                             quote_literal(&definition),
                             quote_literal(name)
                         ),
@@ -252,7 +259,13 @@ pub async fn plan(
         {
             plan.tables.insert(table.clone());
             plan.tables.extend(join.clone());
-            for sql in ddl::drop_statements(name, table, join.as_deref()) {
+            let table_q = qualified_table(tx, table).await?;
+            let join_q = match join {
+                Some(j) => qualified_table(tx, j).await?,
+                None => None,
+            };
+            for sql in ddl::drop_statements(&schema, name, table_q.as_deref(), join_q.as_deref())
+            {
                 plan.push(name, sql);
             }
         }
@@ -260,10 +273,12 @@ pub async fn plan(
         plan.tables.extend(r.join.as_ref().map(|j| j.name.clone()));
         // Also when nothing was recorded: a half-cleaned database may still
         // carry the triggers.
+        let join_q = r.join.as_ref().map(|j| j.qualified());
         for sql in ddl::drop_statements(
+            &schema,
             name,
-            &r.table.name,
-            r.join.as_ref().map(|j| j.name.as_str()),
+            Some(&r.table.qualified()),
+            join_q.as_deref(),
         ) {
             plan.push(name, sql);
         }
@@ -273,11 +288,11 @@ pub async fn plan(
         plan.push(
             name,
             format!(
-                "INSERT INTO authz_outbox_mappings (name, resource_type, table_name, join_table, definition, ddl)
+                "INSERT INTO {registry_table} (name, resource_type, table_name, join_table, definition, ddl)
 VALUES ({name}, {kind}, {table}, {join}, {definition}::jsonb, {ddl})
 ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
     table_name = EXCLUDED.table_name, join_table = EXCLUDED.join_table,
-    definition = EXCLUDED.definition, ddl = EXCLUDED.ddl, installed_at = now()",
+    definition = EXCLUDED.definition, ddl = EXCLUDED.ddl, installed_at = pg_catalog.now()",
                 name = quote_literal(name),
                 kind = quote_literal(r.mapping.resource_type.as_str()),
                 table = quote_literal(&r.table.name),
@@ -297,13 +312,12 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
     }
     for (trigger, table) in &legacy {
         plan.tables.insert(table.clone());
+        let Some(table_q) = qualified_table(tx, table).await? else {
+            continue;
+        };
         plan.push(
             "legacy capture",
-            format!(
-                "DROP TRIGGER IF EXISTS {} ON {}",
-                quote_ident(trigger),
-                quote_ident(table)
-            ),
+            format!("DROP TRIGGER IF EXISTS {} ON {table_q}", quote_ident(trigger)),
         );
     }
     // The view and the dispatch are regenerated with any change, and when
@@ -317,12 +331,54 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
     let stale_view =
         !resolved.is_empty() && view_comment.as_deref() != Some(ddl::DESIRED_VIEW_COMMENT);
     if !plan.is_empty() || stale_view {
-        for sql in ddl::shared_statements(&resolved) {
+        for sql in ddl::shared_statements(&schema, &resolved) {
             plan.push("shared", sql);
         }
     }
+    // The functions every capture calls, when the installed ones are of
+    // another version (an upgrade) or absent; first, as the mappings'
+    // functions call them. Then PUBLIC loses EXECUTE on whatever this plan
+    // created.
+    let core_comment: Option<String> = sqlx::query_scalar(
+        "SELECT obj_description(p.oid, 'pg_proc') FROM pg_proc p
+         WHERE p.proname = $1 AND p.pronamespace = to_regnamespace(quote_ident($2))",
+    )
+    .bind(super::core::ENQUEUE)
+    .bind(&schema)
+    .fetch_optional(&mut **tx)
+    .await?
+    .flatten();
+    if pending_migrations || core_comment.as_deref() != Some(super::core::CORE_COMMENT) {
+        let core: Vec<Statement> = super::core::core_statements(&schema)
+            .into_iter()
+            .map(|sql| Statement {
+                label: "capture core".into(),
+                sql,
+            })
+            .collect();
+        plan.statements.splice(0..0, core);
+    }
+    if !plan.is_empty() {
+        plan.push("grants", super::core::revoke_from_public(&schema));
+    }
     plan.changes.extend(skipped_changes(skipped, &previous));
     Ok(plan)
+}
+
+/// `"schema"."table"` of a table named as the registry records it (resolved
+/// through the migrating role's search path), or `None` when it is gone.
+async fn qualified_table(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = to_regclass(quote_ident($1))",
+    )
+    .bind(name)
+    .fetch_optional(&mut **tx)
+    .await
 }
 
 /// The statement that takes every trigger lock the plan needs at once, in
@@ -381,6 +437,12 @@ pub async fn install(
             .execute(&mut *tx)
             .await?;
     }
+    // Everything generated names its objects with their schema; with only
+    // the catalog on the path, the operators and functions a trigger's
+    // WHEN clause and the view bind at creation are the built-in ones.
+    sqlx::query("SET LOCAL search_path = pg_catalog, pg_temp")
+        .execute(&mut *tx)
+        .await?;
     for statement in &plan.statements {
         sqlx::raw_sql(AssertSqlSafe(statement.sql.as_str()))
             .execute(&mut *tx)

@@ -38,9 +38,11 @@
 //! check` refuse others with `--target agentex-auth`).
 
 pub mod catalog;
+pub mod core;
 pub mod ddl;
 pub mod install;
 pub mod predicate;
+pub mod quote;
 pub mod relationships;
 pub mod template;
 

@@ -26,9 +26,20 @@ pub enum PredicateError {
         "live predicate must not contain {0:?} (one boolean expression, no statements or comments)"
     )]
     Forbidden(&'static str),
+    #[error(
+        "live predicate must be one expression over the table's columns, not a query ({0:?})"
+    )]
+    Statement(String),
     #[error("live predicate is longer than {max} characters")]
     TooLong { max: usize },
 }
+
+/// Words that start or shape a query: a liveness rule reads its own row,
+/// never another table (it runs with the installing role's privileges).
+const STATEMENT_WORDS: &[&str] = &[
+    "select", "with", "values", "table", "insert", "update", "delete", "returning", "union",
+    "intersect", "except",
+];
 
 /// The longest predicate accepted; a liveness rule is a short expression.
 pub const MAX_PREDICATE_LEN: usize = 2_000;
@@ -68,11 +79,31 @@ impl Predicate {
         // What came before the current token, ignoring whitespace: `::` or `.`
         // means the next identifier is a type name or already qualified.
         let mut after_cast_or_dot = false;
+        let mut depth = 0usize;
         while i < chars.len() {
             let c = chars[i];
             match c {
                 ';' => return Err(PredicateError::Forbidden(";")),
                 '$' => return Err(PredicateError::Forbidden("$")),
+                // A backslash means different things in `'…'` and `E'…'`
+                // and under each `standard_conforming_strings`: where a
+                // literal ends must not depend on any of that.
+                '\\' => return Err(PredicateError::Forbidden("\\")),
+                '(' => {
+                    depth += 1;
+                    verbatim.push(c);
+                    i += 1;
+                    after_cast_or_dot = false;
+                }
+                ')' => {
+                    // Never closes a parenthesis the predicate did not open.
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or(PredicateError::Forbidden("an unbalanced )"))?;
+                    verbatim.push(c);
+                    i += 1;
+                    after_cast_or_dot = false;
+                }
                 '-' if chars.get(i + 1) == Some(&'-') => {
                     return Err(PredicateError::Forbidden("--"));
                 }
@@ -109,7 +140,11 @@ impl Predicate {
                         i += 1;
                     }
                     let word: String = chars[start..i].iter().collect();
-                    // E'...' / B'...' / X'...' / U&'...' literals start with a letter.
+                    // B'...' / X'...' literals start with a letter; U&'...'
+                    // has its own escape rules and is refused.
+                    if word.eq_ignore_ascii_case("u") && chars.get(i) == Some(&'&') {
+                        return Err(PredicateError::Forbidden("U&"));
+                    }
                     if chars.get(i) == Some(&'\'') && word.len() == 1 {
                         verbatim.push_str(&word);
                         continue;
@@ -156,7 +191,17 @@ impl Predicate {
                 }
             }
         }
+        if depth != 0 {
+            return Err(PredicateError::Unterminated("parenthesis"));
+        }
         flush(&mut tokens, &mut verbatim);
+        for token in &tokens {
+            if let Token::Ident { name, .. } = token
+                && STATEMENT_WORDS.contains(&name.as_str())
+            {
+                return Err(PredicateError::Statement(name.clone()));
+            }
+        }
         Ok(Predicate { tokens })
     }
 
@@ -221,15 +266,7 @@ fn next_non_space(chars: &[char], from: usize) -> Option<char> {
         .find(|c| !c.is_whitespace())
 }
 
-/// `name` as a quoted SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `text` as a SQL string literal.
-pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
+pub use super::quote::{quote_ident, quote_literal};
 
 #[cfg(test)]
 mod tests {
@@ -294,5 +331,39 @@ mod tests {
         assert_eq!(Predicate::parse("  "), Err(PredicateError::Empty));
         // A semicolon inside a literal is data, not a separator.
         assert!(Predicate::parse("name <> 'a;b'").is_ok());
+    }
+
+    #[test]
+    fn refuses_text_whose_end_depends_on_settings_or_leaves_its_parentheses() {
+        // E'\'' ends at the second quote under E-string rules and at the
+        // first under standard ones: the lexer must not have to guess.
+        assert_eq!(
+            Predicate::parse(r"status <> E'\'' OR true"),
+            Err(PredicateError::Forbidden("\\"))
+        );
+        assert_eq!(
+            Predicate::parse(r"name = U&'\0041'"),
+            Err(PredicateError::Forbidden("\\"))
+        );
+        assert_eq!(
+            Predicate::parse("name = U&'d0061'"),
+            Err(PredicateError::Forbidden("U&"))
+        );
+        assert_eq!(
+            Predicate::parse("true) OR (true"),
+            Err(PredicateError::Forbidden("an unbalanced )"))
+        );
+        assert_eq!(
+            Predicate::parse("(true"),
+            Err(PredicateError::Unterminated("parenthesis"))
+        );
+        assert_eq!(
+            Predicate::parse("EXISTS (SELECT 1 FROM pg_authid)"),
+            Err(PredicateError::Statement("select".into()))
+        );
+        // IS DISTINCT FROM is an expression, not a query.
+        assert!(Predicate::parse("status IS DISTINCT FROM 'DELETED' AND (deleted_at IS NULL)").is_ok());
+        // A dollar sign inside a literal is data.
+        assert!(Predicate::parse("name <> '$fn$'").is_ok());
     }
 }

@@ -6,6 +6,8 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
+use crate::display::{self, Escaped};
+
 /// The kinds of drift, as they appear in the JSON report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -205,13 +207,15 @@ impl<W: Write> Printer<W> {
             } else {
                 f.fix.clone()
             };
+            // The resource and the reason quote rows any writer wrote and
+            // what SpiceDB holds: one escaped line per finding.
             writeln!(
                 self.out,
                 "{:<16} {:<48} {:<28} {}",
                 f.kind.as_str(),
-                f.resource,
-                fix,
-                f.reason
+                Escaped(&f.resource),
+                Escaped(&fix),
+                display::error_line(&f.reason)
             )?;
         }
         self.first = false;
@@ -276,6 +280,7 @@ impl<W: Write> Printer<W> {
                     "IN_SPICEDB"
                 )?;
                 for (t, c) in &summary.by_type {
+                    let t = Escaped(t);
                     writeln!(
                         self.out,
                         "{t:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
@@ -292,7 +297,7 @@ impl<W: Write> Printer<W> {
                 }
             }
             for (k, v) in extra {
-                writeln!(self.out, "{k}: {v}")?;
+                writeln!(self.out, "{k}: {}", display::error_line(&v.to_string()))?;
             }
         }
         self.out.flush()
@@ -342,6 +347,41 @@ mod tests {
             .expect("write");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
         assert_eq!(v["findings"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn the_table_shows_outside_text_escaped_one_line_per_finding() {
+        let hostile = Finding {
+            resource: "task:t1\u{1b}[2J\nforged".into(),
+            reason: "owner user:u\u{202e}1 differs\r\n".into(),
+            ..finding()
+        };
+        let mut out = Vec::new();
+        let mut p = Printer::new(&mut out, false);
+        p.finding(&hostile).expect("write");
+        let mut summary = Summary::for_types(&["doc\u{1b}[31m"]);
+        summary.total();
+        let mut extra = serde_json::Map::new();
+        extra.insert("refused".into(), "too many\u{202e}deregisters".into());
+        extra.insert("applied".into(), false.into());
+        p.finish(&summary, extra).expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(
+            !text.chars().any(|c| c != '\n' && display::needs_escape(c)),
+            "{text:?}"
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[1].contains("task:t1\\u{1b}[2J\\nforged")
+                && lines[1].contains("owner user:u\\u{202e}1 differs"),
+            "{text}"
+        );
+        assert!(text.contains("doc\\u{1b}[31m"), "{text}");
+        assert!(
+            text.contains("refused: \"too many\\u{202e}deregisters\""),
+            "{text}"
+        );
+        assert!(text.contains("applied: false"), "{text}");
     }
 
     #[test]

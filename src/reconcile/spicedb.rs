@@ -18,7 +18,10 @@ use spicedb_grpc_tonic::v1::{
 };
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::display;
+use crate::spicedb_client::{check_ca_pem, tls_config};
 
 /// Where SpiceDB is and how to authenticate to it.
 #[derive(Clone)]
@@ -44,7 +47,7 @@ pub struct SpiceDbConfig {
 impl fmt::Debug for SpiceDbConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiceDbConfig")
-            .field("endpoint", &crate::auth_client::redact_url(&self.endpoint))
+            .field("endpoint", &display::redact_url(&self.endpoint))
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("page_size", &self.page_size)
             .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
@@ -105,22 +108,12 @@ pub struct SpiceDbReader {
     message_timeout: Duration,
 }
 
-/// The TLS every SpiceDB client of this crate uses (reconcile's reader,
-/// the SpiceDB delivery target): the system's roots, plus `ca_pem`.
-pub fn tls_config(ca_pem: Option<&[u8]>) -> ClientTlsConfig {
-    let mut tls_config = ClientTlsConfig::new().with_native_roots();
-    if let Some(pem) = ca_pem {
-        tls_config = tls_config.ca_certificate(Certificate::from_pem(pem));
-    }
-    tls_config
-}
-
 impl SpiceDbReader {
     /// Connects; `https://` with TLS (never downgraded to clear text),
     /// `http://` in clear. The read deadline starts now.
     pub async fn connect(config: &SpiceDbConfig) -> Result<Self, SpiceDbError> {
         let started = Instant::now();
-        let shown = crate::auth_client::redact_url(&config.endpoint);
+        let shown = display::redact_url(&config.endpoint);
         let bad = |error: String| SpiceDbError::BadEndpoint {
             endpoint: shown.clone(),
             error,
@@ -135,6 +128,9 @@ impl SpiceDbReader {
         let mut endpoint = Endpoint::from(uri)
             .connect_timeout(config.message_timeout.min(Duration::from_secs(10)));
         if tls {
+            if let Some(pem) = &config.ca_pem {
+                check_ca_pem(pem).map_err(|e| SpiceDbError::Tls(format!("the CA file: {e}")))?;
+            }
             endpoint = endpoint
                 .tls_config(tls_config(config.ca_pem.as_deref()))
                 .map_err(|e| SpiceDbError::Tls(error_chain(&e)))?;
@@ -497,11 +493,17 @@ fn flatten(r: Relationship) -> Option<Tuple> {
     })
 }
 
+/// SpiceDB's (or a proxy's) own text, escaped and bounded: it reaches the
+/// terminal and the log.
 fn status_line(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    display::error_line(&format!("{:?}: {}", status.code(), status.message()))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
+    display::error_line(&chain(error))
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(s) = source {
