@@ -297,6 +297,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             oldest_pending_age_seconds: age,
+            ..Default::default()
         }
     }
 
@@ -338,12 +339,19 @@ mod tests {
     fn labels_stay_few_and_well_formed() {
         let labels = TypeLabels::new(4);
         let refused = labels.register(&["Bad Type", "x\u{1b}[2J", "ok_type/nested_type", "agent"]);
-        assert_eq!(refused, vec!["Bad Type".to_string(), "x\u{1b}[2J".to_string()]);
+        assert_eq!(
+            refused,
+            vec!["Bad Type".to_string(), "x\u{1b}[2J".to_string()]
+        );
         assert_eq!(labels.label("Bad Type"), UNKNOWN_TYPE);
         assert_eq!(labels.label("ok_type/nested_type"), "ok_type/nested_type");
         assert_eq!(labels.label("agent"), "agent");
         let many: Vec<String> = (0..10).map(|i| format!("bulk_{i:03}")).collect();
-        assert_eq!(labels.register(&many).len(), 7, "past the cap, types share unknown");
+        assert_eq!(
+            labels.register(&many).len(),
+            7,
+            "past the cap, types share unknown"
+        );
         let labelled = |l: &TypeLabels| many.iter().filter(|t| l.label(t) != UNKNOWN_TYPE).count();
         assert_eq!(labelled(&labels), 3);
         // Registering again changes nothing.

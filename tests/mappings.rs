@@ -731,9 +731,19 @@ async fn the_capture_and_the_worker_agree_on_what_a_credential_is(pool: PgPool) 
         assert!(sql, "{name} is a credential to the trigger");
         names.push(name.to_string());
     }
-    let identities = ["user_id", "tenant", "account_id", "service_account_id", "principal_type", "email"];
+    let identities = [
+        "user_id",
+        "tenant",
+        "account_id",
+        "service_account_id",
+        "principal_type",
+        "email",
+    ];
     for name in identities {
-        assert!(!authz_outbox::domain::is_credential_key(name), "{name} is kept");
+        assert!(
+            !authz_outbox::domain::is_credential_key(name),
+            "{name} is kept"
+        );
         names.push(name.to_string());
     }
     for name in names {

@@ -20,7 +20,8 @@ async fn role(pool: &PgPool, base: &str) -> String {
     let name = format!("{base}_{}", db.trim_start_matches('_'));
     let name: String = name.chars().take(60).collect();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DO $$ BEGIN CREATE ROLE \"{name}\" LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        "DO $$ BEGIN CREATE ROLE \"{name}\" LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         ALTER ROLE \"{name}\" NOSUPERUSER"
     )))
     .execute(pool)
     .await
@@ -447,4 +448,75 @@ async fn mapping_text_never_leaves_its_quoting(pool: PgPool) {
             "file {i}: mapping text ran as SQL: {pwned:?}"
         );
     }
+}
+
+/// An upgrade from a release whose docs granted host roles INSERT on the
+/// outbox: `status` names the role until the documented statements revoke
+/// the grant. And `status` tells writes made under a role default from
+/// writes that carried the request's user (`by_principal_source`).
+#[sqlx::test(migrations = false)]
+async fn status_names_old_grants_and_where_principals_came_from(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = common::database_url(&pool).await;
+    let app = role(&pool, "old_app").await;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .expect("db");
+    // The grants earlier releases documented, and a role default.
+    exec(
+        &mut *pool.acquire().await.expect("conn"),
+        &format!(
+            r#"GRANT USAGE ON SCHEMA public TO "{app}";
+               GRANT SELECT, INSERT, UPDATE, DELETE ON agents TO "{app}";
+               GRANT INSERT, SELECT ON authz_outbox TO "{app}";
+               GRANT USAGE ON SEQUENCE authz_outbox_id_seq TO "{app}";
+               ALTER ROLE "{app}" IN DATABASE "{db}" SET authz_outbox.principal = '{{"service_account_id":"sa-host"}}';"#
+        ),
+    )
+    .await
+    .expect("old grants");
+    let mut conn = connect_as(&pool, &app).await;
+    exec(
+        &mut conn,
+        r#"INSERT INTO agents (id, name, description, status) VALUES ('a1', 'a1', '', 'READY');
+           BEGIN;
+           SELECT set_config('authz_outbox.principal', '{"user_id":"u1"}', true);
+           INSERT INTO agents (id, name, description, status) VALUES ('a2', 'a2', '', 'READY');
+           COMMIT;"#,
+    )
+    .await
+    .expect("writes");
+    drop(conn);
+
+    let status = |url: String| {
+        let out = Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+            .args(["status", "--format", "json"])
+            .env("DATABASE_URL", url)
+            .output()
+            .expect("status runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let before = status(url.clone());
+    assert_eq!(
+        before["by_type"]["agent"]["by_principal_source"],
+        serde_json::json!({"role_default": 1, "setting": 1}),
+        "{before}"
+    );
+    let writers = before["direct_writers"].as_array().expect("list").clone();
+    assert!(writers.contains(&serde_json::json!(app)), "{writers:?}");
+
+    exec(
+        &mut *pool.acquire().await.expect("conn"),
+        &format!(
+            r#"REVOKE ALL ON authz_outbox FROM "{app}";
+               REVOKE ALL ON SEQUENCE authz_outbox_id_seq FROM "{app}";"#
+        ),
+    )
+    .await
+    .expect("documented revoke");
+    let after = status(url);
+    let writers = after["direct_writers"].as_array().expect("list").clone();
+    assert!(!writers.contains(&serde_json::json!(app)), "{writers:?}");
 }

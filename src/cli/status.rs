@@ -16,7 +16,8 @@ pub struct StatusArgs {
 
 pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let pool = args.db.connect(2).await?;
-    let s = stats::collect(&pool, stats::Scope::All, args.dead).await?;
+    let mut s = stats::collect(&pool, stats::Scope::All, args.dead).await?;
+    s.direct_writers = stats::direct_writers(&pool).await?;
     match args.format {
         Format::Json => print_json(&s)?,
         Format::Table => {
@@ -50,8 +51,26 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             println!();
+            println!("{:<12} PRINCIPAL SOURCES", "TYPE");
+            for (resource_type, t) in &s.by_type {
+                let sources: Vec<String> = t
+                    .by_principal_source
+                    .iter()
+                    .map(|(source, n)| format!("{source}={n}"))
+                    .collect();
+                println!("{resource_type:<12} {}", sources.join(" "));
+            }
+            println!();
             println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
             println!("leased now:         {}", s.leased);
+            if !s.direct_writers.is_empty() {
+                println!();
+                println!(
+                    "WARNING: these roles can write authz_outbox directly and so forge owners: {} \
+                     (revoke: docs/operations.md, Upgrade)",
+                    s.direct_writers.join(", ")
+                );
+            }
             if !s.recent_dead.is_empty() {
                 println!();
                 println!("newest dead rows:");

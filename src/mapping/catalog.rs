@@ -323,10 +323,12 @@ async fn pin_path(conn: &mut PgConnection) -> Result<(String, String), sqlx::Err
 }
 
 async fn restore_path(conn: &mut PgConnection, saved: (String, String)) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT set_config('search_path', $1, false), set_config('statement_timeout', $2, false)")
-        .bind(saved.0)
-        .bind(saved.1)
-        .execute(conn)
-        .await
-        .map(|_| ())
+    sqlx::query(
+        "SELECT set_config('search_path', $1, false), set_config('statement_timeout', $2, false)",
+    )
+    .bind(saved.0)
+    .bind(saved.1)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }

@@ -301,8 +301,16 @@ END
         sel_new = m.selector.sql("NEW"),
         who_old = creator_sql(r, "OLD", "who", "src"),
         who_new = creator_sql(r, "NEW", "who", "src"),
-        attrs_old = if attrs { format!("\n        old_attrs := {};", attributes_sql(r, "OLD")) } else { String::new() },
-        attrs_new = if attrs { format!("\n        new_attrs := {};", attributes_sql(r, "NEW")) } else { String::new() },
+        attrs_old = if attrs {
+            format!("\n        old_attrs := {};", attributes_sql(r, "OLD"))
+        } else {
+            String::new()
+        },
+        attrs_new = if attrs {
+            format!("\n        new_attrs := {};", attributes_sql(r, "NEW"))
+        } else {
+            String::new()
+        },
     );
     out.push(format!(
         "CREATE OR REPLACE FUNCTION {func}() RETURNS trigger\nLANGUAGE plpgsql {DEFINER} AS {body}",

@@ -264,8 +264,7 @@ pub async fn plan(
                 Some(j) => qualified_table(tx, j).await?,
                 None => None,
             };
-            for sql in ddl::drop_statements(&schema, name, table_q.as_deref(), join_q.as_deref())
-            {
+            for sql in ddl::drop_statements(&schema, name, table_q.as_deref(), join_q.as_deref()) {
                 plan.push(name, sql);
             }
         }
@@ -274,12 +273,9 @@ pub async fn plan(
         // Also when nothing was recorded: a half-cleaned database may still
         // carry the triggers.
         let join_q = r.join.as_ref().map(|j| j.qualified());
-        for sql in ddl::drop_statements(
-            &schema,
-            name,
-            Some(&r.table.qualified()),
-            join_q.as_deref(),
-        ) {
+        for sql in
+            ddl::drop_statements(&schema, name, Some(&r.table.qualified()), join_q.as_deref())
+        {
             plan.push(name, sql);
         }
         for sql in install {
@@ -317,7 +313,10 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
         };
         plan.push(
             "legacy capture",
-            format!("DROP TRIGGER IF EXISTS {} ON {table_q}", quote_ident(trigger)),
+            format!(
+                "DROP TRIGGER IF EXISTS {} ON {table_q}",
+                quote_ident(trigger)
+            ),
         );
     }
     // The view and the dispatch are regenerated with any change, and when

@@ -26,9 +26,7 @@ pub enum PredicateError {
         "live predicate must not contain {0:?} (one boolean expression, no statements or comments)"
     )]
     Forbidden(&'static str),
-    #[error(
-        "live predicate must be one expression over the table's columns, not a query ({0:?})"
-    )]
+    #[error("live predicate must be one expression over the table's columns, not a query ({0:?})")]
     Statement(String),
     #[error("live predicate is longer than {max} characters")]
     TooLong { max: usize },
@@ -37,8 +35,17 @@ pub enum PredicateError {
 /// Words that start or shape a query: a liveness rule reads its own row,
 /// never another table (it runs with the installing role's privileges).
 const STATEMENT_WORDS: &[&str] = &[
-    "select", "with", "values", "table", "insert", "update", "delete", "returning", "union",
-    "intersect", "except",
+    "select",
+    "with",
+    "values",
+    "table",
+    "insert",
+    "update",
+    "delete",
+    "returning",
+    "union",
+    "intersect",
+    "except",
 ];
 
 /// The longest predicate accepted; a liveness rule is a short expression.
@@ -362,7 +369,9 @@ mod tests {
             Err(PredicateError::Statement("select".into()))
         );
         // IS DISTINCT FROM is an expression, not a query.
-        assert!(Predicate::parse("status IS DISTINCT FROM 'DELETED' AND (deleted_at IS NULL)").is_ok());
+        assert!(
+            Predicate::parse("status IS DISTINCT FROM 'DELETED' AND (deleted_at IS NULL)").is_ok()
+        );
         // A dollar sign inside a literal is data.
         assert!(Predicate::parse("name <> '$fn$'").is_ok());
     }

@@ -22,6 +22,36 @@ pub struct OutboxStats {
     pub by_type: BTreeMap<String, TypeStats>,
     /// The newest dead rows, newest first.
     pub recent_dead: Vec<DeadRow>,
+    /// Roles that can INSERT, UPDATE or DELETE `authz_outbox` directly
+    /// besides its owner, superusers and the documented worker and
+    /// reconcile roles: each could forge who owns what (`status` only).
+    pub direct_writers: Vec<String>,
+}
+
+/// The roles the operations guide grants outbox writes to.
+pub const DOCUMENTED_ROLES: [&str; 2] = ["authz_outbox_worker", "authz_outbox_reconcile"];
+
+/// See [`OutboxStats::direct_writers`]. A role that holds a grant through
+/// membership counts (PostgreSQL's own privilege check decides).
+pub async fn direct_writers(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        SELECT r.rolname::text
+        FROM pg_roles r, (SELECT c.oid, c.relowner FROM pg_class c
+                          WHERE c.oid = to_regclass('authz_outbox')) AS o
+        WHERE NOT r.rolsuper
+          AND r.oid <> o.relowner
+          AND r.rolname NOT LIKE 'pg\_%'
+          AND r.rolname <> ALL ($1)
+          AND (has_table_privilege(r.oid, o.oid, 'INSERT')
+               OR has_table_privilege(r.oid, o.oid, 'UPDATE')
+               OR has_table_privilege(r.oid, o.oid, 'DELETE'))
+        ORDER BY 1
+        "#,
+    )
+    .bind(DOCUMENTED_ROLES)
+    .fetch_all(pool)
+    .await
 }
 
 /// Counts and the oldest pending age of one resource type.
@@ -31,6 +61,10 @@ pub struct TypeStats {
     pub counts: BTreeMap<String, i64>,
     /// Age of the type's oldest pending row, 0 when none is pending.
     pub oldest_pending_age_seconds: f64,
+    /// Rows per source of their principal (`setting`, `role_default`,
+    /// `column:<name>`, `reconcile`, `replay`; `none` when unrecorded): a
+    /// type whose rows all say `role_default` is not getting its users.
+    pub by_principal_source: BTreeMap<String, i64>,
 }
 
 impl TypeStats {
@@ -38,6 +72,7 @@ impl TypeStats {
         TypeStats {
             counts: states.iter().map(|s| (s.to_string(), 0)).collect(),
             oldest_pending_age_seconds: 0.0,
+            by_principal_source: BTreeMap::new(),
         }
     }
 }
@@ -83,18 +118,18 @@ pub async fn collect(
     dead_limit: i64,
 ) -> Result<OutboxStats, sqlx::Error> {
     const COUNTS: &str = r#"
-        SELECT resource_type, state, operation, count(*)::bigint,
+        SELECT resource_type, state, operation, coalesce(principal_source, 'none'), count(*)::bigint,
                coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
         FROM authz_outbox
-        GROUP BY resource_type, state, operation
+        GROUP BY resource_type, state, operation, principal_source
     "#;
     // An OR of the two partial indexes' predicates, so both are used.
     const LIVE_COUNTS: &str = r#"
-        SELECT resource_type, state, operation, count(*)::bigint,
+        SELECT resource_type, state, operation, coalesce(principal_source, 'none'), count(*)::bigint,
                coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
         FROM authz_outbox
         WHERE state = 'pending' OR state = 'dead'
-        GROUP BY resource_type, state, operation
+        GROUP BY resource_type, state, operation, principal_source
     "#;
     const PENDING: &str = r#"
         SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
@@ -121,9 +156,9 @@ pub async fn collect(
         Scope::All => COUNTS,
         Scope::Live => LIVE_COUNTS,
     };
-    let rows: Vec<(String, String, String, i64, f64)> =
+    let rows: Vec<(String, String, String, String, i64, f64)> =
         sqlx::query_as(counts).fetch_all(pool).await?;
-    for (resource_type, state, operation, n, age) in rows {
+    for (resource_type, state, operation, source, n, age) in rows {
         *stats.counts.entry(state.clone()).or_default() += n;
         *stats
             .by_operation
@@ -136,6 +171,7 @@ pub async fn collect(
             .entry(resource_type)
             .or_insert_with(|| TypeStats::zero(states));
         *by_type.counts.entry(state.clone()).or_default() += n;
+        *by_type.by_principal_source.entry(source).or_default() += n;
         if state == "pending" {
             by_type.oldest_pending_age_seconds = by_type.oldest_pending_age_seconds.max(age);
         }
