@@ -447,24 +447,40 @@ async fn mappings_check_names_each_kind_of_bad_mapping(pool: PgPool) {
             "mapping m: table no_such_table does not exist",
         ),
         (
-            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nselector = \"{nope}\"",
+            "[[mapping]]\ntype = \"task\"\ntable = \"tasks\"\nenabled = false\n\n[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nselector = \"{nope}\"",
             "mapping m: selector column nope does not exist in table tasks",
         ),
         (
-            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nparent = { type = \"agent\", column = \"params\" }",
+            "[[mapping]]\ntype = \"task\"\ntable = \"tasks\"\nenabled = false\n\n[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nparent = { type = \"agent\", column = \"params\" }",
             "mapping m: parent column tasks.params is jsonb",
         ),
         (
-            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status IS NOT DELETED\"",
+            "[[mapping]]\ntype = \"task\"\ntable = \"tasks\"\nenabled = false\n\n[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status IS NOT DELETED\"",
             "mapping m: live predicate does not compile",
         ),
         (
-            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status\"",
+            "[[mapping]]\ntype = \"task\"\ntable = \"tasks\"\nenabled = false\n\n[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status\"",
             "mapping m: live predicate is public.taskstatus, not boolean",
         ),
         (
-            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status = 1; DROP TABLE tasks\"",
+            "[[mapping]]\ntype = \"task\"\ntable = \"tasks\"\nenabled = false\n\n[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"status = 1; DROP TABLE tasks\"",
             "mapping m: live predicate must not contain \";\"",
+        ),
+        (
+            "[[mapping]]\nname = \"tsk\"\ntype = \"task\"\ntable = \"tasks\"\nenabled = false",
+            "mapping tsk: enabled = false names no built-in mapping",
+        ),
+        (
+            "[[mapping]]\nname = \"a_mapping_name_of_thirty_three_ch\"\ntype = \"task\"\ntable = \"agent_task_tracker\"",
+            "mapping a_mapping_name_of_thirty_three_ch: name is too long: it generates authz_outbox_truncate__a_mapping_name_of_thirty_three_ch__parent",
+        ),
+        (
+            "[[mapping]]\nname = \"x\"\ntype = \"task\"\ntable = \"agent_task_tracker\"\n\n[[mapping]]\nname = \"x__parent\"\ntype = \"task\"\ntable = \"agent_run_schedules\"",
+            "mapping x__parent: it generates authz_outbox_capture__x__parent, as mapping x does",
+        ),
+        (
+            "[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"",
+            "mapping task: mapping m already maps table tasks to type task",
         ),
     ];
     for (i, (toml, expected)) in cases.iter().enumerate() {

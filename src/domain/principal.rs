@@ -270,6 +270,14 @@ mod tests {
             "session",
             "db_password",
             "jwt",
+            // Any case or separator style, the word anywhere in the name.
+            "clientSecret",
+            "accessToken",
+            "password_hash",
+            "authToken",
+            "secret_key",
+            "X-Api-Key",
+            "tokenizer",
         ] {
             assert!(is_credential_key(key), "{key}");
         }
@@ -278,7 +286,7 @@ mod tests {
             "service_account_id",
             "account_id",
             "principal_type",
-            "tokenizer",
+            "email",
         ] {
             assert!(!is_credential_key(key), "{key}");
         }

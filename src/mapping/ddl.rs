@@ -60,6 +60,35 @@ fn trigger(name: &str, event: &str) -> String {
     format!("authz_outbox__{name}__{event}")
 }
 
+/// Every function and trigger name a mapping called `name` generates. Each
+/// must fit PostgreSQL's 63 bytes (a longer one is silently cut, and two
+/// cut names can meet) and differ from every other mapping's (a mapping
+/// named `x__parent` would otherwise own `x`'s parent function).
+pub fn generated_names(name: &str) -> Vec<String> {
+    let mut names = vec![
+        capture_function(name),
+        parent_function(name),
+        reparent_function(name),
+        live_function(name),
+        truncate_function(name),
+        parent_truncate_function(name),
+    ];
+    for event in [
+        "insert",
+        "delete",
+        "update",
+        "truncate",
+        "parent",
+        "parent_truncate",
+    ] {
+        names.push(trigger(name, event));
+    }
+    names
+}
+
+/// PostgreSQL's longest identifier, in bytes.
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
 /// `coalesce(<predicate>, false)` over the row `q`, or `true` when every
 /// row is live. A predicate that is NULL for a row counts as not live.
 pub fn live_sql(r: &Resolved, q: &str) -> String {

@@ -404,6 +404,28 @@ pub async fn install(
     mappings: &Mappings,
     lock_timeout: Option<std::time::Duration>,
 ) -> Result<Vec<Change>, InstallError> {
+    run(conn, mappings, lock_timeout, true).await
+}
+
+/// Runs everything [`install`] would, then rolls it back: what `mappings
+/// check` does, so that whatever `migrate` would fail on (a statement
+/// PostgreSQL refuses, a name it cuts) fails the check instead. It takes
+/// the same trigger locks for the few milliseconds the statements run,
+/// waiting at most `lock_timeout` for them.
+pub async fn trial_install(
+    conn: &mut PgConnection,
+    mappings: &Mappings,
+    lock_timeout: std::time::Duration,
+) -> Result<Vec<Change>, InstallError> {
+    run(conn, mappings, Some(lock_timeout), false).await
+}
+
+async fn run(
+    conn: &mut PgConnection,
+    mappings: &Mappings,
+    lock_timeout: Option<std::time::Duration>,
+    commit: bool,
+) -> Result<Vec<Change>, InstallError> {
     let mut tx = conn.begin().await?;
     // Notices ("trigger … does not exist, skipping") are not news.
     sqlx::query("SET LOCAL client_min_messages = warning")
@@ -448,7 +470,11 @@ pub async fn install(
             .await
             .map_err(|e| classify(&statement.label, e))?;
     }
-    tx.commit().await?;
+    if commit {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
     Ok(plan.changes)
 }
 

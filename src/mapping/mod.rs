@@ -439,15 +439,67 @@ impl Mappings {
             }
             if spec.enabled {
                 specs.insert(name, spec);
-            } else {
-                specs.remove(&name);
+            } else if specs.remove(&name).is_none() {
+                // A typo here would leave the built-in it meant installed.
+                return Err(invalid(
+                    &name,
+                    "enabled = false names no built-in mapping (built-ins: agent, api_key, task, schedule)",
+                ));
             }
         }
         let mappings = specs
             .into_values()
             .map(Mapping::from_spec)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Mappings { mappings })
+        let mappings = Mappings { mappings };
+        mappings.require_installable_names()?;
+        mappings.require_one_mapping_per_type_and_table()?;
+        Ok(mappings)
+    }
+
+    /// Every generated name fits PostgreSQL's identifier length and no two
+    /// mappings generate the same one (see [`ddl::generated_names`]).
+    fn require_installable_names(&self) -> Result<(), MappingError> {
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        for m in &self.mappings {
+            for generated in ddl::generated_names(&m.name) {
+                if generated.len() > ddl::MAX_IDENTIFIER_BYTES {
+                    return Err(invalid(
+                        &m.name,
+                        format!(
+                            "name is too long: it generates {generated}, longer than PostgreSQL's {} bytes",
+                            ddl::MAX_IDENTIFIER_BYTES
+                        ),
+                    ));
+                }
+                if let Some(other) = owners.insert(generated.clone(), &m.name) {
+                    return Err(invalid(
+                        &m.name,
+                        format!("it generates {generated}, as mapping {other} does; rename one"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Two mappings of one type on one table would capture every write
+    /// twice.
+    fn require_one_mapping_per_type_and_table(&self) -> Result<(), MappingError> {
+        for (i, a) in self.mappings.iter().enumerate() {
+            for b in &self.mappings[i + 1..] {
+                if a.resource_type == b.resource_type && a.table == b.table {
+                    return Err(invalid(
+                        &b.name,
+                        format!(
+                            "mapping {} already maps table {} to type {}",
+                            a.name, a.table, a.resource_type
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Mapping> {

@@ -79,6 +79,12 @@ impl Predicate {
                 max: MAX_PREDICATE_LEN,
             });
         }
+        // A backslash means different things in `'…'` and `E'…'` and under
+        // each `standard_conforming_strings`: where a literal ends must not
+        // depend on any of that, so there is none, in a literal or out.
+        if text.contains('\\') {
+            return Err(PredicateError::Forbidden("\\"));
+        }
         let chars: Vec<char> = text.chars().collect();
         let mut tokens = Vec::new();
         let mut verbatim = String::new();
@@ -92,10 +98,6 @@ impl Predicate {
             match c {
                 ';' => return Err(PredicateError::Forbidden(";")),
                 '$' => return Err(PredicateError::Forbidden("$")),
-                // A backslash means different things in `'…'` and `E'…'`
-                // and under each `standard_conforming_strings`: where a
-                // literal ends must not depend on any of that.
-                '\\' => return Err(PredicateError::Forbidden("\\")),
                 '(' => {
                     depth += 1;
                     verbatim.push(c);

@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(t.columns(), vec!["agent_id", "id"]);
         assert_eq!(
             t.sql("NEW"),
-            r#"('run-schedule::' || NEW."agent_id"::text || '::' || NEW."id"::text)"#
+            r#"(E'run-schedule::' || NEW."agent_id"::text || E'::' || NEW."id"::text)"#
         );
         assert_eq!(
             SelectorTemplate::parse("{id}").expect("valid").sql("t"),
@@ -204,7 +204,7 @@ mod tests {
     fn split_walks_literals_and_columns_in_order() {
         let t = SelectorTemplate::parse("run-schedule::{agent_id}::{id}").expect("valid");
         let sql = t.plpgsql_split("p_selector");
-        assert!(sql.contains("IF left(rest, 14) IS DISTINCT FROM 'run-schedule::'"));
+        assert!(sql.contains("IF left(rest, 14) IS DISTINCT FROM E'run-schedule::'"));
         assert!(sql.contains("v_agent_id := left(rest, pos - 1);"));
         assert!(sql.contains("v_id := rest;"));
     }
