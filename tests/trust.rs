@@ -495,7 +495,11 @@ async fn status_names_old_grants_and_where_principals_came_from(pool: PgPool) {
             .env("DATABASE_URL", url)
             .output()
             .expect("status runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
     };
     let before = status(url.clone());
