@@ -1,18 +1,22 @@
 """authz-outbox for a Python (SQLAlchemy) host.
 
-- :mod:`.principal`: the request's principal in a context variable, and a
-  plain ASGI middleware that fills it;
-- :mod:`.session`: the ``after_begin`` hook that makes every transaction
-  carry it (``set_config('authz_outbox.principal', ..., true)``);
+- :mod:`.principal`: the request's principal, in a per-request holder that a
+  plain ASGI middleware creates and ``set_principal`` fills from wherever
+  the request is authenticated;
+- :mod:`.session`: the hook that makes every transaction carry it
+  (``set_config('authz_outbox.principal', ..., true)``), and makes a write
+  in a request without a principal raise instead of using the role default;
 - :mod:`.wait`: read-your-writes by resource after commit.
 """
 
 from .principal import (
+    USE_ROLE_DEFAULT,
     Principal,
     PrincipalMiddleware,
+    PrincipalMissing,
     current_principal,
+    in_request,
     principal_scope,
-    reset_principal,
     set_principal,
 )
 from .session import install, set_transaction_principal, uninstall
@@ -28,18 +32,20 @@ from .wait import (
 )
 
 __all__ = [
+    "USE_ROLE_DEFAULT",
     "Delivered",
     "DeliveryDead",
     "DeliveryTimeout",
     "NothingCaptured",
     "Principal",
     "PrincipalMiddleware",
+    "PrincipalMissing",
     "WaitError",
     "WaitRefused",
     "current_principal",
+    "in_request",
     "install",
     "principal_scope",
-    "reset_principal",
     "set_principal",
     "set_transaction_principal",
     "uninstall",

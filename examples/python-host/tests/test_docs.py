@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+from fastapi import FastAPI, Request
+from sqlalchemy import insert, text
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+from authz_outbox_host import PrincipalMissing
 
 from . import host_models
 from .conftest import (
@@ -158,30 +164,58 @@ async def session_hook(g: Guide, b: Block) -> None:
 
 
 async def middleware(g: Guide, b: Block) -> None:
+    """The block wraps the host's FastAPI app, whose authentication
+    middleware (added with ``add_middleware``) runs inside the wrapper: the
+    wiring that used to register every write to the role default."""
     make = g.namespace["AsyncSessionLocal"]
+    engine = g.namespace["async_engine"]
+    api = FastAPI()
 
-    async def host_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    class Authenticate(BaseHTTPMiddleware):
+        """The host's authentication middleware (agentex-auth's /v1/authn,
+        played by a header), storing the principal on the request."""
+
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Any:
+            user = request.headers.get("x-user")
+            request.state.principal = (
+                {"user_id": user, "account_id": "acc-1", "api_key": "agx_secret"} if user else None
+            )
+            return await call_next(request)
+
+    @api.post("/orm/{agent_id}")
+    async def orm_write(agent_id: str) -> None:
         async with make() as session:
-            session.add(host_models.AgentORM(id=scope["path"].strip("/"), name=scope["path"]))
+            session.add(host_models.AgentORM(id=agent_id, name=agent_id))
             await session.commit()
 
-    g.namespace["app"] = host_app
+    @api.post("/core/{agent_id}")
+    async def core_write(agent_id: str) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(host_models.AgentORM.__table__).values(
+                    id=agent_id, name=agent_id, description="", status="READY"
+                )
+            )
+
+    @api.get("/read")
+    async def read() -> int:
+        async with make() as session:
+            return (await session.execute(text("SELECT count(*) FROM agents"))).scalar_one()
+
+    api.add_middleware(Authenticate)
+    g.namespace["app"] = api
     await g.python(b.code, b.name)
-    principal = {"user_id": "u-mw", "account_id": "acc-1", "api_key": "agx_secret"}
-
-    async def no_body() -> dict[str, Any]:
-        return {"type": "http.disconnect"}
-
-    async def ignore(message: Any) -> None:
-        return None
-
-    app = g.namespace["app"]
-    await app(
-        {"type": "http", "path": "/mw-agent", "state": {"principal": principal}}, no_body, ignore
-    )
-    await app({"type": "http", "path": "/anon-agent"}, no_body, ignore)
-    assert g.principal_of("agent:mw-agent") == {"user_id": "u-mw", "account_id": "acc-1"}
-    assert g.principal_of("agent:anon-agent") == {"service_account_id": "agentex-host"}
+    transport = httpx.ASGITransport(app=g.namespace["app"])
+    async with httpx.AsyncClient(transport=transport, base_url="http://host") as client:
+        for kind in ("orm", "core"):
+            response = await client.post(f"/{kind}/{kind}-agent", headers={"x-user": "u-mw"})
+            assert response.status_code == 200, response.text
+            user = {"user_id": "u-mw", "account_id": "acc-1"}  # no api key
+            assert g.principal_of(f"agent:{kind}-agent") == user
+            with pytest.raises(PrincipalMissing):
+                await client.post(f"/{kind}/anon-{kind}-agent")
+            assert not [r for r in outbox(g.database) if r["resource_id"] == f"anon-{kind}-agent"]
+        assert (await client.get("/read")).status_code == 200, "an anonymous read is fine"
 
 
 async def sql_writer(g: Guide, b: Block) -> None:
