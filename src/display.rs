@@ -174,7 +174,10 @@ mod tests {
         );
         assert_eq!(escape("x\u{202e}evil\u{2066}"), "x\\u{202e}evil\\u{2066}");
         assert_eq!(escape("\u{9b}2J\u{7f}"), "\\u{9b}2J\\u{7f}");
-        assert_eq!(escape("zero\u{200b}width\u{feff}"), "zero\\u{200b}width\\u{feff}");
+        assert_eq!(
+            escape("zero\u{200b}width\u{feff}"),
+            "zero\\u{200b}width\\u{feff}"
+        );
         assert_eq!(escape("line\u{2028}sep"), "line\\u{2028}sep");
         assert!(matches!(escape("plain text: ü, 日本, é"), Cow::Borrowed(_)));
     }

@@ -401,7 +401,11 @@ mod tests {
     #[tokio::test]
     async fn a_ca_without_a_certificate_is_refused() {
         let t = Duration::from_secs(1);
-        for pem in [&b""[..], b"not a certificate\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"] {
+        for pem in [
+            &b""[..],
+            b"not a certificate\n",
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ] {
             let err = SpiceDbClient::with_ca("https://h:1", None, t, Some(pem))
                 .expect_err("no certificate")
                 .to_string();

@@ -223,12 +223,8 @@ impl RunArgs {
                     .transpose()?;
                 let token = self.spicedb_token()?;
                 let has_token = token.is_some();
-                let client = SpiceDbClient::with_ca(
-                    endpoint,
-                    token,
-                    config.request_timeout,
-                    ca.as_deref(),
-                )?;
+                let client =
+                    SpiceDbClient::with_ca(endpoint, token, config.request_timeout, ca.as_deref())?;
                 super::warn_if_sent_in_clear(
                     has_token,
                     "SPICEDB_ENDPOINT",
