@@ -1070,4 +1070,50 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
+
+    /// Whatever a target or a check put in an error, `last_error` and the
+    /// log get one escaped line of at most [`display::MAX_ERROR_CHARS`].
+    #[test]
+    fn every_stored_error_is_one_bounded_escaped_line() {
+        let hostile = format!("bad\u{1b}[2J\nforged\u{202e}{}", "x".repeat(2000));
+        let at = Utc::now();
+        let updates = [
+            RowUpdate::Retry {
+                at,
+                status: None,
+                error: hostile.clone(),
+            },
+            RowUpdate::Dead {
+                status: Some(400),
+                error: hostile.clone(),
+            },
+            RowUpdate::Release {
+                at,
+                status: None,
+                error: Some(hostile.clone()),
+            },
+            RowUpdate::Superseded {
+                reason: hostile.clone(),
+            },
+        ];
+        for update in updates {
+            let error = match one_line_errors(update) {
+                RowUpdate::Retry { error, .. } | RowUpdate::Dead { error, .. } => error,
+                RowUpdate::Release { error, .. } => error.unwrap_or_default(),
+                RowUpdate::Superseded { reason } => reason,
+                other => panic!("{other:?}"),
+            };
+            assert!(
+                error.starts_with("bad\\u{1b}[2J\\nforged\\u{202e}x"),
+                "{error}"
+            );
+            assert!(!error.chars().any(display::needs_escape), "{error:?}");
+            assert_eq!(error.chars().count(), display::MAX_ERROR_CHARS);
+            assert!(error.ends_with(display::ELLIPSIS));
+        }
+        let delivered = RowUpdate::Delivered {
+            consistency_token: Some("z".into()),
+        };
+        assert_eq!(one_line_errors(delivered.clone()), delivered);
+    }
 }
