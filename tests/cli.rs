@@ -799,9 +799,323 @@ async fn status_shows_errors_without_control_characters(pool: PgPool) {
     let out = run_async(&["status"], &[("DATABASE_URL", db.as_str())]).await;
     assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("boom[2J]0;pwned again"), "{stdout}");
+    assert!(
+        stdout.contains(r"boom\u{1b}[2J\u{1b}]0;pwned\u{7}\r\nagain"),
+        "{stdout}"
+    );
     assert!(
         !stdout.chars().any(|c| c.is_control() && c != '\n'),
         "{stdout:?}"
     );
+}
+
+// --- Output an attacker cannot steer (issue 21, item 9) ---
+
+/// Whether `text` holds a character a terminal or a log viewer acts on,
+/// besides the newlines that end its lines.
+fn steerable(text: &str) -> bool {
+    text.chars()
+        .any(|c| c != '\n' && authz_outbox::display::needs_escape(c))
+}
+
+/// A throwaway directory for files a test hands the binary.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "authz-outbox-cli-{name}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// An agentex-auth error body, a resource id from a hand-written row, a
+/// TOML error: each reaches `last_error`, the text log, `replay`'s table
+/// and the CLI's `error:` line escaped, one line each.
+#[sqlx::test(migrations = false)]
+async fn text_from_a_server_or_a_row_is_shown_escaped(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    const BODY: &str = "bad\u{1b}[2J\n2026-01-01T00:00:00Z  INFO forged line\u{202e}";
+    let auth =
+        ScriptedAuth::always(Answer::status(400).body(serde_json::json!({ "error": BODY }))).await;
+    task_rows(&pool, &["t-hostile".to_string()]).await;
+    // A row no trigger wrote: its type and id hold escape sequences and a
+    // newline (it goes dead for its type).
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+         VALUES ($1, $2, 'register', '{\"user_id\":\"u\"}')",
+    )
+    .bind("task\u{1b}[31m")
+    .bind("t\u{1b}]0;pwned\u{7}\nx")
+    .execute(&pool)
+    .await
+    .expect("hand-written row");
+    let db = url_of(&pool).await;
+    let port = free_port().to_string();
+    let out = run_async(
+        &[
+            "run",
+            "--once",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[
+            ("DATABASE_URL", db.as_str()),
+            ("AGENTEX_AUTH_URL", &auth.url()),
+            ("AGENTEX_AUTH_TOKEN", "t"),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(!steerable(&logs), "{logs:?}");
+    assert!(
+        logs.contains(r"bad\u{1b}[2J\n2026-01-01T00:00:00Z  INFO forged line\u{202e}"),
+        "{logs}"
+    );
+    assert!(
+        !logs.lines().any(|l| l.starts_with("2026-01-01")),
+        "a forged log line: {logs}"
+    );
+
+    let errors: Vec<(String, String)> = sqlx::query_as(
+        "SELECT resource_id, last_error FROM authz_outbox WHERE state = 'dead' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("dead rows");
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for (id, error) in &errors {
+        assert!(
+            !steerable(error) && !error.contains('\n'),
+            "{id:?}: {error:?}"
+        );
+        assert!(
+            error.chars().count() <= authz_outbox::display::MAX_ERROR_CHARS,
+            "{error}"
+        );
+    }
+    assert!(errors[0].1.contains(r"bad\u{1b}[2J\n2026"), "{errors:?}");
+
+    let out = run_async(
+        &["replay", "--all-dead", "--dry-run"],
+        &[("DATABASE_URL", db.as_str())],
+    )
+    .await;
+    assert_ok(&out);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(!steerable(&table), "{table:?}");
+    assert!(
+        table.contains(r"task\u{1b}[31m:t\u{1b}]0;pwned\u{7}\nx"),
+        "{table}"
+    );
+    // A header, two rows and the dry-run note.
+    assert_eq!(table.lines().count(), 4, "{table}");
+
+    // A TOML error quotes the offending line.
+    let dir = scratch("toml");
+    let file = dir.join("mappings.toml");
+    std::fs::write(&file, "[[mapping]]\nname = \"a\" \u{1b}[2J\u{202e} oops\n").expect("file");
+    let out = run(
+        &["mappings", "check", "--mappings", &file.to_string_lossy()],
+        &[("DATABASE_URL", db.as_str())],
+    );
+    assert_one_line_error(&out, "mappings");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!steerable(&stderr), "{stderr:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The SpiceDB endpoint is shown like every other URL: without its password.
+#[test]
+fn the_spicedb_endpoint_is_shown_without_its_password() {
+    let db = ("DATABASE_URL", "not-a-url");
+    for endpoint in [
+        "http://svc:pa55word@spicedb:notaport",
+        "http://svc:pa55word@127.0.0.1:1",
+    ] {
+        for args in [
+            &["run", "--once", "--target", "spicedb"][..],
+            &["mappings", "check", "--target", "spicedb"][..],
+        ] {
+            let out = run(
+                args,
+                &[db, ("SPICEDB_ENDPOINT", endpoint), ("RUST_LOG", "debug")],
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?} {endpoint}: {stderr}");
+            assert!(!stderr.contains("pa55word"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+/// A SpiceDB token over plain http to another machine warns at start, as
+/// the agentex-auth credential does; loopback, https and no token do not.
+#[test]
+fn a_spicedb_token_in_clear_to_another_host_warns() {
+    let warning = "SPICEDB_ENDPOINT is plain http to another host";
+    // Refused at once, after the warning.
+    let db = ("DATABASE_URL", "not-a-url");
+    let commands: [&[&str]; 3] = [
+        &["run", "--once", "--target", "spicedb"],
+        &["reconcile"],
+        // The schema read fails fast (nothing listens on the address);
+        // the warning comes first.
+        &["mappings", "check", "--target", "spicedb"],
+    ];
+    for args in commands {
+        for (endpoint, token, warns) in [
+            ("http://spicedb.invalid:50051", Some("psk"), true),
+            ("http://192.0.2.1:50051", Some("psk"), true),
+            ("http://127.0.0.1:1", Some("psk"), false),
+            ("http://localhost:1", Some("psk"), false),
+            ("https://spicedb.invalid:50051", Some("psk"), false),
+            ("http://spicedb.invalid:50051", None, false),
+        ] {
+            let mut env = vec![db, ("SPICEDB_ENDPOINT", endpoint), ("RUST_LOG", "warn")];
+            if let Some(token) = token {
+                env.push(("SPICEDB_TOKEN", token));
+            }
+            // Short: the mapping check's schema read must not wait long on
+            // an unroutable address.
+            let out = run_with_deadline(args, &env, Duration::from_secs(30));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                stderr.matches(warning).count(),
+                usize::from(warns),
+                "{args:?} {endpoint} {token:?}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("psk\n") && !stderr.contains("Bearer"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+/// [`run`], killed (and failed) if it has not ended by `deadline`.
+fn run_with_deadline(args: &[&str], env: &[(&str, &str)], deadline: Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "{args:?} still running after {deadline:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// `--mappings` takes a regular file: a FIFO is refused at once (opening
+/// one would wait for a writer forever), a device or a directory too.
+#[test]
+fn the_mappings_file_must_be_a_regular_file() {
+    let dir = scratch("fifo");
+    let fifo = dir.join("mappings.toml");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let db = ("DATABASE_URL", "postgres://x@127.0.0.1:1/db");
+    for (path, kind) in [
+        (fifo.to_string_lossy().to_string(), "a FIFO"),
+        ("/dev/zero".to_string(), "a device"),
+        ("/dev/null".to_string(), "a device"),
+        (dir.to_string_lossy().to_string(), "a directory"),
+    ] {
+        for args in [
+            &["mappings", "check", "--mappings", path.as_str()][..],
+            &["migrate", "--mappings", path.as_str()][..],
+        ] {
+            let out = run_with_deadline(args, &[db], Duration::from_secs(20));
+            assert_one_line_error(
+                &out,
+                &format!("is {kind}; --mappings takes a regular TOML file"),
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A test CA certificate (self-signed, no key anywhere): a CA file that
+/// does hold a certificate.
+const TEST_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBlTCCATugAwIBAgIUJMnAkayJnUUp2l1iHO0rW7p2JNAwCgYIKoZIzj0EAwIw
+HzEdMBsGA1UEAwwUYXV0aHotb3V0Ym94IHRlc3QgQ0EwIBcNMjYxMjA1MTc0OTA0
+WhgPMjEyNjExMTExNzQ5MDRaMB8xHTAbBgNVBAMMFGF1dGh6LW91dGJveCB0ZXN0
+IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEbsl10THjOaBvciBGJhqYdfW5
+plHV+s9XDHjD3FROXCdi4nryrh5eQIdiRshP4BPNL9MDEsy49mb7FsrnrpV51KNT
+MFEwHQYDVR0OBBYEFLiDYAYdmAVCuYq5lUIuiqmP9FcaMB8GA1UdIwQYMBaAFLiD
+YAYdmAVCuYq5lUIuiqmP9FcaMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwID
+SAAwRQIhAO2wE5wezMgrVhTKrFSwsOwTCMqo3yiAXPv/ZRn3PmusAiAA+UXtaaoz
+OX1CNW9K6WXY9KVPxQM2zHOF0ueeXU62tg==
+-----END CERTIFICATE-----
+";
+
+/// A CA file without a certificate in it is a one-line error, wherever a
+/// CA file is taken; `mappings check` takes SPICEDB_CA_FILE as `run` does.
+#[test]
+fn a_ca_file_must_hold_a_certificate() {
+    let dir = scratch("ca");
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").expect("file");
+    let key = dir.join("key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("file");
+    let db = ("DATABASE_URL", "postgres://x@127.0.0.1:1/db");
+    let https = ("SPICEDB_ENDPOINT", "https://127.0.0.1:1");
+    for file in [&empty, &key] {
+        let file = file.to_string_lossy().to_string();
+        let ca = ("SPICEDB_CA_FILE", file.as_str());
+        for args in [
+            &["run", "--once", "--target", "spicedb"][..],
+            &["reconcile"][..],
+            &["mappings", "check", "--target", "spicedb"][..],
+        ] {
+            let out = run(args, &[db, https, ca]);
+            assert_one_line_error(&out, "no PEM certificate");
+        }
+        let out = run(
+            &["run", "--once"],
+            &[
+                db,
+                ("AGENTEX_AUTH_URL", "https://127.0.0.1:1"),
+                ("AGENTEX_AUTH_CA_FILE", file.as_str()),
+            ],
+        );
+        assert_one_line_error(&out, "no PEM certificate");
+    }
+    // Honoured by `mappings check`: a CA file says TLS, so an http://
+    // endpoint is refused rather than dialled in clear.
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, TEST_CA).expect("file");
+    let ca = ca.to_string_lossy().to_string();
+    let out = run(
+        &["mappings", "check", "--target", "spicedb"],
+        &[
+            db,
+            ("SPICEDB_ENDPOINT", "http://127.0.0.1:1"),
+            ("SPICEDB_CA_FILE", ca.as_str()),
+        ],
+    );
+    assert_one_line_error(&out, "use https://");
+    let _ = std::fs::remove_dir_all(&dir);
 }
