@@ -332,3 +332,52 @@ fn the_dashboard_selects_by_resource_type() {
     }
     assert!(checked >= 8, "{checked}");
 }
+
+/// Custom SpiceDB types each keep their own `resource_type` label: a
+/// worker's first metrics (and every refresh) register the installed
+/// mappings' types, so two custom types' gauges do not overwrite each
+/// other under `unknown`. Rows of a type no mapping names still share
+/// `unknown`, added up.
+#[sqlx::test(migrations = false)]
+async fn each_installed_custom_type_has_its_own_label(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::raw_sql(
+        "CREATE TABLE wiki_pages (id text PRIMARY KEY, owner_id text NOT NULL);
+         CREATE TABLE wiki_spaces (id text PRIMARY KEY, owner_id text NOT NULL);",
+    )
+    .execute(&pool)
+    .await
+    .expect("custom tables");
+    let mappings = authz_outbox::mapping::Mappings::from_toml(
+        "[[mapping]]\ntype = \"wiki_page\"\ntable = \"wiki_pages\"\nrelationships = [\"owner@user:{owner_id}\"]\n\
+         [[mapping]]\ntype = \"wiki_space\"\ntable = \"wiki_spaces\"\nrelationships = [\"owner@user:{owner_id}\"]\n",
+    )
+    .expect("mappings parse");
+    authz_outbox::migrate::migrate_with(&pool, &mappings, &Default::default())
+        .await
+        .expect("custom mappings installed");
+    sqlx::raw_sql(
+        r#"
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+        SELECT t, t || g, 'register', '{"user_id":"u"}'
+        FROM (VALUES ('wiki_page', 3), ('wiki_space', 5), ('stray_alpha', 2), ('stray_beta', 4)) AS v(t, n),
+             generate_series(1, n) g;
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("pending rows");
+    let handle = authz_outbox::metrics::install().expect("recorder");
+    authz_outbox::metrics::prime(&pool).await.expect("prime");
+    let body = handle.render();
+    for series in [
+        r#"authz_outbox_rows{state="pending",resource_type="wiki_page"} 3"#,
+        r#"authz_outbox_rows{state="pending",resource_type="wiki_space"} 5"#,
+        r#"authz_outbox_dead_rows_total{resource_type="wiki_page"} 0"#,
+        r#"authz_outbox_dead_rows_total{resource_type="wiki_space"} 0"#,
+        r#"authz_outbox_rows{state="pending",resource_type="unknown"} 6"#,
+    ] {
+        assert!(body.contains(series), "{series} missing:\n{body}");
+    }
+    assert!(!body.contains("stray_"), "{body}");
+}
