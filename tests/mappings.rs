@@ -837,3 +837,52 @@ async fn the_desired_view_keeps_its_grants_and_follows_upgrades(pool: PgPool) {
     assert_eq!(columns[7..], ["attributes", "edges"], "regenerated");
     assert!(can_read().await, "and still readable");
 }
+
+/// A selector whose column values hold the template's own separator
+/// (`run-schedule::{agent_id}::{id}` with `::` inside the agent id, or the
+/// schedule id) still finds its row: every split is tried, and only the
+/// row that rebuilds the exact selector matches. The worker then delivers
+/// the register instead of settling it as stale.
+#[sqlx::test(migrations = false)]
+async fn a_selector_whose_values_hold_the_separator_finds_its_row(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::raw_sql(
+        r#"INSERT INTO agents (id, name, description, status) VALUES
+               ('team::a1', 'n1', '', 'READY'), ('team', 'n2', '', 'READY'), ('a::', 'n3', '', 'READY');
+           INSERT INTO agent_run_schedules (id, agent_id, name, creator_principal) VALUES
+               ('s1', 'team::a1', 'x', '{"user_id":"u1"}'),
+               ('x::y', 'team', 'y', '{"user_id":"u1"}'),
+               (':s', 'a::', 'z', '{"user_id":"u1"}');"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("rows");
+    for (selector, parent, live) in [
+        ("run-schedule::team::a1::s1", Some("team::a1"), true),
+        ("run-schedule::team::x::y", Some("team"), true),
+        ("run-schedule::a:::::s", Some("a::"), true),
+        ("run-schedule::team::a1::s1", None, true),
+        // Near misses: no row rebuilds these.
+        ("run-schedule::team::a1::s1", Some("team"), false),
+        ("run-schedule::team::a1", None, false),
+        ("run-schedule::team::x", None, false),
+    ] {
+        let found: bool = sqlx::query_scalar("SELECT authz_outbox_live__schedule($1, $2)")
+            .bind(selector)
+            .bind(parent)
+            .fetch_one(&pool)
+            .await
+            .expect("lookup");
+        assert_eq!(found, live, "{selector} under {parent:?}");
+    }
+    let dev = common::dev_server().await;
+    let report = common::run_once(&pool, &dev.base_url(), common::config("w1")).await;
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM authz_outbox WHERE resource_type = 'schedule' AND state = 'delivered'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(delivered, 3, "{report:?}");
+    dev.shutdown().await;
+}

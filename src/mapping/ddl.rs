@@ -594,27 +594,26 @@ fn lookup_statement(r: &Resolved) -> String {
         ),
         None => String::new(),
     };
-    let body = format!(
-        r#"
-DECLARE
-    rest text;
-    pos  integer;
-{declare}BEGIN
-    IF p_selector IS NULL THEN
-        RETURN false;
-    END IF;
-{split}    RETURN EXISTS (
-        SELECT 1 FROM {table} AS t
-        WHERE {conditions}
-          AND {selector} = p_selector
-          AND {live}{parent_check});
-END
-"#,
-        split = indent(&m.selector.plpgsql_split("p_selector")),
+    let on_match = format!(
+        "IF EXISTS (\n    SELECT 1 FROM {table} AS t\n    WHERE {conditions}\n      AND {selector} = p_selector\n      AND {live}{parent_check}) THEN\n    RETURN true;\nEND IF;",
         table = r.table.qualified(),
         conditions = conditions.join(" AND "),
         selector = m.selector.sql("t"),
         live = live_sql(r, "t"),
+    );
+    let (split_declarations, matcher) = m.selector.plpgsql_match("p_selector", &on_match);
+    let body = format!(
+        r#"
+DECLARE
+{declare}{split_declarations}BEGIN
+    IF p_selector IS NULL THEN
+        RETURN false;
+    END IF;
+{matcher}    RETURN false;
+END
+"#,
+        split_declarations = indent(&split_declarations),
+        matcher = indent(&matcher),
     );
     format!(
         "CREATE OR REPLACE FUNCTION {func}(p_selector text, p_parent_id text) RETURNS boolean\nLANGUAGE plpgsql STABLE {DEFINER} AS {}",

@@ -110,51 +110,64 @@ impl SelectorTemplate {
         }
     }
 
-    /// PL/pgSQL statements that split the text in `input` into one variable
-    /// per column (`v_<column>`), or `RETURN false` when it does not have
-    /// the template's shape. Each column's value runs up to the first
-    /// occurrence of the literal that follows it (ids do not contain the
-    /// host's `::` separators); the caller re-checks the rebuilt selector, so
-    /// a value that did contain it is a miss, never a wrong match.
-    pub fn plpgsql_split(&self, input: &str) -> String {
-        let mut out = format!("rest := {input};\n");
-        let mut i = 0;
-        while i < self.parts.len() {
-            match &self.parts[i] {
-                Part::Literal(text) => {
-                    let lit = quote_literal(text);
-                    out.push_str(&format!(
-                        "IF left(rest, {len}) IS DISTINCT FROM {lit} THEN RETURN false; END IF;\n\
-                         rest := substr(rest, {next});\n",
-                        len = text.chars().count(),
-                        next = text.chars().count() + 1,
-                    ));
-                    i += 1;
-                }
-                Part::Column(column) => {
-                    let var = format!("v_{column}");
-                    match self.parts.get(i + 1) {
-                        Some(Part::Literal(text)) => {
-                            let lit = quote_literal(text);
-                            out.push_str(&format!(
-                                "pos := strpos(rest, {lit});\n\
-                                 IF pos = 0 THEN RETURN false; END IF;\n\
-                                 {var} := left(rest, pos - 1);\n\
-                                 rest := substr(rest, pos + {len});\n",
-                                len = text.chars().count(),
-                            ));
-                            i += 2;
-                        }
-                        _ => {
-                            out.push_str(&format!("{var} := rest;\nrest := '';\n"));
-                            i += 1;
-                        }
-                    }
-                }
+    /// PL/pgSQL that tries every way the text in `input` splits into the
+    /// template's parts, setting one variable per column (`v_<column>`) and
+    /// running `on_match` for each complete split. A column's value may
+    /// itself contain the literal that follows it (an agent id holding the
+    /// `::` of `run-schedule::{agent_id}::{id}`): every occurrence is tried,
+    /// not only the first, so such a selector still finds its row; the
+    /// caller re-checks the rebuilt selector, so no split can match a wrong
+    /// row. Returns the declarations the code needs and the code.
+    pub fn plpgsql_match(&self, input: &str, on_match: &str) -> (String, String) {
+        let mut declarations = String::new();
+        let mut code = String::new();
+        self.split_from(0, input, 0, on_match, &mut declarations, &mut code);
+        (declarations, code)
+    }
+
+    fn split_from(
+        &self,
+        i: usize,
+        rest: &str,
+        depth: usize,
+        on_match: &str,
+        declarations: &mut String,
+        code: &mut String,
+    ) {
+        let next = format!("r_{}", depth + 1);
+        match self.parts.get(i) {
+            None => code.push_str(&format!("IF {rest} = '' THEN\n{on_match}\nEND IF;\n")),
+            Some(Part::Literal(text)) => {
+                let len = text.chars().count();
+                declarations.push_str(&format!("{next} text;\n"));
+                code.push_str(&format!(
+                    "IF left({rest}, {len}) = {lit} THEN\n{next} := substr({rest}, {after});\n",
+                    lit = quote_literal(text),
+                    after = len + 1,
+                ));
+                self.split_from(i + 1, &next, depth + 1, on_match, declarations, code);
+                code.push_str("END IF;\n");
             }
+            Some(Part::Column(column)) => match self.parts.get(i + 1) {
+                Some(Part::Literal(text)) => {
+                    let len = text.chars().count();
+                    let (off, pos) = (format!("off_{depth}"), format!("pos_{depth}"));
+                    declarations
+                        .push_str(&format!("{off} integer;\n{pos} integer;\n{next} text;\n"));
+                    code.push_str(&format!(
+                        "{off} := 0;\nLOOP\n{pos} := strpos(substr({rest}, {off} + 1), {lit});\n\
+                         EXIT WHEN {pos} = 0;\n\
+                         v_{column} := left({rest}, {off} + {pos} - 1);\n\
+                         {next} := substr({rest}, {off} + {pos} + {len});\n",
+                        lit = quote_literal(text),
+                    ));
+                    self.split_from(i + 2, &next, depth + 1, on_match, declarations, code);
+                    code.push_str(&format!("{off} := {off} + {pos};\nEND LOOP;\n"));
+                }
+                // The last part: the column takes the rest.
+                _ => code.push_str(&format!("v_{column} := {rest};\n{on_match}\n")),
+            },
         }
-        out.push_str("IF rest <> '' THEN RETURN false; END IF;\n");
-        out
     }
 }
 
@@ -201,11 +214,19 @@ mod tests {
     }
 
     #[test]
-    fn split_walks_literals_and_columns_in_order() {
+    fn matching_tries_every_occurrence_of_a_separator() {
         let t = SelectorTemplate::parse("run-schedule::{agent_id}::{id}").expect("valid");
-        let sql = t.plpgsql_split("p_selector");
-        assert!(sql.contains("IF left(rest, 14) IS DISTINCT FROM E'run-schedule::'"));
-        assert!(sql.contains("v_agent_id := left(rest, pos - 1);"));
-        assert!(sql.contains("v_id := rest;"));
+        let (declarations, sql) = t.plpgsql_match("p_selector", "RETURN true;");
+        assert!(
+            sql.contains("IF left(p_selector, 14) = E'run-schedule::' THEN"),
+            "{sql}"
+        );
+        assert!(sql.contains("LOOP"), "{sql}");
+        assert!(
+            sql.contains("v_agent_id := left(r_1, off_1 + pos_1 - 1);"),
+            "{sql}"
+        );
+        assert!(sql.contains("v_id := r_2;"), "{sql}");
+        assert!(declarations.contains("off_1 integer;"), "{declarations}");
     }
 }
