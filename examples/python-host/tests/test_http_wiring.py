@@ -62,24 +62,31 @@ def sync_pair(database: Database) -> Iterator[tuple[Engine, Engine]]:
 @pytest.fixture(scope="module", params=list(WIRINGS))
 def host(
     request: pytest.FixtureRequest, database: Database, sync_pair: tuple[Engine, Engine]
-) -> Iterator[str]:
-    """The host app in one wiring, served by uvicorn; its base URL."""
+) -> Iterator[httpx.Client]:
+    """The host app in one wiring, served by uvicorn; a client for it."""
     engines = Engines(database, *sync_pair)
-    with serve(WIRINGS[request.param](engines)) as url:
-        yield url
+    with (
+        serve(WIRINGS[request.param](engines)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield client
 
 
 @pytest.mark.parametrize("kind", WRITE_KINDS)
-def test_a_write_is_registered_to_the_requests_user(host: str, database: Database, kind: str):
-    response = httpx.post(f"{host}/{kind}/a1", headers={"x-user": "alice"})
+def test_a_write_is_registered_to_the_requests_user(
+    host: httpx.Client, database: Database, kind: str
+):
+    response = host.post(f"/{kind}/a1", headers={"x-user": "alice"})
     assert response.status_code == 200, response.text
     # The user, not the role default; the api key in the principal is dropped.
     assert principals(database) == {"agent:a1": ALICE}
 
 
 @pytest.mark.parametrize("kind", WRITE_KINDS)
-def test_a_write_without_a_principal_fails_loudly(host: str, database: Database, kind: str):
-    response = httpx.post(f"{host}/{kind}/a1")
+def test_a_write_without_a_principal_fails_loudly(
+    host: httpx.Client, database: Database, kind: str
+):
+    response = host.post(f"/{kind}/a1")
     assert response.status_code == 500, response.text
     assert response.json()["error"] == "PrincipalMissing", response.text
     # Nothing was written, so nothing is registered to the role default.
@@ -87,20 +94,22 @@ def test_a_write_without_a_principal_fails_loudly(host: str, database: Database,
     assert outbox(database) == []
 
 
-def test_reads_and_deliberate_role_default_writes_need_no_principal(host: str, database: Database):
-    response = httpx.get(f"{host}/count")
+def test_reads_and_deliberate_role_default_writes_need_no_principal(
+    host: httpx.Client, database: Database
+):
+    response = host.get("/count")
     assert (response.status_code, response.json()) == (200, {"agents": 0}), response.text
-    response = httpx.post(f"{host}/public/p1")
+    response = host.post("/public/p1")
     assert response.status_code == 200, response.text
     assert principals(database) == {"agent:p1": ROLE_DEFAULT}
 
 
-def test_concurrent_requests_each_write_as_their_own_user(host: str, database: Database):
+def test_concurrent_requests_each_write_as_their_own_user(host: httpx.Client, database: Database):
     def call(n: int) -> int:
         user = None if n % 4 == 0 else f"user-{n % 3}"
         headers = {"x-user": user} if user else {}
         kind = WRITE_KINDS[n % len(WRITE_KINDS)]
-        return httpx.post(f"{host}/{kind}/a{n}", headers=headers, timeout=30).status_code
+        return host.post(f"/{kind}/a{n}", headers=headers).status_code
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = list(pool.map(call, range(32)))
@@ -116,7 +125,7 @@ def test_concurrent_requests_each_write_as_their_own_user(host: str, database: D
 
 
 @pytest.fixture
-def late_host(database: Database, sync_pair: tuple[Engine, Engine]) -> Iterator[str]:
+def late_host(database: Database, sync_pair: tuple[Engine, Engine]) -> Iterator[httpx.Client]:
     """Authentication looks the caller up in the request's own session (so
     the transaction begins before anyone knows who is calling), then the
     endpoint writes in that same transaction."""
@@ -142,17 +151,17 @@ def late_host(database: Database, sync_pair: tuple[Engine, Engine]) -> Iterator[
         return {"written": agent_id}
 
     app.add_middleware(PrincipalMiddleware)
-    with serve(app) as url:
-        yield url
+    with serve(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
 
 
 def test_a_principal_set_after_the_transaction_began_still_reaches_the_write(
-    late_host: str, database: Database
+    late_host: httpx.Client, database: Database
 ):
-    response = httpx.post(f"{late_host}/late/a1", headers={"x-user": "alice"})
+    response = late_host.post("/late/a1", headers={"x-user": "alice"})
     assert response.status_code == 200, response.text
     assert principals(database) == {"agent:a1": ALICE}
-    response = httpx.post(f"{late_host}/late/a2")
+    response = late_host.post("/late/a2")
     assert response.status_code == 500, response.text
     assert response.json()["error"] == "PrincipalMissing", response.text
     assert principals(database) == {"agent:a1": ALICE}
