@@ -277,7 +277,7 @@ async def _discard(message: Any) -> None:
 AGENTS = AgentORM.__table__
 
 
-def in_request(body: Callable[[], None], *, layers: int = 1, resolve: Any = None) -> None:
+def serve_request(body: Callable[[], None], *, layers: int = 1, resolve: Any = None) -> None:
     """Runs ``body`` (sync code) as the endpoint of an HTTP request served
     through ``layers`` PrincipalMiddlewares."""
 
@@ -334,7 +334,7 @@ def test_in_a_request_a_core_write_without_a_principal_raises(
             conn.execute(insert(AGENTS).values(**agent_row("a1")))
 
     with pytest.raises(PrincipalMissing):
-        in_request(body)
+        serve_request(body)
     assert principals_by_resource(database) == {}
 
 
@@ -358,7 +358,7 @@ def test_a_principal_set_after_begin_reaches_the_write(
             session.add(AgentORM(id="orm", name="orm"))
             session.commit()
 
-    in_request(body)
+    serve_request(body)
     assert principals_by_resource(database) == {"agent:core": ALICE, "agent:orm": BOB}
 
 
@@ -376,7 +376,7 @@ def test_a_late_principal_set_inside_a_rolled_back_savepoint_is_set_again(
             session.add(AgentORM(id="a2", name="kept"))
             session.commit()
 
-    in_request(body)
+    serve_request(body)
     assert principals_by_resource(database) == {"agent:a2": ALICE}
 
 
@@ -406,7 +406,7 @@ def test_sql_text_writes_are_checked_too(database: Database, hooked_engine: Engi
                 statement(conn)
 
         with pytest.raises(PrincipalMissing):
-            in_request(body)
+            serve_request(body)
     assert principals_by_resource(database) == {}
     # The same statements, once the request has a principal.
     for statement in statements:
@@ -416,7 +416,7 @@ def test_sql_text_writes_are_checked_too(database: Database, hooked_engine: Engi
             with hooked_engine.begin() as conn:
                 statement(conn)
 
-        in_request(authenticated)
+        serve_request(authenticated)
     assert principals_by_resource(database) == {f"agent:{i}": ALICE for i in "tdw"}
 
 
@@ -475,7 +475,7 @@ def test_a_lazy_resolve_is_read_when_the_write_happens(database: Database, engin
             session.commit()
 
     scope_state: dict[str, Any] = {}
-    in_request(body, resolve=lambda scope: scope_state.get("principal"))
+    serve_request(body, resolve=lambda scope: scope_state.get("principal"))
     assert principals_by_resource(database) == {"agent:a1": ALICE}
 
     def coroutine_from_a_plain_function(scope: Any) -> Any:
@@ -487,7 +487,7 @@ def test_a_lazy_resolve_is_read_when_the_write_happens(database: Database, engin
             session.commit()
 
     with pytest.raises(TypeError, match="async def"):
-        in_request(writes_once, resolve=coroutine_from_a_plain_function)
+        serve_request(writes_once, resolve=coroutine_from_a_plain_function)
 
 
 def test_a_request_may_write_as_the_role_default_on_purpose(database: Database, engine: Engine):
@@ -500,5 +500,5 @@ def test_a_request_may_write_as_the_role_default_on_purpose(database: Database, 
             session.add(AgentORM(id="a2", name="two"))
             session.commit()
 
-    in_request(body, layers=2)
+    serve_request(body, layers=2)
     assert principals_by_resource(database) == {"agent:a1": ROLE_DEFAULT, "agent:a2": BOB}
