@@ -19,6 +19,8 @@ pub struct NewRow {
 }
 
 /// Inserts rows in the caller's transaction and wakes the workers on commit.
+/// `origin` (`reconcile`) is also each row's `principal_source`: whoever
+/// enqueues the row chose its principal, not a writer's setting.
 pub async fn enqueue(
     tx: &mut Transaction<'_, Postgres>,
     rows: &[NewRow],
@@ -26,9 +28,12 @@ pub async fn enqueue(
 ) -> Result<Vec<i64>, sqlx::Error> {
     const SQL: &str = r#"
         INSERT INTO authz_outbox (operation, resource_type, resource_id, parent_type, parent_id,
-                                  principal, guarded, origin, attributes)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::jsonb[], $7::bool[], $8::text[], $9::jsonb[])
+                                  principal, guarded, origin, attributes, principal_source)
+        SELECT u.*, u.origin
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                    $6::jsonb[], $7::bool[], $8::text[], $9::jsonb[])
+             AS u(operation, resource_type, resource_id, parent_type, parent_id,
+                  principal, guarded, origin, attributes)
         RETURNING id
     "#;
     if rows.is_empty() {

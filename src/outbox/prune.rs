@@ -7,6 +7,11 @@ use sqlx::PgPool;
 
 /// Deletes up to `batch` delivered or superseded rows that finished more than
 /// `retention` ago. Dead rows are kept: they wait for an operator.
+///
+/// Who each resource was registered as outlives its rows: that lives in
+/// `authz_outbox_owners` (written when a row is delivered, see
+/// [`super::record`]), which pruning never touches, so reconcile still
+/// judges the owners of a resource whose register was pruned long ago.
 pub async fn prune(pool: &PgPool, retention: Duration, batch: i64) -> Result<u64, sqlx::Error> {
     const SQL: &str = r#"
         DELETE FROM authz_outbox

@@ -1,5 +1,11 @@
 //! Writing the outcome of a delivery back to the row, fenced by the claim's
 //! lease token.
+//!
+//! A row that becomes `delivered` also updates, in the same statement, who
+//! its resource is registered as (`authz_outbox_owners`: a register adds its
+//! principal, a deregister forgets the resource's owners). A trigger does it
+//! (`authz_outbox_record_owner`, src/mapping/core.rs), so every way a row
+//! reaches `delivered` counts, and the worker needs no grant on that table.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
