@@ -9,8 +9,10 @@
 //!
 //! Each relationship is judged by what the row can tell
 //! ([`Role`]): the parent exactly, a subject named by columns exactly, a
-//! subject named by whoever wrote the row only by its presence (the row
-//! does not keep its writer).
+//! subject named by whoever wrote the row by its presence (the row does not
+//! keep its writer) — and, where the resource's registrations are on record
+//! (`authz_outbox_owners`), exactly: its [`OwnerRelation`]s name the
+//! subjects each registered principal stands for.
 
 use sqlx::PgConnection;
 
@@ -45,6 +47,40 @@ pub struct TypeExpectation {
     pub principal_relations: Vec<String>,
     /// Relations whose subjects the row names (compared edge by edge).
     pub column_relations: Vec<String>,
+    /// Relations whose subject is the registering principal alone: compared
+    /// edge by edge with the principals the resource was registered as.
+    pub owners: Vec<OwnerRelation>,
+}
+
+/// A relation whose subject the writer names: for each principal, the first
+/// alternative whose field is a non-empty string (as the writer resolves it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerRelation {
+    pub relation: String,
+    /// `(subject type, principal field)`, in order.
+    pub subjects: Vec<(String, String)>,
+}
+
+impl OwnerRelation {
+    /// agentex-auth's `owner`: `user:<user_id>`, else
+    /// `service_account:<service_account_id>` (CONTRACT.md).
+    fn agentex_auth() -> Self {
+        OwnerRelation {
+            relation: "owner".into(),
+            subjects: vec![
+                ("user".into(), "user_id".into()),
+                ("service_account".into(), "service_account_id".into()),
+            ],
+        }
+    }
+}
+
+impl TypeExpectation {
+    /// Whether `relation` names the writer alone: its subjects' ids are the
+    /// principal's, written as they are, never in the selector encoding.
+    pub fn is_owner_relation(&self, relation: &str) -> bool {
+        self.owners.iter().any(|o| o.relation == relation)
+    }
 }
 
 /// The expectations of `types`, from the installed mappings. With several
@@ -80,6 +116,7 @@ fn expectation(resource_type: &str, mappings: &Mappings, writer: Writer) -> Type
         parent: None,
         principal_relations: Vec::new(),
         column_relations: Vec::new(),
+        owners: Vec::new(),
     };
     let Some(mapping) = mapping else {
         return out;
@@ -91,10 +128,14 @@ fn expectation(resource_type: &str, mappings: &Mappings, writer: Writer) -> Type
                 out.parent = Some((format!("parent_{kind}"), kind));
             }
             out.principal_relations.push("owner".into());
+            out.owners.push(OwnerRelation::agentex_auth());
         }
         Writer::SpiceDb => {
             out.scope_all = mapping.deregister == DeregisterScope::All;
             for r in &mapping.relationships {
+                if let Some(owner) = owner_relation(r) {
+                    out.owners.push(owner);
+                }
                 match r.role() {
                     Role::Parent if out.parent.is_none() => {
                         let subject = r
@@ -132,13 +173,34 @@ fn expectation(resource_type: &str, mappings: &Mappings, writer: Writer) -> Type
     out
 }
 
-/// Stages the expectations in `reconcile_types` (one row per type).
+/// A relationship every alternative of which is a principal field (a mix
+/// with columns is judged by presence alone: which alternative wins then
+/// depends on the row).
+fn owner_relation(r: &crate::mapping::relationships::Relationship) -> Option<OwnerRelation> {
+    use crate::mapping::relationships::Source;
+    let subjects = r
+        .subjects
+        .iter()
+        .map(|s| match &s.source {
+            Source::Principal(field) => Some((s.subject_type.to_string(), field.clone())),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(OwnerRelation {
+        relation: r.relation.clone(),
+        subjects,
+    })
+}
+
+/// Stages the expectations in `reconcile_types` (one row per type) and
+/// their owner relations in `reconcile_owner_subjects` (one row per
+/// alternative, in order).
 pub async fn stage(
     conn: &mut PgConnection,
     expectations: &[TypeExpectation],
 ) -> Result<(), sqlx::Error> {
     const SQL: &str = r#"
-        DROP TABLE IF EXISTS pg_temp.reconcile_types;
+        DROP TABLE IF EXISTS pg_temp.reconcile_types, pg_temp.reconcile_owner_subjects;
         CREATE TEMPORARY TABLE reconcile_types (
             resource_type        text PRIMARY KEY,
             scope_all            boolean NOT NULL,
@@ -146,12 +208,22 @@ pub async fn stage(
             parent_relation      text,
             parent_subject_type  text,
             principal_relations  text[] NOT NULL,
-            column_relations     text[] NOT NULL
+            column_relations     text[] NOT NULL,
+            owner_relations      text[] NOT NULL
+        );
+        CREATE TEMPORARY TABLE reconcile_owner_subjects (
+            resource_type  text NOT NULL,
+            relation       text NOT NULL,
+            position       integer NOT NULL,
+            subject_type   text NOT NULL,
+            field          text NOT NULL,
+            PRIMARY KEY (resource_type, relation, position)
         );
     "#;
     sqlx::raw_sql(SQL).execute(&mut *conn).await?;
     for e in expectations {
-        sqlx::query("INSERT INTO reconcile_types VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        let owner_relations: Vec<&str> = e.owners.iter().map(|o| o.relation.as_str()).collect();
+        sqlx::query("INSERT INTO reconcile_types VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(&e.resource_type)
             .bind(e.scope_all)
             .bind(&e.relations)
@@ -159,8 +231,21 @@ pub async fn stage(
             .bind(e.parent.as_ref().map(|p| &p.1))
             .bind(&e.principal_relations)
             .bind(&e.column_relations)
+            .bind(&owner_relations)
             .execute(&mut *conn)
             .await?;
+        for owner in &e.owners {
+            for (position, (subject_type, field)) in owner.subjects.iter().enumerate() {
+                sqlx::query("INSERT INTO reconcile_owner_subjects VALUES ($1, $2, $3, $4, $5)")
+                    .bind(&e.resource_type)
+                    .bind(&owner.relation)
+                    .bind(position as i32)
+                    .bind(subject_type)
+                    .bind(field)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        }
     }
     Ok(())
 }
@@ -191,6 +276,14 @@ mod tests {
         assert_eq!(e.principal_relations, ["creator"]);
         assert_eq!(e.relations, ["creator", "folder", "owner"]);
         assert!(!e.scope_all);
+        assert_eq!(
+            e.owners,
+            [OwnerRelation {
+                relation: "creator".into(),
+                subjects: vec![("user".into(), "user_id".into())],
+            }],
+            "only the relation the writer alone names is an owner's"
+        );
     }
 
     #[test]
@@ -200,12 +293,19 @@ mod tests {
         assert_eq!(e.principal_relations, ["owner"]);
         assert!(e.column_relations.is_empty());
         assert!(e.scope_all);
+        assert_eq!(e.owners, [OwnerRelation::agentex_auth()]);
+        assert!(e.is_owner_relation("owner") && !e.is_owner_relation("parent_folder"));
         let builtin = expectation("task", &Mappings::builtin(), Writer::AgentexAuth);
         assert_eq!(
             builtin.parent,
             Some(("parent_agent".into(), "agent".into()))
         );
         let agent = expectation("agent", &Mappings::builtin(), Writer::SpiceDb);
+        assert_eq!(
+            agent.owners,
+            [OwnerRelation::agentex_auth()],
+            "the built-in mappings name agentex-auth's owner"
+        );
         assert_eq!(
             (agent.parent, agent.principal_relations),
             (None, vec!["owner".to_string()])

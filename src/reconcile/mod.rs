@@ -205,13 +205,15 @@ pub async fn reconcile(
     let mut summary = Summary::for_types(&types);
     let mut batch = stage::Batch::with_capacity(stage::INSERT_BATCH);
     let mut undecodable = 0u64;
-    for resource_type in &types {
+    for expectation in &expectations {
+        let resource_type = &expectation.resource_type;
         let mut pages = reader.pages(resource_type);
         while let Some(page) = pages.next_page().await? {
             summary.spicedb_relationships += page.len() as u64;
             bar.inc(page.len() as u64);
             for tuple in page {
-                let (tuple, bad) = decode(tuple, options.selector_encoding);
+                let owner = expectation.is_owner_relation(&tuple.relation);
+                let (tuple, bad) = decode(tuple, options.selector_encoding, owner);
                 undecodable += u64::from(bad);
                 batch.push(tuple, bad);
             }
@@ -238,6 +240,7 @@ pub async fn reconcile(
         );
     }
     stage::fold(&mut conn, &mut summary).await?;
+    stage::registered(&mut conn).await?;
     summary.total();
     tracing::info!(
         relationships = summary.spicedb_relationships,
@@ -380,8 +383,14 @@ pub async fn selected_types(
 /// A relationship with its resource's object id (and its subject's, where
 /// it decodes) turned back into selectors. `true` when the resource's object
 /// id is not in the encoding: it is staged as read and reported, never
-/// healed (a deregister of it would name a different object).
-fn decode(mut tuple: spicedb::Tuple, encoding: SelectorEncoding) -> (spicedb::Tuple, bool) {
+/// healed (a deregister of it would name a different object). The subject
+/// of an `owner` relation (one only the writer names) is a principal's id,
+/// written as it is: it is compared with the registered principal as read.
+fn decode(
+    mut tuple: spicedb::Tuple,
+    encoding: SelectorEncoding,
+    owner: bool,
+) -> (spicedb::Tuple, bool) {
     let bad = match encoding.decode(&tuple.resource_id) {
         Ok(Some(selector)) => {
             tuple.resource_id = selector;
@@ -390,9 +399,9 @@ fn decode(mut tuple: spicedb::Tuple, encoding: SelectorEncoding) -> (spicedb::Tu
         Ok(None) => false,
         Err(_) => true,
     };
-    // Parents (and owners, where the service encodes them too) decode the
-    // same way; a subject id that does not decode is kept as read.
-    if let Ok(Some(subject)) = encoding.decode(&tuple.subject_id) {
+    // Parents and column-named subjects decode the same way; a subject id
+    // that does not decode is kept as read.
+    if !owner && let Ok(Some(subject)) = encoding.decode(&tuple.subject_id) {
         tuple.subject_id = subject;
     }
     (tuple, bad)
@@ -427,7 +436,9 @@ fn describe(kind: FindingKind, undecodable: bool) -> String {
         FindingKind::Orphan if undecodable => "none: object id not in the selector encoding",
         FindingKind::Orphan => "deregister (guarded)",
         FindingKind::Missing => "register",
-        FindingKind::ParentMismatch | FindingKind::SubjectMismatch => "deregister + register",
+        FindingKind::ParentMismatch | FindingKind::SubjectMismatch | FindingKind::OwnerMismatch => {
+            "deregister + register"
+        }
         FindingKind::NeedsOwner => "none: needs --owner-principal",
     }
     .to_string()
@@ -458,14 +469,15 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         guarded,
         attributes: None,
     };
-    let register = || NewRow {
+    let register_as = |principal: Option<Principal>| NewRow {
         operation: Operation::Register,
         resource: resource.clone(),
         parent: parent.clone(),
-        principal: principal.clone(),
+        principal,
         guarded: false,
         attributes: f.attributes.clone(),
     };
+    let register = || register_as(principal.clone());
     match kind {
         // The row may come back before delivery: the worker re-checks.
         FindingKind::Orphan => vec![deregister(true)],
@@ -474,6 +486,26 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
         // always be superseded); the register right behind it restores it.
         FindingKind::ParentMismatch | FindingKind::SubjectMismatch if principal.is_some() => {
             vec![deregister(false), register()]
+        }
+        // SpiceDB is to hold exactly the registered owners again: the
+        // deregister removes every owner edge (agentex-auth's removes all of
+        // the resource's relationships; the SpiceDB target's swaps them for
+        // the first register's), then each registered principal is
+        // registered again, oldest first.
+        FindingKind::OwnerMismatch => {
+            let registered: Vec<Principal> = match &f.registered {
+                Some(serde_json::Value::Array(principals)) => principals
+                    .iter()
+                    .filter_map(|p| Principal::from_value(p.clone()).ok())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if registered.is_empty() {
+                return Vec::new();
+            }
+            std::iter::once(deregister(false))
+                .chain(registered.into_iter().map(|p| register_as(Some(p))))
+                .collect()
         }
         _ => Vec::new(),
     }

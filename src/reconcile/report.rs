@@ -22,6 +22,10 @@ pub enum FindingKind {
     /// A relationship whose subject the row names in a column (a document's
     /// `owner@user:{owner_id}`, SpiceDB target) points at another subject.
     SubjectMismatch,
+    /// The owner edges SpiceDB holds are not those of the principals the
+    /// resource was registered as: one was written behind the outbox, or a
+    /// registered one is gone.
+    OwnerMismatch,
     /// Missing or mismatched, and no creator is known to register it as.
     NeedsOwner,
 }
@@ -33,6 +37,7 @@ impl FindingKind {
             FindingKind::Missing => "missing",
             FindingKind::ParentMismatch => "parent_mismatch",
             FindingKind::SubjectMismatch => "subject_mismatch",
+            FindingKind::OwnerMismatch => "owner_mismatch",
             FindingKind::NeedsOwner => "needs_owner",
         }
     }
@@ -43,6 +48,7 @@ impl FindingKind {
             "missing" => Some(FindingKind::Missing),
             "parent_mismatch" => Some(FindingKind::ParentMismatch),
             "subject_mismatch" => Some(FindingKind::SubjectMismatch),
+            "owner_mismatch" => Some(FindingKind::OwnerMismatch),
             "needs_owner" => Some(FindingKind::NeedsOwner),
             _ => None,
         }
@@ -79,23 +85,30 @@ pub struct TypeCounts {
     pub missing: u64,
     pub parent_mismatch: u64,
     pub subject_mismatch: u64,
+    pub owner_mismatch: u64,
     pub needs_owner: u64,
     pub in_flight: u64,
     pub young: u64,
     /// Resources of this type SpiceDB holds.
     pub spicedb_resources: u64,
-    /// orphan + missing + parent_mismatch + subject_mismatch + needs_owner.
+    /// orphan + missing + parent_mismatch + subject_mismatch +
+    /// owner_mismatch + needs_owner.
     pub drift: u64,
 }
 
 impl TypeCounts {
     pub fn drift(&self) -> u64 {
-        self.orphan + self.missing + self.parent_mismatch + self.subject_mismatch + self.needs_owner
+        self.orphan
+            + self.missing
+            + self.parent_mismatch
+            + self.subject_mismatch
+            + self.owner_mismatch
+            + self.needs_owner
     }
 
     /// Deregisters `--apply` would enqueue: one per orphan and mismatch.
     pub fn deregisters(&self) -> u64 {
-        self.orphan + self.parent_mismatch + self.subject_mismatch
+        self.orphan + self.parent_mismatch + self.subject_mismatch + self.owner_mismatch
     }
 }
 
@@ -108,6 +121,7 @@ pub struct Summary {
     pub missing: u64,
     pub parent_mismatch: u64,
     pub subject_mismatch: u64,
+    pub owner_mismatch: u64,
     pub needs_owner: u64,
     /// Drifted, but an undelivered outbox row will change it: left alone.
     pub in_flight: u64,
@@ -117,7 +131,7 @@ pub struct Summary {
     pub spicedb_relationships: u64,
     pub spicedb_resources: u64,
     /// Drifted resources: orphan + missing + parent_mismatch +
-    /// subject_mismatch + needs_owner.
+    /// subject_mismatch + owner_mismatch + needs_owner.
     pub drift: u64,
     /// The same counts for each resource type compared (every type the
     /// run covered is present, zero or not).
@@ -151,6 +165,7 @@ impl Summary {
             self.missing += c.missing;
             self.parent_mismatch += c.parent_mismatch;
             self.subject_mismatch += c.subject_mismatch;
+            self.owner_mismatch += c.owner_mismatch;
             self.needs_owner += c.needs_owner;
             self.in_flight += c.in_flight;
             self.young += c.young;
@@ -161,12 +176,17 @@ impl Summary {
     }
 
     pub fn drift(&self) -> u64 {
-        self.orphan + self.missing + self.parent_mismatch + self.subject_mismatch + self.needs_owner
+        self.orphan
+            + self.missing
+            + self.parent_mismatch
+            + self.subject_mismatch
+            + self.owner_mismatch
+            + self.needs_owner
     }
 
     /// Deregisters `--apply` would enqueue: one per orphan and mismatch.
     pub fn deregisters(&self) -> u64 {
-        self.orphan + self.parent_mismatch + self.subject_mismatch
+        self.orphan + self.parent_mismatch + self.subject_mismatch + self.owner_mismatch
     }
 }
 
@@ -247,12 +267,13 @@ impl<W: Write> Printer<W> {
             if !self.first {
                 writeln!(self.out)?;
             }
-            let rows: [(&str, u64); 10] = [
+            let rows: [(&str, u64); 11] = [
                 ("consistent", summary.consistent),
                 ("orphan", summary.orphan),
                 ("missing", summary.missing),
                 ("parent_mismatch", summary.parent_mismatch),
                 ("subject_mismatch", summary.subject_mismatch),
+                ("owner_mismatch", summary.owner_mismatch),
                 ("needs_owner", summary.needs_owner),
                 ("in_flight", summary.in_flight),
                 ("young", summary.young),
@@ -267,13 +288,14 @@ impl<W: Write> Printer<W> {
                 writeln!(self.out)?;
                 writeln!(
                     self.out,
-                    "{:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+                    "{:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
                     "TYPE",
                     "CONSISTENT",
                     "ORPHAN",
                     "MISSING",
                     "PARENT",
                     "SUBJECT",
+                    "OWNER",
                     "NO_OWNER",
                     "IN_FLIGHT",
                     "YOUNG",
@@ -283,12 +305,13 @@ impl<W: Write> Printer<W> {
                     let t = Escaped(t);
                     writeln!(
                         self.out,
-                        "{t:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
+                        "{t:<12} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10}",
                         c.consistent,
                         c.orphan,
                         c.missing,
                         c.parent_mismatch,
                         c.subject_mismatch,
+                        c.owner_mismatch,
                         c.needs_owner,
                         c.in_flight,
                         c.young,
@@ -390,9 +413,42 @@ mod tests {
             orphan: 3,
             parent_mismatch: 2,
             missing: 7,
+            owner_mismatch: 4,
             ..Summary::default()
         };
-        assert_eq!(s.deregisters(), 5);
-        assert_eq!(s.drift(), 12);
+        assert_eq!(s.deregisters(), 9);
+        assert_eq!(s.drift(), 16);
+    }
+
+    #[test]
+    fn owner_mismatch_is_counted_shown_and_named_in_json() {
+        let mut summary = Summary::for_types(&["agent", "task"]);
+        if let Some(t) = summary.by_type.get_mut("task") {
+            t.owner_mismatch = 2;
+        }
+        summary.total();
+        assert_eq!((summary.owner_mismatch, summary.drift), (2, 2));
+        assert_eq!(summary.by_type["task"].drift, 2);
+        assert_eq!(
+            FindingKind::parse("owner_mismatch"),
+            Some(FindingKind::OwnerMismatch)
+        );
+        let mut out = Vec::new();
+        Printer::new(&mut out, true)
+            .finish(&summary, Default::default())
+            .expect("write");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+        assert_eq!(v["summary"]["owner_mismatch"], 2);
+        assert_eq!(v["summary"]["by_type"]["task"]["owner_mismatch"], 2);
+        let mut out = Vec::new();
+        Printer::new(&mut out, false)
+            .finish(&summary, Default::default())
+            .expect("write");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(
+            text.contains(&format!("{:<18} {:>10}", "owner_mismatch", 2)),
+            "{text}"
+        );
+        assert!(text.contains(" OWNER "), "{text}");
     }
 }

@@ -24,7 +24,7 @@ pub const INSERT_BATCH: usize = 5000;
 pub async fn create(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     const SQL: &str = r#"
         DROP TABLE IF EXISTS pg_temp.reconcile_tuples, pg_temp.reconcile_held,
-                             pg_temp.reconcile_findings;
+                             pg_temp.reconcile_registered, pg_temp.reconcile_findings;
         CREATE TEMPORARY TABLE reconcile_tuples (
             resource_type text NOT NULL,
             resource_id   text NOT NULL,
@@ -99,7 +99,8 @@ pub async fn insert(conn: &mut PgConnection, batch: &Batch) -> Result<(), sqlx::
 }
 
 /// Folds the relationships into one row per resource (its owner, its parent
-/// edges) and adds how many resources SpiceDB holds, per type, to `summary`.
+/// edges, every edge of its owner relations) and adds how many resources
+/// SpiceDB holds, per type, to `summary`.
 pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), sqlx::Error> {
     // Relationships the type's mapping does not list count only where a
     // deregister deletes them too (`scope_all`); the owner is read from
@@ -121,6 +122,9 @@ pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), 
                coalesce(array_agg(DISTINCT t.relation || '@' || t.subject_type || ':' || t.subject_id)
                     FILTER (WHERE t.relation = ANY (ty.column_relations)),
                     '{}') AS edges,
+               coalesce(array_agg(DISTINCT t.relation || '@' || t.subject_type || ':' || t.subject_id)
+                    FILTER (WHERE t.relation = ANY (ty.owner_relations)),
+                    '{}') AS owners,
                bool_or(t.undecodable) AS undecodable
         FROM reconcile_tuples t
         JOIN reconcile_types ty ON ty.resource_type = t.resource_type
@@ -145,6 +149,48 @@ pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), 
     Ok(())
 }
 
+/// Stages who each resource of the compared types was registered as
+/// (`authz_outbox_owners`, kept past retention) in `reconcile_registered`:
+/// the principals, oldest registration first, and the owner edges they
+/// stand for by the type's owner relations (`reconcile_owner_subjects`:
+/// per principal and relation, the first alternative whose field is a
+/// non-empty string, as the writer chose it). A resource the registry does
+/// not know (registered before it existed, its rows pruned since) has no
+/// row here, and its owners are not judged.
+pub async fn registered(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    const SQL: &str = r#"
+        DROP TABLE IF EXISTS pg_temp.reconcile_registered;
+        CREATE TEMPORARY TABLE reconcile_registered AS
+        WITH edges AS (
+            SELECT DISTINCT ON (w.resource_type, w.resource_id, w.principal_key, s.relation)
+                   w.resource_type, w.resource_id,
+                   s.relation || '@' || s.subject_type || ':' || (w.principal ->> s.field) AS edge
+            FROM authz_outbox_owners w
+            JOIN reconcile_owner_subjects s ON s.resource_type = w.resource_type
+            WHERE jsonb_typeof(w.principal -> s.field) = 'string'
+              AND w.principal ->> s.field <> ''
+            ORDER BY w.resource_type, w.resource_id, w.principal_key, s.relation, s.position
+        ),
+        edge_sets AS (
+            SELECT e.resource_type, e.resource_id, array_agg(DISTINCT e.edge) AS edges
+            FROM edges e
+            GROUP BY e.resource_type, e.resource_id
+        )
+        SELECT w.resource_type, w.resource_id,
+               jsonb_agg(w.principal ORDER BY w.outbox_id) AS principals,
+               coalesce(e.edges, '{}') AS edges
+        FROM authz_outbox_owners w
+        JOIN reconcile_types ty ON ty.resource_type = w.resource_type
+        LEFT JOIN edge_sets e
+               ON e.resource_type = w.resource_type AND e.resource_id = w.resource_id
+        GROUP BY w.resource_type, w.resource_id, e.edges;
+        CREATE UNIQUE INDEX ON reconcile_registered (resource_type, resource_id);
+        ANALYZE reconcile_registered;
+    "#;
+    sqlx::raw_sql(SQL).execute(conn).await?;
+    Ok(())
+}
+
 /// Classifies every resource of `types` on either side and keeps what is
 /// not consistent in `reconcile_findings`. Adds the consistent resources per
 /// type to `summary`; returns the database time the classification saw.
@@ -158,6 +204,11 @@ pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), 
 /// runs after SpiceDB was read, so a resource committed during the read is
 /// a row here (at worst "missing" and young), never an orphan whose tuples
 /// we revoke.
+///
+/// A live resource whose registrations are on record
+/// ([`registered`]) is judged by its owners last: an owner edge SpiceDB
+/// holds that no registration stands for, or one a registration stands for
+/// that SpiceDB lacks (while it holds another), is `owner_mismatch`.
 ///
 /// Precedence: drift is computed first; a drifted resource with a pending
 /// outbox row is `in_flight` (the worker is about to change it), then one
@@ -187,7 +238,8 @@ pub async fn classify(
             row_creator      jsonb,
             attributes       jsonb,
             undecodable      boolean NOT NULL DEFAULT false,
-            principal        jsonb
+            principal        jsonb,
+            registered       jsonb
         );
     "#;
     // Several rows may desire one resource (an api key id under two agents,
@@ -225,11 +277,17 @@ pub async fn classify(
                    coalesce(s.principal_held, '{}') AS principal_held,
                    coalesce(s.edges, '{}') AS held_edges,
                    ty.parent_relation IS NOT NULL AND h.parent_type IS NOT NULL AS judge_parent,
-                   ty.parent_relation, ty.principal_relations
+                   ty.parent_relation, ty.principal_relations,
+                   coalesce(s.owners, '{}') AS held_owners,
+                   coalesce(r.edges, '{}') AS registered_owners,
+                   r.principals AS registered,
+                   cardinality(coalesce(r.edges, '{}')) > 0 AS judge_owner
             FROM desired h
             FULL JOIN reconcile_held s
                    ON s.resource_type = h.rtype AND s.resource_id = h.rid
             JOIN reconcile_types ty ON ty.resource_type = coalesce(h.rtype, s.resource_type)
+            LEFT JOIN reconcile_registered r
+                   ON r.resource_type = h.rtype AND r.resource_id = h.rid
         ),
         drift AS (
             SELECT j.*,
@@ -242,6 +300,10 @@ pub async fn classify(
                        WHEN NOT (j.principal_relations <@ j.principal_held) THEN 'missing'
                        WHEN j.judge_parent AND NOT (j.parent_ids <@ j.parents) THEN 'missing'
                        WHEN NOT (j.row_edges <@ j.held_edges) THEN 'missing'
+                       WHEN j.judge_owner AND NOT (j.held_owners <@ j.registered_owners)
+                           THEN 'owner_mismatch'
+                       WHEN j.judge_owner AND NOT (j.registered_owners <@ j.held_owners)
+                           THEN 'owner_mismatch'
                    END AS drift_kind,
                    CASE
                        WHEN NOT j.has_row AND j.undecodable
@@ -267,6 +329,26 @@ pub async fn classify(
                        WHEN NOT (j.row_edges <@ j.held_edges)
                            THEN (SELECT min(x) FROM unnest(j.row_edges) x
                                  WHERE NOT x = ANY (j.held_edges)) || ' missing'
+                       WHEN j.judge_owner AND NOT (j.held_owners <@ j.registered_owners
+                                                   AND j.registered_owners <@ j.held_owners)
+                           THEN concat_ws('; ',
+                                    'SpiceDB holds '
+                                    || (SELECT min(x) FROM unnest(j.held_owners) x
+                                        WHERE NOT x = ANY (j.registered_owners))
+                                    || ', never registered through the outbox',
+                                    'registered '
+                                    || (SELECT min(x) FROM unnest(j.registered_owners) x
+                                        WHERE NOT x = ANY (j.held_owners))
+                                    || ' not in SpiceDB')
+                                || CASE
+                                       WHEN j.registered_owners <@ j.held_owners
+                                           THEN ' (registered: '
+                                                || array_to_string(j.registered_owners, ', ') || ')'
+                                       WHEN j.held_owners <@ j.registered_owners
+                                           THEN ' (SpiceDB holds: '
+                                                || array_to_string(j.held_owners, ', ') || ')'
+                                       ELSE ''
+                                   END
                    END AS reason
             FROM joined j
         ),
@@ -294,9 +376,9 @@ pub async fn classify(
             INSERT INTO reconcile_findings (kind, drift_kind, resource_type, resource_id, reason,
                                             row_parent_type, row_parent, held_parents,
                                             owner_type, owner_id, row_creator, attributes,
-                                            undecodable)
+                                            undecodable, registered)
             SELECT kind, drift_kind, rtype, rid, reason, parent_type, parent_id, parents,
-                   owner_type, owner_id, creator, attributes, undecodable
+                   owner_type, owner_id, creator, attributes, undecodable, registered
             FROM classified
             WHERE kind <> 'consistent'
             ORDER BY rtype, rid
@@ -328,15 +410,23 @@ pub async fn classify(
 /// Decides whom each fix is sent as, and turns a registration nobody can be
 /// named for into `needs_owner`.
 ///
+/// Where the resource's registrations are on record, the latest registered
+/// principal comes first for every live resource: a fix sent as the owner
+/// SpiceDB holds would register, and so record, an owner someone wrote
+/// behind the outbox.
+///
 /// - missing (a legacy row, or one whose relationships vanished): the
-///   creator the row itself records (the mapping's column sources, such as a
-///   schedule's `creator_principal`), else the principal of the resource's
-///   latest register row (the creator capture recorded), else the owner
-///   SpiceDB still holds, else `owner_principal`;
-/// - parent mismatch and orphan: the owner SpiceDB holds (`user:U` →
-///   `{"user_id":"U"}`), else the latest register row's, else the row's
-///   own, else `owner_principal`. An orphan with none is deregistered
-///   without one (a deregister needs no creator).
+///   registered principal, else the creator the row itself records (the
+///   mapping's column sources, such as a schedule's `creator_principal`),
+///   else the principal of the resource's latest register row (the creator
+///   capture recorded), else the owner SpiceDB still holds, else
+///   `owner_principal`;
+/// - parent, subject and owner mismatch: the registered principal, else the
+///   owner SpiceDB holds (`user:U` → `{"user_id":"U"}`), else the latest
+///   register row's, else the row's own, else `owner_principal`;
+/// - orphan: the owner SpiceDB holds, else the latest register row's, else
+///   the row's own, else `owner_principal`. An orphan with none is
+///   deregistered without one (a deregister needs no creator).
 pub async fn resolve_principals(
     conn: &mut PgConnection,
     owner_principal: Option<&Value>,
@@ -354,12 +444,19 @@ pub async fn resolve_principals(
                       AND o.operation = 'register' AND authz_outbox_has_creator(o.principal)
                     ORDER BY o.id DESC LIMIT 1) AS recorded
             FROM reconcile_findings f
-            WHERE f.kind IN ('orphan', 'missing', 'parent_mismatch', 'subject_mismatch')
+            WHERE f.kind IN ('orphan', 'missing', 'parent_mismatch', 'subject_mismatch',
+                             'owner_mismatch')
         )
         UPDATE reconcile_findings f
-        SET principal = CASE WHEN f.kind = 'missing'
-                             THEN coalesce(r.row_creator, r.recorded, r.held_owner, $1::jsonb)
-                             ELSE coalesce(r.held_owner, r.recorded, r.row_creator, $1::jsonb) END
+        SET principal = CASE f.kind
+                            WHEN 'missing'
+                                THEN coalesce(f.registered -> -1, r.row_creator, r.recorded,
+                                              r.held_owner, $1::jsonb)
+                            WHEN 'orphan'
+                                THEN coalesce(r.held_owner, r.recorded, r.row_creator, $1::jsonb)
+                            ELSE coalesce(f.registered -> -1, r.held_owner, r.recorded,
+                                          r.row_creator, $1::jsonb)
+                        END
         FROM resolved r
         WHERE f.seq = r.seq
     "#;
@@ -392,6 +489,7 @@ pub async fn count(conn: &mut PgConnection, summary: &mut Summary) -> Result<(),
             "missing" => counts.missing = n,
             "parent_mismatch" => counts.parent_mismatch = n,
             "subject_mismatch" => counts.subject_mismatch = n,
+            "owner_mismatch" => counts.owner_mismatch = n,
             "needs_owner" => counts.needs_owner = n,
             "in_flight" => counts.in_flight = n,
             "young" => counts.young = n,
@@ -419,6 +517,9 @@ pub struct StagedFinding {
     pub principal: Option<Value>,
     /// The row's columns its relationships name (for a register's fix).
     pub attributes: Option<Value>,
+    /// The principals the resource was registered as (a JSON array, oldest
+    /// first), when on record.
+    pub registered: Option<Value>,
 }
 
 impl StagedFinding {
@@ -436,10 +537,11 @@ pub async fn page(
     sqlx::query_as(
         r#"
         SELECT seq, kind, resource_type, resource_id, reason, row_parent_type, row_parent,
-               held_parents, owner_type, owner_id, undecodable, principal, attributes
+               held_parents, owner_type, owner_id, undecodable, principal, attributes, registered
         FROM reconcile_findings
         WHERE seq > $1
-          AND kind IN ('orphan', 'missing', 'parent_mismatch', 'subject_mismatch', 'needs_owner')
+          AND kind IN ('orphan', 'missing', 'parent_mismatch', 'subject_mismatch',
+                       'owner_mismatch', 'needs_owner')
         ORDER BY seq
         LIMIT $2
         "#,
@@ -502,7 +604,8 @@ pub async fn record_run(
 pub async fn drop_all(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(
         "DROP TABLE IF EXISTS pg_temp.reconcile_tuples, pg_temp.reconcile_held,
-                              pg_temp.reconcile_findings, pg_temp.reconcile_types",
+                              pg_temp.reconcile_registered, pg_temp.reconcile_findings,
+                              pg_temp.reconcile_types, pg_temp.reconcile_owner_subjects",
     )
     .execute(conn)
     .await?;
