@@ -17,6 +17,10 @@ use std::sync::{OnceLock, RwLock};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const ROWS: &str = "authz_outbox_rows";
+/// Retained rows by type and where their principal came from (`setting`,
+/// `role_default`, `column:<name>`, `reconcile`, `replay`, `none`): a host
+/// whose writes all carry `role_default` is not passing its users through.
+pub const ROWS_BY_PRINCIPAL_SOURCE: &str = "authz_outbox_rows_by_principal_source";
 pub const OLDEST_PENDING_AGE: &str = "authz_outbox_oldest_pending_age_seconds";
 pub const LEASED_ROWS: &str = "authz_outbox_leased_rows";
 pub const DELIVERIES: &str = "authz_outbox_deliveries_total";
@@ -34,6 +38,7 @@ pub const RECONCILE_LAST_RUN: &str = "authz_outbox_reconcile_last_run_timestamp_
 /// `deploy/` honest.
 pub const ALL: &[&str] = &[
     ROWS,
+    ROWS_BY_PRINCIPAL_SOURCE,
     OLDEST_PENDING_AGE,
     LEASED_ROWS,
     DELIVERIES,
@@ -179,6 +184,45 @@ pub fn set_outbox_gauges(stats: &crate::outbox::stats::OutboxStats) {
     metrics::gauge!(LEASED_ROWS).set(stats.leased as f64);
 }
 
+/// The `principal_source` label of a recorded source: the known ones and a
+/// mapping's `column:<name>` (names are plain identifiers from installed
+/// mappings, a bounded set) as they are; anything else a hand-written row
+/// may hold shares `other`, so the series stay few and well-formed.
+fn source_label(source: &str) -> String {
+    const KNOWN: &[&str] = &["setting", "role_default", "reconcile", "replay", "none"];
+    let column = source.strip_prefix("column:").is_some_and(|c| {
+        !c.is_empty()
+            && c.len() <= 63
+            && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+    });
+    if KNOWN.contains(&source) || column {
+        source.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// Sets [`ROWS_BY_PRINCIPAL_SOURCE`] from a collection over every state
+/// (the once-a-minute refresh: the frequent one counts pending and dead
+/// rows only). Every type has `setting` and `role_default` series, zero or
+/// not, so a ratio of the two always has both sides.
+pub fn set_principal_source_gauges(stats: &crate::outbox::stats::OutboxStats) {
+    let mut by_label: BTreeMap<(&'static str, String), i64> = BTreeMap::new();
+    for (resource_type, t) in &stats.by_type {
+        let label = type_label(resource_type);
+        for source in ["setting", "role_default"] {
+            by_label.entry((label, source.to_string())).or_default();
+        }
+        for (source, n) in &t.by_principal_source {
+            *by_label.entry((label, source_label(source))).or_default() += n;
+        }
+    }
+    for ((label, source), n) in by_label {
+        metrics::gauge!(ROWS_BY_PRINCIPAL_SOURCE, "resource_type" => label, "principal_source" => source)
+            .set(n as f64);
+    }
+}
+
 /// Registers the installed mappings' types ([`register_types`]), warning
 /// once per type that must share `unknown`.
 pub async fn register_installed_types(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
@@ -219,6 +263,7 @@ pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     let types: Vec<&String> = stats.by_type.keys().collect();
     init_series(&types);
     set_outbox_gauges(&stats);
+    set_principal_source_gauges(&stats);
     let last = crate::outbox::stats::last_reconcile(pool).await?;
     set_reconcile_gauges(last.as_ref());
     Ok(())
@@ -358,5 +403,34 @@ mod tests {
         labels.register(&many);
         assert_eq!(labelled(&labels), 3);
         assert_eq!(labels.custom.read().map(|c| c.len()).unwrap_or(0), 4);
+    }
+
+    #[test]
+    fn rows_carry_where_their_principal_came_from() {
+        let mut stats = OutboxStats::default();
+        let mut agent = type_stats(0, 0.0);
+        agent.by_principal_source = [
+            ("role_default".to_string(), 5),
+            ("column:creator_principal".to_string(), 2),
+            ("x\u{1b}[2J".to_string(), 1),
+            ("hand written".to_string(), 1),
+        ]
+        .into_iter()
+        .collect();
+        stats.by_type.insert("agent".into(), agent);
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || set_principal_source_gauges(&stats));
+        let body = handle.render();
+        for series in [
+            r#"authz_outbox_rows_by_principal_source{resource_type="agent",principal_source="role_default"} 5"#,
+            // Present at zero, so a ratio of the two always has both sides.
+            r#"authz_outbox_rows_by_principal_source{resource_type="agent",principal_source="setting"} 0"#,
+            r#"authz_outbox_rows_by_principal_source{resource_type="agent",principal_source="column:creator_principal"} 2"#,
+            // Anything else shares one label.
+            r#"authz_outbox_rows_by_principal_source{resource_type="agent",principal_source="other"} 2"#,
+        ] {
+            assert!(body.contains(series), "{series} missing:\n{body}");
+        }
     }
 }

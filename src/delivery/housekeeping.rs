@@ -71,6 +71,9 @@ async fn refresh_gauges(pool: &PgPool, health: &Health, scope: Scope) {
             let types: Vec<&String> = s.by_type.keys().collect();
             m::init_series(&types);
             m::set_outbox_gauges(&s);
+            if scope == Scope::All {
+                m::set_principal_source_gauges(&s);
+            }
         }
         Err(e) => {
             health.database_ok.store(false, Ordering::Relaxed);
