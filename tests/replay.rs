@@ -272,6 +272,13 @@ async fn no_creator_rows_need_a_principal(pool: PgPool) {
         revived.principal,
         Some(serde_json::json!({"user_id": "u5"}))
     );
+    let source: Option<String> =
+        sqlx::query_scalar("SELECT principal_source FROM authz_outbox WHERE id = $1")
+            .bind(k.outbox_id)
+            .fetch_one(&pool)
+            .await
+            .expect("source");
+    assert_eq!(source.as_deref(), Some("replay"), "the principal is replay's word");
 
     let delivered = run_once(&pool, &auth.url(), common::config("w")).await;
     assert_eq!(delivered.delivered, 2, "agent and key: {delivered:?}");

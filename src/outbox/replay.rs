@@ -149,7 +149,9 @@ pub async fn replay(pool: &PgPool, options: &ReplayOptions) -> Result<ReplayRepo
         UPDATE authz_outbox
         SET state = 'pending', attempts = 0, next_attempt_at = now(),
             locked_by = NULL, locked_until = NULL, lease_token = NULL, finished_at = NULL,
-            principal = coalesce($2, principal)
+            principal = coalesce($2, principal),
+            -- A principal given to replay is replay's word, not the writer's.
+            principal_source = CASE WHEN $2 IS NULL THEN principal_source ELSE 'replay' END
         WHERE id = ANY($1) AND state = 'dead'
     "#;
     const SUPERSEDE: &str = r#"
