@@ -193,7 +193,8 @@ fn source_label(source: &str) -> String {
     let column = source.strip_prefix("column:").is_some_and(|c| {
         !c.is_empty()
             && c.len() <= 63
-            && c.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
+            && c.chars()
+                .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_')
     });
     if KNOWN.contains(&source) || column {
         source.to_string()

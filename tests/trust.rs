@@ -78,7 +78,7 @@ async fn a_tasks_only_writer_is_captured_and_cannot_forge_a_row(pool: PgPool) {
     new_agent(&pool, "a1").await;
     let writer = role(&pool, "tasks_writer").await;
     exec(
-        &mut *pool.acquire().await.expect("conn"),
+        &mut pool.acquire().await.expect("conn"),
         &format!(
             "GRANT USAGE ON SCHEMA public TO \"{writer}\";
              GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, task_agents, agent_task_tracker TO \"{writer}\";"
@@ -162,7 +162,7 @@ async fn an_operator_planted_in_a_writable_schema_never_runs_as_the_owner(pool: 
     new_agent(&pool, "a1").await;
     let mallory = role(&pool, "mallory").await;
     exec(
-        &mut *pool.acquire().await.expect("conn"),
+        &mut pool.acquire().await.expect("conn"),
         &format!(
             "GRANT USAGE, CREATE ON SCHEMA public TO \"{mallory}\";
              CREATE TABLE public.hijacks (by_role text);
@@ -214,7 +214,7 @@ async fn an_operator_planted_in_a_writable_schema_never_runs_as_the_owner(pool: 
     // worker would: a capture, a soft delete, the liveness lookups, the
     // desired-state view, and a new session planning them afresh.
     exec(
-        &mut *pool.acquire().await.expect("conn"),
+        &mut pool.acquire().await.expect("conn"),
         r#"BEGIN;
            SELECT set_config('authz_outbox.principal', '{"user_id":"u1"}', true);
            INSERT INTO agents (id, name, description, status) VALUES ('a2', 'a2', '', 'READY');
@@ -465,7 +465,7 @@ async fn status_names_old_grants_and_where_principals_came_from(pool: PgPool) {
         .expect("db");
     // The grants earlier releases documented, and a role default.
     exec(
-        &mut *pool.acquire().await.expect("conn"),
+        &mut pool.acquire().await.expect("conn"),
         &format!(
             r#"GRANT USAGE ON SCHEMA public TO "{app}";
                GRANT SELECT, INSERT, UPDATE, DELETE ON agents TO "{app}";
@@ -512,7 +512,7 @@ async fn status_names_old_grants_and_where_principals_came_from(pool: PgPool) {
     assert!(writers.contains(&serde_json::json!(app)), "{writers:?}");
 
     exec(
-        &mut *pool.acquire().await.expect("conn"),
+        &mut pool.acquire().await.expect("conn"),
         &format!(
             r#"REVOKE ALL ON authz_outbox FROM "{app}";
                REVOKE ALL ON SEQUENCE authz_outbox_id_seq FROM "{app}";"#
