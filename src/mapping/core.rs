@@ -144,7 +144,7 @@ END
                                         WHERE b.datname = pg_catalog.current_database()))
               AND d.setrole IN (0, (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = session_user))
               AND ('authz_outbox.principal=' || v.raw) = ANY (d.setconfig))
-            THEN 'setting'
+            THEN 'role_default'
         ELSE 'setting'
     END
     FROM (SELECT pg_catalog.current_setting('authz_outbox.principal', true) AS raw) AS v
