@@ -886,3 +886,56 @@ async fn a_selector_whose_values_hold_the_separator_finds_its_row(pool: PgPool) 
     assert_eq!(delivered, 3, "{report:?}");
     dev.shutdown().await;
 }
+
+/// A table keyed by a type of the host's own (a domain): the generated
+/// functions name it with its schema, as they run with only the catalog on
+/// their search path; `check` and `migrate` both accept it, and a write
+/// through the join table is captured.
+#[sqlx::test(migrations = false)]
+async fn a_key_of_the_hosts_own_type_is_named_with_its_schema(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = common::database_url(&pool).await;
+    sqlx::raw_sql(
+        r#"CREATE DOMAIN public.doc_ref AS varchar(64);
+           CREATE TABLE public.docs (id public.doc_ref PRIMARY KEY, title text);
+           CREATE TABLE public.doc_links (doc_id public.doc_ref REFERENCES public.docs (id),
+                                          agent_id varchar REFERENCES agents (id),
+                                          PRIMARY KEY (doc_id, agent_id));"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("tables");
+    let path = std::env::temp_dir().join(format!("domain-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &path,
+        r#"[[mapping]]
+name = "docs"
+type = "task"
+table = "docs"
+parent = { type = "agent", column = "agent_id", join = { table = "doc_links", on = "doc_id", references = "id" } }
+"#,
+    )
+    .expect("write");
+    for command in [&["mappings", "check"][..], &["migrate"][..]] {
+        let (code, stdout, stderr) = binary(&url, command, Some(&path));
+        assert_eq!(code, 0, "{command:?}: {stdout}{stderr}");
+    }
+    new_agent(&pool, "a1").await;
+    host_tx(
+        &pool,
+        U1,
+        &[
+            "INSERT INTO docs (id, title) VALUES ('d1', 't')",
+            "INSERT INTO doc_links (doc_id, agent_id) VALUES ('d1', 'a1')",
+        ],
+    )
+    .await;
+    let registered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM authz_outbox WHERE resource_id = 'd1' AND operation = 'register' AND parent_id = 'a1'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(registered, 1);
+    std::fs::remove_file(&path).ok();
+}

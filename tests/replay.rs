@@ -278,7 +278,11 @@ async fn no_creator_rows_need_a_principal(pool: PgPool) {
             .fetch_one(&pool)
             .await
             .expect("source");
-    assert_eq!(source.as_deref(), Some("replay"), "the principal is replay's word");
+    assert_eq!(
+        source.as_deref(),
+        Some("replay"),
+        "the principal is replay's word"
+    );
 
     let delivered = run_once(&pool, &auth.url(), common::config("w")).await;
     assert_eq!(delivered.delivered, 2, "agent and key: {delivered:?}");

@@ -72,6 +72,10 @@ fn require_regular_file(path: &Path) -> anyhow::Result<()> {
     anyhow::bail!("the mappings file {shown} is {what}; --mappings takes a regular TOML file")
 }
 
+/// How long `mappings check` waits for the trigger locks of its trial
+/// install (a host transaction holding one makes the check say so).
+const TRIAL_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, Subcommand)]
 pub enum MappingsCommand {
     /// Show the mappings installed in the database (what capture follows).
@@ -162,6 +166,21 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
             // writer would wait for, and nothing is kept.
             let (resolved, skipped) = install::resolve_all(&mut tx, &mappings).await?;
             tx.rollback().await?;
+            // Everything `migrate` would run, run and rolled back.
+            let mut conn = pool.acquire().await?;
+            match install::trial_install(&mut conn, &mappings, TRIAL_LOCK_TIMEOUT).await {
+                Ok(_) => {}
+                Err(install::InstallError::Statement { message, .. })
+                    if message.contains("permission denied")
+                        || message.contains("must be owner") =>
+                {
+                    eprintln!(
+                        "note: not tried as `migrate` would run it: this role may not install triggers ({})",
+                        display::escape(&message)
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
             for r in &resolved {
                 println!(
                     "ok      {} ({} on {})",

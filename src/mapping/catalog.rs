@@ -68,20 +68,35 @@ fn mismatch(mapping: &Mapping, message: impl Into<String>) -> CatalogError {
 
 /// Reads a table (in the search path) or `None` when there is none.
 pub async fn table(conn: &mut PgConnection, name: &str) -> Result<Option<Table>, sqlx::Error> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), n.nspname::text
-         FROM pg_attribute a
-         JOIN pg_class c ON c.oid = a.attrelid
-         JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE a.attrelid = to_regclass(quote_ident($1))
-           AND a.attnum > 0 AND NOT a.attisdropped
-           AND c.relkind IN ('r', 'p')
-           AND n.nspname NOT LIKE 'pg\\_temp\\_%'
-         ORDER BY a.attnum",
+    // The name resolves through the caller's search path (a host names its
+    // tables as its own code does); the column types are then written as
+    // the generated functions will read them, with only the catalog on the
+    // path, so a type of the host's own (a domain, an enum) comes back
+    // qualified (`public.taskstatus`).
+    let oid: Option<i64> = sqlx::query_scalar(
+        "SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = to_regclass(quote_ident($1)) AND c.relkind IN ('r', 'p')
+           AND n.nspname NOT LIKE 'pg\\_temp\\_%'",
     )
     .bind(name)
-    .fetch_all(conn)
+    .fetch_optional(&mut *conn)
     .await?;
+    let Some(oid) = oid else {
+        return Ok(None);
+    };
+    let saved = pin_path(conn).await?;
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), n.nspname::text
+         FROM pg_catalog.pg_attribute a
+         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE a.attrelid = $1::bigint::oid AND a.attnum > 0 AND NOT a.attisdropped
+         ORDER BY a.attnum",
+    )
+    .bind(oid)
+    .fetch_all(&mut *conn)
+    .await?;
+    restore_path(conn, saved).await?;
     let Some(schema) = rows.first().map(|r| r.2.clone()) else {
         return Ok(None);
     };
