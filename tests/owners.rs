@@ -504,19 +504,19 @@ async fn the_migration_backfills_the_registry_from_delivered_rows(pool: PgPool) 
 
 /// A principal's id is written to SpiceDB as it is (agentex-auth and the
 /// SpiceDB target alike), so an owner edge is compared as read: an id that
-/// happens to look like the selector encoding (`team=2Fa`, which would
-/// decode to `team/a`) is no mismatch.
+/// happens to look like the selector encoding (`team=3Aa`, which would
+/// decode to `team:a`) is no mismatch.
 #[sqlx::test(migrations = false)]
 async fn an_owner_id_is_compared_as_written_never_decoded(pool: PgPool) {
     let pool = common::host_db(pool).await;
     let dev = dev_server().await;
-    capture::create_agent(&pool, "a1", "a1", Some(&common::principal("team=2Fa")))
+    capture::create_agent(&pool, "a1", "a1", Some(&common::principal("team=3Aa")))
         .await
         .expect("agent created");
     deliver_all(&pool, &dev, Writer::AgentexAuth).await;
     assert_eq!(
         relationships_of(&dev.grpc_endpoint(), "agent", "a1").await,
-        set(&["owner@user:team=2Fa"])
+        set(&["owner@user:team=3Aa"])
     );
     let (report, findings) = check(&pool, &dev, Writer::AgentexAuth, false).await;
     assert_eq!(report.summary.drift, 0, "{:#?}", described(&findings));
