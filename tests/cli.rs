@@ -840,12 +840,13 @@ async fn text_from_a_server_or_a_row_is_shown_escaped(pool: PgPool) {
         ScriptedAuth::always(Answer::status(400).body(serde_json::json!({ "error": BODY }))).await;
     task_rows(&pool, &["t-hostile".to_string()]).await;
     // A row no trigger wrote: its type and id hold escape sequences and a
-    // newline (it goes dead for its type).
+    // newline, and its type is long (it goes dead for its type, with an
+    // error quoting it that must still fit in one bounded line).
     sqlx::query(
         "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
          VALUES ($1, $2, 'register', '{\"user_id\":\"u\"}')",
     )
-    .bind("task\u{1b}[31m")
+    .bind(format!("task\u{1b}[31m{}", "z".repeat(1000)))
     .bind("t\u{1b}]0;pwned\u{7}\nx")
     .execute(&pool)
     .await
@@ -907,7 +908,7 @@ async fn text_from_a_server_or_a_row_is_shown_escaped(pool: PgPool) {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(!steerable(&table), "{table:?}");
     assert!(
-        table.contains(r"task\u{1b}[31m:t\u{1b}]0;pwned\u{7}\nx"),
+        table.contains(r"task\u{1b}[31mzzz") && table.contains(r"z:t\u{1b}]0;pwned\u{7}\nx"),
         "{table}"
     );
     // A header, two rows and the dry-run note.
