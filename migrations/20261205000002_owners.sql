@@ -60,27 +60,6 @@ CREATE TRIGGER authz_outbox_owners_on_delivery
     WHEN (NEW.state = 'delivered' AND OLD.state IS DISTINCT FROM 'delivered')
     EXECUTE FUNCTION authz_outbox_record_owner();
 
--- Backfill from the delivered rows still present: per resource, every
--- principal registered after its last delivered deregister. After the
--- trigger, in the same transaction: the trigger's lock keeps any delivery
--- from committing between the two. Resources whose rows were already pruned
--- have no recorded owner, and reconcile does not judge their owners.
-INSERT INTO authz_outbox_owners (resource_type, resource_id, principal_key, principal,
-                                 principal_source, outbox_id, registered_at)
-SELECT DISTINCT ON (r.resource_type, r.resource_id, md5(r.principal::text))
-       r.resource_type, r.resource_id, md5(r.principal::text), r.principal,
-       r.principal_source, r.id, coalesce(r.delivered_at, r.finished_at, r.created_at)
-FROM authz_outbox AS r
-WHERE r.state = 'delivered'
-  AND r.operation = 'register'
-  AND authz_outbox_has_creator(r.principal)
-  AND NOT EXISTS (
-      SELECT 1 FROM authz_outbox AS d
-      WHERE d.resource_type = r.resource_type
-        AND d.resource_id = r.resource_id
-        AND d.operation = 'deregister'
-        AND d.state = 'delivered'
-        AND (coalesce(d.delivered_at, d.finished_at, d.created_at), d.id)
-            > (coalesce(r.delivered_at, r.finished_at, r.created_at), r.id))
-ORDER BY r.resource_type, r.resource_id, md5(r.principal::text), r.id DESC
-ON CONFLICT DO NOTHING;
+-- Filled from the rows already delivered by the next migration, in a
+-- transaction of its own: the trigger's lock on authz_outbox, which holds the
+-- host's captured writes too, is released as soon as this one commits.

@@ -480,10 +480,12 @@ async fn the_migration_backfills_the_registry_from_delivered_rows(pool: PgPool) 
         registry(&pool).await.is_empty(),
         "inserted rows fire nothing"
     );
-    sqlx::raw_sql(include_str!("../migrations/20261205000002_owners.sql"))
-        .execute(&pool)
-        .await
-        .expect("the migration runs again");
+    sqlx::raw_sql(include_str!(
+        "../migrations/20261205000003_owners_backfill.sql"
+    ))
+    .execute(&pool)
+    .await
+    .expect("the backfill runs again");
     assert_eq!(
         registry(&pool).await,
         vec![
