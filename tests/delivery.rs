@@ -831,7 +831,8 @@ async fn the_worker_sends_only_identity_fields_whatever_wrote_the_row(pool: PgPo
     );
 }
 
-/// An error body full of terminal escapes reaches last_error as plain text.
+/// An error body full of terminal escapes reaches last_error as one line,
+/// each escape visible (`display::escape`), none a control character.
 #[sqlx::test(migrations = false)]
 async fn error_bodies_reach_last_error_without_control_characters(pool: PgPool) {
     let pool = common::host_db(pool).await;
@@ -847,7 +848,10 @@ async fn error_bodies_reach_last_error_without_control_characters(pool: PgPool) 
         .expect("row")
         .last_error
         .unwrap_or_default();
-    assert!(error.contains("down[2J]0;pwned for now"), "{error:?}");
+    assert!(
+        error.contains(r"down\u{1b}[2J\u{1b}]0;pwned\u{7}\r\nfor now"),
+        "{error:?}"
+    );
     assert!(!error.chars().any(char::is_control), "{error:?}");
 }
 
