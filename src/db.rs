@@ -63,6 +63,14 @@ async fn open(
     options: PgConnectOptions,
     max_connections: u32,
 ) -> Result<PgPool, DbError> {
+    // A slow statement is logged at debug: at warn, sqlx would print the
+    // statement's whole text (a mapping's generated SQL, a long claim) on
+    // the operator's terminal beside the one-line error that matters.
+    let options = sqlx::ConnectOptions::log_slow_statements(
+        options,
+        log::LevelFilter::Debug,
+        Duration::from_secs(1),
+    );
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

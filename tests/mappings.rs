@@ -467,6 +467,11 @@ async fn mappings_check_names_each_kind_of_bad_mapping(pool: PgPool) {
             "mapping m: live predicate must not contain \";\"",
         ),
         (
+            // A probe that would run long is cut off, not waited for.
+            "[[mapping]]\ntype = \"task\"\ntable = \"tasks\"\nenabled = false\n\n[[mapping]]\nname = \"m\"\ntype = \"task\"\ntable = \"tasks\"\nlive = \"pg_sleep(60) IS NULL\"",
+            "mapping m: live predicate does not compile: canceling statement due to statement timeout",
+        ),
+        (
             "[[mapping]]\nname = \"tsk\"\ntype = \"task\"\ntable = \"tasks\"\nenabled = false",
             "mapping tsk: enabled = false names no built-in mapping",
         ),
