@@ -31,33 +31,56 @@ CREATE TABLE IF NOT EXISTS authz_outbox_owners (
 -- Replaced by `migrate` right after the migrations (src/mapping/core.rs):
 -- search path pinned to pg_catalog, every name qualified. SECURITY DEFINER
 -- so the worker, which marks rows delivered, needs no grant on the table.
+--
+-- A statement trigger over the rows the statement changed (its transition
+-- tables), not a row trigger: recording 100,000 outcomes in batches of 100
+-- took 2.4 s without it, 4.6 s with it, and 8.4 s with the same work done
+-- row by row; the worker's claims (updates that change no state) cost the
+-- same with and without it.
 CREATE OR REPLACE FUNCTION authz_outbox_record_owner() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
-    IF NEW.operation = 'deregister' THEN
-        DELETE FROM authz_outbox_owners
-        WHERE resource_type = NEW.resource_type AND resource_id = NEW.resource_id;
-    ELSIF authz_outbox_has_creator(NEW.principal) THEN
-        INSERT INTO authz_outbox_owners (resource_type, resource_id, principal_key, principal,
-                                         principal_source, outbox_id, registered_at)
-        VALUES (NEW.resource_type, NEW.resource_id, md5(NEW.principal::text), NEW.principal,
-                NEW.principal_source, NEW.id, coalesce(NEW.delivered_at, now()))
-        ON CONFLICT (resource_type, resource_id, principal_key) DO UPDATE
-        SET principal_source = EXCLUDED.principal_source,
-            outbox_id = EXCLUDED.outbox_id,
-            registered_at = EXCLUDED.registered_at;
-    END IF;
+    DELETE FROM authz_outbox_owners AS w
+    USING (SELECT DISTINCT n.resource_type, n.resource_id
+           FROM authz_outbox_updated_new AS n
+           JOIN authz_outbox_updated_old AS o ON o.id = n.id
+           WHERE n.state = 'delivered' AND o.state IS DISTINCT FROM 'delivered'
+             AND n.operation = 'deregister') AS d
+    WHERE w.resource_type = d.resource_type AND w.resource_id = d.resource_id;
+    INSERT INTO authz_outbox_owners AS w (resource_type, resource_id, principal_key, principal,
+                                          principal_source, outbox_id, registered_at)
+    SELECT DISTINCT ON (n.resource_type, n.resource_id, md5(n.principal::text))
+           n.resource_type, n.resource_id, md5(n.principal::text), n.principal,
+           n.principal_source, n.id, coalesce(n.delivered_at, now())
+    FROM authz_outbox_updated_new AS n
+    JOIN authz_outbox_updated_old AS o ON o.id = n.id
+    WHERE n.state = 'delivered' AND o.state IS DISTINCT FROM 'delivered'
+      AND n.operation = 'register'
+      AND authz_outbox_has_creator(n.principal)
+      AND NOT EXISTS (
+          SELECT 1 FROM authz_outbox_updated_new AS d
+          JOIN authz_outbox_updated_old AS od ON od.id = d.id
+          WHERE d.state = 'delivered' AND od.state IS DISTINCT FROM 'delivered'
+            AND d.operation = 'deregister'
+            AND d.resource_type = n.resource_type AND d.resource_id = n.resource_id
+            AND d.id > n.id)
+    ORDER BY n.resource_type, n.resource_id, md5(n.principal::text), n.id DESC
+    ON CONFLICT (resource_type, resource_id, principal_key) DO UPDATE
+    SET principal_source = EXCLUDED.principal_source,
+        outbox_id = EXCLUDED.outbox_id,
+        registered_at = EXCLUDED.registered_at;
     RETURN NULL;
 END
 $$;
 
--- Only the transition to `delivered` fires it: claims, retries and leases
--- (the worker's hot updates) do not.
+-- Fires for every UPDATE of authz_outbox (a trigger with transition tables
+-- takes no column list and no WHEN); only rows whose state became
+-- `delivered` count.
 DROP TRIGGER IF EXISTS authz_outbox_owners_on_delivery ON authz_outbox;
 CREATE TRIGGER authz_outbox_owners_on_delivery
-    AFTER UPDATE OF state ON authz_outbox
-    FOR EACH ROW
-    WHEN (NEW.state = 'delivered' AND OLD.state IS DISTINCT FROM 'delivered')
+    AFTER UPDATE ON authz_outbox
+    REFERENCING OLD TABLE AS authz_outbox_updated_old NEW TABLE AS authz_outbox_updated_new
+    FOR EACH STATEMENT
     EXECUTE FUNCTION authz_outbox_record_owner();
 
 -- Filled from the rows already delivered by the next migration, in a

@@ -525,3 +525,34 @@ async fn an_owner_id_is_compared_as_written_never_decoded(pool: PgPool) {
     assert_eq!(report.summary.consistent, 1);
     dev.shutdown().await;
 }
+
+/// One statement may deliver several rows of a resource (a hand-written
+/// UPDATE; the worker never does, since a resource's rows are claimed one
+/// at a time): they count in their order, and the same principal twice is
+/// one owner.
+#[sqlx::test(migrations = false)]
+async fn one_statement_delivering_several_rows_of_a_resource_counts_them_in_order(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::raw_sql(
+        r#"
+        INSERT INTO authz_outbox (resource_type, resource_id, operation, principal) VALUES
+          ('agent', 'gone', 'register',   '{"user_id":"u1"}'),
+          ('agent', 'gone', 'deregister', '{"user_id":"u1"}'),
+          ('agent', 'back', 'deregister', '{"user_id":"u1"}'),
+          ('agent', 'back', 'register',   '{"user_id":"u2"}'),
+          ('agent', 'twice', 'register',  '{"user_id":"u3"}'),
+          ('agent', 'twice', 'register',  '{"user_id":"u3"}');
+        UPDATE authz_outbox SET state = 'delivered', delivered_at = now(), finished_at = now();
+        "#,
+    )
+    .execute(&pool)
+    .await
+    .expect("delivered by hand");
+    assert_eq!(
+        registry(&pool).await,
+        vec![
+            ("agent:back".into(), json!({"user_id": "u2"}), None),
+            ("agent:twice".into(), json!({"user_id": "u3"}), None),
+        ]
+    );
+}

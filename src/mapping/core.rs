@@ -370,14 +370,25 @@ fn wait_for_resource(schema: &str) -> String {
 
 /// The trigger function that keeps `authz_outbox_owners` (who each
 /// resource was registered as; migration 20261205000002 says why, and
-/// creates the trigger) as a delivery sees it: a delivered deregister
-/// forgets the resource's owners, a delivered register adds its principal.
-/// Runs as its owner, so the worker that marks rows delivered needs no
-/// grant on the table; it never raises for a row it cannot record (a
-/// register without a creator is not recorded), since a failure here would
-/// refuse the worker's outcomes.
+/// creates the statement trigger whose transition tables it reads) as a
+/// delivery sees it: a delivered deregister forgets the resource's owners, a
+/// delivered register adds its principal (unless a later deregister of the
+/// resource was delivered by the same statement). Runs as its owner, so the
+/// worker that marks rows delivered needs no grant on the table. It never
+/// raises for a row it cannot record (a register without a creator is not
+/// recorded; one principal recorded twice in one statement is one row),
+/// since a failure here would refuse the worker's outcomes.
 fn record_owner(schema: &str) -> String {
     let s = |name: &str| qualified(schema, name);
+    let changed = |n: &str, o: &str| {
+        format!(
+            "authz_outbox_updated_new AS {n}
+          JOIN authz_outbox_updated_old AS {o} ON {o}.id = {n}.id"
+        )
+    };
+    let became_delivered = |n: &str, o: &str| {
+        format!("{n}.state = 'delivered' AND {o}.state IS DISTINCT FROM 'delivered'")
+    };
     function(
         schema,
         "authz_outbox_record_owner",
@@ -386,25 +397,38 @@ fn record_owner(schema: &str) -> String {
         &format!(
             "
 BEGIN
-    IF NEW.operation = 'deregister' THEN
-        DELETE FROM {owners} AS w
-        WHERE w.resource_type = NEW.resource_type AND w.resource_id = NEW.resource_id;
-    ELSIF {has_creator}(NEW.principal) THEN
-        INSERT INTO {owners} AS w (resource_type, resource_id, principal_key, principal,
-                                   principal_source, outbox_id, registered_at)
-        VALUES (NEW.resource_type, NEW.resource_id, pg_catalog.md5(NEW.principal::text),
-                NEW.principal, NEW.principal_source, NEW.id,
-                coalesce(NEW.delivered_at, pg_catalog.now()))
-        ON CONFLICT (resource_type, resource_id, principal_key) DO UPDATE
-        SET principal_source = EXCLUDED.principal_source,
-            outbox_id = EXCLUDED.outbox_id,
-            registered_at = EXCLUDED.registered_at;
-    END IF;
+    DELETE FROM {owners} AS w
+    USING (SELECT DISTINCT n.resource_type, n.resource_id
+           FROM {changed_no}
+           WHERE {delivered_no} AND n.operation = 'deregister') AS d
+    WHERE w.resource_type = d.resource_type AND w.resource_id = d.resource_id;
+    INSERT INTO {owners} AS w (resource_type, resource_id, principal_key, principal,
+                               principal_source, outbox_id, registered_at)
+    SELECT DISTINCT ON (n.resource_type, n.resource_id, pg_catalog.md5(n.principal::text))
+           n.resource_type, n.resource_id, pg_catalog.md5(n.principal::text), n.principal,
+           n.principal_source, n.id, coalesce(n.delivered_at, pg_catalog.now())
+    FROM {changed_no}
+    WHERE {delivered_no} AND n.operation = 'register'
+      AND {has_creator}(n.principal)
+      AND NOT EXISTS (
+          SELECT 1 FROM {changed_dod}
+          WHERE {delivered_dod} AND d.operation = 'deregister'
+            AND d.resource_type = n.resource_type AND d.resource_id = n.resource_id
+            AND d.id > n.id)
+    ORDER BY n.resource_type, n.resource_id, pg_catalog.md5(n.principal::text), n.id DESC
+    ON CONFLICT (resource_type, resource_id, principal_key) DO UPDATE
+    SET principal_source = EXCLUDED.principal_source,
+        outbox_id = EXCLUDED.outbox_id,
+        registered_at = EXCLUDED.registered_at;
     RETURN NULL;
 END
 ",
             owners = s("authz_outbox_owners"),
             has_creator = s("authz_outbox_has_creator"),
+            changed_no = changed("n", "o"),
+            delivered_no = became_delivered("n", "o"),
+            changed_dod = changed("d", "od"),
+            delivered_dod = became_delivered("d", "od"),
         ),
     )
 }
