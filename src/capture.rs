@@ -113,7 +113,8 @@ pub async fn create_api_key(
         .execute(&mut *conn)
         .await
         .map_err(|e| insert_error(e, &key.agent_id))?;
-    let outbox_id: i64 = sqlx::query_scalar("SELECT currval('authz_outbox_id_seq')")
+    // Through a function of ours: the writer has no grant on the outbox.
+    let outbox_id: i64 = sqlx::query_scalar("SELECT authz_outbox_last_captured_id()")
         .fetch_one(&mut *conn)
         .await?;
     Ok(CreatedApiKey {
@@ -248,13 +249,17 @@ async fn latest_outbox_id(
     resource_type: &str,
     resource_id: &str,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT max(id) FROM authz_outbox WHERE resource_type = $1 AND resource_id = $2",
-    )
-    .bind(resource_type)
-    .bind(resource_id)
-    .fetch_one(&mut **tx)
-    .await
+    // Through a function of ours: the writer has no grant on the outbox.
+    let id: Option<i64> = sqlx::query_scalar("SELECT authz_outbox_captured_id($1, $2)")
+        .bind(resource_type)
+        .bind(resource_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    id.ok_or_else(|| {
+        sqlx::Error::Protocol(format!(
+            "the write to {resource_type}:{resource_id} captured no outbox row"
+        ))
+    })
 }
 
 /// 32 random bytes, hex encoded, prefixed so a leaked key is recognisable.
@@ -318,45 +323,78 @@ pub async fn wait_for_consistency_token(
     outbox_id: i64,
     timeout: Duration,
 ) -> Result<(DeliveryState, Option<String>), WaitError> {
-    let state = wait_until_delivered(pool, outbox_id, timeout).await?;
-    let token: Option<String> =
-        sqlx::query_scalar("SELECT consistency_token FROM authz_outbox WHERE id = $1")
-            .bind(outbox_id)
-            .fetch_optional(pool)
-            .await?
-            .flatten();
-    Ok((state, token))
+    wait_for_row(pool, outbox_id, timeout).await
 }
 
 /// Waits until the worker has finished with an outbox row: the row is
 /// delivered, superseded or dead. A later change to the same resource does
 /// not lengthen the wait.
 ///
-/// The waiting happens in PostgreSQL (`authz_outbox_wait_for_resource`,
-/// through this row's id), so it is one round trip, not a client-side loop.
+/// The waiting happens in PostgreSQL (`authz_outbox_wait_for_row`, which
+/// waits as `authz_outbox_wait_for_resource` does through this row's id),
+/// so it is one round trip, not a client-side loop, and the writer needs
+/// EXECUTE on that function, no grant on the outbox.
 pub async fn wait_until_delivered(
     pool: &PgPool,
     outbox_id: i64,
     timeout: Duration,
 ) -> Result<DeliveryState, WaitError> {
-    let resource: Option<(String, String)> =
-        sqlx::query_as("SELECT resource_type, resource_id FROM authz_outbox WHERE id = $1")
-            .bind(outbox_id)
-            .fetch_optional(pool)
-            .await?;
-    let Some((resource_type, resource_id)) = resource else {
-        return Err(WaitError::NoSuchRow(outbox_id));
-    };
-    match wait_sql(pool, &resource_type, &resource_id, Some(outbox_id), timeout).await? {
-        // Pruned between the two statements: it had finished.
-        Answer::Nothing => Err(WaitError::NoSuchRow(outbox_id)),
-        Answer::Finished(state) => Ok(state),
-        Answer::Pending { outbox_id } => Err(WaitError::Timeout {
-            resource: format!("{resource_type}:{resource_id}"),
-            outbox_id,
-            timeout,
-        }),
+    wait_for_row(pool, outbox_id, timeout)
+        .await
+        .map(|(state, _)| state)
+}
+
+async fn wait_for_row(
+    pool: &PgPool,
+    outbox_id: i64,
+    timeout: Duration,
+) -> Result<(DeliveryState, Option<String>), WaitError> {
+    if timeout > MAX_WAIT {
+        return Err(WaitError::TimeoutTooLong(timeout));
     }
+    type Row = (
+        String,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+    );
+    let (outcome, error, token, pending_id, resource_type, resource_id): Row = sqlx::query_as(
+        "SELECT outcome, error, consistency_token, outbox_id, resource_type, resource_id
+         FROM authz_outbox_wait_for_row($1, $2 * interval '1 second')",
+    )
+    .bind(outbox_id)
+    .bind(timeout.as_secs_f64())
+    .fetch_one(pool)
+    .await
+    .map_err(refusal)?;
+    let state = match outcome.as_str() {
+        "delivered" => DeliveryState::Delivered,
+        "superseded" => DeliveryState::Superseded,
+        "dead" => DeliveryState::Dead {
+            error: error.unwrap_or_default(),
+        },
+        "timeout" => {
+            return Err(WaitError::Timeout {
+                resource: format!(
+                    "{}:{}",
+                    resource_type.unwrap_or_default(),
+                    resource_id.unwrap_or_default()
+                ),
+                outbox_id: pending_id.unwrap_or(outbox_id),
+                timeout,
+            });
+        }
+        // No such row, or pruned while we looked: it had finished.
+        "none" => return Err(WaitError::NoSuchRow(outbox_id)),
+        other => {
+            return Err(WaitError::Database(sqlx::Error::Protocol(format!(
+                "authz_outbox_wait_for_row answered an unknown outcome {other:?}"
+            ))));
+        }
+    };
+    Ok((state, token))
 }
 
 /// Read-your-writes by resource: waits until `resource` has nothing pending

@@ -524,3 +524,136 @@ async fn status_names_old_grants_and_where_principals_came_from(pool: PgPool) {
     let writers = after["direct_writers"].as_array().expect("list").clone();
     assert!(!writers.contains(&serde_json::json!(app)), "{writers:?}");
 }
+
+/// The Rust library's writes, made by a role with grants on its own tables
+/// and EXECUTE on the four functions the docs name for it, and none on the
+/// outbox: it still learns its rows' ids and waits for their delivery.
+#[sqlx::test(migrations = false)]
+async fn the_rust_library_writes_and_waits_without_a_grant_on_the_outbox(pool: PgPool) {
+    use authz_outbox::capture::{self, DeliveryState, NewApiKey};
+    use authz_outbox::domain::ApiKeyType;
+    let pool = common::host_db(pool).await;
+    let writer = role(&pool, "rust_writer").await;
+    exec(
+        &mut pool.acquire().await.expect("conn"),
+        &format!(
+            r#"GRANT USAGE ON SCHEMA public TO "{writer}";
+               GRANT SELECT, INSERT, UPDATE, DELETE ON agents, agent_api_keys TO "{writer}";
+               GRANT EXECUTE ON FUNCTION authz_outbox_last_captured_id(),
+                                         authz_outbox_captured_id(text, text),
+                                         authz_outbox_wait_for_row(bigint, interval),
+                                         authz_outbox_wait_for_resource(text, text, interval, bigint)
+                   TO "{writer}";"#
+        ),
+    )
+    .await
+    .expect("grants");
+    let mut url = url::Url::parse(&common::database_url(&pool).await).expect("url");
+    url.set_username(&writer).expect("user");
+    let as_writer = PgPool::connect(url.as_str()).await.expect("pool");
+    let creator = common::principal("u1");
+    let agent_row = capture::create_agent(&as_writer, "a1", "a1", Some(&creator))
+        .await
+        .expect("agent");
+    let key = capture::create_api_key(
+        &as_writer,
+        NewApiKey {
+            agent_id: "a1".into(),
+            name: "ci".into(),
+            key_type: ApiKeyType::External,
+            secret: None,
+        },
+        Some(&creator),
+    )
+    .await
+    .expect("key");
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM authz_outbox ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("ids");
+    assert_eq!(
+        ids,
+        vec![agent_row, key.outbox_id],
+        "the ids the writer was told"
+    );
+
+    let dev = common::dev_server().await;
+    common::run_once(&pool, &dev.base_url(), common::config("w1")).await;
+    let state =
+        capture::wait_until_delivered(&as_writer, key.outbox_id, std::time::Duration::from_secs(5))
+            .await
+            .expect("waits");
+    assert_eq!(state, DeliveryState::Delivered);
+    let deregisters = capture::delete_api_key(&as_writer, &key.id, Some(&creator))
+        .await
+        .expect("delete");
+    assert_eq!(deregisters.len(), 1);
+    // The function that names a resource's rows answers only for the
+    // caller's own transaction.
+    let foreign: Option<i64> = sqlx::query_scalar("SELECT authz_outbox_captured_id('agent', 'a1')")
+        .fetch_one(&as_writer)
+        .await
+        .expect("call");
+    assert_eq!(foreign, None, "another transaction's rows stay unknown");
+    dev.shutdown().await;
+}
+
+/// `status` shows what any writer or role name may hold (a type, a
+/// principal source, a role name with terminal escapes) escaped: nothing
+/// reaches the operator's terminal raw.
+#[sqlx::test(migrations = false)]
+async fn status_shows_outside_text_escaped(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = common::database_url(&pool).await;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .expect("db");
+    let evil_role = format!("evil\u{1b}[2J{}", &db[db.len().saturating_sub(20)..]);
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal_source, state, last_error, finished_at)
+         VALUES ($1, $2, 'register', $3, 'dead', $4, now())",
+    )
+    .bind("type\u{1b}[31m")
+    .bind("id\u{1b}]0;pwned\u{7}")
+    .bind("column:\u{1b}[2J")
+    .bind("boom\r\nforged line")
+    .execute(&pool)
+    .await
+    .expect("row");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"DO $$ BEGIN CREATE ROLE "{evil_role}"; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+           GRANT INSERT ON authz_outbox TO "{evil_role}";"#
+    )))
+    .execute(&pool)
+    .await
+    .expect("role");
+    let out = Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+        .args(["status"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .expect("status runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "a raw escape reached the terminal:\n{stdout:?}"
+    );
+    assert!(!stdout.contains('\u{7}'), "{stdout:?}");
+    assert!(!stdout.contains("\r\nforged"), "{stdout:?}");
+    assert!(stdout.contains("type\\u{1b}[31m"), "{stdout}");
+    assert!(
+        stdout.contains("evil\\u{1b}[2J"),
+        "the role is still named:\n{stdout}"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"REVOKE ALL ON authz_outbox FROM "{evil_role}"; DROP ROLE "{evil_role}";"#
+    )))
+    .execute(&pool)
+    .await
+    .expect("cleanup");
+}

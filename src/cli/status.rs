@@ -39,8 +39,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "{:<12} {:>10} {:>10} {:>10} {:>10} {:>12}",
                 "TYPE", "PENDING", "DELIVERED", "DEAD", "SUPERSEDED", "OLDEST"
             );
+            // Types, sources and role names come from rows and the catalog,
+            // which any writer may have filled: shown terminal-safe.
+            let safe = |text: &str| crate::display::line(text, 300);
             for (resource_type, t) in &s.by_type {
                 let n = |state: &str| t.counts.get(state).copied().unwrap_or(0);
+                let resource_type = safe(resource_type);
                 println!(
                     "{resource_type:<12} {:>10} {:>10} {:>10} {:>10} {:>11.1}s",
                     n("pending"),
@@ -56,9 +60,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 let sources: Vec<String> = t
                     .by_principal_source
                     .iter()
-                    .map(|(source, n)| format!("{source}={n}"))
+                    .map(|(source, n)| format!("{}={n}", safe(source)))
                     .collect();
-                println!("{resource_type:<12} {}", sources.join(" "));
+                println!("{:<12} {}", safe(resource_type), sources.join(" "));
             }
             println!();
             println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
@@ -68,7 +72,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 println!(
                     "WARNING: these roles can write authz_outbox directly and so forge owners: {} \
                      (revoke: docs/operations.md, Upgrade)",
-                    s.direct_writers.join(", ")
+                    safe(&s.direct_writers.join(", "))
                 );
             }
             if !s.recent_dead.is_empty() {
@@ -76,7 +80,6 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 println!("newest dead rows:");
                 // Rows come from any writer and errors from a server: shown
                 // terminal-safe, whatever an older version stored.
-                let safe = |text: &str| crate::auth_client::one_line(text, 300);
                 for d in &s.recent_dead {
                     println!(
                         "  #{} {} {}:{} attempts={} status={} {}",
@@ -86,7 +89,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                         safe(&d.resource_id),
                         d.attempts,
                         d.last_status.map_or("-".into(), |s| s.to_string()),
-                        safe(d.last_error.as_deref().unwrap_or(""))
+                        crate::display::error_line(d.last_error.as_deref().unwrap_or(""))
                     );
                 }
             }
