@@ -54,16 +54,17 @@ BEGIN
            n.principal_source, n.id, coalesce(n.delivered_at, now())
     FROM authz_outbox_updated_new AS n
     JOIN authz_outbox_updated_old AS o ON o.id = n.id
+    LEFT JOIN (SELECT d.resource_type, d.resource_id, max(d.id) AS id
+               FROM authz_outbox_updated_new AS d
+               JOIN authz_outbox_updated_old AS od ON od.id = d.id
+               WHERE d.state = 'delivered' AND od.state IS DISTINCT FROM 'delivered'
+                 AND d.operation = 'deregister'
+               GROUP BY d.resource_type, d.resource_id) AS last
+           ON last.resource_type = n.resource_type AND last.resource_id = n.resource_id
     WHERE n.state = 'delivered' AND o.state IS DISTINCT FROM 'delivered'
       AND n.operation = 'register'
       AND authz_outbox_has_creator(n.principal)
-      AND NOT EXISTS (
-          SELECT 1 FROM authz_outbox_updated_new AS d
-          JOIN authz_outbox_updated_old AS od ON od.id = d.id
-          WHERE d.state = 'delivered' AND od.state IS DISTINCT FROM 'delivered'
-            AND d.operation = 'deregister'
-            AND d.resource_type = n.resource_type AND d.resource_id = n.resource_id
-            AND d.id > n.id)
+      AND (last.id IS NULL OR n.id > last.id)
     ORDER BY n.resource_type, n.resource_id, md5(n.principal::text), n.id DESC
     ON CONFLICT (resource_type, resource_id, principal_key) DO UPDATE
     SET principal_source = EXCLUDED.principal_source,

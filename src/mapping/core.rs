@@ -547,7 +547,9 @@ mod tests {
             sql.matches("\"app\".\"authz_outbox_owners\" AS w").count(),
             2
         );
-        assert!(sql.contains("\"app\".\"authz_outbox_has_creator\"(NEW.principal)"));
+        assert!(sql.contains("\"app\".\"authz_outbox_has_creator\"(n.principal)"));
+        // The statement's transition tables: names no session can shadow.
+        assert!(sql.contains("FROM authz_outbox_updated_new AS n"), "{sql}");
         assert!(!sql.contains(" md5("), "{sql}");
     }
 }
