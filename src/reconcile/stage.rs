@@ -149,41 +149,39 @@ pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), 
     Ok(())
 }
 
-/// Stages who each resource of the compared types was registered as
-/// (`authz_outbox_owners`, kept past retention) in `reconcile_registered`:
-/// the principals, oldest registration first, and the owner edges they
-/// stand for by the type's owner relations (`reconcile_owner_subjects`:
-/// per principal and relation, the first alternative whose field is a
-/// non-empty string, as the writer chose it). A resource the registry does
-/// not know (registered before it existed, its rows pruned since) has no
-/// row here, and its owners are not judged.
+/// Stages the owner edges each resource of the compared types was
+/// registered with (`authz_outbox_owners`, kept past retention) in
+/// `reconcile_registered`: per registered principal and owner relation
+/// (`reconcile_owner_subjects`), the first alternative whose field is a
+/// non-empty string, as the writer chose it. A resource the registry does
+/// not know (registered before it existed, its rows pruned since), or of a
+/// type without owner relations, has no row here, and its owners are not
+/// judged.
+///
+/// Grouped under the "C" collation: only equality matters here, and the
+/// host's collation made the grouping of 1M registrations 2.3 times slower.
 pub async fn registered(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     const SQL: &str = r#"
         DROP TABLE IF EXISTS pg_temp.reconcile_registered;
         CREATE TEMPORARY TABLE reconcile_registered AS
-        WITH edges AS (
-            SELECT DISTINCT ON (w.resource_type, w.resource_id, w.principal_key, s.relation)
-                   w.resource_type, w.resource_id,
-                   s.relation || '@' || s.subject_type || ':' || (w.principal ->> s.field) AS edge
+        SELECT g.t COLLATE "default" AS resource_type, g.i COLLATE "default" AS resource_id,
+               g.edges
+        FROM (
+            SELECT w.resource_type COLLATE "C" AS t, w.resource_id COLLATE "C" AS i,
+                   array_agg(s.relation || '@' || s.subject_type || ':' || (w.principal ->> s.field))
+                       AS edges
             FROM authz_outbox_owners w
             JOIN reconcile_owner_subjects s ON s.resource_type = w.resource_type
             WHERE jsonb_typeof(w.principal -> s.field) = 'string'
               AND w.principal ->> s.field <> ''
-            ORDER BY w.resource_type, w.resource_id, w.principal_key, s.relation, s.position
-        ),
-        edge_sets AS (
-            SELECT e.resource_type, e.resource_id, array_agg(DISTINCT e.edge) AS edges
-            FROM edges e
-            GROUP BY e.resource_type, e.resource_id
-        )
-        SELECT w.resource_type, w.resource_id,
-               jsonb_agg(w.principal ORDER BY w.outbox_id) AS principals,
-               coalesce(e.edges, '{}') AS edges
-        FROM authz_outbox_owners w
-        JOIN reconcile_types ty ON ty.resource_type = w.resource_type
-        LEFT JOIN edge_sets e
-               ON e.resource_type = w.resource_type AND e.resource_id = w.resource_id
-        GROUP BY w.resource_type, w.resource_id, e.edges;
+              AND NOT EXISTS (
+                  SELECT 1 FROM reconcile_owner_subjects e
+                  WHERE e.resource_type = s.resource_type AND e.relation = s.relation
+                    AND e.position < s.position
+                    AND jsonb_typeof(w.principal -> e.field) = 'string'
+                    AND w.principal ->> e.field <> '')
+            GROUP BY 1, 2
+        ) AS g;
         CREATE UNIQUE INDEX ON reconcile_registered (resource_type, resource_id);
         ANALYZE reconcile_registered;
     "#;
@@ -280,8 +278,7 @@ pub async fn classify(
                    ty.parent_relation, ty.principal_relations,
                    coalesce(s.owners, '{}') AS held_owners,
                    coalesce(r.edges, '{}') AS registered_owners,
-                   r.principals AS registered,
-                   cardinality(coalesce(r.edges, '{}')) > 0 AS judge_owner
+                   r.resource_id IS NOT NULL AS judge_owner
             FROM desired h
             FULL JOIN reconcile_held s
                    ON s.resource_type = h.rtype AND s.resource_id = h.rid
@@ -343,7 +340,10 @@ pub async fn classify(
                                 || CASE
                                        WHEN j.registered_owners <@ j.held_owners
                                            THEN ' (registered: '
-                                                || array_to_string(j.registered_owners, ', ') || ')'
+                                                || array_to_string(ARRAY(
+                                                       SELECT DISTINCT x
+                                                       FROM unnest(j.registered_owners) x
+                                                       ORDER BY x), ', ') || ')'
                                        WHEN j.held_owners <@ j.registered_owners
                                            THEN ' (SpiceDB holds: '
                                                 || array_to_string(j.held_owners, ', ') || ')'
@@ -378,7 +378,10 @@ pub async fn classify(
                                             owner_type, owner_id, row_creator, attributes,
                                             undecodable, registered)
             SELECT kind, drift_kind, rtype, rid, reason, parent_type, parent_id, parents,
-                   owner_type, owner_id, creator, attributes, undecodable, registered
+                   owner_type, owner_id, creator, attributes, undecodable,
+                   (SELECT jsonb_agg(w.principal ORDER BY w.outbox_id)
+                    FROM authz_outbox_owners w
+                    WHERE w.resource_type = rtype AND w.resource_id = rid)
             FROM classified
             WHERE kind <> 'consistent'
             ORDER BY rtype, rid
