@@ -1120,3 +1120,35 @@ fn a_ca_file_must_hold_a_certificate() {
     assert_one_line_error(&out, "use https://");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A metrics port already taken is one line naming the flag and the
+/// environment variable that set it, exit 2, before any connection is made
+/// (the database URL here leads nowhere).
+#[test]
+fn a_metrics_port_in_use_is_one_line_naming_the_flag_and_the_variable() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = run_with_deadline(
+        &["run", "--agentex-auth-url", "http://127.0.0.1:1"],
+        &[
+            ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+            ("AGENTEX_AUTH_TOKEN", "t"),
+            ("METRICS_ADDR", &addr),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_one_line_error(&out, "--metrics-addr / METRICS_ADDR");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&addr), "{stderr}");
+    drop(taken);
+}
+
+/// The default does not take Prometheus's own port.
+#[test]
+fn the_default_metrics_port_is_not_prometheus_s() {
+    let out = run(&["run", "--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("127.0.0.1:9464"), "{help}");
+    assert!(!help.contains(":9090"), "{help}");
+}

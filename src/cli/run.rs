@@ -130,8 +130,10 @@ pub struct RunArgs {
     /// The lease holder's name; defaults to hostname-pid.
     #[arg(long, env = "AUTHZ_OUTBOX_WORKER_ID")]
     worker_id: Option<String>,
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    /// Address of /healthz, /readyz and /metrics. Port 9464 (the
+    /// OpenTelemetry Prometheus exporter's), not 9090: that is Prometheus's
+    /// own, often on the same machine or pod network.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
 }
 
@@ -259,6 +261,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.worker_config();
     config.validate()?;
     let client = args.client(&config)?;
+    // Bound first: a port in use is an operator's mistake, said at once and
+    // before any connection is made, naming where the address came from.
+    let listener = crate::http::bind(args.metrics_addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} for /metrics (--metrics-addr / METRICS_ADDR): {e}",
+            args.metrics_addr
+        )
+    })?;
     // Claims, records, the listener and housekeeping each need a connection
     // at times; deliveries themselves hold none (a SpiceDB re-parent reads
     // one row).
@@ -270,9 +280,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = crate::metrics::prime(&pool).await {
         tracing::warn!(error = %e, "could not read the outbox for the first metrics");
     }
-    let listener = crate::http::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint on {}", args.metrics_addr))?;
     let once = args.once;
     let target_name = target.name();
     let worker = Worker::new(pool, target, config)?;
