@@ -989,3 +989,61 @@ async fn a_batched_worker_claims_ahead_while_its_requests_are_in_flight(pool: Pg
     assert_eq!(report.delivered, 40, "{report:?}");
     dev.shutdown().await;
 }
+
+/// A mapping `migrate` installs while a worker runs is delivered by that
+/// worker: a row of a type it did not know makes it re-read the installed
+/// mappings, instead of going dead until a restart.
+#[sqlx::test(migrations = false)]
+async fn a_mapping_installed_while_the_worker_runs_is_delivered(pool: PgPool) {
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    let dir = "examples/spicedb-app";
+    common::write_schema(
+        &grpc,
+        &std::fs::read_to_string(format!("{dir}/schema.zed")).expect("schema"),
+    )
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(
+        std::fs::read_to_string(format!("{dir}/app.sql")).expect("app.sql"),
+    ))
+    .execute(&pool)
+    .await
+    .expect("the app's tables");
+    let full = std::fs::read_to_string(format!("{dir}/mappings.toml")).expect("file");
+    // The file without its documents mapping: folders only, at first.
+    let start = full
+        .find("[[mapping]]\ntype = \"document\"")
+        .expect("documents mapping");
+    let end = start + full[start + 1..].find("[[mapping]]").expect("next mapping") + 1;
+    let folders_only = format!("{}{}", &full[..start], &full[end..]);
+    let first = Mappings::from_toml(&folders_only).expect("folders only");
+    assert!(first.iter().all(|m| m.resource_type.as_str() != "document"));
+    authz_outbox::migrate::migrate_with(&pool, &first, &Default::default())
+        .await
+        .expect("migrate");
+    let worker = common::spicedb_worker(&pool, &grpc, config("w1"), 1).await;
+
+    let all = Mappings::from_toml(&full).expect("full file");
+    authz_outbox::migrate::migrate_with(&pool, &all, &Default::default())
+        .await
+        .expect("migrate adds documents");
+    as_user(
+        &pool,
+        "u1",
+        "INSERT INTO folders (id, name, owner_id) VALUES ('plans', 'Plans', $1)",
+        "u1",
+    )
+    .await;
+    as_user(
+        &pool,
+        "u1",
+        "INSERT INTO documents (id, folder_id, owner_id, title) VALUES ('roadmap', 'plans', $1, 'R')",
+        "u1",
+    )
+    .await;
+    let report = common::run_worker_once(worker).await;
+    assert_eq!(report.dead, 0, "{report:?}: {:?}", rows(&pool).await);
+    let held = relationships_of(&grpc, "document", "roadmap").await;
+    assert!(held.contains("owner@user:u1"), "{held:?}");
+    dev.shutdown().await;
+}

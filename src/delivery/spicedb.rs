@@ -41,6 +41,8 @@
 //! dead with SpiceDB's message. A row's `last_status` holds the gRPC code.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use spicedb_grpc_tonic::v1::relationship_update::Operation as UpdateOp;
@@ -81,9 +83,21 @@ struct TypeSpec {
 pub struct SpiceDbTarget {
     client: SpiceDbClient,
     pool: PgPool,
-    types: HashMap<String, TypeSpec>,
+    /// The installed mappings' relationship sets by type, re-read from the
+    /// database when a row of a type it does not know arrives: a mapping
+    /// `migrate` installs while the worker runs is delivered by it, not
+    /// dead-lettered until a restart.
+    types: Arc<RwLock<Arc<TypeSpecs>>>,
+    /// When `types` was last re-read (at most once per [`RELOAD_EVERY`]).
+    reloaded: Arc<Mutex<Option<Instant>>>,
     batch: usize,
 }
+
+type TypeSpecs = HashMap<String, TypeSpec>;
+
+/// The shortest pause between two re-reads of the installed mappings (a
+/// stray type's rows must not make every claim read the catalog).
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// The relationships one row means, as SpiceDB writes them.
 type Desired = Vec<Tuple>;
@@ -97,28 +111,80 @@ impl SpiceDbTarget {
         mappings: &Mappings,
         batch: usize,
     ) -> Result<Self, MappingError> {
-        mappings.require_one_relationship_set_per_type()?;
-        let types = mappings
-            .iter()
-            .map(|m| {
-                (
-                    m.resource_type.to_string(),
-                    TypeSpec {
-                        relationships: m.relationships.clone(),
-                        deregister: m.deregister,
-                        relations: m.relationships.iter().map(|r| r.relation.clone()).collect(),
-                    },
-                )
-            })
-            .collect();
         Ok(SpiceDbTarget {
             client,
             pool,
-            types,
+            types: Arc::new(RwLock::new(Arc::new(type_specs(mappings)?))),
+            reloaded: Arc::new(Mutex::new(None)),
             batch: batch.max(1),
         })
     }
 
+    /// The relationship sets in force now.
+    fn types(&self) -> Arc<TypeSpecs> {
+        match self.types.read() {
+            Ok(types) => types.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Re-reads the installed mappings when `group` holds a type not known
+    /// yet (and the last re-read is older than [`RELOAD_EVERY`]). A failed
+    /// re-read keeps what was known: the rows then go dead as before, with
+    /// the reason, and `replay` re-drives them.
+    async fn learn_new_types(&self, group: &[Deliverable]) {
+        let known = self.types();
+        if group
+            .iter()
+            .all(|d| known.contains_key(&d.row.resource_type))
+        {
+            return;
+        }
+        {
+            let Ok(mut last) = self.reloaded.lock() else {
+                return;
+            };
+            if last.is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let read = async {
+            let installed = crate::mapping::install::installed(&self.pool).await?;
+            let definitions: Vec<Value> = installed.into_iter().map(|i| i.definition).collect();
+            Ok::<_, SpiceDbTargetError>(type_specs(&Mappings::from_installed(&definitions)?)?)
+        };
+        match read.await {
+            Ok(specs) => {
+                tracing::info!(types = specs.len(), "re-read the installed mappings");
+                if let Ok(mut types) = self.types.write() {
+                    *types = Arc::new(specs);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "re-reading the installed mappings failed"),
+        }
+    }
+}
+
+/// The relationship set of each mapped type.
+fn type_specs(mappings: &Mappings) -> Result<TypeSpecs, MappingError> {
+    mappings.require_one_relationship_set_per_type()?;
+    Ok(mappings
+        .iter()
+        .map(|m| {
+            (
+                m.resource_type.to_string(),
+                TypeSpec {
+                    relationships: m.relationships.clone(),
+                    deregister: m.deregister,
+                    relations: m.relationships.iter().map(|r| r.relation.clone()).collect(),
+                },
+            )
+        })
+        .collect())
+}
+
+impl SpiceDbTarget {
     /// The most rows one `WriteRelationships` carries.
     pub fn batch(&self) -> usize {
         self.batch
@@ -197,6 +263,7 @@ impl SpiceDbTarget {
     }
 
     async fn send_unbounded(&self, group: Vec<Deliverable>) -> Vec<(Deliverable, Verdict)> {
+        self.learn_new_types(&group).await;
         if let [d] = group.as_slice()
             && d.operation == Operation::Deregister
         {
@@ -282,10 +349,8 @@ impl SpiceDbTarget {
             optional_relation: relation.to_string(),
             ..Default::default()
         };
-        let scope = self
-            .types
-            .get(object_type)
-            .map(|t| (t.deregister, &t.relations));
+        let types = self.types();
+        let scope = types.get(object_type).map(|t| (t.deregister, &t.relations));
         let result = match scope {
             Some((DeregisterScope::Mapped, relations)) => {
                 let mut last = Ok(String::new());
@@ -368,7 +433,8 @@ impl SpiceDbTarget {
         desired: Desired,
     ) -> Result<String, CallError> {
         let held = self.client.read_resource(object_type, object_id).await?;
-        let scope = self.types.get(object_type);
+        let types = self.types();
+        let scope = types.get(object_type);
         let wanted: HashSet<String> = desired.iter().map(tuple_key).collect();
         let stale = held.into_iter().filter(|t| {
             !wanted.contains(&tuple_key(t))
@@ -408,7 +474,8 @@ impl SpiceDbTarget {
         principal: &Value,
         attributes: Option<&Value>,
     ) -> Result<Desired, String> {
-        let spec = self.types.get(resource_type).ok_or_else(|| {
+        let types = self.types();
+        let spec = types.get(resource_type).ok_or_else(|| {
             format!("no installed mapping for resource type {resource_type:?} (run `authz-outbox migrate`)")
         })?;
         let resource = ObjectReference {
