@@ -52,9 +52,10 @@ from sqlalchemy.engine import Connection, Engine, ExecutionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
+from .contract import PRINCIPAL_SETTING
 from .principal import PrincipalMissing, principal_json, transaction_principal
 
-_SET_PRINCIPAL = text("SELECT set_config('authz_outbox.principal', :principal, true)")
+_SET_PRINCIPAL = text(f"SELECT set_config('{PRINCIPAL_SETTING}', :principal, true)")
 
 Target = (
     Engine

@@ -29,14 +29,19 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
-_WAIT = text(
-    "SELECT outcome, error, consistency_token, outbox_id "
-    "FROM authz_outbox_wait_for_resource("
-    ":resource_type, :resource_id, CAST(:seconds AS double precision) * interval '1 second')"
+from .contract import (
+    MAX_TIMEOUT,
+    SETTLED_OUTCOMES,
+    WAIT_FUNCTION,
+    WAIT_REFUSED_SQLSTATE,
+    WAIT_RESULT,
 )
 
-#: The longest wait the SQL function accepts.
-MAX_TIMEOUT = timedelta(minutes=5)
+_WAIT = text(
+    f"SELECT {', '.join(name for name, _ in WAIT_RESULT)} "
+    f"FROM {WAIT_FUNCTION}("
+    ":resource_type, :resource_id, CAST(:seconds AS double precision) * interval '1 second')"
+)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ def _params(resource_type: str, resource_id: str, seconds: float) -> dict[str, A
 
 def _answer(resource: str, window: timedelta, row: Row[Any]) -> Delivered:
     outcome, error, token, outbox_id = row
-    if outcome in ("delivered", "superseded"):
+    if outcome in SETTLED_OUTCOMES:
         return Delivered(resource, outcome, token, outbox_id)
     if outcome == "dead":
         raise DeliveryDead(resource, error or "", outbox_id)
@@ -147,5 +152,5 @@ def _raise_if_refused(e: DBAPIError) -> None:
     """SQLSTATE 25000 (invalid transaction state) is the function's refusal;
     anything else is the database's own error, left to propagate as is."""
     code = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
-    if code == "25000":
+    if code == WAIT_REFUSED_SQLSTATE:
         raise WaitRefused(str(e.orig).splitlines()[0]) from e
