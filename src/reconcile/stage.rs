@@ -122,7 +122,9 @@ pub async fn fold(conn: &mut PgConnection, summary: &mut Summary) -> Result<(), 
                coalesce(array_agg(DISTINCT t.relation || '@' || t.subject_type || ':' || t.subject_id)
                     FILTER (WHERE t.relation = ANY (ty.column_relations)),
                     '{}') AS edges,
-               coalesce(array_agg(DISTINCT t.relation || '@' || t.subject_type || ':' || t.subject_id)
+               -- SpiceDB holds a relationship once: no DISTINCT (a sort per
+               -- resource) needed.
+               coalesce(array_agg(t.relation || '@' || t.subject_type || ':' || t.subject_id)
                     FILTER (WHERE t.relation = ANY (ty.owner_relations)),
                     '{}') AS owners,
                bool_or(t.undecodable) AS undecodable
@@ -346,7 +348,9 @@ pub async fn classify(
                                                        ORDER BY x), ', ') || ')'
                                        WHEN j.held_owners <@ j.registered_owners
                                            THEN ' (SpiceDB holds: '
-                                                || array_to_string(j.held_owners, ', ') || ')'
+                                                || array_to_string(ARRAY(
+                                                       SELECT x FROM unnest(j.held_owners) x
+                                                       ORDER BY x), ', ') || ')'
                                        ELSE ''
                                    END
                    END AS reason
