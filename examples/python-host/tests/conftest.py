@@ -84,12 +84,11 @@ def database() -> Iterator[Database]:
             env={**os.environ, "DATABASE_URL": db.url, "RUST_LOG": "warn"},
             check=True,
         )
-        # The writer role as the guide grants it, and its default creator.
+        # The writer role as the guide grants it (nothing on the outbox: the
+        # capture functions are SECURITY DEFINER), and its default creator.
         db.execute(
             f"""
             GRANT SELECT, INSERT, UPDATE, DELETE ON agents, agent_api_keys TO "{role}";
-            GRANT INSERT, SELECT ON authz_outbox TO "{role}";
-            GRANT USAGE ON SEQUENCE authz_outbox_id_seq TO "{role}";
             GRANT EXECUTE ON FUNCTION
                 authz_outbox_wait_for_resource(text, text, interval, bigint) TO "{role}";
             ALTER ROLE "{role}" IN DATABASE "{name}"

@@ -121,3 +121,20 @@ def test_the_capture_triggers_read_the_principal_setting(database: Database):
     assert (row["resource_type"], row["resource_id"]) == ("agent", "a-contract")
     # Not the writer role's default ({"service_account_id": "sa-host"}).
     assert row["principal"] == principal
+
+
+def test_the_writer_waits_with_execute_alone(database: Database):
+    """docs/host-integration.md's grants: nothing on the outbox, EXECUTE on
+    the wait function; that is all the package's wait needs."""
+    role = database.writer_role
+    (privileges,) = database.execute(
+        "SELECT has_table_privilege(%s, 'authz_outbox', 'SELECT, INSERT, UPDATE, DELETE'), "
+        f"has_function_privilege(%s, '{contract.WAIT_FUNCTION}"
+        f"({', '.join(contract.WAIT_ARGUMENTS)})', 'EXECUTE')",
+        (role, role),
+    )
+    assert privileges == (False, True)
+    with writer(database) as conn:
+        conn.autocommit = True
+        call = f"SELECT outcome FROM {contract.WAIT_FUNCTION}('agent', 'nothing-here', '0s')"
+        assert conn.execute(call).fetchone() == ("none",)
