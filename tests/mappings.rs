@@ -944,3 +944,71 @@ parent = { type = "agent", column = "agent_id", join = { table = "doc_links", on
     assert_eq!(registered, 1);
     std::fs::remove_file(&path).ok();
 }
+
+/// A table in a schema of its own (`crm.accounts`), named `schema.table`
+/// in the mapping: checked, installed, captured (TRUNCATE too), and
+/// removed again, quoted throughout.
+#[sqlx::test(migrations = false)]
+async fn a_table_in_another_schema_is_mapped_as_schema_dot_table(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = common::database_url(&pool).await;
+    sqlx::raw_sql(
+        r#"CREATE SCHEMA crm;
+           CREATE TABLE crm.accounts (id text PRIMARY KEY, deleted_at timestamptz);
+           CREATE TABLE public.accounts (id text PRIMARY KEY);"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("tables");
+    let path = std::env::temp_dir().join(format!("schema-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &path,
+        "[[mapping]]\nname = \"accounts\"\ntype = \"agent\"\ntable = \"crm.accounts\"\nlive = \"deleted_at IS NULL\"\n",
+    )
+    .expect("write");
+    for command in [&["mappings", "check"][..], &["migrate"][..]] {
+        let (code, stdout, stderr) = binary(&url, command, Some(&path));
+        assert_eq!(code, 0, "{command:?}: {stdout}{stderr}");
+    }
+    host_tx(
+        &pool,
+        U1,
+        &[
+            "INSERT INTO crm.accounts (id) VALUES ('acc1')",
+            // The same name in the search path is another table: not captured.
+            "INSERT INTO public.accounts (id) VALUES ('acc2')",
+            "UPDATE crm.accounts SET deleted_at = now() WHERE id = 'acc1'",
+            "INSERT INTO crm.accounts (id) VALUES ('acc3')",
+            "TRUNCATE crm.accounts",
+        ],
+    )
+    .await;
+    let captured: Vec<(String, String)> = sqlx::query_as(
+        "SELECT resource_id, operation FROM authz_outbox WHERE resource_id LIKE 'acc%' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    let expected: Vec<(String, String)> = [
+        ("acc1", "register"),
+        ("acc1", "deregister"),
+        ("acc3", "register"),
+        ("acc3", "deregister"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(captured, expected);
+    // Removing the mapping drops its triggers from the right table.
+    std::fs::write(&path, "").expect("write");
+    let (code, _, stderr) = binary(&url, &["migrate"], Some(&path));
+    assert_eq!(code, 0, "{stderr}");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'crm.accounts'::regclass AND NOT tgisinternal",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(left, 0);
+    std::fs::remove_file(&path).ok();
+}

@@ -15,7 +15,10 @@ use super::{CreatorSource, Mapping};
 /// The columns of one table, with their types as `format_type` writes them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
+    /// As the mapping names it (`tasks`, `crm.accounts`).
     pub name: String,
+    /// The table's own name in its schema.
+    pub relname: String,
     /// The schema the name resolved to when the mapping was checked: the
     /// generated SQL names the table with it, never through a search path.
     pub schema: String,
@@ -25,7 +28,7 @@ pub struct Table {
 impl Table {
     /// `"schema"."name"`.
     pub fn qualified(&self) -> String {
-        super::quote::qualified(&self.schema, &self.name)
+        super::quote::qualified(&self.schema, &self.relname)
     }
 
     pub fn column_names(&self) -> BTreeSet<String> {
@@ -75,18 +78,19 @@ pub async fn table(conn: &mut PgConnection, name: &str) -> Result<Option<Table>,
     // qualified (`public.taskstatus`).
     let oid: Option<i64> = sqlx::query_scalar(
         "SELECT c.oid::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.oid = to_regclass(quote_ident($1)) AND c.relkind IN ('r', 'p')
+         WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')
            AND n.nspname NOT LIKE 'pg\\_temp\\_%'",
     )
-    .bind(name)
+    .bind(super::quote::table_name(name))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(oid) = oid else {
         return Ok(None);
     };
     let saved = pin_path(conn).await?;
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), n.nspname::text
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), n.nspname::text,
+                c.relname::text
          FROM pg_catalog.pg_attribute a
          JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -97,13 +101,14 @@ pub async fn table(conn: &mut PgConnection, name: &str) -> Result<Option<Table>,
     .fetch_all(&mut *conn)
     .await?;
     restore_path(conn, saved).await?;
-    let Some(schema) = rows.first().map(|r| r.2.clone()) else {
+    let Some((schema, relname)) = rows.first().map(|r| (r.2.clone(), r.3.clone())) else {
         return Ok(None);
     };
     Ok(Some(Table {
         name: name.to_string(),
+        relname,
         schema,
-        columns: rows.into_iter().map(|(c, t, _)| (c, t)).collect(),
+        columns: rows.into_iter().map(|(c, t, _, _)| (c, t)).collect(),
     }))
 }
 

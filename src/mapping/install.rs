@@ -373,9 +373,9 @@ async fn qualified_table(
     sqlx::query_scalar(
         "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE c.oid = to_regclass(quote_ident($1))",
+         WHERE c.oid = to_regclass($1)",
     )
-    .bind(name)
+    .bind(super::quote::table_name(name))
     .fetch_optional(&mut **tx)
     .await
 }
@@ -387,7 +387,11 @@ pub fn lock_statement(plan: &Plan) -> Option<String> {
     if plan.tables.is_empty() {
         return None;
     }
-    let tables: Vec<String> = plan.tables.iter().map(|t| quote_ident(t)).collect();
+    let tables: Vec<String> = plan
+        .tables
+        .iter()
+        .map(|t| super::quote::table_name(t))
+        .collect();
     Some(format!(
         "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
         tables.join(", ")

@@ -210,7 +210,7 @@ impl Mapping {
         }
         let resource_type: ResourceType =
             spec.resource_type.parse().map_err(|e| invalid(&name, e))?;
-        check_identifier(&name, "table", &spec.table)?;
+        check_table_name(&name, "table", &spec.table)?;
         let selector = SelectorTemplate::parse(&spec.selector)
             .map_err(|e: TemplateError| invalid(&name, e))?;
         let parent = match &spec.parent {
@@ -218,7 +218,7 @@ impl Mapping {
             Some(p) => {
                 check_identifier(&name, "parent column", &p.column)?;
                 if let Some(join) = &p.join {
-                    check_identifier(&name, "parent join table", &join.table)?;
+                    check_table_name(&name, "parent join table", &join.table)?;
                     check_identifier(&name, "parent join column `on`", &join.on)?;
                     check_identifier(&name, "parent join column `references`", &join.references)?;
                 }
@@ -352,6 +352,25 @@ fn check_identifier(name: &str, what: &str, value: &str) -> Result<(), MappingEr
         Err(invalid(
             name,
             format!("{what} {value:?} must be a plain lower-case SQL name (letters, digits, _)"),
+        ))
+    }
+}
+
+/// A table as a mapping names it: `table`, or `schema.table` for a table
+/// outside the search path; each part a plain identifier.
+fn check_table_name(name: &str, what: &str, value: &str) -> Result<(), MappingError> {
+    let plain = match value.split_once('.') {
+        Some((schema, table)) => is_plain_identifier(schema) && is_plain_identifier(table),
+        None => is_plain_identifier(value),
+    };
+    if plain {
+        Ok(())
+    } else {
+        Err(invalid(
+            name,
+            format!(
+                "{what} {value:?} must be a plain lower-case SQL name, or schema.name (letters, digits, _)"
+            ),
         ))
     }
 }

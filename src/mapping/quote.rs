@@ -20,6 +20,16 @@ pub fn qualified(schema: &str, name: &str) -> String {
     format!("{}.{}", quote_ident(schema), quote_ident(name))
 }
 
+/// A table named as a mapping names it (`table` or `schema.table`), each
+/// part quoted: `"crm"."accounts"`, or `"tasks"` (resolved through the
+/// search path).
+pub fn table_name(written: &str) -> String {
+    match written.split_once('.') {
+        Some((schema, table)) => qualified(schema, table),
+        None => quote_ident(written),
+    }
+}
+
 /// `text` as a SQL string literal that ends where it is meant to under any
 /// `standard_conforming_strings`. A NUL (which PostgreSQL text cannot hold)
 /// is dropped.
