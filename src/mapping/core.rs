@@ -471,7 +471,6 @@ fn record_owner(schema: &str) -> String {
         &format!(
             "
 BEGIN
-    RETURN NULL; -- WATCH-BREAK
     DELETE FROM {owners} AS w
     USING (SELECT DISTINCT n.resource_type, n.resource_id
            FROM {changed_no}
