@@ -38,3 +38,4 @@ pub mod outbox;
 pub mod reconcile;
 pub mod spicedb_client;
 pub mod telemetry;
+pub mod uninstall;

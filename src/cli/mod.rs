@@ -9,6 +9,7 @@ mod reconcile;
 mod replay;
 mod run;
 mod status;
+mod uninstall;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -86,6 +87,9 @@ enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// Re-drive dead outbox rows, unless a later change overtook them.
     Replay(replay::ReplayArgs),
+    /// List (default) or remove (`--apply`) every trigger, function and view
+    /// authz-outbox installed; `--drop-outbox` also its tables and rows.
+    Uninstall(uninstall::UninstallArgs),
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code:
@@ -125,6 +129,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents { command } => agents::agents(command).await,
         Command::Reconcile(args) => reconcile::reconcile_command(args).await,
         Command::Replay(args) => replay::replay_command(args).await,
+        Command::Uninstall(args) => uninstall::uninstall_command(args).await,
     }
 }
 
