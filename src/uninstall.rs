@@ -121,7 +121,10 @@ pub async fn uninstall(pool: &PgPool, options: &UninstallOptions) -> Result<Plan
             Err(Attempt::LockTimeout(tables)) => {
                 attempt += 1;
                 let blockers = blockers(&mut conn, &tables).await?;
-                let described = if blockers.is_empty() {
+                let described = if tables.is_empty() {
+                    // The advisory lock every install and uninstall takes.
+                    "another `migrate` or `uninstall` in progress".to_string()
+                } else if blockers.is_empty() {
                     "a session that has since finished".to_string()
                 } else {
                     blockers.join("; ")

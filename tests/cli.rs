@@ -131,6 +131,7 @@ fn every_command_has_help() {
         vec!["agents", "create", "--help"],
         vec!["reconcile", "--help"],
         vec!["replay", "--help"],
+        vec!["uninstall", "--help"],
     ] {
         let out = run(&args, &[]);
         assert_eq!(out.status.code(), Some(0), "{args:?}");
