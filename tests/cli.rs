@@ -1123,16 +1123,17 @@ fn a_ca_file_must_hold_a_certificate() {
 }
 
 /// A metrics port already taken is one line naming the flag and the
-/// environment variable that set it, exit 2, before any connection is made
-/// (the database URL here leads nowhere).
-#[test]
-fn a_metrics_port_in_use_is_one_line_naming_the_flag_and_the_variable() {
+/// environment variable that set it, exit 2.
+#[sqlx::test(migrations = false)]
+async fn a_metrics_port_in_use_is_one_line_naming_the_flag_and_the_variable(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let db = url_of(&pool).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
     let out = run_with_deadline(
         &["run", "--agentex-auth-url", "http://127.0.0.1:1"],
         &[
-            ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+            ("DATABASE_URL", &db),
             ("AGENTEX_AUTH_TOKEN", "t"),
             ("METRICS_ADDR", &addr),
         ],

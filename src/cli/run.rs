@@ -261,14 +261,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = args.worker_config();
     config.validate()?;
     let client = args.client(&config)?;
-    // Bound first: a port in use is an operator's mistake, said at once and
-    // before any connection is made, naming where the address came from.
-    let listener = crate::http::bind(args.metrics_addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {} for /metrics (--metrics-addr / METRICS_ADDR): {e}",
-            args.metrics_addr
-        )
-    })?;
     // Claims, records, the listener and housekeeping each need a connection
     // at times; deliveries themselves hold none (a SpiceDB re-parent reads
     // one row).
@@ -280,6 +272,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = crate::metrics::prime(&pool).await {
         tracing::warn!(error = %e, "could not read the outbox for the first metrics");
     }
+    // A port in use is an operator's mistake: said in one line naming where
+    // the address came from.
+    let listener = crate::http::bind(args.metrics_addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} for /metrics (--metrics-addr / METRICS_ADDR): {e}",
+            args.metrics_addr
+        )
+    })?;
     let once = args.once;
     let target_name = target.name();
     let worker = Worker::new(pool, target, config)?;
