@@ -319,3 +319,26 @@ async fn a_held_lock_is_waited_for_briefly_then_named_and_nothing_changes(pool: 
     let after = schema_dump(&pool).await;
     assert!(after == before, "{}", dump_difference(&before, &after));
 }
+
+/// `_sqlx_migrations` shared with another sqlx-migrated tool: only our
+/// versions' rows go; the table and the other tool's row stay.
+#[sqlx::test(migrations = false)]
+async fn another_tools_migration_records_are_kept(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (1, 'the host''s own', true, '\\x00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .expect("another tool's record");
+    let url = common::database_url(&pool).await;
+    let out = authz_outbox(&url, &["uninstall", "--apply", "--drop-outbox"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1 other rows kept"), "{stdout}");
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations")
+        .fetch_all(&pool)
+        .await
+        .expect("the table stays");
+    assert_eq!(versions, [1]);
+}
