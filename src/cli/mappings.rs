@@ -1,4 +1,4 @@
-//! `authz-outbox mappings list | check`, and the `--mappings` setting that
+//! `authz-outbox mappings list | check | init`, and the `--mappings` setting that
 //! `migrate` shares.
 
 use std::path::{Path, PathBuf};
@@ -104,6 +104,25 @@ pub enum MappingsCommand {
         #[arg(long, env = "SPICEDB_CA_FILE")]
         spicedb_ca_file: Option<PathBuf>,
     },
+    /// Print a starting mapping file (TOML) read from existing tables, to
+    /// edit: the primary key as selector, a foreign key as parent, a
+    /// nullable `deleted_at` as the live predicate.
+    Init {
+        #[command(flatten)]
+        db: DbArgs,
+        /// A table to map (`table`, or `schema.table`); repeat for more.
+        #[arg(long = "table", value_name = "TABLE", required = true)]
+        tables: Vec<String>,
+        /// The delivery target the file is for: with spicedb, relationships
+        /// and switching off the built-ins whose table is missing.
+        #[arg(
+            long,
+            env = "AUTHZ_OUTBOX_TARGET",
+            value_enum,
+            default_value = "agentex-auth"
+        )]
+        target: TargetKind,
+    },
 }
 
 pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
@@ -201,6 +220,18 @@ pub async fn mappings(command: MappingsCommand) -> anyhow::Result<ExitCode> {
                     Escaped(&name)
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        MappingsCommand::Init { db, tables, target } => {
+            let pool = db.connect(1).await?;
+            let mut conn = pool.acquire().await?;
+            let text = crate::mapping::init::init(
+                &mut conn,
+                &tables,
+                matches!(target, TargetKind::SpiceDb),
+            )
+            .await?;
+            print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -40,6 +40,7 @@
 pub mod catalog;
 pub mod core;
 pub mod ddl;
+pub mod init;
 pub mod install;
 pub mod predicate;
 pub mod quote;
