@@ -1012,3 +1012,183 @@ async fn a_table_in_another_schema_is_mapped_as_schema_dot_table(pool: PgPool) {
     assert_eq!(left, 0);
     std::fs::remove_file(&path).ok();
 }
+
+/// `mappings init`'s output as printed, written to a file.
+fn init_file(url: &str, args: &[&str], target: Option<&str>) -> (std::path::PathBuf, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_authz-outbox"));
+    cmd.args(["mappings", "init"])
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("AUTHZ_OUTBOX_MAPPINGS")
+        .env_remove("AUTHZ_OUTBOX_TARGET");
+    if let Some(target) = target {
+        cmd.env("AUTHZ_OUTBOX_TARGET", target);
+    }
+    let out = cmd.output().expect("binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = std::env::temp_dir().join(format!("mappings-init-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, &stdout).expect("write");
+    (path, stdout)
+}
+
+/// `migrate` then `mappings check`, both for the SpiceDB target with `path`:
+/// the stdout of the check.
+fn migrate_and_check(url: &str, path: &std::path::Path) -> String {
+    let (code, _, stderr) = binary(url, &["migrate", "--target", "spicedb"], Some(path));
+    assert_eq!(code, 0, "migrate: {stderr}");
+    let (code, stdout, stderr) = binary(
+        url,
+        &["mappings", "check", "--target", "spicedb"],
+        Some(path),
+    );
+    assert_eq!(code, 0, "check: {stderr}");
+    stdout
+}
+
+#[sqlx::test(migrations = false)]
+async fn mappings_init_on_the_quickstart_tables_prints_a_file_check_accepts(pool: PgPool) {
+    sqlx::raw_sql(include_str!("../examples/spicedb-app/app.sql"))
+        .execute(&pool)
+        .await
+        .expect("app tables");
+    let url = common::database_url(&pool).await;
+    // The target read from AUTHZ_OUTBOX_TARGET, as other commands read it.
+    let (path, text) = init_file(
+        &url,
+        &["--table", "folders", "--table", "documents"],
+        Some("spicedb"),
+    );
+    for expected in [
+        "type = \"folder\"\ntable = \"folders\"\nselector = \"{id}\"\n",
+        "type = \"document\"\ntable = \"documents\"\nselector = \"{id}\"\nparent = { type = \"folder\", column = \"folder_id\" }\nlive = \"deleted_at IS NULL\"\n",
+        "\"folder:{id}#owner@user:{owner_id}\"",
+        "\"document:{id}#owner@user:{owner_id}\"",
+        "type = \"agent\"\ntable = \"agents\"\nenabled = false",
+        "type = \"schedule\"\ntable = \"agent_run_schedules\"\nenabled = false",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    let stdout = migrate_and_check(&url, &path);
+    assert!(
+        stdout.contains("ok      document (document on documents)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok      folder (folder on folders)"),
+        "{stdout}"
+    );
+    // The built-ins are off, not merely skipped.
+    assert!(!stdout.contains("agent"), "{stdout}");
+    std::fs::remove_file(&path).ok();
+}
+
+#[sqlx::test(migrations = false)]
+async fn mappings_init_refuses_an_unknown_table_in_one_line(pool: PgPool) {
+    sqlx::raw_sql(include_str!("../examples/spicedb-app/app.sql"))
+        .execute(&pool)
+        .await
+        .expect("app tables");
+    let url = common::database_url(&pool).await;
+    for (table, expected) in [
+        ("no_such_table", "error: table no_such_table does not exist"),
+        ("crm.folders", "error: table crm.folders does not exist"),
+        (
+            "Folders\nx",
+            "error: table \"Folders\\nx\" must be a plain lower-case SQL name",
+        ),
+    ] {
+        let (code, stdout, stderr) = binary(
+            &url,
+            &["mappings", "init", "--table", "folders", "--table", table],
+            None,
+        );
+        assert_eq!(code, 2, "{table}: {stderr}");
+        assert_eq!(stdout, "", "nothing printed for {table}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.starts_with(expected), "{expected:?} in {stderr:?}");
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn mappings_init_reads_a_composite_key_foreign_keys_and_deleted_at(pool: PgPool) {
+    sqlx::raw_sql(
+        r#"CREATE SCHEMA crm;
+        CREATE TABLE crm.orgs (id text PRIMARY KEY);
+        CREATE TABLE crm.teams (org_id text, id text, PRIMARY KEY (org_id, id));
+        CREATE TABLE crm.memberships (
+            org_id     text NOT NULL,
+            member     text NOT NULL,
+            team_id    text,
+            "odd""
+name"  text,
+            status     text,
+            created_by text,
+            deleted_at timestamptz,
+            PRIMARY KEY (org_id, member),
+            CONSTRAINT a_odd FOREIGN KEY ("odd""
+name") REFERENCES crm.orgs (id),
+            CONSTRAINT b_org FOREIGN KEY (org_id) REFERENCES crm.orgs (id),
+            CONSTRAINT c_team FOREIGN KEY (org_id, team_id) REFERENCES crm.teams (org_id, id)
+        );
+        CREATE TABLE widgets (id bigint PRIMARY KEY, deleted_at timestamp);
+        CREATE TABLE gadgets (id uuid PRIMARY KEY, deleted_at timestamptz NOT NULL);"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("tables");
+    let url = common::database_url(&pool).await;
+    let (path, text) = init_file(
+        &url,
+        &[
+            "--target",
+            "spicedb",
+            "--table",
+            "crm.orgs",
+            "--table",
+            "crm.memberships",
+            "--table",
+            "widgets",
+            "--table",
+            "gadgets",
+        ],
+        None,
+    );
+    for expected in [
+        // The composite key, joined by a literal.
+        "table = \"crm.memberships\"\n# The composite primary key, joined by a literal \"::\".\nselector = \"{org_id}::{member}\"\n",
+        // The first single-column foreign key to a plain column, typed as
+        // the referenced table's mapping.
+        "parent = { type = \"org\", column = \"org_id\" }\n",
+        // The others, as comments (a newline in a name stays escaped).
+        "# another foreign key: (\"odd\\\"\\nname\") -> crm.orgs\n",
+        "# another foreign key: (org_id, team_id) -> crm.teams\n",
+        "live = \"deleted_at IS NULL\"\n# A status column",
+        "# live = \"status IS DISTINCT FROM 'DELETED'\"\n",
+        // An owner column, and a resource part left out for a composite selector.
+        "    \"owner@user:{created_by}\",\n",
+        "    # \"org@org:{org_id}\",\n",
+        // No owner column: the principal.
+        "\"org:{id}#owner@user:{principal.user_id}\"",
+        "type = \"widget\"\ntable = \"widgets\"\nselector = \"{id}\"\nlive = \"deleted_at IS NULL\"\n",
+        // A deleted_at that is never NULL is no live predicate.
+        "type = \"gadget\"\ntable = \"gadgets\"\nselector = \"{id}\"\nrelationships",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    let stdout = migrate_and_check(&url, &path);
+    assert!(
+        stdout.contains("ok      membership (membership on crm.memberships)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok      widget (widget on widgets)"),
+        "{stdout}"
+    );
+    std::fs::remove_file(&path).ok();
+}
