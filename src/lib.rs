@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alembic;
 pub mod auth_client;
 pub mod capture;
 pub mod cli;

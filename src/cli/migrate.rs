@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::DbArgs;
 use super::mappings::MappingArgs;
+use crate::alembic::{Revision, revision_file};
 use crate::mapping::install::ChangeAction;
 use crate::migrate::{MigrateOptions, migrate_with, print_sql};
 
@@ -34,6 +35,39 @@ pub struct MigrateArgs {
     /// mappings in force), in order, instead of running it.
     #[arg(long)]
     print_sql: bool,
+    /// With `--print-sql`: `sql`, a file to apply as is (psql), or
+    /// `alembic`, a revision file whose upgrade() runs the same statements
+    /// one by one (under psycopg or asyncpg alike) and whose downgrade()
+    /// removes everything authz-outbox installs, outbox rows included.
+    #[arg(long, value_enum, default_value_t = Format::Sql, requires = "print_sql")]
+    format: Format,
+    /// With `--format alembic`: the revision's id (`revision = ...`).
+    #[arg(long, value_name = "ID", required_if_eq("format", "alembic"),
+          requires = "print_sql", value_parser = revision_id)]
+    alembic_revision: Option<String>,
+    /// With `--format alembic`: the revision it follows, the host's current
+    /// head (`alembic heads`); without it the revision starts a new base.
+    #[arg(long, value_name = "ID", requires = "alembic_revision", value_parser = revision_id)]
+    alembic_down_revision: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Sql,
+    Alembic,
+}
+
+/// An alembic revision id: letters, digits, `_` and `-` (what alembic's
+/// own ids and file names are made of).
+fn revision_id(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err("letters, digits, '_' and '-' only".into());
+    }
+    Ok(s.to_string())
 }
 
 /// A duration flag within `[min, max]`.
@@ -60,7 +94,17 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     };
     let pool = crate::db::connect_quiet(&args.db.database_url.0, 2).await?;
     if args.print_sql {
-        print!("{}", print_sql(&pool, &mappings, &options).await?);
+        let sql = print_sql(&pool, &mappings, &options).await?;
+        match (args.format, &args.alembic_revision) {
+            (Format::Alembic, Some(id)) => {
+                let revision = Revision {
+                    id,
+                    down_revision: args.alembic_down_revision.as_deref(),
+                };
+                print!("{}", revision_file(&sql, &revision)?);
+            }
+            _ => print!("{sql}"),
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let report = migrate_with(&pool, &mappings, &options).await?;
