@@ -482,6 +482,30 @@ mod tests {
         for m in MIGRATOR.iter() {
             let statements = split(m.sql.as_str());
             assert!(!statements.is_empty(), "{}", m.description);
+            // No statement ends inside a dollar quote: each tag opens and closes.
+            for statement in &statements {
+                let mut tags = std::collections::BTreeMap::<String, usize>::new();
+                let mut rest = statement.as_str();
+                while let Some(at) = rest.find('$') {
+                    let after = &rest[at + 1..];
+                    let len = after
+                        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .unwrap_or(after.len());
+                    if after[len..].starts_with('$')
+                        && !after.starts_with(|c: char| c.is_ascii_digit())
+                    {
+                        *tags.entry(after[..len].to_string()).or_default() += 1;
+                        rest = &after[len + 1..];
+                    } else {
+                        rest = after;
+                    }
+                }
+                assert!(
+                    tags.values().all(|n| n % 2 == 0),
+                    "{}: {tags:?} in {statement}",
+                    m.description
+                );
+            }
             // Joined back, nothing but comments and separators is lost.
             let squash = |s: &str| {
                 s.lines()
