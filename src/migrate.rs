@@ -276,6 +276,13 @@ async fn blockers(
         .collect())
 }
 
+/// Whether this release's migrations are all applied here (what the
+/// generated capture needs before it can be installed, or tried).
+pub async fn all_applied(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let applied = applied_versions(conn).await?;
+    Ok(MIGRATOR.iter().all(|m| applied.contains(&m.version)))
+}
+
 async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, sqlx::Error> {
     let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(&mut *conn)

@@ -1192,3 +1192,27 @@ name") REFERENCES crm.orgs (id),
     );
     std::fs::remove_file(&path).ok();
 }
+
+/// `mappings check` before the first `migrate` (the order the guides give:
+/// check the file, then migrate): the catalog checks run, the trial install
+/// waits for authz-outbox's own migrations, and the check passes.
+#[sqlx::test(migrations = false)]
+async fn mappings_check_runs_before_the_first_migrate(pool: PgPool) {
+    sqlx::raw_sql(common::HOST_SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("host schema");
+    let url = common::database_url(&pool).await;
+    let (code, stdout, stderr) = binary(&url, &["mappings", "check"], None);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("ok      task (task on tasks)"), "{stdout}");
+    assert!(
+        stderr.contains("migrations are not all applied"),
+        "{stderr}"
+    );
+    let outbox: bool = sqlx::query_scalar("SELECT to_regclass('authz_outbox') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("catalog");
+    assert!(!outbox, "check changed nothing");
+}
