@@ -158,8 +158,8 @@ pub fn split_statements(sql: &str) -> Result<Vec<String>, AlembicError> {
 fn finish(piece: &[char]) -> Result<String, AlembicError> {
     let statement: String = piece.iter().collect::<String>().trim().to_string();
     // BEGIN ATOMIC … END holds bare semicolons; psql tracks it, this does
-    // not: refused rather than cut in the wrong place. (Checked on the text
-    // outside quotes would be exact; any mention is refused, which is safe.)
+    // not: refused rather than cut in the wrong place (any mention, even in
+    // a comment or a string: a loud failure, never a wrong split).
     let upper = statement.to_ascii_uppercase();
     if upper
         .split_whitespace()
@@ -333,8 +333,9 @@ pub fn revision_file(sql: &str, revision: &Revision<'_>) -> Result<String, Alemb
     downgrade.extend(
         upgrade
             .iter()
-            .take_while(|s| strip_comments(s).to_ascii_uppercase().starts_with("SET "))
-            .cloned(),
+            .map(|s| strip_comments(s))
+            .take_while(|s| s.to_ascii_uppercase().starts_with("SET "))
+            .map(str::to_string),
     );
     downgrade.push("BEGIN".into());
     downgrade.push(downgrade_statement());
@@ -629,6 +630,22 @@ mod tests {
         let downgrade = file.split("\nDOWNGRADE = [").nth(1).expect("downgrade");
         assert!(
             downgrade.starts_with("\n    \"SET lock_timeout = '3000ms'\",\n    \"BEGIN\",\n"),
+            "{downgrade}"
+        );
+        let with_comment = revision_file(
+            "-- generated\nSET lock_timeout = '1ms';\nSELECT 1",
+            &Revision {
+                id: "x",
+                down_revision: None,
+            },
+        )
+        .expect("renders");
+        let downgrade = with_comment
+            .split("\nDOWNGRADE = [")
+            .nth(1)
+            .expect("downgrade");
+        assert!(
+            downgrade.starts_with("\n    \"SET lock_timeout = '1ms'\",\n    \"BEGIN\",\n"),
             "{downgrade}"
         );
         let none = revision_file(
