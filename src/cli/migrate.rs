@@ -103,7 +103,9 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                 };
                 print!("{}", revision_file(&sql, &revision)?);
             }
-            _ => print!("{sql}"),
+            (Format::Alembic, None) => anyhow::bail!("--format alembic needs --alembic-revision"),
+            (Format::Sql, Some(_)) => anyhow::bail!("--alembic-revision is for --format alembic"),
+            (Format::Sql, None) => print!("{sql}"),
         }
         return Ok(ExitCode::SUCCESS);
     }
