@@ -68,6 +68,12 @@ pub struct ReconcileArgs {
     /// '{"service_account_id":"backfill"}'. Without it they are reported as needs_owner.
     #[arg(long, value_parser = parse_principal)]
     owner_principal: Option<Principal>,
+    /// Owner edges SpiceDB holds beyond the registered principals are not
+    /// drift (for a host that shares resources through agentex-auth's
+    /// /v1/authz/grant, which writes owner edges the outbox never sees); a
+    /// registered owner SpiceDB lacks still is.
+    #[arg(long)]
+    ignore_extra_owners: bool,
     /// Compare only these resource types (comma-separated, e.g. agent,task);
     /// default: every type with an installed mapping.
     #[arg(long = "type", value_delimiter = ',', value_parser = parse_type)]
@@ -125,6 +131,7 @@ pub async fn reconcile_command(args: ReconcileArgs) -> anyhow::Result<ExitCode> 
         grace: args.grace,
         max_deregisters: args.max_deregisters,
         owner_principal: args.owner_principal.clone(),
+        ignore_extra_owners: args.ignore_extra_owners,
         progress: std::io::stderr().is_terminal(),
         types: args.types.clone(),
         selector_encoding: args.selector_encoding,

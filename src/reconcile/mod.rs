@@ -78,6 +78,9 @@ pub struct ReconcileOptions {
     pub max_deregisters: u64,
     /// Whom to register missing resources as when no creator is recorded.
     pub owner_principal: Option<Principal>,
+    /// Owner edges beyond the registered principals are not drift (shares
+    /// written through agentex-auth's grant endpoint).
+    pub ignore_extra_owners: bool,
     /// Show a progress bar on stderr (the CLI sets it when stderr is a TTY).
     pub progress: bool,
     /// Compare only these types; empty = every type with an installed
@@ -98,6 +101,7 @@ impl Default for ReconcileOptions {
             grace: Duration::from_secs(300),
             max_deregisters: 1000,
             owner_principal: None,
+            ignore_extra_owners: false,
             progress: false,
             types: Vec::new(),
             selector_encoding: SelectorEncoding::default(),
@@ -253,6 +257,7 @@ pub async fn reconcile(
         &mut conn,
         options.selector_encoding.as_str(),
         options.grace,
+        !options.ignore_extra_owners,
         &mut summary,
     )
     .await?;

@@ -220,6 +220,7 @@ pub async fn classify(
     conn: &mut PgConnection,
     encoding: &str,
     grace: Duration,
+    extra_owners_are_drift: bool,
     summary: &mut Summary,
 ) -> Result<DateTime<Utc>, sqlx::Error> {
     const SETUP: &str = r#"
@@ -299,7 +300,7 @@ pub async fn classify(
                        WHEN NOT (j.principal_relations <@ j.principal_held) THEN 'missing'
                        WHEN j.judge_parent AND NOT (j.parent_ids <@ j.parents) THEN 'missing'
                        WHEN NOT (j.row_edges <@ j.held_edges) THEN 'missing'
-                       WHEN j.judge_owner AND NOT (j.held_owners <@ j.registered_owners)
+                       WHEN j.judge_owner AND $3 AND NOT (j.held_owners <@ j.registered_owners)
                            THEN 'owner_mismatch'
                        WHEN j.judge_owner AND NOT (j.registered_owners <@ j.held_owners)
                            THEN 'owner_mismatch'
@@ -402,6 +403,7 @@ pub async fn classify(
     let rows: Vec<(Option<String>, i64, i64, DateTime<Utc>)> = sqlx::query_as(SQL)
         .bind(grace.as_millis() as i64)
         .bind(encoding)
+        .bind(extra_owners_are_drift)
         .fetch_all(conn)
         .await?;
     let mut at = Utc::now();
