@@ -239,6 +239,37 @@ async fn reports_and_heals_owner_drift_after_pruning(pool: PgPool, writer: Write
             "missing agent:a2 (live row, no relationships in SpiceDB)",
         ])
     );
+    // A host that shares through agentex-auth's grant endpoint: an owner
+    // edge beyond the registered ones is not drift there; a registered
+    // owner SpiceDB lacks still is.
+    let lenient = ReconcileOptions {
+        grace: Duration::ZERO,
+        writer,
+        ignore_extra_owners: true,
+        ..ReconcileOptions::default()
+    };
+    let mut lenient_findings = Vec::new();
+    reconcile(
+        &pool,
+        &SpiceDbConfig::new(dev.grpc_endpoint()),
+        &lenient,
+        &mut |f| lenient_findings.push(f.clone()),
+    )
+    .await
+    .expect("reconcile runs");
+    let judged: BTreeSet<String> = lenient_findings
+        .iter()
+        .map(|f| format!("{} {}", f.kind.as_str(), f.resource))
+        .collect();
+    assert_eq!(
+        judged,
+        set(&[
+            &format!("owner_mismatch api_key:{replaced}"),
+            "owner_mismatch agent:a3",
+            "missing agent:a2",
+        ]),
+        "the extra owner on {extra} is not drift with --ignore-extra-owners"
+    );
     let s = &report.summary;
     assert_eq!(
         (s.owner_mismatch, s.missing, s.needs_owner, s.drift),
