@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prost::Message;
 use spicedb_grpc_tonic::v1::{
@@ -43,6 +44,10 @@ pub enum EngineError {
     Connect(tonic::transport::Error),
     #[error("SpiceDB rejected the schema: {0}")]
     Schema(FfiError),
+    /// The caller stopped waiting (its deadline passed, or it went away)
+    /// before the write reached the engine, so it was never applied.
+    #[error("the write was abandoned before it started: the caller stopped waiting")]
+    Abandoned,
 }
 
 macro_rules! engine_error_from {
@@ -141,6 +146,13 @@ impl Engine {
             other => other?,
         };
         Ok(engine)
+    }
+
+    /// Holds the one-writer lock until the guard drops: every write waits,
+    /// as behind a slow transaction. For tests of writes whose caller gives
+    /// up while they wait.
+    pub fn hold_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A channel to the engine's streaming socket, for the RPCs the library
@@ -255,12 +267,34 @@ impl Engine {
             rpc,
             Rpc::WriteRelationships | Rpc::DeleteRelationships | Rpc::WriteSchema
         );
+        // Real SpiceDB runs a write under its request's context: once the
+        // `grpc-timeout` deadline passes or the client resets the stream, a
+        // write that has not started is never applied. Here writes queue
+        // for one lock on the blocking pool, which outlives the dropped
+        // request; without this check a write whose caller gave up seconds
+        // ago could land after the writes that followed it, which no real
+        // server does.
+        let wanted = Arc::new(AtomicBool::new(true));
+        let _abandon_on_drop = AbandonOnDrop(Arc::clone(&wanted));
         let bytes = tokio::task::spawn_blocking(move || {
             let _one_writer = is_write.then(|| writes.lock().unwrap_or_else(|p| p.into_inner()));
-            instance.call(rpc, &request)
+            if is_write && !wanted.load(Ordering::SeqCst) {
+                return Err(EngineError::Abandoned);
+            }
+            instance.call(rpc, &request).map_err(EngineError::from)
         })
         .await??;
         Ok(bytes)
+    }
+}
+
+/// Marks its call abandoned when the future awaiting it is dropped (by a
+/// deadline or a client that went away) or has its answer.
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

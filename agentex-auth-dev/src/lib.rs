@@ -334,6 +334,16 @@ impl DevServer {
         Ok(())
     }
 
+    /// Makes every write wait until the returned guard drops, as behind a
+    /// slow transaction. A write whose caller stops waiting meanwhile (its
+    /// `grpc-timeout` passes, or it goes away) is then never applied, as in
+    /// SpiceDB, where a write runs under its request's context.
+    pub fn hold_writes(&self) -> WritesHeld<'_> {
+        WritesHeld {
+            _held: self.engine.hold_writes(),
+        }
+    }
+
     /// Stops serving (in-flight injected hangs end at once), then disposes
     /// the engine.
     pub async fn shutdown(self) {
@@ -351,4 +361,9 @@ impl DevServer {
         tracing::info!("shutting down");
         self.shutdown().await;
     }
+}
+
+/// See [`DevServer::hold_writes`].
+pub struct WritesHeld<'a> {
+    _held: std::sync::MutexGuard<'a, ()>,
 }

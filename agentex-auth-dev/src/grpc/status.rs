@@ -28,6 +28,7 @@ pub fn from_engine(error: EngineError) -> Status {
         EngineError::Decode(error) => {
             Status::internal(format!("cannot decode SpiceDB response: {error}"))
         }
+        EngineError::Abandoned => Status::cancelled(EngineError::Abandoned.to_string()),
         other => Status::internal(other.to_string()),
     }
 }

@@ -389,6 +389,48 @@ async fn write_relationships_touch_returns_a_zedtoken_that_a_consistent_read_see
     t.shutdown().await;
 }
 
+/// A write whose `grpc-timeout` passes while it waits behind another
+/// transaction is never applied (SpiceDB runs a write under its request's
+/// context), so a write its caller gave up on cannot land after the writes
+/// that followed it.
+#[tokio::test]
+async fn a_write_whose_deadline_passed_while_it_waited_is_never_applied() {
+    let t = spawn().await;
+    let mut client = client(&t).await;
+    let held = t.server.hold_writes();
+    let mut late = tonic::Request::new(touch(&["api_key:late#owner@user:alice"]));
+    late.set_timeout(Duration::from_millis(200));
+    let answer = client.write_relationships(late).await;
+    // tonic's own timer answers CANCELLED, the server DEADLINE_EXCEEDED.
+    let code = answer.map(|_| ()).map_err(|s| s.code());
+    assert!(
+        matches!(code, Err(Code::Cancelled | Code::DeadlineExceeded)),
+        "the caller's deadline ended the call: {code:?}"
+    );
+    // The write that followed, sent before the lock frees.
+    let mut next_client = client.clone();
+    let next = tokio::spawn(async move {
+        next_client
+            .write_relationships(touch(&["api_key:next#owner@user:bob"]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    next.await
+        .expect("join")
+        .expect("the write still wanted is applied");
+    assert_eq!(
+        relationships_of(&t, "api_key", "next").await,
+        vec!["owner@user:bob"]
+    );
+    assert_eq!(
+        relationships_of(&t, "api_key", "late").await,
+        Vec::<String>::new(),
+        "the abandoned write never reached the engine"
+    );
+    t.shutdown().await;
+}
+
 #[tokio::test]
 async fn delete_relationships_by_filter_removes_every_relationship_of_a_resource() {
     let t = spawn().await;
