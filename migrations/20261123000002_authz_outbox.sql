@@ -203,29 +203,38 @@ BEGIN
 END
 $$;
 
-DROP TRIGGER IF EXISTS authz_outbox_capture_insert_delete ON agent_api_keys;
-CREATE TRIGGER authz_outbox_capture_insert_delete
-    AFTER INSERT OR DELETE ON agent_api_keys
-    FOR EACH ROW EXECUTE FUNCTION authz_outbox_capture_api_key();
+-- Only where the host's tables exist: authz-outbox never creates them, and
+-- `migrate` replaces these triggers with the installed mappings' anyway.
+DO $$
+BEGIN
+    IF to_regclass('agent_api_keys') IS NOT NULL THEN
+        DROP TRIGGER IF EXISTS authz_outbox_capture_insert_delete ON agent_api_keys;
+        CREATE TRIGGER authz_outbox_capture_insert_delete
+            AFTER INSERT OR DELETE ON agent_api_keys
+            FOR EACH ROW EXECUTE FUNCTION authz_outbox_capture_api_key();
 
-DROP TRIGGER IF EXISTS authz_outbox_capture_rekey ON agent_api_keys;
-CREATE TRIGGER authz_outbox_capture_rekey
-    AFTER UPDATE OF id, agent_id ON agent_api_keys
-    FOR EACH ROW
-    WHEN (OLD.id IS DISTINCT FROM NEW.id OR OLD.agent_id IS DISTINCT FROM NEW.agent_id)
-    EXECUTE FUNCTION authz_outbox_capture_api_key();
+        DROP TRIGGER IF EXISTS authz_outbox_capture_rekey ON agent_api_keys;
+        CREATE TRIGGER authz_outbox_capture_rekey
+            AFTER UPDATE OF id, agent_id ON agent_api_keys
+            FOR EACH ROW
+            WHEN (OLD.id IS DISTINCT FROM NEW.id OR OLD.agent_id IS DISTINCT FROM NEW.agent_id)
+            EXECUTE FUNCTION authz_outbox_capture_api_key();
+    END IF;
+    IF to_regclass('agents') IS NOT NULL THEN
+        DROP TRIGGER IF EXISTS authz_outbox_capture_insert_delete ON agents;
+        CREATE TRIGGER authz_outbox_capture_insert_delete
+            AFTER INSERT OR DELETE ON agents
+            FOR EACH ROW EXECUTE FUNCTION authz_outbox_capture_agent();
 
-DROP TRIGGER IF EXISTS authz_outbox_capture_insert_delete ON agents;
-CREATE TRIGGER authz_outbox_capture_insert_delete
-    AFTER INSERT OR DELETE ON agents
-    FOR EACH ROW EXECUTE FUNCTION authz_outbox_capture_agent();
-
-DROP TRIGGER IF EXISTS authz_outbox_capture_rekey ON agents;
-CREATE TRIGGER authz_outbox_capture_rekey
-    AFTER UPDATE OF id ON agents
-    FOR EACH ROW
-    WHEN (OLD.id IS DISTINCT FROM NEW.id)
-    EXECUTE FUNCTION authz_outbox_capture_agent();
+        DROP TRIGGER IF EXISTS authz_outbox_capture_rekey ON agents;
+        CREATE TRIGGER authz_outbox_capture_rekey
+            AFTER UPDATE OF id ON agents
+            FOR EACH ROW
+            WHEN (OLD.id IS DISTINCT FROM NEW.id)
+            EXECUTE FUNCTION authz_outbox_capture_agent();
+    END IF;
+END
+$$;
 
 -- Results of reconcile runs; the worker exports the latest as metrics.
 CREATE TABLE IF NOT EXISTS authz_outbox_reconcile_runs (

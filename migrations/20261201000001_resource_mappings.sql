@@ -191,26 +191,7 @@ $$;
 CREATE OR REPLACE FUNCTION authz_outbox_resource_live(p_type text, p_selector text, p_parent_id text)
 RETURNS boolean LANGUAGE sql STABLE AS $$ SELECT true $$;
 
--- migration 1 created a minimal `agents` (id, name, created_at) on
--- databases without the host's tables. The agent mapping reads `status`
--- (agents are deleted softly), so that table - ours, never the host's,
--- which always has a status - gets the host's status and description.
-DO $$
-BEGIN
-    IF to_regclass('agents') IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pg_attribute
-                       WHERE attrelid = 'agents'::regclass AND attname = 'status' AND NOT attisdropped)
-       AND (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute
-            WHERE attrelid = 'agents'::regclass AND attnum > 0 AND NOT attisdropped)
-           = ARRAY['created_at', 'id', 'name']
-    THEN
-        IF NOT EXISTS (SELECT 1 FROM pg_type WHERE typname = 'agentstatus') THEN
-            CREATE TYPE agentstatus AS ENUM
-                ('PENDING', 'BUILDING', 'READY', 'FAILED', 'UNKNOWN', 'UNHEALTHY', 'BUILD_ONLY', 'DELETED');
-        END IF;
-        ALTER TABLE agents
-            ADD COLUMN description text NOT NULL DEFAULT '',
-            ADD COLUMN status agentstatus NOT NULL DEFAULT 'READY';
-    END IF;
-END
-$$;
+-- Released versions altered a minimal `agents` here (one migration 1 used
+-- to create) to add the host's `status` and `description`. authz-outbox
+-- never creates or alters a host's table, so that step is gone; databases
+-- that applied it keep its result (src/migrate.rs, REVISED).

@@ -79,14 +79,32 @@ pub struct MigrateReport {
     pub mappings: Vec<Change>,
 }
 
-/// Migrations whose text changed after release without a statement
-/// changing (linter exclusions were added as comments). A database that
-/// applied the released text has its recorded checksum moved to the new
-/// text, so sqlx does not take them for modified migrations.
-const RECOMMENTED: &[(i64, &str)] = &[
+/// Migrations whose text changed after release, each with the checksums of
+/// its released texts. A database that applied a released text has its
+/// recorded checksum moved to today's, so sqlx does not take them for
+/// modified migrations. Two kinds of change, neither undoing what a
+/// database already has:
+/// - linter exclusions added as comments (1-3, first releases);
+/// - host tables no longer created or altered (1, 2 and 20261201000001,
+///   second releases): authz-outbox never puts agentex-shaped tables or
+///   types into someone else's database; what an older release created
+///   stays.
+const REVISED: &[(i64, &str)] = &[
     (
         20261123000001,
         "afcb6d2193d3ba44009d4536600284e0c85bd312084ceb8d39df2bdb8280ca18f8755c78f1da8b33a4ddb4679ee51474",
+    ),
+    (
+        20261123000001,
+        "1e73f71d02699d6a54c634a3f02d8798988b6e4731aed95fedca3c7a10433daa0a1f8f28754caca87a3db5a6c5493349",
+    ),
+    (
+        20261123000002,
+        "5a6ef8d00c64d860631fae99dfdb1bafb8f85eb94f357e8412b972076354e584a2faf7ecf697c2c4c592a85c37a730c1",
+    ),
+    (
+        20261201000001,
+        "206a1dc32582e9c071512633a51f7bbfd20ac4fc305f9b270601ec42db299363cc0bfba5d050890550bc8e1205637f6b",
     ),
     (
         20261123000002,
@@ -141,7 +159,7 @@ async fn run(
     mappings: &Mappings,
     options: &MigrateOptions,
 ) -> Result<MigrateReport, MigrateError> {
-    repair_recommented_checksums(conn).await?;
+    repair_revised_checksums(conn).await?;
     let before = applied_versions(conn).await?;
     let mut attempt = 0;
     loop {
@@ -158,7 +176,13 @@ async fn run(
     let migrations = MIGRATOR
         .iter()
         .filter(|m| after.contains(&m.version) && !before.contains(&m.version))
-        .map(|m| format!("{} {}", m.version, m.description))
+        .map(|m| {
+            if m.description.starts_with("retired") {
+                format!("{} (retired: recorded, changes nothing)", m.version)
+            } else {
+                format!("{} {}", m.version, m.description)
+            }
+        })
         .collect();
     let mut attempt = 0;
     let changes = loop {
@@ -300,8 +324,8 @@ async fn recorded_with_old_checksum(conn: &mut PgConnection) -> Result<Vec<i64>,
     if applied_versions(conn).await?.is_empty() {
         return Ok(Vec::new());
     }
-    let versions: Vec<i64> = RECOMMENTED.iter().map(|(v, _)| *v).collect();
-    let olds: Vec<&str> = RECOMMENTED.iter().map(|(_, c)| *c).collect();
+    let versions: Vec<i64> = REVISED.iter().map(|(v, _)| *v).collect();
+    let olds: Vec<&str> = REVISED.iter().map(|(_, c)| *c).collect();
     sqlx::query_scalar(
         "SELECT m.version FROM _sqlx_migrations m
          JOIN unnest($1::bigint[], $2::text[]) AS r(version, old) ON r.version = m.version
@@ -313,11 +337,11 @@ async fn recorded_with_old_checksum(conn: &mut PgConnection) -> Result<Vec<i64>,
     .await
 }
 
-async fn repair_recommented_checksums(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+async fn repair_revised_checksums(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     if applied_versions(conn).await?.is_empty() {
         return Ok(());
     }
-    for (version, old) in RECOMMENTED {
+    for (version, old) in REVISED {
         let Some(current) = MIGRATOR.iter().find(|m| m.version == *version) else {
             continue;
         };
@@ -357,11 +381,13 @@ pub async fn print_sql(
         millis(options.lock_timeout),
         millis(options.statement_timeout),
     );
-    let recommented = recorded_with_old_checksum(&mut conn).await?;
-    if !recommented.is_empty() {
-        out.push_str("-- Releases whose migration files gained linter comments only.\n");
-        for (version, old) in RECOMMENTED {
-            if !recommented.contains(version) {
+    let revised = recorded_with_old_checksum(&mut conn).await?;
+    if !revised.is_empty() {
+        out.push_str(
+            "-- Migrations revised after release: their recorded checksums move to today's text.\n",
+        );
+        for (version, old) in REVISED {
+            if !revised.contains(version) {
                 continue;
             }
             if let Some(m) = MIGRATOR.iter().find(|m| m.version == *version) {

@@ -532,7 +532,7 @@ async fn mappings_check_names_each_kind_of_bad_mapping(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
-async fn migrate_is_quiet_when_there_is_nothing_to_do(pool: PgPool) {
+async fn migrate_names_what_it_changed_and_says_when_nothing(pool: PgPool) {
     sqlx::raw_sql(common::HOST_SCHEMA)
         .execute(&pool)
         .await
@@ -557,9 +557,16 @@ async fn migrate_is_quiet_when_there_is_nothing_to_do(pool: PgPool) {
         !stderr.contains("NOTICE") && !stderr.contains("skipping"),
         "{stderr}"
     );
+    assert!(
+        lines.contains(&"applied migration 20261123000001 (retired: recorded, changes nothing)"),
+        "a retired migration is not called a change: {stdout}"
+    );
     let (code, stdout, stderr) = binary(&url, &["migrate"], None);
     assert_eq!(code, 0);
-    assert_eq!(stdout, "", "second migrate prints nothing");
+    assert_eq!(
+        stdout, "nothing to do: every migration is applied and the capture matches the mappings\n",
+        "second migrate says it changed nothing"
+    );
     assert_eq!(stderr, "");
 }
 
@@ -571,7 +578,7 @@ async fn an_outbox_from_before_the_upgrade_drains_in_order(pool: PgPool) {
         .await
         .expect("host");
     for sql in [
-        include_str!("../migrations/20261123000001_host_tables.sql"),
+        include_str!("../migrations/20261123000001_retired_host_tables.sql"),
         include_str!("../migrations/20261123000002_authz_outbox.sql"),
         include_str!("../migrations/20261123000003_capture_fast_path.sql"),
     ] {

@@ -281,7 +281,10 @@ async fn print_sql_applied_with_psql_matches_migrate(pool: PgPool) {
     // `migrate` afterwards has nothing to do, and `mappings check` agrees.
     let out = migrate_binary(&other_url, &[]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "nothing to do: every migration is applied and the capture matches the mappings\n"
+    );
     let check = Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
         .args(["mappings", "check"])
         .env("DATABASE_URL", &other_url)
@@ -297,6 +300,50 @@ async fn print_sql_applied_with_psql_matches_migrate(pool: PgPool) {
     .execute(&migrated)
     .await
     .expect("drop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrations_released_when_they_created_host_tables_still_apply(pool: PgPool) {
+    // A database that applied the releases whose migrations still created
+    // (1), triggered on (2) or altered (20261201000001) the host's tables
+    // upgrades without sqlx calling them modified, and keeps its tables.
+    sqlx::raw_sql(common::HOST_SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("host");
+    authz_outbox::db::migrate(&pool).await.expect("migrate");
+    let released = [
+        (
+            20261123000001_i64,
+            "1e73f71d02699d6a54c634a3f02d8798988b6e4731aed95fedca3c7a10433daa0a1f8f28754caca87a3db5a6c5493349",
+        ),
+        (
+            20261123000002,
+            "5a6ef8d00c64d860631fae99dfdb1bafb8f85eb94f357e8412b972076354e584a2faf7ecf697c2c4c592a85c37a730c1",
+        ),
+        (
+            20261201000001,
+            "206a1dc32582e9c071512633a51f7bbfd20ac4fc305f9b270601ec42db299363cc0bfba5d050890550bc8e1205637f6b",
+        ),
+    ];
+    for (version, checksum) in released {
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($2, 'hex') WHERE version = $1")
+            .bind(version)
+            .bind(checksum)
+            .execute(&pool)
+            .await
+            .expect("pretend the released text was applied");
+    }
+    authz_outbox::db::migrate(&pool)
+        .await
+        .expect("migrate accepts the released checksums");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_class WHERE relname IN ('agents', 'agent_api_keys')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(tables, 2, "the host's tables stay");
 }
 
 #[sqlx::test(migrations = false)]

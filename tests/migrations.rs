@@ -77,3 +77,30 @@ async fn migrations_apply_to_the_hosts_database_with_rows(pool: PgPool) {
             .expect("count");
     assert_eq!(outbox, 1);
 }
+
+/// Someone else's database (no host tables): `migrate` installs authz-outbox
+/// and creates nothing agentex-shaped - no host table, no host enum.
+#[sqlx::test(migrations = false)]
+async fn migrate_creates_no_host_table_or_type(pool: PgPool) {
+    authz_outbox::db::migrate(&pool)
+        .await
+        .expect("migrate on a database without the host's tables");
+    let outbox: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname = 'authz_outbox'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(outbox, 1, "authz-outbox itself is installed");
+    let agentex: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c
+         WHERE c.relname IN ('agents', 'agent_api_keys', 'tasks', 'task_agents', 'schedules')
+         UNION ALL
+         SELECT t.typname::text FROM pg_type t
+         WHERE t.typname IN ('agentstatus', 'agentapikeytype', 'taskstatus')
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("agentex-shaped objects");
+    assert_eq!(agentex, Vec::<String>::new());
+}

@@ -113,10 +113,15 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     for migration in &report.migrations {
         println!("applied migration {migration}");
     }
+    let mut changed = !report.migrations.is_empty();
     for change in &report.mappings {
         if change.action != ChangeAction::SkippedNoTable {
             println!("{change}");
+            changed = true;
         }
+    }
+    if !changed {
+        println!("nothing to do: every migration is applied and the capture matches the mappings");
     }
     Ok(ExitCode::SUCCESS)
 }

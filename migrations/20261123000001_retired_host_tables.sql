@@ -1,0 +1,13 @@
+-- Retired: changes nothing.
+--
+-- Released versions of this migration created a minimal `agents` and
+-- `agent_api_keys` (and the enum `agentapikeytype`) on databases that had
+-- none. authz-outbox never creates a host's tables or types: a database that
+-- is not the host's (an unrelated application using mapping files) must not
+-- find agentex-shaped objects in its schema. Tests and the demo load the
+-- host's schema themselves (tests/fixtures/host_schema.sql).
+--
+-- A database that applied the released text keeps what it created;
+-- `migrate` moves its recorded checksum to this text (src/migrate.rs,
+-- REVISED), so sqlx does not take it for a modified migration.
+SELECT 1;
