@@ -13,9 +13,10 @@ use std::time::Duration;
 use spicedb_grpc_tonic::v1::permissions_service_client::PermissionsServiceClient;
 use spicedb_grpc_tonic::v1::schema_service_client::SchemaServiceClient;
 use spicedb_grpc_tonic::v1::{
-    Consistency, DeleteRelationshipsRequest, ReadRelationshipsRequest, ReadSchemaRequest,
-    Relationship, RelationshipFilter, RelationshipUpdate, WriteRelationshipsRequest,
-    consistency::Requirement,
+    CheckPermissionRequest, Consistency, DeleteRelationshipsRequest, ObjectReference,
+    ReadRelationshipsRequest, ReadSchemaRequest, Relationship, RelationshipFilter,
+    RelationshipUpdate, SubjectReference, WriteRelationshipsRequest,
+    check_permission_response::Permissionship, consistency::Requirement,
 };
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -306,6 +307,30 @@ impl SpiceDbClient {
                 retry_after: None,
             }),
         }
+    }
+
+    /// Whether `subject` has `permission` on `resource`, fully consistent.
+    /// A conditional answer (a caveat missing its context) is not a yes.
+    pub async fn check(
+        &self,
+        resource: ObjectReference,
+        permission: &str,
+        subject: ObjectReference,
+    ) -> Result<bool, CallError> {
+        let request = self.request(CheckPermissionRequest {
+            consistency: Some(Consistency {
+                requirement: Some(Requirement::FullyConsistent(true)),
+            }),
+            resource: Some(resource),
+            permission: permission.to_string(),
+            subject: Some(SubjectReference {
+                object: Some(subject),
+                optional_relation: String::new(),
+            }),
+            ..Default::default()
+        });
+        let response = self.permissions().check_permission(request).await?;
+        Ok(response.into_inner().permissionship == Permissionship::HasPermission as i32)
     }
 
     /// The schema text SpiceDB holds.

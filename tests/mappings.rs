@@ -1076,6 +1076,7 @@ async fn mappings_init_on_the_quickstart_tables_prints_a_file_check_accepts(pool
         "type = \"document\"\ntable = \"documents\"\nselector = \"{id}\"\nparent = { type = \"folder\", column = \"folder_id\" }\nlive = \"deleted_at IS NULL\"\n",
         "\"folder:{id}#owner@user:{owner_id}\"",
         "\"document:{id}#owner@user:{owner_id}\"",
+        "]\n# The owner is a column: no writer needs naming (no set_config).\ncreator = []\n",
         "type = \"agent\"\ntable = \"agents\"\nenabled = false",
         "type = \"schedule\"\ntable = \"agent_run_schedules\"\nenabled = false",
     ] {

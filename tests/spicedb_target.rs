@@ -634,17 +634,41 @@ async fn the_quickstart_runs(pool: PgPool) {
     assert!(stdout.contains("delivered=4 "), "{stdout}");
     // Its reconcile step (a failing exit would have failed the script)
     // finds the folders and the documents left consistent.
+    // The last reconcile (after the backfill's) prints the last summary.
     let summary = |name: &str| {
         stdout
             .lines()
-            .find_map(|l| l.strip_prefix(name).map(|n| n.trim().to_string()))
+            .filter_map(|l| l.strip_prefix(name).map(|n| n.trim().to_string()))
+            .last()
             .unwrap_or_default()
     };
     assert_eq!(
         (summary("drift "), summary("consistent ")),
-        ("0".to_string(), "4".to_string()),
+        ("0".to_string(), "6".to_string()),
         "{stdout}"
     );
+    // The look-in-SpiceDB step: two reads allowed, the deleted one denied.
+    let answers: Vec<&str> = stdout
+        .lines()
+        .filter(|l| *l == "allowed" || *l == "denied")
+        .collect();
+    assert_eq!(answers, ["allowed", "allowed", "denied"], "{stdout}");
+    // Rows from before capture, backfilled with no placeholder owner.
+    assert_eq!(
+        relationships_of(&grpc, "document", "minutes-2025").await,
+        set(&["folder@folder:archive", "owner@user:carol"])
+    );
+    assert_eq!(
+        relationships_of(&grpc, "folder", "archive").await,
+        set(&["owner@user:carol"])
+    );
+    // `creator = []`: nobody was named, on any row, and none went dead.
+    let named: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE principal IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .expect("principals");
+    assert_eq!(named, 0, "no placeholder principal");
     assert_eq!(
         relationships_of(&grpc, "folder", "plans").await,
         set(&["owner@user:alice"])

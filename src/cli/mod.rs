@@ -2,6 +2,7 @@
 //! command turns its flags into the library's typed settings and calls it.
 
 mod agents;
+mod check;
 mod keys;
 mod mappings;
 mod migrate;
@@ -90,6 +91,9 @@ enum Command {
     /// List (default) or remove (`--apply`) every trigger, function and view
     /// authz-outbox installed; `--drop-outbox` also its tables and rows.
     Uninstall(uninstall::UninstallArgs),
+    /// Ask SpiceDB whether a subject has a permission on a resource
+    /// (`check document:roadmap view user:alice`): exit 0 allowed, 1 denied.
+    Check(check::CheckArgs),
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code:
@@ -130,6 +134,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reconcile(args) => reconcile::reconcile_command(args).await,
         Command::Replay(args) => replay::replay_command(args).await,
         Command::Uninstall(args) => uninstall::uninstall_command(args).await,
+        Command::Check(args) => check::check_command(args).await,
     }
 }
 

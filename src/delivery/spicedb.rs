@@ -539,6 +539,15 @@ fn subject(
             object_id,
         });
     }
+    if r.subjects
+        .iter()
+        .any(|s| matches!(s.source, Source::Principal(_)))
+        && !names_a_creator(principal)
+    {
+        return Err(format!(
+            "no creator resolvable: relationship {r} names the writer's principal and the row has none"
+        ));
+    }
     Err(format!(
         "relationship {r}: the row has no value for any of its subjects"
     ))
@@ -610,6 +619,16 @@ pub fn classify(e: &CallError) -> Verdict {
         Code::Unauthenticated => Verdict::Unauthorized { status, error },
         _ => Verdict::Permanent { status, error },
     }
+}
+
+/// Whether a principal names someone (`user_id` or `service_account_id`).
+fn names_a_creator(principal: &Value) -> bool {
+    ["user_id", "service_account_id"].iter().any(|f| {
+        principal
+            .get(*f)
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+    })
 }
 
 #[cfg(test)]

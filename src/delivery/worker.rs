@@ -619,7 +619,7 @@ async fn settle_without_request(
     for row in claimed {
         let checked_row = prepare::check(row, shared.target.open_types()).and_then(|d| {
             let policy = shared.principal_policy(&d.resource);
-            apply_principal_policy(policy, d)
+            apply_principal_policy(policy, d, shared.target.open_types())
         });
         match checked_row {
             Ok(d) => checked.push(d),
@@ -660,15 +660,18 @@ async fn settle_without_request(
 
 /// Replaces the row's principal with what `policy` lets through, right
 /// before the request is built, whatever wrote the row. A register whose
-/// principal names no creator once sanitized cannot be sent.
+/// principal names no creator once sanitized cannot be sent to
+/// agentex-auth; on SpiceDB (`open_types`) the mapping's relationships
+/// decide whether one is needed (a `creator = []` mapping names nobody).
 fn apply_principal_policy(
     policy: &PrincipalPolicy,
     mut d: Deliverable,
+    open_types: bool,
 ) -> Result<Deliverable, (Box<ClaimedRow>, String)> {
     let Some(principal) = policy.sanitize(&d.principal) else {
         return Err((Box::new(d.row), "principal must be a JSON object".into()));
     };
-    if d.operation == Operation::Register && !names_a_creator(&principal) {
+    if d.operation == Operation::Register && !open_types && !names_a_creator(&principal) {
         return Err((
             Box::new(d.row),
             "no creator resolvable: no user_id or service_account_id left once the \

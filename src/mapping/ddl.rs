@@ -139,6 +139,9 @@ fn fields_sql(r: &Resolved) -> String {
     format!("ARRAY[{}]::text[]", fields.join(", "))
 }
 
+/// `principal_source` of the rows of a `creator = []` mapping.
+pub const NO_CREATOR_NEEDED: &str = "not_needed";
+
 /// PL/pgSQL statements that set `who` to the creator of a write to the row
 /// `q`, reduced to the kept fields, and `src` to where it came from
 /// (`setting`, `role_default`, `column:<name>`): recorded on the outbox row
@@ -151,6 +154,14 @@ fn creator_sql(r: &Resolved, q: &str, who: &str, src: &str) -> String {
         .iter()
         .map(String::as_str)
         .eq(IDENTITY_FIELDS.iter().copied());
+    if r.mapping.creator.is_empty() {
+        // `creator = []`: nobody to name. The source tells the enqueue that
+        // a row without a creator is expected, not a writer's mistake.
+        return format!(
+            "{who} := NULL; {src} := {};",
+            quote_literal(NO_CREATOR_NEEDED)
+        );
+    }
     let setting_source = format!("{}()", ours(r, "authz_outbox_setting_source"));
     if r.mapping.creator == [CreatorSource::Setting] && default_fields {
         // The common case keeps its fast path (no array, no loop).

@@ -331,9 +331,8 @@ pub async fn init(
                 Some(s) if key.len() == 1 => format!("{kind}:{s}#"),
                 _ => String::new(),
             };
-            let owner = OWNER_COLUMNS
-                .iter()
-                .find(|c| info.column(c).is_some())
+            let owner_column = OWNER_COLUMNS.iter().find(|c| info.column(c).is_some());
+            let owner = owner_column
                 .map(|c| format!("{{{c}}}"))
                 .unwrap_or_else(|| "{principal.user_id}".into());
             out.push_str(&format!(
@@ -347,6 +346,12 @@ pub async fn init(
                 ));
             }
             out.push_str("]\n");
+            if owner_column.is_some() {
+                out.push_str(
+                    "# The owner is a column: no writer needs naming (no set_config).\n\
+                     creator = []\n",
+                );
+            }
         }
     }
     if spicedb {

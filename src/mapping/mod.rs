@@ -19,7 +19,8 @@
 //! table = "service_api_keys"
 //! selector = "{id}"                  # or a template: "run-schedule::{agent_id}::{id}"
 //! live = "revoked_at IS NULL"        # SQL over the table's columns; absent = every row
-//! creator = ["setting"]              # "setting" and/or "column:NAME", first that names a creator wins
+//! creator = ["setting"]              # "setting" and/or "column:NAME", first that names a creator wins;
+//!                                     # [] when the relationships name no principal (all from columns)
 //! principal_fields = ["user_id", "service_account_id", "account_id"]
 //! parent = { type = "agent", column = "agent_id" }
 //! # a parent reached through a join table:
@@ -236,9 +237,6 @@ impl Mapping {
             .map(Predicate::parse)
             .transpose()
             .map_err(|e: PredicateError| invalid(&name, e))?;
-        if spec.creator.is_empty() {
-            return Err(invalid(&name, "creator needs at least one source"));
-        }
         let creator = spec
             .creator
             .iter()
@@ -317,6 +315,15 @@ impl Mapping {
             return Err(invalid(
                 &name,
                 "relationships must list at least one (a live row with none would be invisible in SpiceDB)",
+            ));
+        }
+        // No creator at all is for relationships that are all columns and
+        // parents: such a write needs nobody to be named, and a principal
+        // the relationships never read would only be a placeholder.
+        if creator.is_empty() && relationships::names_principal(&relationships) {
+            return Err(invalid(
+                &name,
+                "creator = [] is only for relationships that name no principal;                  these read {principal.FIELD} (list where the creator comes from, e.g. creator = [\"setting\"])",
             ));
         }
         if parent.as_ref().is_some_and(|p| p.join.is_some())
@@ -806,5 +813,21 @@ mod tests {
         );
         m.require_one_relationship_set_per_type()
             .expect("one set per type");
+    }
+
+    #[test]
+    fn creator_empty_is_only_for_relationships_that_name_no_principal() {
+        let parse = |creator: &str, rel: &str| {
+            Mappings::from_toml(&format!(
+                "[[mapping]]\ntype = \"folder\"\ntable = \"folders\"\ncreator = {creator}\nrelationships = [\"{rel}\"]"
+            ))
+        };
+        let ok = parse("[]", "owner@user:{owner_id}").expect("columns only");
+        let folder = ok.get("folder").expect("folder");
+        assert!(folder.creator.is_empty());
+        let err = parse("[]", "owner@user:{principal.user_id}")
+            .expect_err("reads the principal")
+            .to_string();
+        assert!(err.contains("creator = [] is only for"), "{err}");
     }
 }

@@ -193,6 +193,14 @@ pub fn parse(text: &str, cx: &Context<'_>) -> Result<Relationship, String> {
     })
 }
 
+/// Whether any subject alternative reads the writer's principal.
+pub fn names_principal(relationships: &[Relationship]) -> bool {
+    relationships
+        .iter()
+        .flat_map(|r| &r.subjects)
+        .any(|s| matches!(s.source, Source::Principal(_)))
+}
+
 /// The relationships a mapping that lists none means: what agentex-auth
 /// writes for a register (CONTRACT.md): the creator as `owner` (a `user`,
 /// else a `service_account`), and the parent as `parent_<type>`.

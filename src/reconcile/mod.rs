@@ -486,10 +486,13 @@ fn fix_for(kind: FindingKind, f: &stage::StagedFinding) -> Vec<NewRow> {
     match kind {
         // The row may come back before delivery: the worker re-checks.
         FindingKind::Orphan => vec![deregister(true)],
-        FindingKind::Missing if principal.is_some() => vec![register()],
+        // Without a principal only where the mapping needs none (`creator =
+        // []`): every other such finding became `needs_owner`
+        // (`stage::resolve_principals`).
+        FindingKind::Missing => vec![register()],
         // The row exists, so the deregister must not be guarded (it would
         // always be superseded); the register right behind it restores it.
-        FindingKind::ParentMismatch | FindingKind::SubjectMismatch if principal.is_some() => {
+        FindingKind::ParentMismatch | FindingKind::SubjectMismatch => {
             vec![deregister(false), register()]
         }
         // SpiceDB is to hold exactly the registered owners again: the

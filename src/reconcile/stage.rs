@@ -417,7 +417,8 @@ pub async fn classify(
 }
 
 /// Decides whom each fix is sent as, and turns a registration nobody can be
-/// named for into `needs_owner`.
+/// named for into `needs_owner` (unless its mapping says `creator = []`:
+/// its relationships name nobody, so it is sent with no principal).
 ///
 /// Where the resource's registrations are on record, the latest registered
 /// principal comes first for every live resource: a fix sent as the owner
@@ -474,6 +475,9 @@ pub async fn resolve_principals(
         SET kind = 'needs_owner',
             reason = reason || '; no creator known (pass --owner-principal)'
         WHERE kind IN ('missing', 'parent_mismatch', 'subject_mismatch') AND principal IS NULL
+          AND NOT EXISTS (SELECT 1 FROM authz_outbox_mappings m
+                          WHERE m.resource_type = reconcile_findings.resource_type
+                            AND m.definition -> 'creator' = '[]'::jsonb)
     "#;
     sqlx::query(SQL)
         .bind(owner_principal)
