@@ -638,8 +638,8 @@ async fn the_quickstart_runs(pool: PgPool) {
     let summary = |name: &str| {
         stdout
             .lines()
-            .filter_map(|l| l.strip_prefix(name).map(|n| n.trim().to_string()))
-            .last()
+            .rev()
+            .find_map(|l| l.strip_prefix(name).map(|n| n.trim().to_string()))
             .unwrap_or_default()
     };
     assert_eq!(
