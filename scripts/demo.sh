@@ -4,9 +4,11 @@
 # Starts a throwaway PostgreSQL and agentex-auth-dev (the agentex-auth
 # stand-in over a real SpiceDB engine) injecting 15% faults, two workers,
 # then creates agents and keys and deletes some through the CLI while one
-# worker is SIGKILLed and restarted. When the backlog has drained, reconcile
-# compares SpiceDB with PostgreSQL and a few keys are checked through
-# agentex-auth. Everything is cleaned up on exit; the exit status is
+# worker is SIGKILLed and restarted, and writes tasks and schedules as the
+# host does: a task re-parented through `task_agents`, a schedule and an
+# agent deleted softly. When the backlog has drained, reconcile compares
+# SpiceDB with PostgreSQL (all four types) and each kind of resource is
+# checked through agentex-auth. Everything is cleaned up on exit; the exit status is
 # non-zero if any drift is left.
 #
 #   scripts/demo.sh
@@ -138,6 +140,36 @@ done
 echo "  10 keys deleted"
 status_line
 
+sql() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
+say "Tasks and schedules, written as the host writes them (the writer named in the transaction)"
+"$outbox" agents create --id demo-agent-4 --name "Demo agent 4" --principal "$alice"
+sql <<'SQL'
+BEGIN;
+SELECT set_config('authz_outbox.principal', '{"user_id":"alice"}', true) \g /dev/null
+INSERT INTO tasks (id, name, status) VALUES
+    ('demo-task-1', 'demo task 1', 'RUNNING'),
+    ('demo-task-2', 'demo task 2', 'RUNNING');
+INSERT INTO task_agents (task_id, agent_id) VALUES
+    ('demo-task-1', 'demo-agent-1'),
+    ('demo-task-2', 'demo-agent-2');
+INSERT INTO agent_run_schedules (id, agent_id, name, creator_principal, interval_seconds) VALUES
+    ('demo-schedule-1', 'demo-agent-1', 'hourly', '{"user_id":"alice"}', 3600),
+    ('demo-schedule-2', 'demo-agent-2', 'daily',  '{"user_id":"alice"}', 86400);
+COMMIT;
+SQL
+echo "  2 tasks (linked to their agents through task_agents), 2 schedules, agent 4"
+
+say "Re-parent demo-task-2 to demo-agent-3; delete schedule 2 and agent 4 softly"
+sql <<'SQL'
+BEGIN;
+SELECT set_config('authz_outbox.principal', '{"user_id":"alice"}', true) \g /dev/null
+UPDATE task_agents SET agent_id = 'demo-agent-3' WHERE task_id = 'demo-task-2';
+UPDATE agent_run_schedules SET deleted_at = now() WHERE id = 'demo-schedule-2';
+UPDATE agents SET status = 'DELETED' WHERE id = 'demo-agent-4';
+COMMIT;
+SQL
+status_line
+
 say "Waiting for the backlog to drain (faults still on: retries with backoff)"
 for _ in $(seq 240); do
   pending=$("$outbox" status --format json | python3 -c 'import json,sys; print(json.load(sys.stdin)["counts"].get("pending", 0))')
@@ -158,22 +190,45 @@ drift=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["summary
 say "Checking a few keys through agentex-auth (POST /v1/authz/check)"
 curl -fs -X POST "$AGENTEX_AUTH_URL/_dev/faults" -H 'content-type: application/json' -d '{}' >/dev/null
 check() {
-  local user=$1 key=$2
+  local user=$1 type=$2 id=$3
   curl -s -o /dev/null -w '%{http_code}' -X POST "$AGENTEX_AUTH_URL/v1/authz/check" \
     -H 'content-type: application/json' \
-    -d "{\"principal\":{\"user_id\":\"$user\"},\"resource\":{\"type\":\"api_key\",\"selector\":\"$key\"},\"operation\":\"read\"}"
+    -d "{\"principal\":{\"user_id\":\"$user\"},\"resource\":{\"type\":\"$type\",\"selector\":\"$id\"},\"operation\":\"read\"}"
 }
 checks_failed=0
 expect() {
-  local want=$1 user=$2 key=$3 what=$4 got
-  got=$(check "$user" "$key")
+  local want=$1 user=$2 type=$3 id=$4 what=$5 got
+  got=$(check "$user" "$type" "$id")
   if [[ "$got" == "$want" ]]; then echo "  ok   $what: $got"; else echo "  FAIL $what: expected $want, got $got"; checks_failed=$((checks_failed + 1)); fi
 }
-expect 200 alice "${keys[39]}" "alice reads her live key ${keys[39]}"
-expect 200 alice "${keys[20]}" "alice reads her live key ${keys[20]}"
-expect 403 bob "${keys[39]}" "bob cannot read alice's key"
-expect 403 alice "${deleted[0]}" "alice cannot read her deleted key ${deleted[0]}"
-expect 403 alice "${deleted[9]}" "alice cannot read her deleted key ${deleted[9]}"
+expect 200 alice api_key "${keys[39]}" "alice reads her live key ${keys[39]}"
+expect 200 alice api_key "${keys[20]}" "alice reads her live key ${keys[20]}"
+expect 403 bob api_key "${keys[39]}" "bob cannot read alice's key"
+expect 403 alice api_key "${deleted[0]}" "alice cannot read her deleted key ${deleted[0]}"
+expect 403 alice api_key "${deleted[9]}" "alice cannot read her deleted key ${deleted[9]}"
+expect 200 alice agent demo-agent-1 "alice reads her agent demo-agent-1"
+expect 403 alice agent demo-agent-4 "alice cannot read agent 4, deleted softly"
+expect 200 alice task demo-task-1 "alice reads her task demo-task-1"
+expect 200 alice task demo-task-2 "alice reads demo-task-2, re-parented"
+expect 403 bob task demo-task-2 "bob cannot read alice's task"
+# A schedule's selector is run-schedule::<agent_id>::<id> (the host's).
+expect 200 alice schedule run-schedule::demo-agent-1::demo-schedule-1 "alice reads her schedule demo-schedule-1"
+expect 403 alice schedule run-schedule::demo-agent-2::demo-schedule-2 "alice cannot read schedule 2, deleted softly"
+# The re-parent in SpiceDB: demo-task-2's parent edge names demo-agent-3.
+task2_parent=$(python3 -c '
+import json, sys
+for f in json.load(open(sys.argv[1])).get("findings", []):
+    if f.get("resource") == "task:demo-task-2":
+        print("drift:", f.get("kind"))' "$work/reconcile.json")
+if [[ -n "$task2_parent" ]]; then echo "  FAIL demo-task-2: $task2_parent"; checks_failed=$((checks_failed + 1)); fi
+by_type=$("$PG_BIN/psql" "$DATABASE_URL" -At -c "
+  SELECT string_agg(format('%s=%s', resource_type, n), '  ' ORDER BY resource_type)
+  FROM (SELECT resource_type, count(*) AS n FROM authz_outbox WHERE state = 'delivered' GROUP BY 1) t")
+consistent_by_type=$(python3 -c '
+import json, sys
+by = json.load(open(sys.argv[1]))["summary"].get("by_type", {})
+key = "consistent"
+print("  ".join(t + "=" + str(c.get(key, 0)) for t, c in sorted(by.items())))' "$work/reconcile.json" 2>/dev/null || echo unknown)
 
 read -r delivered superseded dead pending retries < <("$PG_BIN/psql" "$DATABASE_URL" -AtF' ' -c "
   SELECT count(*) FILTER (WHERE state = 'delivered'), count(*) FILTER (WHERE state = 'superseded'),
@@ -187,9 +242,13 @@ print(sum(n for e in s.values() for k, n in e.items() if k in ("500", "502", "50
 
 say "Summary"
 cat <<SUMMARY
-  agents created        3
+  agents created        4   (1 deleted softly)
   keys created          40
   keys deleted          10
+  tasks created         2   (1 re-parented through task_agents)
+  schedules created     2   (1 deleted softly)
+  deliveries by type    $by_type
+  consistent by type    $consistent_by_type
   faults injected       $faults_injected   (by agentex-auth-dev, 15% of requests)
   worker kills          1   (SIGKILL, restarted)
   deliveries            $delivered
@@ -205,4 +264,4 @@ if [[ "$drift" != 0 || "$reconcile_exit" != 0 || "$checks_failed" != 0 || "$dead
   exit 1
 fi
 echo
-echo "SpiceDB and PostgreSQL agree: every write reached agentex-auth despite the faults and the kill."
+echo "SpiceDB and PostgreSQL agree on all four types: every write reached agentex-auth despite the faults and the kill."
