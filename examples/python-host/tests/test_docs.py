@@ -80,6 +80,7 @@ class Guide:
     delivery: Delivery
     workdir: Path
     namespace: dict[str, Any] = field(default_factory=dict)
+    told: dict[str, str] = field(default_factory=dict)
 
     @property
     def app_url(self) -> str:
@@ -87,17 +88,38 @@ class Guide:
             self.database.url, scheme="postgresql", database=self.database.name, user=ROLE
         )
 
-    def sh(self, code: str) -> subprocess.CompletedProcess[str]:
-        env = {
-            **os.environ,
-            "PATH": f"{binary('authz-outbox').parent}:{os.environ['PATH']}",
+    def yours(self) -> dict[str, str]:
+        """The values a reader types where the guide says ``yours``."""
+        return {
             "DATABASE_URL": self.database.url,
             "AGENTEX_AUTH_URL": self.delivery.auth_url,
             "SPICEDB_ENDPOINT": self.delivery.spicedb_endpoint,
-            "RUST_LOG": "warn",
+        }
+
+    def sh(self, code: str) -> subprocess.CompletedProcess[str]:
+        """Runs a block as a reader's terminal would: an environment holding
+        only what the guide has told the reader to set so far (``told``, kept
+        from block to block as a shell keeps its exports), the binary on
+        ``PATH`` as the guide says to install it, nothing else of this
+        process's environment. An ``export NAME=... # yours: ...`` line is
+        the reader's own value, here the test's."""
+        lines = []
+        for line in code.splitlines():
+            m = re.match(r"^export (\w+)=\S+\s+# yours: ", line)
+            if m:
+                name = m.group(1)
+                assert name in self.yours(), f"no value of ours for {name}"
+                self.told[name] = self.yours()[name]
+                continue
+            lines.append(line)
+        env = {
+            "HOME": os.environ.get("HOME", "/root"),
+            "LANG": "C.UTF-8",
+            "PATH": f"{binary('authz-outbox').parent}:/usr/local/bin:/usr/bin:/bin",
+            **self.told,
         }
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", code],
+            ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
             env=env,
             cwd=self.workdir,
             capture_output=True,
