@@ -371,6 +371,10 @@ pub fn decide(config: &WorkerConfig, row: &ClaimedRow, verdict: Verdict, jitter:
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use uuid::Uuid;
+
     use super::*;
 
     fn row(attempts: i32) -> ClaimedRow {
