@@ -90,6 +90,15 @@ async fn a_resources_rows_in_different_partitions_keep_order_and_supersede(pool:
         partition_of(&pool, first).await,
         partition_of(&pool, second).await
     );
+    // Each request says which row it came from.
+    for (id, user) in [(first, "first"), (second, "second"), (third, "third")] {
+        sqlx::query("UPDATE authz_outbox SET principal = jsonb_build_object('user_id', $2::text) WHERE id = $1")
+            .bind(id)
+            .bind(user)
+            .execute(&pool)
+            .await
+            .expect("principal");
+    }
     // a2 (no agent row): created, then deleted, before any delivery; the
     // deregister lands in a later partition than its register.
     let created = put(&pool, "register", "a2", earlier, "capture").await;
@@ -107,14 +116,20 @@ async fn a_resources_rows_in_different_partitions_keep_order_and_supersede(pool:
         .seen()
         .iter()
         .filter(|s| s.body["resource"]["selector"] == "a1")
-        .map(|s| s.path.clone())
+        .map(|s| {
+            format!(
+                "{} {}",
+                s.path,
+                s.body["principal"]["user_id"].as_str().unwrap_or("?")
+            )
+        })
         .collect();
     assert_eq!(
         a1,
         [
-            "/v1/authz/register",
-            "/v1/authz/deregister",
-            "/v1/authz/register"
+            "/v1/authz/register first",
+            "/v1/authz/deregister second",
+            "/v1/authz/register third"
         ],
         "a1's rows went out out of id order"
     );
