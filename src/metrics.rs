@@ -263,18 +263,17 @@ pub fn set_reconcile_gauges(last: Option<&crate::outbox::stats::LastReconcile>) 
     metrics::gauge!(RECONCILE_LAST_RUN).set(at);
 }
 
-/// Sets the partition gauges from [`crate::outbox::partitions::list`]. Bytes
-/// are labelled by partition: a handful of series (retention days plus the
-/// days ahead), dropped with their partition.
+/// Sets the partition gauges from [`crate::outbox::partitions::list`].
+/// Sizes are summed, not labelled by partition: a series per day would
+/// outlive its dropped partition in the exporter, one more every day the
+/// worker runs (`status` lists each partition).
 pub fn set_partition_gauges(parts: &[crate::outbox::partitions::Partition]) {
     use crate::outbox::partitions::{ahead, oldest};
     let now = chrono::Utc::now();
     metrics::gauge!(PARTITIONS).set(parts.len() as f64);
-    for p in parts {
-        metrics::gauge!(PARTITION_BYTES, "partition" => p.name.clone()).set(p.bytes as f64);
-        if p.is_default {
-            metrics::gauge!(DEFAULT_PARTITION_ROWS).set(p.rows_estimate.max(0) as f64);
-        }
+    metrics::gauge!(PARTITION_BYTES).set(parts.iter().map(|p| p.bytes as f64).sum::<f64>());
+    for p in parts.iter().filter(|p| p.is_default) {
+        metrics::gauge!(DEFAULT_PARTITION_ROWS).set(p.rows_estimate.max(0) as f64);
     }
     let age = oldest(parts)
         .and_then(|p| p.lower_bound)
