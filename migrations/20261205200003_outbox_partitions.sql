@@ -20,20 +20,131 @@
 -- be built on the old table. `id` stays unique because one sequence issues
 -- it; each partition has its own primary key on id (the old table keeps its
 -- own), which serves every lookup by id.
--- A partition's own indexes, built while it is detached (empty, or holding
--- the few rows moved out of the default partition) and named after it, so
--- ATTACH adopts them instead of building its own and a plan names them
--- `<partition>_pending_by_operation` like the old table's.
-CREATE OR REPLACE FUNCTION authz_outbox_index_partition(part text) RETURNS void
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+
+-- The functions below run as the outbox's owner (SECURITY DEFINER): the
+-- worker's role has no DDL (docs/operations.md, Database roles) yet creates
+-- and drops partitions through them. So, as every function of ours that runs
+-- with another role's privileges, each pins its search_path to pg_catalog
+-- and names every object with the schema `migrate` ran in (substituted for
+-- @s@ below), and none is executable by PUBLIC.
+DO $functions$
+DECLARE
+    s text := quote_ident(current_schema());
 BEGIN
-    EXECUTE format('CREATE INDEX %I ON %I (operation, id) WHERE state = ''pending''', part || '_pending_by_operation', part);
-    EXECUTE format('CREATE INDEX %I ON %I (resource_type, resource_id, id)', part || '_by_resource', part);
-    EXECUTE format('CREATE INDEX %I ON %I (finished_at) WHERE state = ''dead''', part || '_dead_by_time', part);
-    EXECUTE format('CREATE INDEX %I ON %I (finished_at) WHERE state IN (''delivered'', ''superseded'')', part || '_finished_by_time', part);
+    -- A partition's own indexes, built while it is detached (empty, or
+    -- holding the few rows moved out of the default partition) and named
+    -- after it, so ATTACH adopts them instead of building its own and a plan
+    -- names them `<partition>_pending_by_operation` like the old table's.
+    EXECUTE replace($body$
+CREATE OR REPLACE FUNCTION @s@.authz_outbox_index_partition(part text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    EXECUTE format('CREATE INDEX %I ON @s@.%I (operation, id) WHERE state = ''pending''', part || '_pending_by_operation', part);
+    EXECUTE format('CREATE INDEX %I ON @s@.%I (resource_type, resource_id, id)', part || '_by_resource', part);
+    EXECUTE format('CREATE INDEX %I ON @s@.%I (finished_at) WHERE state = ''dead''', part || '_dead_by_time', part);
+    EXECUTE format('CREATE INDEX %I ON @s@.%I (finished_at) WHERE state IN (''delivered'', ''superseded'')', part || '_finished_by_time', part);
 END
-$$;
+$fn$;
+$body$, '@s@', s);
+
+    -- The partitions, their bounds and sizes (the old table's lower bound
+    -- is -infinity, the default partition has none), for status, metrics
+    -- and the two functions below.
+    EXECUTE replace($body$
+CREATE OR REPLACE FUNCTION @s@.authz_outbox_partitions()
+RETURNS TABLE (name text, lower_bound timestamptz, upper_bound timestamptz, is_default boolean, bytes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.relname::text,
+           CASE WHEN b.expr LIKE '%MINVALUE%' THEN '-infinity'::timestamptz
+                ELSE substring(b.expr FROM 'FROM \(''([^'']*)''\)')::timestamptz END,
+           substring(b.expr FROM 'TO \(''([^'']*)''\)')::timestamptz,
+           b.expr = 'DEFAULT',
+           pg_total_relation_size(c.oid)
+    FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    CROSS JOIN LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS expr) b
+    WHERE i.inhparent = to_regclass('@s@.authz_outbox')
+    ORDER BY 3 NULLS LAST
+$fn$;
+$body$, '@s@', s);
+
+    -- Creates the daily partitions (UTC days) from the last one's end
+    -- through `days_ahead` days after today; returns how many it created.
+    -- Rows that already fell into the default partition for a new day move
+    -- into it, keeping their id (so their order), in the same transaction.
+    -- Each new partition is built detached and attached (SHARE UPDATE
+    -- EXCLUSIVE on the parent), so captures never wait behind it.
+    EXECUTE replace($body$
+CREATE OR REPLACE FUNCTION @s@.authz_outbox_create_partitions(days_ahead integer)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    today  timestamptz := (date_trunc('day', now() AT TIME ZONE 'UTC')) AT TIME ZONE 'UTC';
+    target timestamptz := today + (days_ahead + 1) * interval '1 day';
+    lo     timestamptz;
+    hi     timestamptz;
+    part   text;
+    made   integer := 0;
+BEGIN
+    SELECT coalesce(max(p.upper_bound), today) INTO lo
+    FROM @s@.authz_outbox_partitions() p WHERE NOT p.is_default;
+    WHILE lo < target LOOP
+        hi := (date_trunc('day', lo AT TIME ZONE 'UTC') + interval '1 day') AT TIME ZONE 'UTC';
+        part := 'authz_outbox_p' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD');
+        EXECUTE format('CREATE TABLE @s@.%I (LIKE @s@.authz_outbox INCLUDING DEFAULTS INCLUDING CONSTRAINTS, PRIMARY KEY (id)) WITH (fillfactor = 70)', part);
+        EXECUTE format(
+            'WITH moved AS (DELETE FROM @s@.authz_outbox_default WHERE created_at >= $1 AND created_at < $2 RETURNING *)
+             INSERT INTO @s@.%I SELECT * FROM moved', part) USING lo, hi;
+        PERFORM @s@.authz_outbox_index_partition(part);
+        EXECUTE format('ALTER TABLE @s@.authz_outbox ATTACH PARTITION @s@.%I FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
+        made := made + 1;
+        lo := hi;
+    END LOOP;
+    RETURN made;
+END
+$fn$;
+$body$, '@s@', s);
+
+    -- Drops each partition whose range ended more than `retention` ago and
+    -- whose rows all finished more than `retention` ago. A partition with a
+    -- pending or dead row is kept whole: a dead row waits for an operator
+    -- (replay, or an explicit purge), never for retention. Returns the
+    -- dropped partitions' names. The caller bounds the lock wait.
+    EXECUTE replace($body$
+CREATE OR REPLACE FUNCTION @s@.authz_outbox_drop_partitions(retention interval)
+RETURNS SETOF text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    p    record;
+    held boolean;
+BEGIN
+    FOR p IN SELECT * FROM @s@.authz_outbox_partitions() q
+             WHERE NOT q.is_default AND q.upper_bound <= now() - retention
+             ORDER BY q.upper_bound LOOP
+        -- No write reaches it between the check and the drop.
+        EXECUTE format('LOCK TABLE @s@.%I IN ACCESS EXCLUSIVE MODE', p.name);
+        EXECUTE format(
+            'SELECT EXISTS (SELECT 1 FROM @s@.%1$I WHERE state = ''pending'' AND operation = ''register'')
+                 OR EXISTS (SELECT 1 FROM @s@.%1$I WHERE state = ''pending'' AND operation = ''deregister'')
+                 OR EXISTS (SELECT 1 FROM @s@.%1$I WHERE state = ''dead'')
+                 OR EXISTS (SELECT 1 FROM @s@.%1$I WHERE state IN (''delivered'', ''superseded'')
+                                                 AND finished_at >= now() - $1)', p.name)
+            INTO held USING retention;
+        IF held THEN
+            CONTINUE;
+        END IF;
+        EXECUTE format('DROP TABLE @s@.%I', p.name);
+        RETURN NEXT p.name;
+    END LOOP;
+END
+$fn$;
+$body$, '@s@', s);
+END
+$functions$;
 REVOKE ALL ON FUNCTION authz_outbox_index_partition(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION authz_outbox_partitions() FROM PUBLIC;
+REVOKE ALL ON FUNCTION authz_outbox_create_partitions(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION authz_outbox_drop_partitions(interval) FROM PUBLIC;
 
 DO $swap$
 DECLARE
@@ -115,95 +226,5 @@ BEGIN
         EXECUTE FUNCTION authz_outbox_record_owner();
 END
 $swap$;
-
--- The partitions, their bounds and sizes (the old table's lower bound is
--- -infinity, the default partition has none), for status, metrics and the
--- two functions below.
-CREATE OR REPLACE FUNCTION authz_outbox_partitions()
-RETURNS TABLE (name text, lower_bound timestamptz, upper_bound timestamptz, is_default boolean, bytes bigint)
-LANGUAGE sql STABLE SET search_path FROM CURRENT AS $$
-    SELECT c.relname::text,
-           CASE WHEN b.expr LIKE '%MINVALUE%' THEN '-infinity'::timestamptz
-                ELSE substring(b.expr FROM 'FROM \(''([^'']*)''\)')::timestamptz END,
-           substring(b.expr FROM 'TO \(''([^'']*)''\)')::timestamptz,
-           b.expr = 'DEFAULT',
-           pg_catalog.pg_total_relation_size(c.oid)
-    FROM pg_catalog.pg_inherits i
-    JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
-    CROSS JOIN LATERAL (SELECT pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS expr) b
-    WHERE i.inhparent = 'authz_outbox'::regclass
-    ORDER BY 3 NULLS LAST
-$$;
-REVOKE ALL ON FUNCTION authz_outbox_partitions() FROM PUBLIC;
-
--- Creates the daily partitions (UTC days) from the last one's end through
--- `days_ahead` days after today; returns how many it created. Rows that
--- already fell into the default partition for a new day move into it,
--- keeping their id (so their order), in the same transaction. Each new
--- partition is built detached and attached (SHARE UPDATE EXCLUSIVE on the
--- parent), so captures never wait behind it.
-CREATE OR REPLACE FUNCTION authz_outbox_create_partitions(days_ahead integer)
-RETURNS integer
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-DECLARE
-    today  timestamptz := (date_trunc('day', now() AT TIME ZONE 'UTC')) AT TIME ZONE 'UTC';
-    target timestamptz := today + (days_ahead + 1) * interval '1 day';
-    lo     timestamptz;
-    hi     timestamptz;
-    part   text;
-    made   integer := 0;
-BEGIN
-    SELECT coalesce(max(p.upper_bound), today) INTO lo
-    FROM authz_outbox_partitions() p WHERE NOT p.is_default;
-    WHILE lo < target LOOP
-        hi := (date_trunc('day', lo AT TIME ZONE 'UTC') + interval '1 day') AT TIME ZONE 'UTC';
-        part := 'authz_outbox_p' || to_char(lo AT TIME ZONE 'UTC', 'YYYYMMDD');
-        EXECUTE format('CREATE TABLE %I (LIKE authz_outbox INCLUDING DEFAULTS INCLUDING CONSTRAINTS, PRIMARY KEY (id)) WITH (fillfactor = 70)', part);
-        EXECUTE format(
-            'WITH moved AS (DELETE FROM authz_outbox_default WHERE created_at >= $1 AND created_at < $2 RETURNING *)
-             INSERT INTO %I SELECT * FROM moved', part) USING lo, hi;
-        PERFORM authz_outbox_index_partition(part);
-        EXECUTE format('ALTER TABLE authz_outbox ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
-        made := made + 1;
-        lo := hi;
-    END LOOP;
-    RETURN made;
-END
-$$;
-REVOKE ALL ON FUNCTION authz_outbox_create_partitions(integer) FROM PUBLIC;
-
--- Drops each partition whose range ended more than `retention` ago and
--- whose rows are all finished more than `retention` ago. A partition with a
--- pending or dead row is kept whole: a dead row waits for an operator
--- (replay or an explicit purge), never for retention. Returns the dropped
--- partitions' names. The caller bounds the lock wait (lock_timeout).
-CREATE OR REPLACE FUNCTION authz_outbox_drop_partitions(retention interval)
-RETURNS SETOF text
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-DECLARE
-    p    record;
-    held boolean;
-BEGIN
-    FOR p IN SELECT * FROM authz_outbox_partitions() q
-             WHERE NOT q.is_default AND q.upper_bound <= now() - retention
-             ORDER BY q.upper_bound LOOP
-        -- No write reaches it between the check and the drop.
-        EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', p.name);
-        EXECUTE format(
-            'SELECT EXISTS (SELECT 1 FROM %1$I WHERE state = ''pending'' AND operation = ''register'')
-                 OR EXISTS (SELECT 1 FROM %1$I WHERE state = ''pending'' AND operation = ''deregister'')
-                 OR EXISTS (SELECT 1 FROM %1$I WHERE state = ''dead'')
-                 OR EXISTS (SELECT 1 FROM %1$I WHERE state IN (''delivered'', ''superseded'')
-                                                 AND finished_at >= now() - $1)', p.name)
-            INTO held USING retention;
-        IF held THEN
-            CONTINUE;
-        END IF;
-        EXECUTE format('DROP TABLE %I', p.name);
-        RETURN NEXT p.name;
-    END LOOP;
-END
-$$;
-REVOKE ALL ON FUNCTION authz_outbox_drop_partitions(interval) FROM PUBLIC;
 
 SELECT authz_outbox_create_partitions(3);
