@@ -382,3 +382,68 @@ async fn the_upgrade_under_load_loses_duplicates_and_reorders_nothing(pool: PgPo
     }
     assert!(last.len() >= 4, "{last:?}");
 }
+
+/// The worker's documented role (no DDL, docs/operations.md) creates the
+/// days ahead and drops the days past retention through the functions,
+/// which run as the outbox's owner.
+#[sqlx::test(migrations = false)]
+async fn the_worker_role_manages_partitions_without_ddl(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .expect("db");
+    let role: String = format!("w_{}", db.trim_start_matches('_'))
+        .chars()
+        .take(60)
+        .collect();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"DO $$ BEGIN CREATE ROLE "{role}" LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+           GRANT USAGE ON SCHEMA public TO "{role}";
+           GRANT SELECT, UPDATE, DELETE ON authz_outbox TO "{role}";
+           GRANT EXECUTE ON FUNCTION authz_outbox_create_partitions(integer),
+                                     authz_outbox_drop_partitions(interval),
+                                     authz_outbox_partitions() TO "{role}";"#
+    )))
+    .execute(&pool)
+    .await
+    .expect("worker role");
+    let last = partitions::list(&pool)
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|p| !p.is_default)
+        .next_back()
+        .expect("a dated partition");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {}", last.name)))
+        .execute(&pool)
+        .await
+        .expect("drop the last day");
+
+    let mut url = url::Url::parse(&common::database_url(&pool).await).expect("url");
+    url.set_username(&role).expect("user");
+    let worker = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url.as_str())
+        .await
+        .expect("connect as the worker role");
+    let owns: bool = sqlx::query_scalar(
+        "SELECT pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = 'authz_outbox'::regclass), 'USAGE')",
+    )
+    .fetch_one(&worker)
+    .await
+    .expect("owner");
+    assert!(!owns, "the worker role must not own the outbox");
+
+    assert_eq!(partitions::create_ahead(&worker).await.expect("creates"), 1);
+    let after = partitions::list(&worker).await.expect("list");
+    assert!(after.iter().any(|p| p.name == last.name), "{after:?}");
+    let dropped = partitions::drop_expired(&worker, Duration::ZERO)
+        .await
+        .expect("retention runs");
+    assert!(
+        dropped.is_empty(),
+        "nothing is past retention yet: {dropped:?}"
+    );
+    worker.close().await;
+}
