@@ -55,6 +55,7 @@ pub async fn run(
             }
         }
         metrics::gauge!(m::READY).set(f64::from(u8::from(health.ready())));
+        m::upkeep();
         if prune_enabled && tick % PRUNE_EVERY == PRUNE_EVERY - 1 {
             prune_all(&pool, retention, &cancel).await;
         }
