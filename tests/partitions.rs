@@ -215,8 +215,7 @@ async fn a_partition_that_cannot_be_created_refuses_no_capture(pool: PgPool) {
     let parts = partitions::list(&pool).await.expect("list");
     let last = parts
         .iter()
-        .filter(|p| !p.is_default)
-        .next_back()
+        .rfind(|p| !p.is_default)
         .expect("a dated partition")
         .clone();
     let ahead_before = partitions::ahead(&parts, Utc::now()).expect("ahead");
@@ -412,8 +411,7 @@ async fn the_worker_role_manages_partitions_without_ddl(pool: PgPool) {
         .await
         .expect("list")
         .into_iter()
-        .filter(|p| !p.is_default)
-        .next_back()
+        .rfind(|p| !p.is_default)
         .expect("a dated partition");
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {}", last.name)))
         .execute(&pool)
