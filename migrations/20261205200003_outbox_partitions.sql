@@ -149,6 +149,7 @@ REVOKE ALL ON FUNCTION authz_outbox_drop_partitions(interval) FROM PUBLIC;
 DO $swap$
 DECLARE
     cutoff timestamptz;
+    g      record;
 BEGIN
     IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = to_regclass('authz_outbox')) <> 'r' THEN
         RETURN;
@@ -191,6 +192,15 @@ BEGIN
         attributes        jsonb,
         principal_source  text
     ) PARTITION BY RANGE (created_at);
+    -- Whoever could read or write the outbox (the worker's and reconcile's
+    -- roles, docs/operations.md) still can: the old table's grants, copied.
+    FOR g IN SELECT a.grantee, a.privilege_type, a.is_grantable
+             FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+             WHERE c.oid = to_regclass('authz_outbox_legacy') AND a.grantee <> c.relowner LOOP
+        EXECUTE format('GRANT %s ON authz_outbox TO %s%s', g.privilege_type,
+                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+                       CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
     -- The sequence goes with the parent: dropping the old partition one day
     -- must not drop the sequence.
     ALTER SEQUENCE authz_outbox_id_seq OWNED BY authz_outbox.id;

@@ -280,6 +280,22 @@ async fn the_upgrade_under_load_loses_duplicates_and_reorders_nothing(pool: PgPo
     .await
     .expect("relkind");
     assert_eq!(relkind, "r");
+    // The worker's role as documented, granted on the old table.
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .expect("db");
+    let role: String = format!("u_{}", db.trim_start_matches('_'))
+        .chars()
+        .take(60)
+        .collect();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"DO $$ BEGIN CREATE ROLE "{role}" LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+           GRANT SELECT, UPDATE, DELETE ON authz_outbox TO "{role}";"#
+    )))
+    .execute(&pool)
+    .await
+    .expect("worker role");
     // Rows from before the upgrade, some of them pending.
     let before: Vec<i64> = sqlx::query_scalar(
         r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
@@ -348,6 +364,13 @@ async fn the_upgrade_under_load_loses_duplicates_and_reorders_nothing(pool: PgPo
     .await
     .expect("relkind");
     assert_eq!(relkind, "p", "the outbox is partitioned after the upgrade");
+    let keeps: bool =
+        sqlx::query_scalar("SELECT has_table_privilege($1, 'authz_outbox', 'UPDATE')")
+            .bind(&role)
+            .fetch_one(&pool)
+            .await
+            .expect("privilege");
+    assert!(keeps, "the worker's role lost its grant on the outbox");
     let mut stored: Vec<i64> = sqlx::query_scalar("SELECT id FROM authz_outbox ORDER BY id")
         .fetch_all(&pool)
         .await
