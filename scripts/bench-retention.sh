@@ -65,6 +65,17 @@ dead_b=$(q -c "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = '$part
 # Day B is empty now: take it out of the drop's way so the drop below retires
 # day A alone (and the empty pre-upgrade partition).
 q -c "ALTER TABLE authz_outbox DETACH PARTITION $part_b" >/dev/null
+# What the drop spends its time on: the checks alone (read-only), first.
+part_a=$(q -c "SELECT name FROM authz_outbox_partitions() WHERE lower_bound = '$a_lo'")
+checks=$(q <<SQL
+\timing on
+SELECT EXISTS (SELECT 1 FROM $part_a WHERE state = 'pending' AND operation = 'register')
+    OR EXISTS (SELECT 1 FROM $part_a WHERE state = 'pending' AND operation = 'deregister')
+    OR EXISTS (SELECT 1 FROM $part_a WHERE state = 'dead')
+    OR EXISTS (SELECT 1 FROM $part_a WHERE state IN ('delivered', 'superseded') AND finished_at >= '$b_lo');
+SQL
+)
+echo "checks alone: $checks" >&2
 drop_out=$(q <<SQL
 \timing on
 SELECT authz_outbox_drop_partitions(now() - '$b_lo'::timestamptz);
