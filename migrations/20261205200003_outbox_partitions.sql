@@ -86,6 +86,9 @@ DECLARE
     part   text;
     made   integer := 0;
 BEGIN
+    -- Every replica tries at start: one at a time, the others then find
+    -- the days already there (each waits at most the caller's lock_timeout).
+    PERFORM pg_advisory_xact_lock(hashtext('authz_outbox_partitions'));
     SELECT coalesce(max(p.upper_bound), today) INTO lo
     FROM @s@.authz_outbox_partitions() p WHERE NOT p.is_default;
     WHILE lo < target LOOP
@@ -118,6 +121,7 @@ DECLARE
     p    record;
     held boolean;
 BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('authz_outbox_partitions'));
     FOR p IN SELECT * FROM @s@.authz_outbox_partitions() q
              WHERE NOT q.is_default AND q.upper_bound <= now() - retention
              ORDER BY q.upper_bound LOOP
