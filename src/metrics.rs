@@ -33,6 +33,12 @@ pub const CREDENTIAL_FAILURE: &str = "authz_outbox_credential_failure";
 pub const CIRCUIT_OPEN: &str = "authz_outbox_circuit_open";
 pub const RECONCILE_DRIFT: &str = "authz_outbox_reconcile_drift_resources";
 pub const RECONCILE_LAST_RUN: &str = "authz_outbox_reconcile_last_run_timestamp_seconds";
+pub const PARTITIONS: &str = "authz_outbox_partitions";
+pub const PARTITION_BYTES: &str = "authz_outbox_partition_bytes";
+pub const OLDEST_PARTITION_AGE: &str = "authz_outbox_oldest_partition_age_seconds";
+pub const PARTITIONS_AHEAD: &str = "authz_outbox_partitions_ahead_seconds";
+pub const DEFAULT_PARTITION_ROWS: &str = "authz_outbox_default_partition_rows";
+pub const PARTITION_CREATE_FAILURES: &str = "authz_outbox_partition_create_failures_total";
 
 /// Every series the worker serves, for docs and the test that keeps
 /// `deploy/` honest.
@@ -51,6 +57,12 @@ pub const ALL: &[&str] = &[
     CIRCUIT_OPEN,
     RECONCILE_DRIFT,
     RECONCILE_LAST_RUN,
+    PARTITIONS,
+    PARTITION_BYTES,
+    OLDEST_PARTITION_AGE,
+    PARTITIONS_AHEAD,
+    DEFAULT_PARTITION_ROWS,
+    PARTITION_CREATE_FAILURES,
 ];
 
 /// The built-in resource types, always a label of their own.
@@ -251,6 +263,26 @@ pub fn set_reconcile_gauges(last: Option<&crate::outbox::stats::LastReconcile>) 
     metrics::gauge!(RECONCILE_LAST_RUN).set(at);
 }
 
+/// Sets the partition gauges from [`crate::outbox::partitions::list`].
+/// Sizes are summed, not labelled by partition: a series per day would
+/// outlive its dropped partition in the exporter, one more every day the
+/// worker runs (`status` lists each partition).
+pub fn set_partition_gauges(parts: &[crate::outbox::partitions::Partition]) {
+    use crate::outbox::partitions::{ahead, oldest};
+    let now = chrono::Utc::now();
+    metrics::gauge!(PARTITIONS).set(parts.len() as f64);
+    metrics::gauge!(PARTITION_BYTES).set(parts.iter().map(|p| p.bytes as f64).sum::<f64>());
+    for p in parts.iter().filter(|p| p.is_default) {
+        metrics::gauge!(DEFAULT_PARTITION_ROWS).set(p.rows_estimate.max(0) as f64);
+    }
+    let age = oldest(parts)
+        .and_then(|p| p.lower_bound)
+        .map_or(0.0, |lower| (now - lower).num_seconds().max(0) as f64);
+    metrics::gauge!(OLDEST_PARTITION_AGE).set(age);
+    let ahead = ahead(parts, now).map_or(0.0, |d| d.num_seconds() as f64);
+    metrics::gauge!(PARTITIONS_AHEAD).set(ahead);
+}
+
 /// Makes every series a dashboard or alert reads present before the
 /// endpoint serves its first scrape: counters and histograms at zero for
 /// the installed mapping types, gauges from the database as it is now,
@@ -267,6 +299,9 @@ pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     set_principal_source_gauges(&stats);
     let last = crate::outbox::stats::last_reconcile(pool).await?;
     set_reconcile_gauges(last.as_ref());
+    metrics::gauge!(DEFAULT_PARTITION_ROWS).set(0.0);
+    metrics::counter!(PARTITION_CREATE_FAILURES).increment(0);
+    set_partition_gauges(&crate::outbox::partitions::list(pool).await?);
     Ok(())
 }
 
@@ -276,10 +311,23 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+
+/// Folds the histogram samples recorded since the last call into their
+/// buckets. The exporter keeps every raw sample (value and instant) until
+/// upkeep or a scrape drains it, so without this a worker's memory grew with
+/// every row it delivered between scrapes — a 50,000-row drain adds two
+/// samples per row — and without bound when nothing scrapes. The
+/// housekeeping calls it every second; a no-op when no recorder is installed.
+pub fn upkeep() {
+    if let Some(Ok(handle)) = HANDLE.get() {
+        handle.run_upkeep();
+    }
+}
+
 /// Installs the process-wide recorder once and returns its handle. Later
 /// calls (several workers in one test process) share it.
 pub fn install() -> Result<PrometheusHandle, String> {
-    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
@@ -297,6 +345,30 @@ pub fn install() -> Result<PrometheusHandle, String> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(ROWS, "Outbox rows by state and resource type.");
+    describe_gauge!(
+        PARTITIONS,
+        "Partitions of authz_outbox, the default one included."
+    );
+    describe_gauge!(
+        PARTITION_BYTES,
+        "Size of each outbox partition with its indexes."
+    );
+    describe_gauge!(
+        OLDEST_PARTITION_AGE,
+        "Age of the oldest dated partition's lower bound (0 for the pre-upgrade table)."
+    );
+    describe_gauge!(
+        PARTITIONS_AHEAD,
+        "How far beyond now partitions exist; below a day, creating ahead is falling behind."
+    );
+    describe_gauge!(
+        DEFAULT_PARTITION_ROWS,
+        "Rows (estimated) that landed in the default partition because their day had none."
+    );
+    describe_counter!(
+        PARTITION_CREATE_FAILURES,
+        "Failed attempts to create the outbox partitions ahead."
+    );
     describe_gauge!(
         OLDEST_PENDING_AGE,
         "Age of the oldest pending outbox row, by resource type."

@@ -172,6 +172,17 @@ async fn run(
             Err(e) => return Err(e.into()),
         }
     }
+    // Partitions ahead, as the worker keeps them: a database migrated and
+    // left without a running worker still takes captures in dated
+    // partitions for the days ahead. Best effort under the lock timeout:
+    // a busy parent only delays it to the worker's next try.
+    if let Err(e) = sqlx::query("SELECT authz_outbox_create_partitions($1)")
+        .bind(crate::outbox::partitions::DAYS_AHEAD)
+        .execute(&mut *conn)
+        .await
+    {
+        tracing::warn!(error = %e, "creating outbox partitions ahead failed; the worker retries");
+    }
     let after = applied_versions(conn).await?;
     let migrations = MIGRATOR
         .iter()

@@ -18,6 +18,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let pool = args.db.connect(2).await?;
     let mut s = stats::collect(&pool, stats::Scope::All, args.dead).await?;
     s.direct_writers = stats::direct_writers(&pool).await?;
+    s.partitions = crate::outbox::partitions::list(&pool).await?;
     match args.format {
         Format::Json => print_json(&s)?,
         Format::Table => {
@@ -67,6 +68,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             println!();
             println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
             println!("leased now:         {}", s.leased);
+            print_partitions(&s.partitions);
             if !s.direct_writers.is_empty() {
                 println!();
                 println!(
@@ -96,4 +98,54 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The partitions with their ranges and sizes, the oldest's age and how far
+/// ahead they exist, warning when captures land in the default partition.
+fn print_partitions(parts: &[crate::outbox::partitions::Partition]) {
+    use crate::outbox::partitions::{ahead, oldest};
+    let now = chrono::Utc::now();
+    let day = |t: Option<chrono::DateTime<chrono::Utc>>, none: &str| {
+        t.map_or(none.to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
+    };
+    println!();
+    println!(
+        "{:<28} {:>16} {:>16} {:>12} {:>12}",
+        "PARTITION", "FROM", "TO", "ROWS~", "SIZE"
+    );
+    for p in parts {
+        let (from, to) = if p.is_default {
+            ("default".to_string(), "-".to_string())
+        } else {
+            (day(p.lower_bound, "-infinity"), day(p.upper_bound, "-"))
+        };
+        println!(
+            "{:<28} {from:>16} {to:>16} {:>12} {:>10.1}MB",
+            p.name,
+            p.rows_estimate.max(0),
+            p.bytes as f64 / 1_048_576.0
+        );
+    }
+    if let Some(o) = oldest(parts) {
+        let age = o.lower_bound.map_or("before the upgrade".to_string(), |l| {
+            format!("{:.1} days", (now - l).num_seconds() as f64 / 86_400.0)
+        });
+        println!("oldest partition:   {} ({age})", o.name);
+    }
+    match ahead(parts, now) {
+        Some(a) if a >= chrono::Duration::days(1) => {
+            println!(
+                "partitions ahead:   {:.1} days",
+                a.num_seconds() as f64 / 86_400.0
+            )
+        }
+        Some(a) => println!(
+            "WARNING: partitions exist only {:.1} hours ahead: creating ahead is falling behind \
+             (captures land in the default partition once they end)",
+            a.num_seconds() as f64 / 3_600.0
+        ),
+        None => {
+            println!("WARNING: no dated partition: every capture lands in the default partition")
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Periodic work beside delivery: gauges from the outbox, database health for
-//! `/readyz`, and pruning of finished rows past retention.
+//! `/readyz`, the outbox's partitions created ahead, and retention: whole
+//! days dropped, then the rows of the days retention had to keep pruned.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::gate::OpenReason;
 use super::worker::Health;
 use crate::metrics as m;
-use crate::outbox::prune;
 use crate::outbox::stats::{self, Scope};
+use crate::outbox::{partitions, prune};
 
 const TICK: Duration = Duration::from_secs(1);
 const STATS_EVERY: u32 = 5;
@@ -20,6 +21,10 @@ const STATS_EVERY: u32 = 5;
 const ALL_STATS_EVERY: u32 = 60;
 const PRUNE_EVERY: u32 = 60;
 const PRUNE_BATCH: i64 = 1000;
+/// Partitions are created ahead at start and this often after: days ahead,
+/// so a missed tick or many costs nothing; a failure is counted and logged,
+/// and the alert on `authz_outbox_partitions_ahead_seconds` fires if it lasts.
+const PARTITIONS_EVERY: u32 = 300;
 
 pub async fn run(
     pool: PgPool,
@@ -35,6 +40,9 @@ pub async fn run(
         metrics::gauge!(m::CREDENTIAL_FAILURE)
             .set(f64::from(u8::from(gate == Some(OpenReason::Credential))));
         metrics::gauge!(m::CIRCUIT_OPEN).set(f64::from(u8::from(gate == Some(OpenReason::Outage))));
+        if tick.is_multiple_of(PARTITIONS_EVERY) {
+            create_ahead(&pool).await;
+        }
         if tick.is_multiple_of(STATS_EVERY) {
             let scope = if tick.is_multiple_of(ALL_STATS_EVERY) {
                 Scope::All
@@ -47,6 +55,7 @@ pub async fn run(
             }
         }
         metrics::gauge!(m::READY).set(f64::from(u8::from(health.ready())));
+        m::upkeep();
         if prune_enabled && tick % PRUNE_EVERY == PRUNE_EVERY - 1 {
             prune_all(&pool, retention, &cancel).await;
         }
@@ -81,15 +90,37 @@ async fn refresh_gauges(pool: &PgPool, health: &Health, scope: Scope) {
             return;
         }
     }
+    match partitions::list(pool).await {
+        Ok(parts) => m::set_partition_gauges(&parts),
+        Err(e) => tracing::debug!(error = %e, "listing the outbox partitions failed"),
+    }
     match stats::last_reconcile(pool).await {
         Ok(last) => m::set_reconcile_gauges(last.as_ref()),
         Err(e) => tracing::debug!(error = %e, "reading the last reconcile run failed"),
     }
 }
 
+async fn create_ahead(pool: &PgPool) {
+    match partitions::create_ahead(pool).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(partitions = n, "created outbox partitions ahead"),
+        Err(e) => {
+            metrics::counter!(m::PARTITION_CREATE_FAILURES).increment(1);
+            tracing::warn!(error = %e, "creating outbox partitions ahead failed; captures land in the default partition once the last one ends");
+        }
+    }
+}
+
 async fn prune_all(pool: &PgPool, retention: Duration, cancel: &CancellationToken) {
+    match partitions::drop_expired(pool, retention).await {
+        Ok(dropped) if !dropped.is_empty() => {
+            tracing::info!(partitions = ?dropped, "dropped outbox partitions past retention")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "dropping outbox partitions past retention failed"),
+    }
     loop {
-        match prune::prune(pool, retention, PRUNE_BATCH).await {
+        match prune::prune_kept(pool, retention, PRUNE_BATCH).await {
             Ok(n) if n == PRUNE_BATCH as u64 && !cancel.is_cancelled() => {
                 tracing::debug!(rows = n, "pruned finished rows");
             }

@@ -4,11 +4,13 @@
 //! A row's life: the capture trigger inserts it `pending`; [`claim`] leases it
 //! to one worker with a fencing token; [`record`] writes the outcome
 //! (`delivered`, `dead`, `superseded`, or back to `pending` with a later
-//! `next_attempt_at`) only while that token still holds; [`prune`] deletes
-//! finished rows past retention.
+//! `next_attempt_at`) only while that token still holds; [`partitions`]
+//! drops whole days of finished rows past retention and [`prune`] deletes
+//! those the partitions kept.
 
 pub mod claim;
 pub mod enqueue;
+pub mod partitions;
 pub mod prune;
 pub mod record;
 pub mod replay;

@@ -26,6 +26,8 @@ pub struct OutboxStats {
     /// besides its owner, superusers and the documented worker and
     /// reconcile roles: each could forge who owns what (`status` only).
     pub direct_writers: Vec<String>,
+    /// The outbox's partitions, oldest first (`status` only).
+    pub partitions: Vec<super::partitions::Partition>,
 }
 
 /// The roles the operations guide grants outbox writes to.

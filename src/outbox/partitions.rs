@@ -1,0 +1,101 @@
+//! The outbox's daily partitions (migration 20261205200003): creating them
+//! ahead, dropping them whole once retention has passed, and listing them
+//! for `status` and the metrics.
+//!
+//! Why partitions: deleting finished rows one by one costs the worker as
+//! many deletes as captures and leaves dead tuples to vacuum; dropping a
+//! day's partition is one catalog change. A partition holding a pending or a
+//! dead row is never dropped (see `authz_outbox_drop_partitions`): a dead
+//! row waits for `replay` or an explicit purge, never for retention.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+/// The longest a partition change waits for a lock: captures queue behind a
+/// waiting DROP or ATTACH, so it gives up quickly and tries at the next tick.
+const LOCK_TIMEOUT: &str = "2s";
+
+/// How many days after today the worker and `migrate` keep partitions for.
+pub const DAYS_AHEAD: i32 = 3;
+
+/// One partition of `authz_outbox`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Partition {
+    pub name: String,
+    /// `None` for the partition of everything before the upgrade (its range
+    /// starts at -infinity) and for the default partition.
+    pub lower_bound: Option<DateTime<Utc>>,
+    /// `None` for the default partition.
+    pub upper_bound: Option<DateTime<Utc>>,
+    pub is_default: bool,
+    /// Table, indexes and TOAST.
+    pub bytes: i64,
+    /// The planner's estimate (`reltuples`), free to read; -1 if never analyzed.
+    pub rows_estimate: i64,
+}
+
+/// The partitions, oldest first, the default partition last.
+pub async fn list(pool: &PgPool) -> Result<Vec<Partition>, sqlx::Error> {
+    const SQL: &str = r#"
+        SELECT p.name,
+               nullif(p.lower_bound, '-infinity') AS lower_bound,
+               p.upper_bound, p.is_default, p.bytes,
+               coalesce((SELECT c.reltuples::bigint FROM pg_catalog.pg_class c
+                         WHERE c.oid = to_regclass(quote_ident(p.name))), -1) AS rows_estimate
+        FROM authz_outbox_partitions() p
+    "#;
+    sqlx::query_as(SQL).fetch_all(pool).await
+}
+
+/// Creates the partitions up to [`DAYS_AHEAD`] days after today; returns how
+/// many it created.
+pub async fn create_ahead(pool: &PgPool) -> Result<i32, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    let made: i32 = sqlx::query_scalar("SELECT authz_outbox_create_partitions($1)")
+        .bind(DAYS_AHEAD)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(made)
+}
+
+/// Drops every partition past `retention` whose rows are all finished past
+/// it; returns their names.
+pub async fn drop_expired(pool: &PgPool, retention: Duration) -> Result<Vec<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    let dropped: Vec<String> =
+        sqlx::query_scalar("SELECT authz_outbox_drop_partitions($1 * interval '1 millisecond')")
+            .bind(retention.as_millis() as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(dropped)
+}
+
+/// How far ahead partitions exist: the latest upper bound minus `now`
+/// (negative when captures already land in the default partition).
+pub fn ahead(partitions: &[Partition], now: DateTime<Utc>) -> Option<chrono::Duration> {
+    partitions
+        .iter()
+        .filter(|p| !p.is_default)
+        .filter_map(|p| p.upper_bound)
+        .max()
+        .map(|upper| upper - now)
+}
+
+/// The oldest partition's start (the old table's: its oldest row's time is
+/// not known without a scan, so `None`).
+pub fn oldest(partitions: &[Partition]) -> Option<&Partition> {
+    partitions.iter().find(|p| !p.is_default)
+}
