@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backoff::retry_delay;
 use super::gate::Admit;
-use super::worker::Shared;
+use super::state::Shared;
 use crate::domain::Operation;
 use crate::outbox::{ClaimedRow, claim};
 

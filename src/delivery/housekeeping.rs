@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::OpenReason;
-use super::worker::Health;
+use super::state::Health;
 use crate::metrics as m;
 use crate::outbox::stats::{self, Scope};
 use crate::outbox::{partitions, prune};

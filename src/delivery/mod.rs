@@ -22,6 +22,7 @@ mod record;
 mod send;
 mod settle;
 pub mod spicedb;
+mod state;
 pub mod target;
 pub mod worker;
 

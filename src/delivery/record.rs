@@ -10,24 +10,14 @@ use backon::{ExponentialBuilder, Retryable};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
 
-use super::worker::Progress;
-use crate::domain::Operation;
+use super::state::{Progress, Settled};
 use crate::metrics as m;
 use crate::outbox::record::{Recorded, RowUpdate, record};
-
-/// A row settled by a delivery task (or without one), waiting to be written.
-pub(super) struct Settled {
-    pub(super) recorded: Recorded,
-    pub(super) operation: Operation,
-    /// The row's resource type, as the metrics label it.
-    pub(super) resource_type: &'static str,
-}
 
 /// The most outcomes one recording transaction writes.
 const RECORD_BATCH: usize = 512;
 /// How long a small batch waits for outcomes still in flight to join it.
 const RECORD_LINGER: Duration = Duration::from_millis(2);
-/// Consecutive failed claims after which a `--once` run stops (about 15 s
 /// A batch this large is written without waiting.
 const RECORD_EAGER: usize = 32;
 
