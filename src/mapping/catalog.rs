@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 // configuration, lexed to one expression (see `predicate`).
 use sqlx::{AssertSqlSafe, PgConnection};
 
+use super::quote::quote_ident;
 use super::{CreatorSource, Mapping};
 
 /// The columns of one table, with their types as `format_type` writes them.
@@ -50,6 +51,29 @@ pub struct Resolved {
     pub join: Option<Table>,
     /// The creation-time column, if any (explicit, or `created_at`).
     pub created_at: Option<String>,
+}
+
+impl Resolved {
+    /// The parent's selector for the row `q`, or `None` for a parentless type.
+    /// Through a join table, the lowest linked id (the host links a task to
+    /// one agent; the rule only makes more links deterministic).
+    pub fn parent_sql(&self, q: &str) -> Option<String> {
+        let parent = self.mapping.parent.as_ref()?;
+        Some(match &parent.join {
+            None => format!("{q}.{}::text", quote_ident(&parent.column)),
+            Some(join) => format!(
+                "(SELECT min(j.{col}::text) FROM {jt} AS j WHERE j.{on} = {q}.{refs})",
+                col = quote_ident(&parent.column),
+                jt = self
+                    .join
+                    .as_ref()
+                    .map(|t| t.qualified())
+                    .unwrap_or_else(|| quote_ident(&join.table)),
+                on = quote_ident(&join.on),
+                refs = quote_ident(&join.references),
+            ),
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -306,7 +330,7 @@ async fn compile(conn: &mut PgConnection, resolved: &Resolved) -> Result<(), Cat
     let probe = format!(
         "SELECT {selector}, {parent} FROM {table} AS t LIMIT 0",
         selector = resolved.mapping.selector.sql("t"),
-        parent = super::ddl::parent_sql(resolved, "t").unwrap_or_else(|| "NULL".into()),
+        parent = resolved.parent_sql("t").unwrap_or_else(|| "NULL".into()),
         table = resolved.table.qualified(),
     );
     pin_path(conn).await?;

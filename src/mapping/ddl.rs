@@ -101,27 +101,6 @@ pub fn live_sql(r: &Resolved, q: &str) -> String {
     }
 }
 
-/// The parent's selector for the row `q`, or `None` for a parentless type.
-/// Through a join table, the lowest linked id (the host links a task to
-/// one agent; the rule only makes more links deterministic).
-pub fn parent_sql(r: &Resolved, q: &str) -> Option<String> {
-    let parent = r.mapping.parent.as_ref()?;
-    Some(match &parent.join {
-        None => format!("{q}.{}::text", quote_ident(&parent.column)),
-        Some(join) => format!(
-            "(SELECT min(j.{col}::text) FROM {jt} AS j WHERE j.{on} = {q}.{refs})",
-            col = quote_ident(&parent.column),
-            jt = r
-                .join
-                .as_ref()
-                .map(|t| t.qualified())
-                .unwrap_or_else(|| quote_ident(&join.table)),
-            on = quote_ident(&join.on),
-            refs = quote_ident(&join.references),
-        ),
-    })
-}
-
 fn parent_type_sql(r: &Resolved) -> String {
     match &r.mapping.parent {
         Some(p) => quote_literal(p.resource_type.as_str()),
@@ -278,8 +257,8 @@ pub fn install_statements(r: &Resolved) -> Vec<String> {
     let table = r.table.qualified();
     let rtype = quote_literal(m.resource_type.as_str());
     let ptype = parent_type_sql(r);
-    let parent_old = parent_sql(r, "OLD").unwrap_or_else(|| "NULL".into());
-    let parent_new = parent_sql(r, "NEW").unwrap_or_else(|| "NULL".into());
+    let parent_old = r.parent_sql("OLD").unwrap_or_else(|| "NULL".into());
+    let parent_new = r.parent_sql("NEW").unwrap_or_else(|| "NULL".into());
     // A resource with a parent is registered only once it has one: the host
     // inserts a task before its task_agents row.
     let has_parent = if m.parent.is_some() {
@@ -411,8 +390,8 @@ fn truncate_statements(r: &Resolved) -> Vec<String> {
     let m = &r.mapping;
     // The loop's query reads the table as `x`; its rows land in the
     // variable `t` (one name each: PL/pgSQL refuses an ambiguous one).
-    let parent = parent_sql(r, "x");
-    let parent_value = parent_sql(r, "t").unwrap_or_else(|| "NULL".into());
+    let parent = r.parent_sql("x");
+    let parent_value = r.parent_sql("t").unwrap_or_else(|| "NULL".into());
     let attrs = if attribute_columns(r).is_empty() {
         "NULL".to_string()
     } else {
@@ -599,7 +578,7 @@ fn lookup_statement(r: &Resolved) -> String {
             }
         })
         .collect();
-    let parent_check = match parent_sql(r, "t") {
+    let parent_check = match r.parent_sql("t") {
         Some(parent) => format!(
             "\n          AND {parent} IS NOT NULL AND (p_parent_id IS NULL OR {parent} = p_parent_id)"
         ),
@@ -771,7 +750,7 @@ pub fn shared_statements(schema: &str, resolved: &[Resolved]) -> Vec<String> {
             };
             // The parent is computed once per row (a join-table lookup is a
             // subquery), then both returned and required.
-            let parent = parent_sql(r, "t");
+            let parent = r.parent_sql("t");
             let parent_filter = if parent.is_some() {
                 " AND p.parent_id IS NOT NULL"
             } else {
