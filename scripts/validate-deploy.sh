@@ -131,10 +131,9 @@ log "tools: $("${venv}/bin/kubernetes-validate" --version 2>&1 | head -n1 | sed 
 
 # Metric names the worker exports (README's interface). Alerts and dashboard
 # queries may use only these (histograms also with _bucket/_sum/_count).
-readonly METRICS="authz_outbox_rows authz_outbox_rows_by_principal_source authz_outbox_oldest_pending_age_seconds authz_outbox_leased_rows
-authz_outbox_deliveries_total authz_outbox_delivery_duration_seconds authz_outbox_commit_to_delivered_seconds
-authz_outbox_attempts_total authz_outbox_dead_rows_total authz_outbox_ready authz_outbox_credential_failure
-authz_outbox_circuit_open authz_outbox_reconcile_drift_resources authz_outbox_reconcile_last_run_timestamp_seconds"
+METRICS=$(grep -o 'pub const [A-Z_]*: &str = "authz_outbox[a-z_]*"' src/metrics.rs | sed 's/.*"\(.*\)"/\1/' | tr '\n' ' ')
+[ -n "$METRICS" ] || { echo "validate-deploy: no metric names found in src/metrics.rs" >&2; exit 2; }
+readonly METRICS
 export METRICS
 
 # ------------------------------------------------------- Kubernetes schemas --
