@@ -9,6 +9,7 @@ mod reconcile;
 mod replay;
 mod run;
 mod status;
+mod ui;
 mod uninstall;
 
 use std::process::ExitCode;
@@ -90,6 +91,8 @@ enum Command {
     /// List (default) or remove (`--apply`) every trigger, function and view
     /// authz-outbox installed; `--drop-outbox` also its tables and rows.
     Uninstall(uninstall::UninstallArgs),
+    /// Serve the operator page, read-only, without a worker (loopback by default).
+    Ui(ui::UiArgs),
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code:
@@ -130,6 +133,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reconcile(args) => reconcile::reconcile_command(args).await,
         Command::Replay(args) => replay::replay_command(args).await,
         Command::Uninstall(args) => uninstall::uninstall_command(args).await,
+        Command::Ui(args) => ui::ui_command(args).await,
     }
 }
 

@@ -135,6 +135,8 @@ pub struct RunArgs {
     /// own, often on the same machine or pod network.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
+    #[command(flatten)]
+    ui: super::ui::WorkerUiArgs,
 }
 
 impl RunArgs {
@@ -239,6 +241,33 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    /// Where the operator page reads SpiceDB and starts reconcile runs:
+    /// the SpiceDB settings, whatever the target (an agentex-auth worker
+    /// given SPICEDB_ENDPOINT uses it for the page only).
+    fn ui_spicedb(&self) -> anyhow::Result<Option<crate::reconcile::SpiceDbConfig>> {
+        let Some(endpoint) = &self.spicedb_endpoint else {
+            return Ok(None);
+        };
+        let mut config = crate::reconcile::SpiceDbConfig::new(endpoint.clone());
+        config.token = match &self.spicedb_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the credential file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => self.spicedb_token.as_ref().map(|t| t.0.clone()),
+        };
+        config.ca_pem = self
+            .spicedb_ca_file
+            .as_deref()
+            .map(crate::spicedb_client::read_ca_file)
+            .transpose()?;
+        Ok(Some(config))
+    }
+}
+
 enum Client {
     AgentexAuth(AuthClient),
     SpiceDb(SpiceDbClient),
@@ -282,13 +311,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     let once = args.once;
     let target_name = target.name();
+    let ui_pool = pool.clone();
     let worker = Worker::new(pool, target, config)?;
+    let ui = args
+        .ui
+        .config(args.ui_spicedb()?, args.target, worker.health())
+        .map(|ui| crate::ui::UiState::new(ui_pool, ui));
 
     let shutdown = CancellationToken::new();
     let http_cancel = CancellationToken::new();
     let http = tokio::spawn(crate::http::serve(
         listener,
-        crate::http::router(worker.health(), metrics),
+        crate::http::router_with_ui(worker.health(), metrics, ui),
         http_cancel.clone(),
     ));
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -337,7 +371,7 @@ fn warn_about_the_credential(has_token: bool, url: &str) {
 }
 
 /// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown.
-async fn cancel_on_signal(shutdown: CancellationToken) {
+pub(super) async fn cancel_on_signal(shutdown: CancellationToken) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
