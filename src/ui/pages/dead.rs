@@ -115,6 +115,46 @@ pub async fn page(
         .then(|| rows.last().and_then(DeadCursor::of))
         .flatten();
     let can_act = access.csrf().is_some();
+    let table = html! {
+    table #dead {
+        thead { tr {
+            @if can_act { th { input type="checkbox" data-select-all hidden aria-label="select all"; } }
+            th { "Row" } th { "Resource" } th { "Op" } th.num { "Attempts" }
+            th { "Last error" } th { "Principal" } th { "Came from" } th { "Dead since" }
+        } }
+        tbody {
+            @for r in &rows {
+                tr {
+                    @if can_act { td { input type="checkbox" name="id" value=(r.id) aria-label={ "select row " (r.id) }; } }
+                    td.num { (r.id) }
+                    td {
+                        a href=(layout::resource_href(&r.resource_type, &r.resource_id)) {
+                            code { (text(&r.resource_type)) ":" (text(&r.resource_id)) }
+                        }
+                        @if let (Some(pt), Some(pid)) = (&r.parent_type, &r.parent_id) {
+                            br; span.muted { "parent " code { (text(pt)) ":" (text(pid)) } }
+                        }
+                    }
+                    td { (text(&r.operation)) }
+                    td.num { (r.attempts) }
+                    td {
+                        @if let Some(status) = r.last_status { span.muted { "HTTP/gRPC " (status) " " } }
+                        (short(r.last_error.as_deref().unwrap_or(""), 400))
+                    }
+                    td { code { (principal(r.principal.as_ref())) } }
+                    td {
+                        (text(&r.origin))
+                        @if let Some(source) = &r.principal_source { br; span.muted { "principal: " (text(source)) } }
+                    }
+                    td { (r.finished_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()) }
+                }
+            }
+            @if rows.is_empty() {
+                tr { td colspan="9" .muted { "No dead rows match." } }
+            }
+        }
+    }
+    };
     let body = html! {
         form.filters method="get" action="/ui/dead" {
             label { "Type"
@@ -132,8 +172,8 @@ pub async fn page(
             a href="/ui/dead" { "clear" }
         }
         (layout::no_actions(&access))
-        form #replay method="post" action="/ui/dead/replay" {
-            @if can_act {
+        @if can_act {
+            form #replay method="post" action="/ui/dead/replay" {
                 (csrf_field(&access))
                 (filter.hidden())
                 p {
@@ -142,45 +182,10 @@ pub async fn page(
                     button type="submit" name="scope" value="filter" { "Replay every row of this filter…" }
                     span.muted { " Each asks for confirmation and shows what replay will do first." }
                 }
+                (table)
             }
-            table #dead {
-                thead { tr {
-                    @if can_act { th { input type="checkbox" data-select-all hidden aria-label="select all"; } }
-                    th { "Row" } th { "Resource" } th { "Op" } th.num { "Attempts" }
-                    th { "Last error" } th { "Principal" } th { "Came from" } th { "Dead since" }
-                } }
-                tbody {
-                    @for r in &rows {
-                        tr {
-                            @if can_act { td { input type="checkbox" name="id" value=(r.id) aria-label={ "select row " (r.id) }; } }
-                            td.num { (r.id) }
-                            td {
-                                a href=(layout::resource_href(&r.resource_type, &r.resource_id)) {
-                                    code { (text(&r.resource_type)) ":" (text(&r.resource_id)) }
-                                }
-                                @if let (Some(pt), Some(pid)) = (&r.parent_type, &r.parent_id) {
-                                    br; span.muted { "parent " code { (text(pt)) ":" (text(pid)) } }
-                                }
-                            }
-                            td { (text(&r.operation)) }
-                            td.num { (r.attempts) }
-                            td {
-                                @if let Some(status) = r.last_status { span.muted { "HTTP/gRPC " (status) " " } }
-                                (short(r.last_error.as_deref().unwrap_or(""), 400))
-                            }
-                            td { code { (principal(r.principal.as_ref())) } }
-                            td {
-                                (text(&r.origin))
-                                @if let Some(source) = &r.principal_source { br; span.muted { "principal: " (text(source)) } }
-                            }
-                            td { (r.finished_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default()) }
-                        }
-                    }
-                    @if rows.is_empty() {
-                        tr { td colspan="9" .muted { "No dead rows match." } }
-                    }
-                }
-            }
+        } @else {
+            (table)
         }
         div.pager {
             @if after.is_some() { a href={ "/ui/dead?" (filter.query()) } { "« newest" } }
