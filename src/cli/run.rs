@@ -311,12 +311,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     let once = args.once;
     let target_name = target.name();
-    let ui_pool = pool.clone();
+    // The page reads through a pool of its own: however many operators
+    // refresh it, it never takes a connection the claims and outcomes need.
+    let ui_pool = if args.ui.no_ui {
+        None
+    } else {
+        Some(crate::db::connect(&args.db.database_url.0, 2).await?)
+    };
     let worker = Worker::new(pool, target, config)?;
-    let ui = args
-        .ui
-        .config(args.ui_spicedb()?, args.target, worker.health())
-        .map(|ui| crate::ui::UiState::new(ui_pool, ui));
+    let ui = match (
+        ui_pool,
+        args.ui
+            .config(args.ui_spicedb()?, args.target, worker.health()),
+    ) {
+        (Some(pool), Some(ui)) => Some(crate::ui::UiState::new(pool, ui)),
+        _ => None,
+    };
 
     let shutdown = CancellationToken::new();
     let http_cancel = CancellationToken::new();
