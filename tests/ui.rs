@@ -264,3 +264,62 @@ async fn a_dry_run_reconcile_started_from_the_page_shows_its_findings(pool: PgPo
     assert!(page.contains("id=\"drift\""), "{page}");
     assert!(page.contains("orphan"), "{page}");
 }
+
+/// The worker's database role as the operations guide grants it: no read
+/// of reconcile's findings or of `authz_outbox_desired`. Every page still
+/// answers, saying what it cannot show.
+#[sqlx::test(migrations = false)]
+async fn every_page_renders_for_the_workers_database_role(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    hostile_rows(&pool).await;
+    sqlx::query(
+        "INSERT INTO authz_outbox_reconcile_runs (started_at, applied, drift, summary) \
+         VALUES (now(), false, 0, '{}')",
+    )
+    .execute(&pool)
+    .await
+    .expect("a run");
+    let role = format!("ui_worker_{}", uuid::Uuid::new_v4().simple());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA public TO {role};
+         GRANT SELECT, UPDATE, DELETE ON authz_outbox TO {role};
+         GRANT EXECUTE ON FUNCTION authz_outbox_resource_live(text, text, text),
+                                   authz_outbox_has_creator(jsonb) TO {role};
+         GRANT SELECT ON authz_outbox_mappings TO {role};
+         GRANT SELECT ON authz_outbox_reconcile_runs TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON authz_outbox_listeners TO {role};"
+    )))
+    .execute(&pool)
+    .await
+    .expect("the worker's role");
+    let options = pool.connect_options().as_ref().clone().username(&role);
+    let worker_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .expect("connected as the worker's role");
+    let served = serve(&worker_pool, UiConfig::read_only(None)).await;
+    for path in [
+        "/ui/",
+        "/ui/dead",
+        "/ui/reconcile",
+        "/ui/reconcile/run/1",
+        "/ui/mappings",
+        "/ui/resource/api_key/k1",
+    ] {
+        let (status, page) = get(&served.base, path, None).await;
+        assert_eq!(status, 200, "{path}: {page}");
+    }
+    let (_, page) = get(&served.base, "/ui/reconcile", None).await;
+    assert!(page.contains("no-findings-grant"), "{page}");
+    let (_, page) = get(&served.base, "/ui/resource/api_key/k1", None).await;
+    assert!(page.contains("cannot read authz_outbox_desired"), "{page}");
+    worker_pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role};"
+    )))
+    .execute(&pool)
+    .await
+    .expect("role dropped");
+}

@@ -118,15 +118,12 @@ pub struct Run {
     pub applied: bool,
     pub drift: i64,
     pub summary: Value,
-    pub findings_kept: i64,
 }
 
 /// The columns of [`Run`], as a macro so the statements stay literals.
 macro_rules! run_columns {
     () => {
-        "r.id, r.started_at, r.finished_at, r.applied, r.drift, r.summary, \
-         (SELECT count(*) FROM authz_outbox_reconcile_findings f WHERE f.run_id = r.id)::bigint \
-         AS findings_kept"
+        "r.id, r.started_at, r.finished_at, r.applied, r.drift, r.summary"
     };
 }
 
@@ -155,6 +152,33 @@ pub async fn run(pool: &PgPool, id: i64) -> Result<Option<Run>, sqlx::Error> {
     .await
 }
 
+/// Whether the page's database role lacks a grant (SQLSTATE 42501): the
+/// worker's role, by design, cannot read what only reconcile needs, and
+/// the page then says so instead of failing.
+pub fn permission_denied(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("42501"))
+}
+
+/// How many findings are kept per run, for these runs; `None` when the
+/// page's role cannot read them.
+pub async fn findings_kept(
+    pool: &PgPool,
+    run_ids: &[i64],
+) -> Result<Option<std::collections::HashMap<i64, i64>>, sqlx::Error> {
+    let counts: Result<Vec<(i64, i64)>, _> = sqlx::query_as(
+        "SELECT run_id, count(*)::bigint FROM authz_outbox_reconcile_findings \
+         WHERE run_id = ANY($1) GROUP BY run_id",
+    )
+    .bind(run_ids)
+    .fetch_all(pool)
+    .await;
+    match counts {
+        Ok(counts) => Ok(Some(counts.into_iter().collect())),
+        Err(e) if permission_denied(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// One stored finding of a run.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredFinding {
@@ -165,15 +189,24 @@ pub struct StoredFinding {
     pub enqueued: bool,
 }
 
-pub async fn findings(pool: &PgPool, run_id: i64) -> Result<Vec<StoredFinding>, sqlx::Error> {
-    sqlx::query_as(
+/// A run's kept findings; `None` when the page's role cannot read them.
+pub async fn findings(
+    pool: &PgPool,
+    run_id: i64,
+) -> Result<Option<Vec<StoredFinding>>, sqlx::Error> {
+    let found = sqlx::query_as(
         "SELECT kind, resource, reason, fix, enqueued FROM authz_outbox_reconcile_findings \
          WHERE run_id = $1 ORDER BY seq LIMIT $2",
     )
     .bind(run_id)
     .bind(FINDINGS_KEPT as i64)
     .fetch_all(pool)
-    .await
+    .await;
+    match found {
+        Ok(found) => Ok(Some(found)),
+        Err(e) if permission_denied(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Keeps the first [`FINDINGS_KEPT`] findings of a run.
@@ -368,22 +401,37 @@ pub async fn history(
     .await
 }
 
-/// What the mappings say SpiceDB should hold for one resource: its live
-/// row's parent (`Some((None, None))` for a live resource without one),
-/// `None` when no live row maps to it.
+/// What the mappings say SpiceDB should hold for one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Desired {
+    /// A live row maps to it, with this parent (type, id) if any.
+    Live(Option<(String, String)>),
+    /// No live row maps to it.
+    Gone,
+    /// The page's role cannot read `authz_outbox_desired`.
+    Unreadable,
+}
+
 pub async fn desired(
     pool: &PgPool,
     resource_type: &str,
     selector: &str,
-) -> Result<Option<(Option<String>, Option<String>)>, sqlx::Error> {
-    sqlx::query_as(
+) -> Result<Desired, sqlx::Error> {
+    let found: Result<Option<(Option<String>, Option<String>)>, _> = sqlx::query_as(
         "SELECT parent_type, parent_id FROM authz_outbox_desired \
          WHERE resource_type = $1 AND resource_id = $2 LIMIT 1",
     )
     .bind(resource_type)
     .bind(selector)
     .fetch_optional(pool)
-    .await
+    .await;
+    match found {
+        Ok(Some((Some(t), Some(id)))) => Ok(Desired::Live(Some((t, id)))),
+        Ok(Some(_)) => Ok(Desired::Live(None)),
+        Ok(None) => Ok(Desired::Gone),
+        Err(e) if permission_denied(&e) => Ok(Desired::Unreadable),
+        Err(e) => Err(e),
+    }
 }
 
 /// An installed mapping.

@@ -31,6 +31,9 @@ const KINDS: [&str; 6] = [
     "needs_owner",
 ];
 
+const UNREADABLE_FINDINGS: &str = "This page's database role cannot read \
+     authz_outbox_reconcile_findings (GRANT SELECT on it to see kept findings).";
+
 /// A run summary's counts per type, as a table.
 pub fn per_type(summary: &Value) -> Markup {
     let by_type = summary.get("by_type").and_then(Value::as_object);
@@ -67,6 +70,8 @@ pub async fn page(
     let fields = Fields::from_query(query.as_deref());
     let before = fields.one("before").and_then(|s| s.parse::<i64>().ok());
     let runs = queries::runs(&state.pool, before).await?;
+    let ids: Vec<i64> = runs.iter().map(|r| r.id).collect();
+    let kept = queries::findings_kept(&state.pool, &ids).await?;
     let running = state.reconcile_running.try_lock().is_err();
     let last = state.last_reconcile_message();
     let body = html! {
@@ -101,7 +106,12 @@ pub async fn page(
                         td { (r.finished_at.format("%Y-%m-%d %H:%M:%S")) }
                         td { @if r.applied { "applied" } @else { "dry run" } }
                         td.num class=[(r.drift > 0).then_some("bad")] { (r.drift) }
-                        td.num { (r.findings_kept) }
+                        td.num {
+                            @match &kept {
+                                Some(kept) => (kept.get(&r.id).copied().unwrap_or(0)),
+                                None => span.muted { "?" },
+                            }
+                        }
                     }
                 }
                 @if runs.is_empty() { tr { td colspan="6" .muted { "No runs recorded." } } }
@@ -113,6 +123,7 @@ pub async fn page(
             }
         }
         p.muted { "Runs of the reconcile command show their counts; the findings of runs started here are kept too." }
+        @if kept.is_none() { p.muted #no-findings-grant { (UNREADABLE_FINDINGS) } }
     };
     Ok(layout::page("Reconcile", Section::Reconcile, &access, body))
 }
@@ -137,6 +148,7 @@ pub async fn run(
         }
         (per_type(&run.summary))
         h2 { "Findings" }
+        @if let Some(findings) = &findings {
         @if findings.is_empty() {
             p.muted {
                 @if run.drift > 0 { "This run's findings were not kept (a run of the reconcile command)." }
@@ -145,7 +157,7 @@ pub async fn run(
         } @else {
             table #findings {
                 thead { tr { th { "Kind" } th { "Resource" } th { "Reason" } th { "Fix" } th { "Enqueued" } } }
-                tbody { @for f in &findings {
+                tbody { @for f in findings.iter() {
                     tr {
                         td.bad { (text(&f.kind)) }
                         td {
@@ -162,6 +174,9 @@ pub async fn run(
             @if (findings.len() as i64) < run.drift {
                 p.muted { "Showing the first " (findings.len()) " of " (run.drift) " findings." }
             }
+        }
+        } @else {
+            p.muted { (UNREADABLE_FINDINGS) }
         }
         p { a href="/ui/reconcile" { "All runs" } }
     };

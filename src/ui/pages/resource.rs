@@ -14,6 +14,7 @@ use maud::{Markup, html};
 
 use super::super::form::Fields;
 use super::super::layout::{self, Section, short, text};
+use super::super::queries::Desired;
 use super::super::{UiError, UiState, auth, queries};
 use super::dead::principal;
 use crate::reconcile::SelectorEncoding;
@@ -91,15 +92,19 @@ pub async fn page(
     )?;
     let held = spicedb_holds(&state, &resource_type, &selector).await;
     let pending = history.iter().any(|r| r.state == "pending");
-    let drift = drift(desired.as_ref(), &held, &resource_type);
+    let drift = drift(&desired, &held, &resource_type);
     let title = format!("{}:{}", text(&resource_type), text(&selector));
     let body = html! {
         (search_form(&types, Some(&resource_type), Some(&selector)))
         h2 { "In PostgreSQL" }
         @match &desired {
-            Some((Some(pt), Some(pid))) => p { "Live, parent " code { (text(pt)) ":" (text(pid)) } "." },
-            Some(_) => p { "Live (no parent)." },
-            None => p { "No live row maps to this resource (deleted, soft-deleted, or never created)." },
+            Desired::Live(Some((pt, pid))) => p { "Live, parent " code { (text(pt)) ":" (text(pid)) } "." },
+            Desired::Live(None) => p { "Live (no parent)." },
+            Desired::Gone => p { "No live row maps to this resource (deleted, soft-deleted, or never created)." },
+            Desired::Unreadable => p.muted {
+                "This page's database role cannot read authz_outbox_desired (GRANT SELECT on it \
+                 to compare the live row with SpiceDB)."
+            },
         }
         h2 { "In SpiceDB now" }
         @match &held {
@@ -212,27 +217,24 @@ async fn spicedb_holds(state: &UiState, resource_type: &str, selector: &str) -> 
 }
 
 /// What differs between the live row and SpiceDB, in one sentence.
-fn drift(
-    desired: Option<&(Option<String>, Option<String>)>,
-    held: &Held,
-    resource_type: &str,
-) -> Option<String> {
+fn drift(desired: &Desired, held: &Held, resource_type: &str) -> Option<String> {
     let Held::Relationships(rels) = held else {
         return None;
     };
     match desired {
-        None if !rels.is_empty() => Some(format!(
+        Desired::Unreadable => None,
+        Desired::Gone if !rels.is_empty() => Some(format!(
             "SpiceDB holds {} relationship(s) of a resource that is not live (an orphan: \
              someone may keep access).",
             rels.len()
         )),
-        None => None,
-        Some(_) if rels.is_empty() => Some(
+        Desired::Gone => None,
+        Desired::Live(_) if rels.is_empty() => Some(
             "the resource is live but SpiceDB holds nothing for it (missing: access fails \
              closed)."
                 .into(),
         ),
-        Some((Some(pt), Some(pid))) => {
+        Desired::Live(Some((pt, pid))) => {
             let parents: Vec<&(String, String, String)> =
                 rels.iter().filter(|(_, st, _)| st == pt).collect();
             let has = parents.iter().any(|(_, _, sid)| sid == pid);
@@ -254,7 +256,7 @@ fn drift(
                 )
             })
         }
-        Some(_) => None,
+        Desired::Live(None) => None,
     }
 }
 
@@ -273,25 +275,17 @@ mod tests {
             rel("owner", "user", "u1"),
             rel("parent_agent", "agent", "a1"),
         ]);
-        let live = (Some("agent".to_string()), Some("a1".to_string()));
-        assert!(drift(None, &none, "api_key").is_none());
-        assert!(
-            drift(None, &some, "api_key")
-                .expect("orphan")
-                .contains("orphan")
-        );
-        assert!(
-            drift(Some(&live), &none, "api_key")
-                .expect("missing")
-                .contains("missing")
-        );
-        assert!(drift(Some(&live), &some, "api_key").is_none());
-        let moved = (Some("agent".to_string()), Some("a2".to_string()));
-        assert!(
-            drift(Some(&moved), &some, "api_key")
-                .expect("parent")
-                .contains("parent mismatch")
-        );
-        assert!(drift(Some(&live), &Held::NotConfigured, "api_key").is_none());
+        let live = Desired::Live(Some(("agent".to_string(), "a1".to_string())));
+        assert!(drift(&Desired::Gone, &none, "api_key").is_none());
+        let orphan = drift(&Desired::Gone, &some, "api_key").expect("orphan");
+        assert!(orphan.contains("orphan"), "{orphan}");
+        let missing = drift(&live, &none, "api_key").expect("missing");
+        assert!(missing.contains("missing"), "{missing}");
+        assert!(drift(&live, &some, "api_key").is_none());
+        let moved = Desired::Live(Some(("agent".to_string(), "a2".to_string())));
+        let parent = drift(&moved, &some, "api_key").expect("parent");
+        assert!(parent.contains("parent mismatch"), "{parent}");
+        assert!(drift(&live, &Held::NotConfigured, "api_key").is_none());
+        assert!(drift(&Desired::Unreadable, &some, "api_key").is_none());
     }
 }
