@@ -335,7 +335,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         crate::http::router_with_ui(worker.health(), metrics, ui),
         http_cancel.clone(),
     ));
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(
+        shutdown.clone(),
+        "shutdown requested; finishing in-flight rows",
+    ));
     tracing::info!(addr = %args.metrics_addr, once, target = target_name, "worker started");
 
     let report = worker.run(shutdown, once).await;
@@ -380,8 +383,9 @@ fn warn_about_the_credential(has_token: bool, url: &str) {
     super::warn_if_sent_in_clear(has_token, "AGENTEX_AUTH_URL", "bearer token", url);
 }
 
-/// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown.
-pub(super) async fn cancel_on_signal(shutdown: CancellationToken) {
+/// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown,
+/// logged as `message`.
+pub(super) async fn cancel_on_signal(shutdown: CancellationToken, message: &'static str) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -397,6 +401,6 @@ pub(super) async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
     }
-    tracing::info!("shutdown requested; finishing in-flight rows");
+    tracing::info!("{message}");
     shutdown.cancel();
 }

@@ -108,7 +108,10 @@ pub async fn ui_command(args: UiArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     let app = crate::ui::router(UiState::new(pool, config));
     let cancel = CancellationToken::new();
-    tokio::spawn(super::run::cancel_on_signal(cancel.clone()));
+    tokio::spawn(super::run::cancel_on_signal(
+        cancel.clone(),
+        "shutdown requested; the page stops",
+    ));
     tracing::info!(addr = %args.listen, "operator page (read-only) at http://{}/ui/", args.listen);
     crate::http::serve(listener, app, cancel).await;
     Ok(ExitCode::SUCCESS)
