@@ -323,3 +323,94 @@ async fn every_page_renders_for_the_workers_database_role(pool: PgPool) {
     .await
     .expect("role dropped");
 }
+
+/// Kills a child process when the test ends, pass or fail.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The first answer of `path` on `port`, waiting for the process to listen.
+async fn first_answer(port: u16, path: &str) -> (u16, String) {
+    for _ in 0..500 {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+            let status = r.status().as_u16();
+            return (status, r.text().await.expect("body"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("nothing answered on port {port}");
+}
+
+/// `run` mounts the page beside /metrics, with this worker's state and the
+/// sign-in when it has a token; `--no-ui` removes it; `authz-outbox ui`
+/// serves it read-only.
+#[sqlx::test(migrations = false)]
+async fn the_worker_and_the_ui_command_serve_the_page(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = common::database_url(&pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    let worker = |port: u16, extra: &[&str]| {
+        Child(
+            std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+                .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+                .args(extra)
+                .env("DATABASE_URL", &url)
+                .env("AGENTEX_AUTH_URL", auth.url())
+                .env("AUTHZ_OUTBOX_UI_TOKEN", TOKEN)
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("worker starts"),
+        )
+    };
+    let port = free_port();
+    let _worker = worker(port, &[]);
+    let (status, page) = first_answer(port, "/ui/").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("This worker:"), "{page}");
+    assert!(page.contains("Sign in"), "actions need a sign-in: {page}");
+    let cookie = sign_in(&format!("http://127.0.0.1:{port}"), TOKEN).await;
+    assert!(cookie.is_some(), "the worker's token signs in");
+    assert!(
+        first_answer(port, "/metrics")
+            .await
+            .1
+            .contains("authz_outbox_")
+    );
+
+    let port = free_port();
+    let _quiet = worker(port, &["--no-ui"]);
+    assert_eq!(first_answer(port, "/ui/").await.0, 404);
+    assert_eq!(first_answer(port, "/healthz").await.0, 200);
+
+    let port = free_port();
+    let _page = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_authz-outbox"))
+            .args(["ui", "--listen", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", &url)
+            .env("AUTHZ_OUTBOX_UI_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("ui starts"),
+    );
+    let (status, page) = first_answer(port, "/ui/dead").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("read-only"), "{page}");
+    assert_eq!(
+        sign_in(&format!("http://127.0.0.1:{port}"), TOKEN).await,
+        None,
+        "`authz-outbox ui` ignores a token: it is read-only"
+    );
+}
