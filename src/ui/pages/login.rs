@@ -10,6 +10,9 @@ use super::super::form::Fields;
 use super::super::layout::{self, Section};
 use super::super::{UiError, UiState, auth};
 
+/// How long a refused sign-in waits before it answers.
+const WRONG_TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub async fn page(State(state): State<UiState>, headers: HeaderMap) -> Markup {
     let access = auth::access(&state, &headers);
     layout::page("Sign in", Section::Login, &access, form(&access, false))
@@ -46,6 +49,9 @@ pub async fn login(
             action = "sign-in",
             "operator page: sign-in refused (wrong token)"
         );
+        // A wrong guess costs the guesser time: guessing a token one
+        // request at a time stays slow.
+        tokio::time::sleep(WRONG_TOKEN_DELAY).await;
         let access = auth::access(&state, &headers);
         let page = layout::page("Sign in", Section::Login, &access, form(&access, true));
         return Ok((StatusCode::FORBIDDEN, page).into_response());
