@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/pg.sh
 source scripts/pg.sh
 
+# The operator page's browser tests (tests/ui_browser.rs) drive Chromium
+# through chromedriver, both from Debian's packages.
+if ! command -v chromedriver >/dev/null 2>&1 && [ ! -x /usr/bin/chromedriver ]; then
+  echo "test.sh: chromedriver not found; installing chromium and chromium-driver with apt-get" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >&2
+fi
+
 SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh)
 export SPICEDB_LIBRARY_PATH
 pg_start

@@ -1,5 +1,6 @@
 //! The worker's HTTP endpoint: `/healthz` (alive), `/readyz` (database
-//! reachable, credential accepted) and `/metrics` (Prometheus text).
+//! reachable, credential accepted), `/metrics` (Prometheus text), and the
+//! operator page under `/ui/` ([`crate::ui`]) when one is given.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +29,19 @@ pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
         .with_state(AppState { health, metrics })
 }
 
+/// [`router`] with the operator page mounted under `/ui/`.
+pub fn router_with_ui(
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+    ui: Option<crate::ui::UiState>,
+) -> Router {
+    let app = router(health, metrics);
+    match ui {
+        Some(ui) => app.merge(crate::ui::router(ui)),
+        None => app,
+    }
+}
+
 async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     if state.health.ready() {
         (StatusCode::OK, "ready\n")
@@ -51,6 +65,6 @@ pub async fn serve(listener: TcpListener, app: Router, cancel: CancellationToken
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;
     if let Err(e) = result {
-        tracing::error!(error = %e, "metrics endpoint failed");
+        tracing::error!(error = %e, "HTTP endpoint failed");
     }
 }

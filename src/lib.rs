@@ -39,4 +39,5 @@ pub mod outbox;
 pub mod reconcile;
 pub mod spicedb_client;
 pub mod telemetry;
+pub mod ui;
 pub mod uninstall;

@@ -35,6 +35,7 @@ use crate::migrate::{MIGRATOR, MigrateOptions};
 /// first; their sequences go with them).
 pub const OUTBOX_TABLES: &[&str] = &[
     "authz_outbox_owners",
+    "authz_outbox_reconcile_findings",
     "authz_outbox_reconcile_runs",
     "authz_outbox_listeners",
     "authz_outbox_mappings",

@@ -10,6 +10,7 @@ mod reconcile;
 mod replay;
 mod run;
 mod status;
+mod ui;
 mod uninstall;
 
 use std::process::ExitCode;
@@ -94,6 +95,8 @@ enum Command {
     /// Ask SpiceDB whether a subject has a permission on a resource
     /// (`check document:roadmap view user:alice`): exit 0 allowed, 1 denied.
     Check(check::CheckArgs),
+    /// Serve the operator page, read-only, without a worker (loopback by default).
+    Ui(ui::UiArgs),
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code:
@@ -135,6 +138,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay::replay_command(args).await,
         Command::Uninstall(args) => uninstall::uninstall_command(args).await,
         Command::Check(args) => check::check_command(args).await,
+        Command::Ui(args) => ui::ui_command(args).await,
     }
 }
 

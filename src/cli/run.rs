@@ -135,6 +135,8 @@ pub struct RunArgs {
     /// own, often on the same machine or pod network.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9464")]
     metrics_addr: SocketAddr,
+    #[command(flatten)]
+    ui: super::ui::WorkerUiArgs,
 }
 
 impl RunArgs {
@@ -239,6 +241,33 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    /// Where the operator page reads SpiceDB and starts reconcile runs:
+    /// the SpiceDB settings, whatever the target (an agentex-auth worker
+    /// given SPICEDB_ENDPOINT uses it for the page only).
+    fn ui_spicedb(&self) -> anyhow::Result<Option<crate::reconcile::SpiceDbConfig>> {
+        let Some(endpoint) = &self.spicedb_endpoint else {
+            return Ok(None);
+        };
+        let mut config = crate::reconcile::SpiceDbConfig::new(endpoint.clone());
+        config.token = match &self.spicedb_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the credential file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => self.spicedb_token.as_ref().map(|t| t.0.clone()),
+        };
+        config.ca_pem = self
+            .spicedb_ca_file
+            .as_deref()
+            .map(crate::spicedb_client::read_ca_file)
+            .transpose()?;
+        Ok(Some(config))
+    }
+}
+
 enum Client {
     AgentexAuth(AuthClient),
     SpiceDb(SpiceDbClient),
@@ -282,16 +311,34 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     })?;
     let once = args.once;
     let target_name = target.name();
+    // The page reads through a pool of its own: however many operators
+    // refresh it, it never takes a connection the claims and outcomes need.
+    let ui_pool = if args.ui.no_ui {
+        None
+    } else {
+        Some(crate::db::connect(&args.db.database_url.0, 2).await?)
+    };
     let worker = Worker::new(pool, target, config)?;
+    let ui = match (
+        ui_pool,
+        args.ui
+            .config(args.ui_spicedb()?, args.target, worker.health()),
+    ) {
+        (Some(pool), Some(ui)) => Some(crate::ui::UiState::new(pool, ui)),
+        _ => None,
+    };
 
     let shutdown = CancellationToken::new();
     let http_cancel = CancellationToken::new();
     let http = tokio::spawn(crate::http::serve(
         listener,
-        crate::http::router(worker.health(), metrics),
+        crate::http::router_with_ui(worker.health(), metrics, ui),
         http_cancel.clone(),
     ));
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(
+        shutdown.clone(),
+        "shutdown requested; finishing in-flight rows",
+    ));
     tracing::info!(addr = %args.metrics_addr, once, target = target_name, "worker started");
 
     let report = worker.run(shutdown, once).await;
@@ -336,8 +383,9 @@ fn warn_about_the_credential(has_token: bool, url: &str) {
     super::warn_if_sent_in_clear(has_token, "AGENTEX_AUTH_URL", "bearer token", url);
 }
 
-/// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown.
-async fn cancel_on_signal(shutdown: CancellationToken) {
+/// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown,
+/// logged as `message`.
+pub(super) async fn cancel_on_signal(shutdown: CancellationToken, message: &'static str) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -353,6 +401,6 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate => {}
     }
-    tracing::info!("shutdown requested; finishing in-flight rows");
+    tracing::info!("{message}");
     shutdown.cancel();
 }

@@ -20,4 +20,5 @@ pub mod sink;
 pub mod stats;
 pub mod svg;
 pub mod target;
+pub mod ui;
 pub mod write_path;

@@ -30,6 +30,8 @@ pub struct Results {
     pub ceiling: Option<CeilingResult>,
     pub latency: Option<LatencyResult>,
     pub reconcile: Vec<ReconcileResult>,
+    /// The operator page at size (`--only ui`).
+    pub ui: Option<super::ui::UiResult>,
     pub targets: Vec<Target>,
 }
 
@@ -53,6 +55,15 @@ impl Results {
                 met,
             })
         };
+        if let Some(ui) = &self.ui {
+            let worst = ui.worst_p99_ms();
+            add(
+                "operator page, slowest page's p99 (1M outbox rows, 10k dead)",
+                "< 200 ms",
+                format!("{worst:.1} ms"),
+                worst < 200.0,
+            );
+        }
         if let Some(w) = &self.write_path {
             let cost = 1.0 - w.capture_vs_plain_throughput;
             add(
@@ -197,6 +208,9 @@ impl Results {
     }
 
     pub fn print(&self) {
+        if let Some(ui) = &self.ui {
+            ui.print();
+        }
         if let Some(w) = &self.write_path {
             println!(
                 "\nWrite path ({} clients, {} rounds x {:.0} s, fsync+synchronous_commit on)",

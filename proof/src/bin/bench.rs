@@ -13,7 +13,7 @@ use clap::{Parser, ValueEnum};
 
 use bench::report::{Machine, Results};
 use bench::svg::{Series, cdf_chart};
-use bench::{ceiling, delivery, env::Env, host_writes, latency, reconcile, target, write_path};
+use bench::{ceiling, delivery, env::Env, host_writes, latency, reconcile, target, ui, write_path};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
@@ -25,6 +25,8 @@ enum Which {
     Ceiling,
     Latency,
     Reconcile,
+    /// The operator page's latency per page at a million outbox rows.
+    Ui,
 }
 
 #[derive(Debug, Parser)]
@@ -117,6 +119,16 @@ struct Args {
     /// `authz-outbox reconcile --page-size`.
     #[arg(long, default_value_t = 1000)]
     reconcile_page_size: u32,
+
+    /// Outbox rows behind the operator page (`--only ui`).
+    #[arg(long, default_value_t = 1_000_000)]
+    ui_rows: i64,
+    /// Dead rows among them.
+    #[arg(long, default_value_t = 10_000)]
+    ui_dead: i64,
+    /// Requests per page.
+    #[arg(long, default_value_t = 50)]
+    ui_requests: usize,
 }
 
 #[tokio::main]
@@ -240,6 +252,16 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reconcile ({source:?} source)"))?;
             results.reconcile.push(result);
         }
+    }
+
+    if runs(Which::Ui) {
+        eprintln!("bench: operator page");
+        let config = ui::Config {
+            rows: args.ui_rows,
+            dead: args.ui_dead,
+            requests: args.ui_requests,
+        };
+        results.ui = Some(ui::run(&env, &config).await.context("operator page")?);
     }
 
     results.judge();

@@ -1,0 +1,189 @@
+//! The operator page: server-rendered HTML under `/ui/`, served by the
+//! worker's HTTP endpoint (`run`) and by `authz-outbox ui`.
+//!
+//! Every page reads fully without JavaScript; the one small script only
+//! refreshes the overview and asks before a form is sent. Assets are
+//! compiled into the binary ([`assets`]), and the Content-Security-Policy
+//! forbids loading anything from elsewhere.
+//!
+//! Reads go through [`queries`], each one indexed and bounded. Actions
+//! (replay, reconcile) call the same library functions as the CLI
+//! ([`crate::outbox::replay`], [`crate::reconcile`]), so their rules are the
+//! CLI's. They exist only when the page has a token ([`auth`]): without one
+//! the page is read-only, with no form and every POST refused.
+
+pub mod assets;
+pub mod auth;
+mod chart;
+mod form;
+mod layout;
+mod pages;
+pub mod queries;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use sqlx::PgPool;
+
+use crate::delivery::worker::Health;
+use crate::reconcile::{SelectorEncoding, SpiceDbConfig, Writer};
+pub use auth::UiToken;
+
+/// What the page may do and reach.
+#[derive(Debug, Clone)]
+pub struct UiConfig {
+    /// Actions need this token; `None` makes the page read-only.
+    pub token: Option<UiToken>,
+    /// Where "what SpiceDB holds" is read, and reconcile runs; `None` hides
+    /// both.
+    pub spicedb: Option<SpiceDbConfig>,
+    /// How SpiceDB object ids encode selectors (reconcile's setting).
+    pub selector_encoding: SelectorEncoding,
+    /// Whose relationships reconcile judges resources by.
+    pub writer: Writer,
+    /// This worker's delivery health, when the page is served by `run`.
+    pub health: Option<Arc<Health>>,
+}
+
+impl UiConfig {
+    /// A read-only page over `spicedb` (if any), with no worker.
+    pub fn read_only(spicedb: Option<SpiceDbConfig>) -> Self {
+        UiConfig {
+            token: None,
+            spicedb,
+            selector_encoding: SelectorEncoding::default(),
+            writer: Writer::default(),
+            health: None,
+        }
+    }
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct UiState {
+    pub(crate) pool: PgPool,
+    pub(crate) config: Arc<UiConfig>,
+    pub(crate) sessions: Arc<auth::Sessions>,
+    pub(crate) reconcile_running: Arc<tokio::sync::Mutex<()>>,
+    /// What the last run started here came to (shown on the reconcile page).
+    last_reconcile: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl UiState {
+    pub fn new(pool: PgPool, config: UiConfig) -> Self {
+        UiState {
+            pool,
+            config: Arc::new(config),
+            sessions: Arc::new(auth::Sessions::default()),
+            reconcile_running: Arc::new(tokio::sync::Mutex::new(())),
+            last_reconcile: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    pub(crate) fn last_reconcile_message(&self) -> Option<String> {
+        self.last_reconcile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_last_reconcile_message(&self, message: String) {
+        *self
+            .last_reconcile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(message);
+    }
+
+    /// Whether actions exist at all (a token is configured).
+    pub fn actions_enabled(&self) -> bool {
+        self.config.token.is_some()
+    }
+}
+
+/// The page's routes, all under `/ui`, to merge into a server's router.
+pub fn router(state: UiState) -> Router {
+    Router::new()
+        .route(
+            "/ui",
+            get(|| async { axum::response::Redirect::permanent("/ui/") }),
+        )
+        .route("/ui/", get(pages::overview::page))
+        .route("/ui/dead", get(pages::dead::page))
+        .route("/ui/dead/replay", post(pages::dead::replay))
+        .route("/ui/resource", get(pages::resource::search))
+        .route(
+            "/ui/resource/{type}/{*selector}",
+            get(pages::resource::page),
+        )
+        .route("/ui/reconcile", get(pages::reconcile::page))
+        .route("/ui/reconcile/run/{id}", get(pages::reconcile::run))
+        .route("/ui/reconcile/dry-run", post(pages::reconcile::dry_run))
+        .route("/ui/reconcile/apply", post(pages::reconcile::apply))
+        .route("/ui/mappings", get(pages::mappings::page))
+        .route(
+            "/ui/login",
+            get(pages::login::page).post(pages::login::login),
+        )
+        .route("/ui/logout", post(pages::login::logout))
+        .route("/ui/assets/{name}", get(assets::serve))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+/// Nothing but this server's own assets may load; the page may not be
+/// framed; no referrer leaves it.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Why a request got no page.
+#[derive(Debug, thiserror::Error)]
+pub enum UiError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("not found")]
+    NotFound,
+}
+
+impl IntoResponse for UiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            UiError::Database(e) => {
+                // The cause goes to the log only: it may quote a row.
+                tracing::warn!(error = %e, "operator page: database error");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            UiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            UiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            UiError::NotFound => StatusCode::NOT_FOUND,
+        };
+        let title = status.canonical_reason().unwrap_or("error");
+        let body = layout::bare(title, &self.to_string());
+        (status, body).into_response()
+    }
+}
