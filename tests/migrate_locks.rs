@@ -302,16 +302,32 @@ async fn print_sql_applied_with_psql_matches_migrate(pool: PgPool) {
     .expect("drop");
 }
 
+/// A host database migrated, then recorded as if `released` (version,
+/// checksum of the released text) had been applied; `migrate` must accept it.
+async fn upgrade_from_released(pool: &PgPool, released: &[(i64, &str)]) {
+    sqlx::raw_sql(common::HOST_SCHEMA)
+        .execute(pool)
+        .await
+        .expect("host");
+    authz_outbox::db::migrate(pool).await.expect("migrate");
+    for (version, checksum) in released {
+        sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($2, 'hex') WHERE version = $1")
+            .bind(version)
+            .bind(checksum)
+            .execute(pool)
+            .await
+            .expect("pretend the released text was applied");
+    }
+    authz_outbox::db::migrate(pool)
+        .await
+        .expect("migrate accepts the released checksums");
+}
+
 #[sqlx::test(migrations = false)]
 async fn migrations_released_when_they_created_host_tables_still_apply(pool: PgPool) {
     // A database that applied the releases whose migrations still created
     // (1), triggered on (2) or altered (20261201000001) the host's tables
     // upgrades without sqlx calling them modified, and keeps its tables.
-    sqlx::raw_sql(common::HOST_SCHEMA)
-        .execute(&pool)
-        .await
-        .expect("host");
-    authz_outbox::db::migrate(&pool).await.expect("migrate");
     let released = [
         (
             20261123000001_i64,
@@ -326,17 +342,7 @@ async fn migrations_released_when_they_created_host_tables_still_apply(pool: PgP
             "206a1dc32582e9c071512633a51f7bbfd20ac4fc305f9b270601ec42db299363cc0bfba5d050890550bc8e1205637f6b",
         ),
     ];
-    for (version, checksum) in released {
-        sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($2, 'hex') WHERE version = $1")
-            .bind(version)
-            .bind(checksum)
-            .execute(&pool)
-            .await
-            .expect("pretend the released text was applied");
-    }
-    authz_outbox::db::migrate(&pool)
-        .await
-        .expect("migrate accepts the released checksums");
+    upgrade_from_released(&pool, &released).await;
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_class WHERE relname IN ('agents', 'agent_api_keys')",
     )
@@ -351,11 +357,6 @@ async fn migrations_released_before_their_lint_comments_still_apply(pool: PgPool
     // A database that applied the released text of migrations 1-3 (before
     // the linter's comments were added) upgrades without sqlx calling them
     // modified.
-    sqlx::raw_sql(common::HOST_SCHEMA)
-        .execute(&pool)
-        .await
-        .expect("host");
-    authz_outbox::db::migrate(&pool).await.expect("migrate");
     let released = [
         (
             20261123000001_i64,
@@ -370,15 +371,5 @@ async fn migrations_released_before_their_lint_comments_still_apply(pool: PgPool
             "f4faffe0716af5b8d8e265a6395551ac0a269159589827380950560a54b42b4d9068e86e6b4f1b7473cfc4733e6faa49",
         ),
     ];
-    for (version, checksum) in released {
-        sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($2, 'hex') WHERE version = $1")
-            .bind(version)
-            .bind(checksum)
-            .execute(&pool)
-            .await
-            .expect("pretend the released text was applied");
-    }
-    authz_outbox::db::migrate(&pool)
-        .await
-        .expect("migrate accepts the released checksums");
+    upgrade_from_released(&pool, &released).await;
 }
