@@ -730,6 +730,60 @@ async fn a_reparent_then_a_delete_leaves_nothing(pool: PgPool) {
     dev.shutdown().await;
 }
 
+/// The swap's mark on the register it wrote early survives the register
+/// being released unsent (here: the liveness check fails, as it does while
+/// PostgreSQL restarts). Cleared, the register looked never attempted and
+/// was superseded together with the delete after it, leaving the
+/// re-parent's relationships in SpiceDB. Found by the chaos run.
+#[sqlx::test(migrations = false)]
+async fn a_register_released_after_the_swap_wrote_it_is_still_deleted(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    agent(&pool, "a1").await;
+    agent(&pool, "a2").await;
+    let k = key(&pool, "a1", "k").await;
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    as_user(
+        &pool,
+        "u2",
+        "UPDATE agent_api_keys SET agent_id = 'a2' WHERE id = $1",
+        &k.id,
+    )
+    .await;
+    capture::delete_api_key(&pool, &k.id, None)
+        .await
+        .expect("delete");
+    // The liveness check the register needs fails: the swap is delivered,
+    // then the register is claimed and released.
+    let away =
+        "ALTER FUNCTION authz_outbox_resource_live(text, text, text) RENAME TO resource_live_away";
+    sqlx::query(away).execute(&pool).await.expect("rename");
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    let (state, error): (String, Option<String>) = sqlx::query_as(
+        "SELECT state, last_error FROM authz_outbox
+         WHERE resource_id = $1 AND operation = 'register' ORDER BY id DESC LIMIT 1",
+    )
+    .bind(&k.id)
+    .fetch_one(&pool)
+    .await
+    .expect("the re-parent's register");
+    assert_eq!(state, "pending", "the register was released, not settled");
+    assert!(
+        error.is_some_and(|e| e.contains("written early")),
+        "the swap's mark survived the release"
+    );
+    let back =
+        "ALTER FUNCTION resource_live_away(text, text, text) RENAME TO authz_outbox_resource_live";
+    sqlx::query(back).execute(&pool).await.expect("rename back");
+    run_once_spicedb(&pool, &grpc, config("w"), 50).await;
+    assert!(
+        relationships_of(&grpc, "api_key", &k.id).await.is_empty(),
+        "the re-parent's relationships deleted"
+    );
+    dev.shutdown().await;
+}
+
 /// A group's calls together end within one request timeout (the lease is
 /// sized for one request): a refused batch whose resends would outlast it
 /// is cut off and retried whole, not left writing past the timeout.

@@ -24,6 +24,11 @@ pub enum RowUpdate {
     },
     /// Back to pending without spending the attempt (our credential was
     /// refused, the circuit held it back, or the worker is shutting down).
+    /// Without an error of its own it keeps the row's `last_error`: that is
+    /// the evidence that something of the row may already be in SpiceDB (an
+    /// earlier attempt, or a re-parent's swap that wrote it early), and a
+    /// row without it counts as never attempted, which lets the worker
+    /// supersede it with the deregister after it and send neither.
     Release {
         at: DateTime<Utc>,
         status: Option<u16>,
@@ -71,7 +76,7 @@ pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>
         SET state = u.state,
             attempts = CASE WHEN u.refund THEN greatest(o.attempts - 1, 0) ELSE o.attempts END,
             next_attempt_at = coalesce(u.next_attempt_at, o.next_attempt_at),
-            last_error = u.last_error,
+            last_error = CASE WHEN u.refund THEN coalesce(u.last_error, o.last_error) ELSE u.last_error END,
             last_status = u.last_status,
             consistency_token = coalesce(u.consistency_token, o.consistency_token),
             delivered_at = CASE WHEN u.state = 'delivered' THEN now() ELSE o.delivered_at END,
