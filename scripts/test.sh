@@ -19,6 +19,10 @@ fi
 
 SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh)
 export SPICEDB_LIBRARY_PATH
+# WAL capture's tests (tests/wal_capture.rs) read logical replication slots,
+# one per test database.
+PG_EXTRA_CONF=${PG_EXTRA_CONF:-$'wal_level = logical\nmax_replication_slots = 64\nmax_wal_senders = 16'}
+export PG_EXTRA_CONF
 pg_start
 
 cargo build --workspace --all-targets

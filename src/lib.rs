@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod reconcile;
+pub mod relay;
 pub mod spicedb_client;
 pub mod telemetry;
 pub mod ui;

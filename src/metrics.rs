@@ -39,6 +39,16 @@ pub const OLDEST_PARTITION_AGE: &str = "authz_outbox_oldest_partition_age_second
 pub const PARTITIONS_AHEAD: &str = "authz_outbox_partitions_ahead_seconds";
 pub const DEFAULT_PARTITION_ROWS: &str = "authz_outbox_default_partition_rows";
 pub const PARTITION_CREATE_FAILURES: &str = "authz_outbox_partition_create_failures_total";
+/// WAL capture: rows the relay moved from the slot into the outbox.
+pub const RELAYED: &str = "authz_outbox_relay_rows_total";
+/// WAL capture: WAL between the slot's confirmed position and the end.
+pub const RELAY_LAG_BYTES: &str = "authz_outbox_relay_lag_bytes";
+/// WAL capture: how long since the relay last read to the WAL's end.
+pub const RELAY_LAG_SECONDS: &str = "authz_outbox_relay_lag_seconds";
+/// WAL capture: 1 on the replica whose relay reads the slot.
+pub const RELAY_LEADER: &str = "authz_outbox_relay_leader";
+/// WAL capture: slots found dropped or invalidated and recreated.
+pub const RELAY_GAPS: &str = "authz_outbox_relay_gaps_total";
 
 /// Every series the worker serves, for docs and the test that keeps
 /// `deploy/` honest.
@@ -63,6 +73,11 @@ pub const ALL: &[&str] = &[
     PARTITIONS_AHEAD,
     DEFAULT_PARTITION_ROWS,
     PARTITION_CREATE_FAILURES,
+    RELAYED,
+    RELAY_LAG_BYTES,
+    RELAY_LAG_SECONDS,
+    RELAY_LEADER,
+    RELAY_GAPS,
 ];
 
 /// The built-in resource types, always a label of their own.
@@ -291,6 +306,11 @@ pub async fn prime(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     metrics::gauge!(READY).set(0.0);
     metrics::gauge!(CREDENTIAL_FAILURE).set(0.0);
     metrics::gauge!(CIRCUIT_OPEN).set(0.0);
+    metrics::counter!(RELAYED).increment(0);
+    metrics::counter!(RELAY_GAPS).increment(0);
+    metrics::gauge!(RELAY_LAG_BYTES).set(0.0);
+    metrics::gauge!(RELAY_LAG_SECONDS).set(0.0);
+    metrics::gauge!(RELAY_LEADER).set(0.0);
     register_installed_types(pool).await?;
     let stats = crate::outbox::stats::collect(pool, crate::outbox::stats::Scope::All, 0).await?;
     let types: Vec<&String> = stats.by_type.keys().collect();
@@ -344,6 +364,26 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        RELAYED,
+        "WAL capture: rows moved from the slot into the outbox."
+    );
+    describe_gauge!(
+        RELAY_LAG_BYTES,
+        "WAL capture: bytes of WAL the relay's slot has not confirmed."
+    );
+    describe_gauge!(
+        RELAY_LAG_SECONDS,
+        "WAL capture: seconds since the relay last read to the WAL's end."
+    );
+    describe_gauge!(
+        RELAY_LEADER,
+        "WAL capture: 1 where the relay reads the slot."
+    );
+    describe_counter!(
+        RELAY_GAPS,
+        "WAL capture: relay slots found dropped or invalidated and recreated."
+    );
     describe_gauge!(ROWS, "Outbox rows by state and resource type.");
     describe_gauge!(
         PARTITIONS,
@@ -402,6 +442,11 @@ fn describe() {
         RECONCILE_LAST_RUN,
         "When the latest reconcile run finished."
     );
+}
+
+/// Counts a relay slot found lost and recreated.
+pub fn relay_gap() {
+    metrics::counter!(RELAY_GAPS).increment(1);
 }
 
 #[cfg(test)]

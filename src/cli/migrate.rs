@@ -8,8 +8,10 @@ use std::time::Duration;
 use super::DbArgs;
 use super::mappings::MappingArgs;
 use crate::alembic::{Revision, revision_file};
+use crate::mapping::core::CaptureMode;
 use crate::mapping::install::ChangeAction;
 use crate::migrate::{MigrateOptions, migrate_with, print_sql};
+use crate::relay::setup;
 
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
@@ -49,6 +51,19 @@ pub struct MigrateArgs {
     /// head (`alembic heads`); without it the revision starts a new base.
     #[arg(long, value_name = "ID", requires = "alembic_revision", value_parser = revision_id)]
     alembic_down_revision: Option<String>,
+    /// How captures reach the outbox: `table` (an outbox row inserted in
+    /// the writing transaction; works everywhere) or `wal` (a logical
+    /// message, one WAL record; needs wal_level = logical and a role with
+    /// REPLICATION; a relay in the worker moves them into the outbox).
+    /// Without it, the installed mode is kept (`table` on a new database).
+    #[arg(long, value_enum, conflicts_with = "print_sql")]
+    capture: Option<CaptureArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CaptureArg {
+    Table,
+    Wal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -109,11 +124,47 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let report = migrate_with(&pool, &mappings, &options).await?;
+    let mut conn = pool.acquire().await?;
+    if args.capture == Some(CaptureArg::Wal) {
+        // Refused before anything changes, each in one line.
+        setup::check_wal_ready(&mut conn).await?;
+    }
+    let installed = crate::mapping::install::capture_mode(&mut conn).await?;
+    let wanted = match args.capture {
+        Some(CaptureArg::Wal) => CaptureMode::Wal,
+        Some(CaptureArg::Table) => CaptureMode::Table,
+        None => installed,
+    };
+    let mut report = migrate_with(&pool, &mappings, &options).await?;
+    if wanted != installed {
+        match wanted {
+            CaptureMode::Wal => {
+                for advice in setup::enable_wal(&mut conn).await? {
+                    eprintln!("{advice}");
+                }
+            }
+            CaptureMode::Table => setup::set_mode(&mut conn, CaptureMode::Table).await?,
+        }
+        // The capture functions, regenerated for the mode.
+        let again = migrate_with(&pool, &mappings, &options).await?;
+        report.mappings.extend(again.mappings);
+        if wanted == CaptureMode::Table {
+            let mut relay_conn =
+                <sqlx::PgConnection as sqlx::Connection>::connect(&args.db.database_url.0).await?;
+            setup::finish_leaving_wal(&mut conn, &mut relay_conn, Duration::from_secs(300)).await?;
+        }
+        println!(
+            "capture mode: {} (was {})",
+            wanted.as_str(),
+            installed.as_str()
+        );
+    }
+    drop(conn);
+    let switched = wanted != installed;
     for migration in &report.migrations {
         println!("applied migration {migration}");
     }
-    let mut changed = !report.migrations.is_empty();
+    let mut changed = switched || !report.migrations.is_empty();
     for change in &report.mappings {
         if change.action != ChangeAction::SkippedNoTable {
             println!("{change}");

@@ -137,6 +137,24 @@ pub struct RunArgs {
     metrics_addr: SocketAddr,
     #[command(flatten)]
     ui: super::ui::WorkerUiArgs,
+    /// WAL capture (`migrate --capture wal`): do not run the relay that
+    /// moves captured messages from the slot into the outbox here (another
+    /// replica's does; one reads at a time). Idle in table mode.
+    #[arg(long, env = "AUTHZ_OUTBOX_NO_RELAY")]
+    no_relay: bool,
+    /// WAL capture: the relay's pause after a read that found nothing (its
+    /// share of commit-to-delivered latency; 1 ms to 1 s).
+    #[arg(long, env = "AUTHZ_OUTBOX_RELAY_POLL_INTERVAL", default_value = "5ms",
+          value_parser = relay_poll)]
+    relay_poll_interval: Duration,
+}
+
+fn relay_poll(s: &str) -> Result<Duration, String> {
+    let d = super::parse_duration(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(1) {
+        return Err("must be between 1ms and 1s".into());
+    }
+    Ok(d)
 }
 
 impl RunArgs {
@@ -318,6 +336,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         Some(crate::db::connect(&args.db.database_url.0, 2).await?)
     };
+    let relay_pool = pool.clone();
+    let spicedb_for_gaps = args.ui_spicedb()?;
     let worker = Worker::new(pool, target, config)?;
     let ui = match (
         ui_pool,
@@ -341,7 +361,31 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     ));
     tracing::info!(addr = %args.metrics_addr, once, target = target_name, "worker started");
 
+    let relay_config = crate::relay::RelayConfig {
+        database_url: args.db.database_url.0.clone(),
+        poll: args.relay_poll_interval,
+        batch: 5_000,
+    };
+    if once {
+        // What the slot holds now is captured already: relayed first, so
+        // a one-shot run delivers it as it would in table mode.
+        if let Err(e) = crate::relay::drain_once(&relay_config).await {
+            eprintln!("error: the WAL relay could not drain the slot: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    let relay = (!once && !args.no_relay).then(|| {
+        tokio::spawn(crate::relay::run(
+            relay_config,
+            relay_pool.clone(),
+            gap_handler(relay_pool.clone(), spicedb_for_gaps.clone(), args.target),
+            shutdown.clone(),
+        ))
+    });
     let report = worker.run(shutdown, once).await;
+    if let Some(relay) = relay {
+        let _ = relay.await;
+    }
     http_cancel.cancel();
     let _ = http.await;
     tracing::info!(?report, "worker stopped");
@@ -403,4 +447,39 @@ pub(super) async fn cancel_on_signal(shutdown: CancellationToken, message: &'sta
     }
     tracing::info!("{message}");
     shutdown.cancel();
+}
+
+/// After the relay recreated a lost slot: a reconcile of every type, applied
+/// through the outbox, when this worker can read SpiceDB
+/// (`--spicedb-endpoint`); otherwise none, and `status` tells the operator
+/// to run `authz-outbox reconcile --apply`.
+fn gap_handler(
+    pool: sqlx::PgPool,
+    spicedb: Option<crate::reconcile::SpiceDbConfig>,
+    target: TargetKind,
+) -> Option<crate::relay::GapHandler> {
+    let spicedb = spicedb?;
+    Some(std::sync::Arc::new(move || {
+        let (pool, spicedb) = (pool.clone(), spicedb.clone());
+        Box::pin(async move {
+            let options = crate::reconcile::ReconcileOptions {
+                apply: true,
+                grace: Duration::ZERO,
+                writer: super::ui::writer(target),
+                ..crate::reconcile::ReconcileOptions::default()
+            };
+            // reconcile's finding callback is not Send: the run drives its
+            // own future on a blocking thread of this runtime.
+            let handle = tokio::runtime::Handle::current();
+            let report = tokio::task::spawn_blocking(move || {
+                handle.block_on(async move {
+                    crate::reconcile::reconcile(&pool, &spicedb, &options, &mut |_| {}).await
+                })
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(?report, "reconciled every type after the relay's gap");
+            Ok(())
+        })
+    }))
 }

@@ -19,8 +19,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut s = stats::collect(&pool, stats::Scope::All, args.dead).await?;
     s.direct_writers = stats::direct_writers(&pool).await?;
     s.partitions = crate::outbox::partitions::list(&pool).await?;
+    let capture = crate::relay::capture_status(&pool).await?;
     match args.format {
-        Format::Json => print_json(&s)?,
+        Format::Json => print_json(&WithCapture { stats: &s, capture })?,
         Format::Table => {
             println!(
                 "{:<12} {:>10} {:>10} {:>10}",
@@ -69,6 +70,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             println!("oldest pending age: {:.1}s", s.oldest_pending_age_seconds);
             println!("leased now:         {}", s.leased);
             print_partitions(&s.partitions);
+            print_capture(&capture);
             if !s.direct_writers.is_empty() {
                 println!();
                 println!(
@@ -98,6 +100,47 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(serde::Serialize)]
+struct WithCapture<'a> {
+    #[serde(flatten)]
+    stats: &'a stats::OutboxStats,
+    capture: crate::relay::CaptureStatus,
+}
+
+/// The capture mode and, in WAL mode, the relay's slot, lag and gaps.
+fn print_capture(c: &crate::relay::CaptureStatus) {
+    println!();
+    let Some(slot) = &c.slot else {
+        println!("capture: {}", c.mode);
+        return;
+    };
+    println!(
+        "capture: {} (slot {}, {} relayed, lag {})",
+        c.mode,
+        crate::display::line(slot, 100),
+        c.relayed.unwrap_or(0),
+        c.lag_bytes
+            .map_or("unknown: the slot is missing".into(), |b| format!(
+                "{b} bytes"
+            ))
+    );
+    if c.gaps.unwrap_or(0) > 0 {
+        println!(
+            "relay gaps:         {} (last {}: {})",
+            c.gaps.unwrap_or(0),
+            c.last_gap_at.map_or("-".into(), |t| t.to_rfc3339()),
+            crate::display::error_line(c.last_gap_reason.as_deref().unwrap_or(""))
+        );
+    }
+    if c.reconcile_pending {
+        println!(
+            "WARNING: the relay's slot was lost and recreated (a gap): captures made meanwhile \
+             are missing until a reconcile of every type runs — the worker runs it when it has \
+             --spicedb-endpoint; else run `authz-outbox reconcile --apply`"
+        );
+    }
 }
 
 /// The partitions with their ranges and sizes, the oldest's age and how far

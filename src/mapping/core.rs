@@ -28,8 +28,93 @@ fn function(schema: &str, name: &str, signature: &str, attributes: &str, body: &
     )
 }
 
-/// The statements, in order.
+/// How a capture reaches the outbox (`migrate --capture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CaptureMode {
+    /// The capture inserts the outbox row in the writing transaction.
+    #[default]
+    Table,
+    /// The capture emits the row as a transactional logical message
+    /// ([`MESSAGE_PREFIX`]): one WAL record, no heap row, no index entry;
+    /// the relay (`crate::relay`) inserts it once the transaction commits.
+    Wal,
+}
+
+impl CaptureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Table => "table",
+            CaptureMode::Wal => "wal",
+        }
+    }
+
+    /// The mode a stored setting names; anything else is `table`, the mode
+    /// that works everywhere.
+    pub fn from_setting(value: Option<&str>) -> Self {
+        match value {
+            Some("wal") => CaptureMode::Wal,
+            _ => CaptureMode::Table,
+        }
+    }
+
+    /// The marker of the core functions generated for this mode.
+    pub fn core_comment(self) -> String {
+        match self {
+            CaptureMode::Table => CORE_COMMENT.to_string(),
+            CaptureMode::Wal => CORE_COMMENT.replace("capture core", "wal capture core"),
+        }
+    }
+}
+
+/// The prefix of the logical messages a WAL capture emits.
+pub const MESSAGE_PREFIX: &str = "authz_outbox";
+
+/// The statements of the table-mode core, in order.
 pub fn core_statements(schema: &str) -> Vec<String> {
+    core_statements_for(schema, CaptureMode::Table)
+}
+
+/// What one captured row becomes: an INSERT into the outbox, or (WAL mode)
+/// a transactional logical message carrying the same columns, which the
+/// relay inserts in commit order. `state`, `error` are SQL expressions.
+fn write_row(schema: &str, mode: CaptureMode, dead: bool) -> String {
+    let outbox = qualified(schema, "authz_outbox");
+    match (mode, dead) {
+        (CaptureMode::Table, false) => format!(
+            "INSERT INTO {outbox} (resource_type, resource_id, parent_type, parent_id, operation,
+                              principal, principal_source, attributes)
+        VALUES (p_resource_type, p_resource_id, p_parent_type, p_parent_id, p_operation,
+                who, src, p_attributes);
+        IF {asleep}() THEN
+            PERFORM pg_catalog.pg_notify('authz_outbox', '');
+        END IF;",
+            asleep = qualified(schema, "authz_outbox_workers_asleep"),
+        ),
+        (CaptureMode::Table, true) => format!(
+            "INSERT INTO {outbox} (resource_type, resource_id, parent_type, parent_id, operation,
+                          principal, principal_source, attributes, state, finished_at, last_error)
+    VALUES (p_resource_type, p_resource_id, p_parent_type, p_parent_id, p_operation,
+            who, src, p_attributes, 'dead', pg_catalog.clock_timestamp(),
+            {no_creator});",
+            no_creator = quote_literal(NO_CREATOR_ERROR),
+        ),
+        (CaptureMode::Wal, dead) => format!(
+            "PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.jsonb_build_object(
+        'resource_type', p_resource_type, 'resource_id', p_resource_id,
+        'parent_type', p_parent_type, 'parent_id', p_parent_id, 'operation', p_operation,
+        'principal', who, 'principal_source', src, 'attributes', p_attributes,
+        'dead', {dead})::text);",
+            prefix = quote_literal(MESSAGE_PREFIX),
+        ),
+    }
+}
+
+/// The error of a row captured without a creator (the relay writes it too).
+pub const NO_CREATOR_ERROR: &str =
+    "no creator resolvable: set authz_outbox.principal in the writing transaction";
+
+/// The statements, in order, for `mode`.
+pub fn core_statements_for(schema: &str, mode: CaptureMode) -> Vec<String> {
     let s = |name: &str| qualified(schema, name);
     let words: Vec<String> = crate::domain::CREDENTIAL_WORDS
         .iter()
@@ -280,39 +365,30 @@ BEGIN
     END IF;
 
     IF {has_creator}(who) OR src = {no_creator_needed} THEN
-        INSERT INTO {outbox} (resource_type, resource_id, parent_type, parent_id, operation,
-                              principal, principal_source, attributes)
-        VALUES (p_resource_type, p_resource_id, p_parent_type, p_parent_id, p_operation,
-                who, src, p_attributes);
-        IF {asleep}() THEN
-            PERFORM pg_catalog.pg_notify('authz_outbox', '');
-        END IF;
+        {write_live}
         RETURN true;
     END IF;
-    INSERT INTO {outbox} (resource_type, resource_id, parent_type, parent_id, operation,
-                          principal, principal_source, attributes, state, finished_at, last_error)
-    VALUES (p_resource_type, p_resource_id, p_parent_type, p_parent_id, p_operation,
-            who, src, p_attributes, 'dead', pg_catalog.clock_timestamp(),
-            'no creator resolvable: set authz_outbox.principal in the writing transaction');
+    {write_dead}
     RETURN false;
 END
 ",
+                write_live = write_row(schema, mode, false),
+                write_dead = write_row(schema, mode, true),
                 has_creator = s("authz_outbox_has_creator"),
                 no_creator_needed = quote_literal(super::ddl::NO_CREATOR_NEEDED),
                 outbox = s("authz_outbox"),
-                asleep = s("authz_outbox_workers_asleep"),
             ),
         ),
         format!(
             "COMMENT ON FUNCTION {}(text, text, text, text, text, jsonb, text, jsonb) IS {}",
             s(ENQUEUE),
-            quote_literal(CORE_COMMENT)
+            quote_literal(&mode.core_comment())
         ),
         wait_for_resource(schema),
         record_owner(schema),
     ]
     .into_iter()
-    .chain(writer_functions(schema))
+    .chain(writer_functions(schema, mode))
     .chain([revoke_from_public(schema)])
     .collect()
 }
@@ -322,8 +398,38 @@ END
 /// Each runs as its owner and answers only about the caller's own writes,
 /// except the wait by id, which answers what `authz_outbox_wait_for_resource`
 /// would. EXECUTE is granted to such writers only (docs/operations.md).
-fn writer_functions(schema: &str) -> Vec<String> {
+fn writer_functions(schema: &str, mode: CaptureMode) -> Vec<String> {
     let s = |name: &str| qualified(schema, name);
+    if mode == CaptureMode::Wal {
+        // No row exists until the relay inserts it after COMMIT: a caller
+        // asking for "its" id is told how to wait instead (a stale id
+        // from an earlier capture in this session would be a wrong answer).
+        let refuse = |name: &str, signature: &str| {
+            function(
+                schema,
+                name,
+                signature,
+                &format!("RETURNS bigint LANGUAGE plpgsql VOLATILE {DEFINER}"),
+                &format!(
+                    "
+BEGIN
+    RAISE EXCEPTION '{name}: the capture is in WAL mode; outbox rows get their ids when the relay inserts them after COMMIT'
+        USING ERRCODE = 'feature_not_supported',
+              HINT = 'After COMMIT, wait with authz_outbox_wait_for_resource(type, id, timeout).';
+END
+"
+                ),
+            )
+        };
+        return vec![
+            refuse("authz_outbox_last_captured_id", ""),
+            refuse(
+                "authz_outbox_captured_id",
+                "p_resource_type text, p_resource_id text",
+            ),
+            wait_for_row(schema),
+        ];
+    }
     vec![
         // The id of the last row this session captured (`currval` of the
         // outbox's sequence: the session's own, whoever else writes).
@@ -356,9 +462,15 @@ fn writer_functions(schema: &str) -> Vec<String> {
                 outbox = s("authz_outbox"),
             ),
         ),
-        // Waits for one outbox row as `authz_outbox_wait_for_resource` does
-        // (through that row's id), with the row's resource in the answer.
-        function(
+        wait_for_row(schema),
+    ]
+}
+
+/// Waits for one outbox row as `authz_outbox_wait_for_resource` does
+/// (through that row's id), with the row's resource in the answer.
+fn wait_for_row(schema: &str) -> String {
+    let s = |name: &str| qualified(schema, name);
+    function(
             schema,
             "authz_outbox_wait_for_row",
             "p_id bigint, p_timeout interval",
@@ -384,8 +496,7 @@ END
                 outbox = s("authz_outbox"),
                 wait = s("authz_outbox_wait_for_resource"),
             ),
-        ),
-    ]
+        )
 }
 
 /// Takes EXECUTE on every `authz_outbox*` function in `schema` from PUBLIC
@@ -440,6 +551,32 @@ fn wait_for_resource(schema: &str) -> String {
         .replace(
             " FROM authz_outbox ",
             &format!(" FROM {} ", qualified(schema, "authz_outbox")),
+        )
+        .replace("    newest   record;\n", "    newest   record;\n    target   pg_lsn;\n    relayed  pg_lsn;\n")
+        .replace(
+            "    deadline := started + p_timeout;\n",
+            &format!(
+                "    deadline := started + p_timeout;
+    -- WAL capture: the caller's committed rows are in the outbox once the
+    -- relay has read past this point (it advances its slot only after
+    -- inserting them). Without a relay there is nothing to wait for.
+    target := pg_catalog.pg_current_wal_lsn();
+    LOOP
+        SELECT s.confirmed_flush_lsn INTO relayed
+        FROM {relay} AS r JOIN pg_catalog.pg_replication_slots AS s ON s.slot_name = r.slot_name
+        LIMIT 1;
+        EXIT WHEN NOT FOUND OR relayed >= target;
+        IF pg_catalog.clock_timestamp() >= deadline THEN
+            RETURN QUERY SELECT 'timeout'::text,
+                                pg_catalog.format('the WAL relay has not read past %s after %s', target, p_timeout),
+                                NULL::text, NULL::bigint;
+            RETURN;
+        END IF;
+        PERFORM pg_catalog.pg_sleep(0.002);
+    END LOOP;
+",
+                relay = qualified(schema, "authz_outbox_relay")
+            ),
         )
 }
 

@@ -347,8 +347,9 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
     .fetch_optional(&mut **tx)
     .await?
     .flatten();
-    if pending_migrations || core_comment.as_deref() != Some(super::core::CORE_COMMENT) {
-        let core: Vec<Statement> = super::core::core_statements(&schema)
+    let mode = capture_mode(tx).await?;
+    if pending_migrations || core_comment.as_deref() != Some(mode.core_comment().as_str()) {
+        let core: Vec<Statement> = super::core::core_statements_for(&schema, mode)
             .into_iter()
             .map(|sql| Statement {
                 label: "capture core".into(),
@@ -362,6 +363,25 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
     }
     plan.changes.extend(skipped_changes(skipped, &previous));
     Ok(plan)
+}
+
+/// The capture mode `migrate --capture` stored (`table` when none is, or
+/// before the migration that holds it has run).
+pub async fn capture_mode(
+    conn: &mut PgConnection,
+) -> Result<super::core::CaptureMode, sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('authz_outbox_settings') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+    let value: Option<String> = if exists {
+        sqlx::query_scalar("SELECT value FROM authz_outbox_settings WHERE name = 'capture'")
+            .fetch_optional(&mut *conn)
+            .await?
+    } else {
+        None
+    };
+    Ok(super::core::CaptureMode::from_setting(value.as_deref()))
 }
 
 /// `"schema"."table"` of a table named as the registry records it (resolved

@@ -1,0 +1,609 @@
+//! The WAL relay: with `migrate --capture wal`, captures emit each outbox
+//! row as a transactional logical message (one WAL record, no heap row, no
+//! index entry in the writing transaction), and the relay moves them from
+//! a logical replication slot into `authz_outbox`, in commit order.
+//!
+//! Follow one message. The relay peeks the slot through PostgreSQL's SQL
+//! functions (`pg_logical_slot_peek_binary_changes`, pgoutput, an empty
+//! publication: only our messages and transaction boundaries come out),
+//! inserts the messages of whole transactions into the outbox and records
+//! the end of the last one (`authz_outbox_relay.applied_lsn`) in the same
+//! transaction, and only then advances the slot. Killed anywhere, it reads
+//! again from the slot's position and skips what `applied_lsn` says is in:
+//! nothing lost, nothing twice. From the outbox on, a row is delivered,
+//! superseded, ordered and replayed exactly as in table mode.
+//!
+//! Why the SQL functions and not the replication protocol: they need no
+//! replication connection (poolers and managed services pass them), the
+//! peek-then-advance pair gives the exactly-once step above with plain
+//! transactions, and no maintained Rust crate speaks the logical
+//! replication protocol on top of sqlx. The cost is polling (see
+//! [`RelayConfig::poll`]).
+//!
+//! One relay reads at a time across replicas: it holds a session advisory
+//! lock on its own connection, and every read and write of the slot goes
+//! through that connection, so a relay that lost its connection lost its
+//! turn with it.
+//!
+//! A slot found dropped or invalidated is a gap: the messages emitted while
+//! it was gone are lost. The relay recreates it, counts the gap, and marks
+//! `reconcile_pending`; a reconcile of every type (run by the worker when it
+//! can read SpiceDB, else by the operator, as `status` says) heals it.
+
+pub mod pgoutput;
+pub mod setup;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use sqlx::postgres::PgConnection;
+use sqlx::{Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::mapping::core::{MESSAGE_PREFIX, NO_CREATOR_ERROR};
+
+/// The (empty) publication pgoutput needs to be named.
+pub const PUBLICATION: &str = "authz_outbox_relay";
+
+/// The advisory lock only the relay reading the slot holds.
+const LEADER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('authz_outbox_relay'))";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the slot's output: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("a captured message is not an outbox row: {0}")]
+    Message(String),
+    #[error("the replication slot {slot} is gone ({reason})")]
+    SlotLost { slot: String, reason: String },
+}
+
+/// How the relay runs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub database_url: String,
+    /// The pause between two peeks that found nothing: the relay's share of
+    /// commit-to-delivered latency, against one query per pause when idle.
+    pub poll: Duration,
+    /// Changes read per peek (whole transactions: a large one may exceed it).
+    pub batch: i64,
+}
+
+/// What one step did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Rows inserted into the outbox.
+    pub relayed: u64,
+    /// Transactions skipped because `applied_lsn` already covered them (a
+    /// relay that died between its insert and advancing the slot).
+    pub skipped: u64,
+    /// Whether the peek reached the WAL's end as it was at the start.
+    pub caught_up: bool,
+}
+
+/// Where a step may stop early, for the tests that kill a relay mid-step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopAt {
+    Never,
+    /// After the rows are committed, before the slot advances.
+    BeforeAdvance,
+}
+
+/// One captured row as the capture emitted it.
+#[derive(Debug, Deserialize)]
+struct Captured {
+    resource_type: String,
+    resource_id: String,
+    parent_type: Option<String>,
+    parent_id: Option<String>,
+    operation: String,
+    principal: Option<Value>,
+    principal_source: Option<String>,
+    attributes: Option<Value>,
+    #[serde(default)]
+    dead: bool,
+}
+
+/// The slot the relay reads, if WAL capture is installed (or being left).
+pub async fn slot_name(conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('authz_outbox_relay') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT slot_name FROM authz_outbox_relay ORDER BY slot_name LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await
+}
+
+fn names_a_creator(principal: &Option<Value>) -> bool {
+    principal.as_ref().is_some_and(|p| {
+        ["user_id", "service_account_id"].iter().any(|f| {
+            p.get(*f)
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+        })
+    })
+}
+
+/// One step: peek, insert what is new, record, advance. `conn` must hold
+/// the leader lock.
+pub async fn step(
+    conn: &mut PgConnection,
+    slot: &str,
+    batch: i64,
+    stop: StopAt,
+) -> Result<Step, RelayError> {
+    // Decoding reads only flushed WAL: the flush position, not the insert
+    // position, is how far a peek that comes back short has read (with
+    // synchronous_commit = off a commit returns before its flush, and
+    // moving the slot past unflushed commits would skip them).
+    let upto: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
+        .fetch_one(&mut *conn)
+        .await?;
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::pg_lsn, $3::int,
+             'proto_version', '1', 'publication_names', $4, 'messages', 'true')",
+    )
+    .bind(slot)
+    .bind(&upto)
+    .bind(batch.clamp(1, i64::from(i32::MAX)) as i32)
+    .bind(PUBLICATION)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| slot_error(slot, e))?;
+    let caught_up = (rows.len() as i64) < batch;
+    let txs = pgoutput::decode(rows.iter().map(Vec::as_slice), MESSAGE_PREFIX)?;
+    let applied: u64 = sqlx::query_scalar(
+        "SELECT (applied_lsn - '0/0'::pg_lsn)::bigint FROM authz_outbox_relay WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(&mut *conn)
+    .await?
+    .map_or(0, |v: i64| v.max(0) as u64);
+    let mut out = Step {
+        caught_up,
+        ..Step::default()
+    };
+    let mut fresh = Vec::new();
+    let mut last_end = None;
+    for tx in &txs {
+        last_end = Some(tx.end_lsn);
+        if tx.end_lsn <= applied {
+            out.skipped += 1;
+            continue;
+        }
+        for m in &tx.messages {
+            let row: Captured =
+                serde_json::from_slice(m).map_err(|e| RelayError::Message(format!("{e}")))?;
+            fresh.push((row, tx.committed_at, tx.end_lsn));
+        }
+    }
+    if let Some(end) = last_end.filter(|&e| e > applied) {
+        out.relayed = insert(conn, slot, fresh, end).await?;
+    }
+    if stop == StopAt::BeforeAdvance {
+        return Ok(out);
+    }
+    // Past everything read: to the WAL's end as it was, when the peek got
+    // there; else to the last whole transaction.
+    let advance_to = if caught_up {
+        Some(upto)
+    } else {
+        last_end.map(lsn_text)
+    };
+    if let Some(to) = advance_to {
+        sqlx::query(
+            "SELECT pg_replication_slot_advance($1, $2::pg_lsn)
+             FROM pg_replication_slots
+             WHERE slot_name = $1 AND confirmed_flush_lsn < $2::pg_lsn",
+        )
+        .bind(slot)
+        .bind(&to)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| slot_error(slot, e))?;
+    }
+    Ok(out)
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// A peek or advance that failed because the slot is gone or invalidated.
+fn slot_error(slot: &str, e: sqlx::Error) -> RelayError {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.to_string());
+    match code.as_deref() {
+        // undefined_object: dropped; object_not_in_prerequisite_state:
+        // invalidated (its WAL removed past max_slot_wal_keep_size).
+        Some("42704") | Some("55000") => RelayError::SlotLost {
+            slot: slot.to_string(),
+            reason: e
+                .as_database_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default(),
+        },
+        _ => RelayError::Database(e),
+    }
+}
+
+/// Inserts the rows in commit order and records `end` as applied, in one
+/// transaction. A deregister the capture found no creator for borrows its
+/// resource's last register's, from this batch or the outbox (in WAL mode
+/// the register may have been in the slot when the capture looked).
+async fn insert(
+    conn: &mut PgConnection,
+    slot: &str,
+    rows: Vec<(Captured, DateTime<Utc>, u64)>,
+    end: u64,
+) -> Result<u64, RelayError> {
+    let mut latest: std::collections::HashMap<(String, String), (Option<Value>, Option<String>)> =
+        std::collections::HashMap::new();
+    let mut items = Vec::with_capacity(rows.len());
+    for (mut r, at, _) in rows {
+        if r.operation == "register" && names_a_creator(&r.principal) {
+            latest.insert(
+                (r.resource_type.clone(), r.resource_id.clone()),
+                (r.principal.clone(), r.principal_source.clone()),
+            );
+        }
+        if r.dead
+            && r.operation == "deregister"
+            && let Some((p, s)) = latest.get(&(r.resource_type.clone(), r.resource_id.clone()))
+        {
+            r.principal = p.clone();
+            r.principal_source = s.clone();
+            r.dead = false;
+        }
+        items.push(serde_json::json!({
+            "resource_type": r.resource_type, "resource_id": r.resource_id,
+            "parent_type": r.parent_type, "parent_id": r.parent_id,
+            "operation": r.operation, "principal": r.principal,
+            "principal_source": r.principal_source, "attributes": r.attributes,
+            "dead": r.dead, "created_at": at,
+        }));
+    }
+    let n = items.len() as u64;
+    let mut tx = conn.begin().await?;
+    if !items.is_empty() {
+        sqlx::query(
+            r#"
+            INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation,
+                                      principal, principal_source, attributes, created_at,
+                                      state, finished_at, last_error)
+            SELECT r.resource_type, r.resource_id, r.parent_type, r.parent_id, r.operation,
+                   coalesce(b.principal, r.principal), coalesce(b.principal_source, r.principal_source),
+                   r.attributes, r.created_at,
+                   CASE WHEN r.dead AND b.principal IS NULL THEN 'dead' ELSE 'pending' END,
+                   CASE WHEN r.dead AND b.principal IS NULL THEN now() END,
+                   CASE WHEN r.dead AND b.principal IS NULL THEN $2 END
+            FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(doc, n)
+            CROSS JOIN LATERAL jsonb_to_record(e.doc)
+                 AS r(resource_type text, resource_id text, parent_type text, parent_id text,
+                      operation text, principal jsonb, principal_source text, attributes jsonb,
+                      dead boolean, created_at timestamptz)
+            LEFT JOIN LATERAL (
+                SELECT o.principal, o.principal_source FROM authz_outbox o
+                WHERE r.dead AND r.operation = 'deregister'
+                  AND o.resource_type = r.resource_type AND o.resource_id = r.resource_id
+                  AND o.operation = 'register'
+                  AND (coalesce(o.principal->>'user_id', '') <> ''
+                       OR coalesce(o.principal->>'service_account_id', '') <> '')
+                ORDER BY o.id DESC LIMIT 1
+            ) b ON true
+            ORDER BY e.n
+            "#,
+        )
+        .bind(Value::Array(items))
+        .bind(NO_CREATOR_ERROR)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify('authz_outbox', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "UPDATE authz_outbox_relay
+         SET applied_lsn = $2::pg_lsn, applied_at = now(), relayed = relayed + $3
+         WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .bind(lsn_text(end))
+    .bind(n as i64)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// Recreates a lost slot and records the gap (see the module docs).
+pub async fn recover_lost_slot(
+    conn: &mut PgConnection,
+    slot: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    tracing::error!(
+        slot,
+        reason,
+        "the relay's replication slot is gone: captures made while it was gone are lost; \
+         recreating it and marking a reconcile of every type as needed"
+    );
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .execute(&mut *conn)
+    .await?;
+    setup::create_slot(conn, slot).await?;
+    sqlx::query(
+        "UPDATE authz_outbox_relay
+         SET gaps = gaps + 1, last_gap_at = now(), last_gap_reason = $2,
+             reconcile_pending = true,
+             applied_lsn = (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1)
+         WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    crate::metrics::relay_gap();
+    Ok(())
+}
+
+/// The relay's loop, beside the worker's: idle while the capture is in
+/// table mode, the leader's steps otherwise. `on_gap` runs after a lost
+/// slot was recreated (the worker's reconcile, when it can read SpiceDB).
+pub async fn run(
+    config: RelayConfig,
+    pool: PgPool,
+    on_gap: Option<GapHandler>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        match lead(&config, &pool, on_gap.as_ref(), &cancel).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, "the WAL relay stopped; retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+/// Runs after a gap was recorded; errors are logged and retried later.
+pub type GapHandler = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// One turn: wait for the lock, then step until cancelled or an error.
+async fn lead(
+    config: &RelayConfig,
+    pool: &PgPool,
+    on_gap: Option<&GapHandler>,
+    cancel: &CancellationToken,
+) -> Result<(), RelayError> {
+    let mut conn = PgConnection::connect(&config.database_url).await?;
+    let idle = Duration::from_secs(2);
+    // Another replica leads, or there is no slot: look again later.
+    loop {
+        let Some(slot) = slot_name(&mut conn).await? else {
+            metrics::gauge!(crate::metrics::RELAY_LEADER).set(0.0);
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(idle) => continue,
+            }
+        };
+        let lead: bool = sqlx::query_scalar(LEADER_LOCK).fetch_one(&mut conn).await?;
+        if !lead {
+            metrics::gauge!(crate::metrics::RELAY_LEADER).set(0.0);
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                () = tokio::time::sleep(idle) => continue,
+            }
+        }
+        tracing::info!(slot, "leading the WAL relay");
+        metrics::gauge!(crate::metrics::RELAY_LEADER).set(1.0);
+        let mut caught_up_at = Instant::now();
+        let mut lag_checked = Instant::now() - Duration::from_secs(10);
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            match step(&mut conn, &slot, config.batch, StopAt::Never).await {
+                Ok(s) => {
+                    metrics::counter!(crate::metrics::RELAYED).increment(s.relayed);
+                    if s.caught_up {
+                        caught_up_at = Instant::now();
+                    }
+                    if lag_checked.elapsed() >= Duration::from_secs(1) {
+                        lag_checked = Instant::now();
+                        report_lag(&mut conn, &slot, caught_up_at.elapsed()).await?;
+                        if let Some(handler) = on_gap {
+                            heal_if_pending(&mut conn, pool, &slot, handler).await;
+                        }
+                    }
+                    if s.caught_up && s.relayed == 0 {
+                        tokio::select! {
+                            () = cancel.cancelled() => return Ok(()),
+                            () = tokio::time::sleep(config.poll) => {}
+                        }
+                    }
+                }
+                Err(RelayError::SlotLost { slot, reason }) => {
+                    recover_lost_slot(&mut conn, &slot, &reason).await?;
+                }
+                Err(e) => return Err(e),
+            }
+            // The slot may have been taken away (a switch back to table
+            // mode): go back to looking for one.
+            if slot_name(&mut conn).await?.as_deref() != Some(slot.as_str()) {
+                sqlx::query("SELECT pg_advisory_unlock_all()")
+                    .execute(&mut conn)
+                    .await?;
+                break;
+            }
+        }
+    }
+}
+
+async fn report_lag(
+    conn: &mut PgConnection,
+    slot: &str,
+    since_caught_up: Duration,
+) -> Result<(), sqlx::Error> {
+    let bytes: Option<i64> = sqlx::query_scalar(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(&mut *conn)
+    .await?
+    .flatten();
+    metrics::gauge!(crate::metrics::RELAY_LAG_BYTES).set(bytes.unwrap_or(0) as f64);
+    metrics::gauge!(crate::metrics::RELAY_LAG_SECONDS).set(since_caught_up.as_secs_f64());
+    Ok(())
+}
+
+/// Runs the gap handler while a gap awaits its reconcile, then clears it.
+async fn heal_if_pending(conn: &mut PgConnection, pool: &PgPool, slot: &str, handler: &GapHandler) {
+    let pending: Result<Option<bool>, _> =
+        sqlx::query_scalar("SELECT reconcile_pending FROM authz_outbox_relay WHERE slot_name = $1")
+            .bind(slot)
+            .fetch_optional(&mut *conn)
+            .await;
+    if !matches!(pending, Ok(Some(true))) {
+        return;
+    }
+    match handler().await {
+        Ok(()) => {
+            let cleared = sqlx::query(
+                "UPDATE authz_outbox_relay SET reconcile_pending = false WHERE slot_name = $1",
+            )
+            .bind(slot)
+            .execute(pool)
+            .await;
+            if let Err(e) = cleared {
+                tracing::warn!(error = %e, "could not clear the relay's pending reconcile");
+            } else {
+                tracing::info!(slot, "the reconcile after the relay's gap is done");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the reconcile after the relay's gap failed; retrying")
+        }
+    }
+}
+
+/// Relays everything the slot holds now, if WAL capture is installed and
+/// no other relay leads (then that one does it): what a one-shot worker
+/// runs first.
+pub async fn drain_once(config: &RelayConfig) -> Result<(), RelayError> {
+    let mut conn = PgConnection::connect(&config.database_url).await?;
+    let Some(slot) = slot_name(&mut conn).await? else {
+        return Ok(());
+    };
+    let lead: bool = sqlx::query_scalar(LEADER_LOCK).fetch_one(&mut conn).await?;
+    if !lead {
+        return Ok(());
+    }
+    loop {
+        match step(&mut conn, &slot, config.batch, StopAt::Never).await {
+            Ok(s) if s.caught_up => return Ok(()),
+            Ok(_) => {}
+            Err(RelayError::SlotLost { slot, reason }) => {
+                recover_lost_slot(&mut conn, &slot, &reason).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How captures reach the outbox, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaptureStatus {
+    pub mode: &'static str,
+    pub slot: Option<String>,
+    pub lag_bytes: Option<i64>,
+    pub relayed: Option<i64>,
+    pub gaps: Option<i64>,
+    pub last_gap_at: Option<DateTime<Utc>>,
+    pub last_gap_reason: Option<String>,
+    pub reconcile_pending: bool,
+}
+
+pub async fn capture_status(pool: &PgPool) -> Result<CaptureStatus, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mode = crate::mapping::install::capture_mode(&mut conn).await?;
+    let mut out = CaptureStatus {
+        mode: mode.as_str(),
+        slot: None,
+        lag_bytes: None,
+        relayed: None,
+        gaps: None,
+        last_gap_at: None,
+        last_gap_reason: None,
+        reconcile_pending: false,
+    };
+    if slot_name(&mut conn).await?.is_none() {
+        return Ok(out);
+    }
+    type Row = (
+        String,
+        Option<i64>,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        bool,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT r.slot_name,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
+                r.relayed, r.gaps, r.last_gap_at, r.last_gap_reason, r.reconcile_pending
+         FROM authz_outbox_relay r
+         LEFT JOIN pg_replication_slots s ON s.slot_name = r.slot_name
+         ORDER BY r.slot_name LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((slot, lag, relayed, gaps, at, reason, pending)) = row {
+        out.slot = Some(slot);
+        out.lag_bytes = lag;
+        out.relayed = Some(relayed);
+        out.gaps = Some(gaps);
+        out.last_gap_at = at;
+        out.last_gap_reason = reason;
+        out.reconcile_pending = pending;
+    }
+    Ok(out)
+}
+
+/// A reconcile of every type was applied: a recorded gap is healed.
+pub async fn reconciled(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    if slot_name(&mut conn).await?.is_some() {
+        sqlx::query(
+            "UPDATE authz_outbox_relay SET reconcile_pending = false WHERE reconcile_pending",
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}

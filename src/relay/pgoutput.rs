@@ -1,0 +1,223 @@
+//! The few pgoutput messages the relay reads (protocol version 1, as
+//! `pg_logical_slot_peek_binary_changes` returns them, one per row): a
+//! transaction's `B`egin, its logical `M`essages and its `C`ommit. Every
+//! other message (relations, row changes of published tables: there are
+//! none, the publication is empty) is skipped. Layouts: PostgreSQL's
+//! "Logical Replication Message Formats".
+
+use chrono::{DateTime, TimeZone, Utc};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("pgoutput message {kind:?} is {len} bytes, shorter than its fields")]
+    Short { kind: char, len: usize },
+    #[error("a pgoutput {0:?} message outside a transaction")]
+    OutsideTransaction(char),
+    #[error("a pgoutput transaction without its commit (the peek ended inside it)")]
+    Unfinished,
+}
+
+/// One committed transaction's messages with our prefix, in emission order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// The end of its commit record: once the relay has inserted its rows,
+    /// the slot may move here.
+    pub end_lsn: u64,
+    pub committed_at: DateTime<Utc>,
+    pub messages: Vec<Vec<u8>>,
+}
+
+/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+struct Reader<'a> {
+    kind: char,
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.data.len());
+        let Some(end) = end else {
+            return Err(DecodeError::Short {
+                kind: self.kind,
+                len: self.data.len(),
+            });
+        };
+        let out = &self.data[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    fn cstring(&mut self) -> Result<&'a [u8], DecodeError> {
+        let rest = &self.data[self.at.min(self.data.len())..];
+        match rest.iter().position(|&b| b == 0) {
+            Some(n) => {
+                let s = self.take(n)?;
+                self.take(1)?;
+                Ok(s)
+            }
+            None => Err(DecodeError::Short {
+                kind: self.kind,
+                len: self.data.len(),
+            }),
+        }
+    }
+}
+
+fn timestamp(micros_since_2000: u64) -> DateTime<Utc> {
+    let micros = (micros_since_2000 as i64).saturating_add(PG_EPOCH_MICROS);
+    Utc.timestamp_micros(micros).single().unwrap_or_default()
+}
+
+/// Decodes a peek's rows into its committed transactions, keeping the
+/// transactional messages whose prefix is `prefix`. Transactions with none
+/// are kept too (empty): the slot may still move past them.
+pub fn decode<'a>(
+    rows: impl IntoIterator<Item = &'a [u8]>,
+    prefix: &str,
+) -> Result<Vec<Transaction>, DecodeError> {
+    let mut out = Vec::new();
+    let mut open: Option<Vec<Vec<u8>>> = None;
+    for data in rows {
+        let Some(&first) = data.first() else {
+            continue;
+        };
+        let kind = first as char;
+        let mut r = Reader { kind, data, at: 1 };
+        match kind {
+            'B' => {
+                r.u64()?; // final LSN
+                r.u64()?; // commit time
+                r.u32()?; // xid
+                open = Some(Vec::new());
+            }
+            'M' => {
+                let flags = r.u8()?;
+                r.u64()?; // the message's LSN
+                let p = r.cstring()?;
+                let len = r.u32()? as usize;
+                let content = r.take(len)?;
+                // Non-transactional messages are not ours (ours are emitted
+                // with `transactional = true`) and arrive outside a B…C.
+                if flags & 1 == 0 {
+                    continue;
+                }
+                let Some(messages) = open.as_mut() else {
+                    return Err(DecodeError::OutsideTransaction(kind));
+                };
+                if p == prefix.as_bytes() {
+                    messages.push(content.to_vec());
+                }
+            }
+            'C' => {
+                r.u8()?; // flags
+                r.u64()?; // commit LSN
+                let end_lsn = r.u64()?;
+                let committed_at = timestamp(r.u64()?);
+                let Some(messages) = open.take() else {
+                    return Err(DecodeError::OutsideTransaction(kind));
+                };
+                out.push(Transaction {
+                    end_lsn,
+                    committed_at,
+                    messages,
+                });
+            }
+            _ => {}
+        }
+    }
+    if open.is_some() {
+        return Err(DecodeError::Unfinished);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begin() -> Vec<u8> {
+        let mut v = vec![b'B'];
+        v.extend(100u64.to_be_bytes());
+        v.extend(0u64.to_be_bytes());
+        v.extend(7u32.to_be_bytes());
+        v
+    }
+
+    fn message(prefix: &str, content: &[u8], transactional: bool) -> Vec<u8> {
+        let mut v = vec![b'M', u8::from(transactional)];
+        v.extend(90u64.to_be_bytes());
+        v.extend(prefix.as_bytes());
+        v.push(0);
+        v.extend((content.len() as u32).to_be_bytes());
+        v.extend(content);
+        v
+    }
+
+    fn commit(end: u64) -> Vec<u8> {
+        let mut v = vec![b'C', 0];
+        v.extend(99u64.to_be_bytes());
+        v.extend(end.to_be_bytes());
+        v.extend(1_000_000u64.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn keeps_our_transactional_messages_in_order_per_transaction() {
+        let rows = [
+            begin(),
+            message("authz_outbox", b"one", true),
+            message("other", b"x", true),
+            message("authz_outbox", b"two", true),
+            commit(120),
+            begin(),
+            commit(130),
+        ];
+        let txs = decode(rows.iter().map(Vec::as_slice), "authz_outbox").expect("decodes");
+        assert_eq!(txs.len(), 2);
+        assert_eq!(txs[0].messages, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(txs[0].end_lsn, 120);
+        assert_eq!(txs[0].committed_at.timestamp(), 946_684_801);
+        assert!(txs[1].messages.is_empty());
+        assert_eq!(txs[1].end_lsn, 130);
+    }
+
+    #[test]
+    fn refuses_truncated_or_unfinished_input() {
+        let mut short = message("authz_outbox", b"abc", true);
+        short.truncate(short.len() - 1);
+        let rows = [begin(), short];
+        assert!(matches!(
+            decode(rows.iter().map(Vec::as_slice), "authz_outbox"),
+            Err(DecodeError::Short { kind: 'M', .. })
+        ));
+        let rows = [begin(), message("authz_outbox", b"a", true)];
+        assert_eq!(
+            decode(rows.iter().map(Vec::as_slice), "authz_outbox"),
+            Err(DecodeError::Unfinished)
+        );
+        let rows = [message("authz_outbox", b"a", false)];
+        assert_eq!(
+            decode(rows.iter().map(Vec::as_slice), "authz_outbox").map(|t| t.len()),
+            Ok(0)
+        );
+    }
+}

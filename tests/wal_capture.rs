@@ -1,0 +1,355 @@
+//! WAL capture (`migrate --capture wal`) against a real PostgreSQL with
+//! `wal_level = logical` (scripts/test.sh starts its cluster so): captures
+//! become logical messages, the relay moves them into the outbox exactly
+//! once, a lost slot is a recorded gap that reconcile heals, and switching
+//! modes with writes in flight loses nothing.
+//!
+//! Each test leaves table mode (dropping its slot) before it ends: a
+//! database that a slot belongs to cannot be dropped.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use authz_outbox::relay::{self, StopAt};
+use common::database_url;
+use sqlx::{Connection, PgConnection, PgPool};
+
+const BIN: &str = env!("CARGO_BIN_EXE_authz-outbox");
+
+fn migrate(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("migrate")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", url)
+        .output()
+        .expect("migrate runs")
+}
+
+fn ok(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn wal_db(pool: PgPool) -> (PgPool, String) {
+    let pool = common::host_db(pool).await;
+    let url = database_url(&pool).await;
+    let out = ok(&migrate(&url, &["--capture", "wal"]));
+    assert!(out.contains("capture mode: wal (was table)"), "{out}");
+    (pool, url)
+}
+
+async fn leave_wal(url: &str) {
+    ok(&migrate(url, &["--capture", "table"]));
+}
+
+/// A key written as the host writes it (no library: its outbox id does not
+/// exist in WAL mode until the relay inserts the row), flushed at commit so
+/// a relay step right after decodes it.
+async fn host_key(pool: &PgPool, id: &str, agent: &str) {
+    host_key_with(pool, id, agent, "on").await;
+}
+
+async fn host_key_with(pool: &PgPool, id: &str, agent: &str, synchronous_commit: &str) {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT set_config('authz_outbox.principal', '{\"user_id\":\"u1\"}', true), set_config('synchronous_commit', $1, true)")
+        .bind(synchronous_commit)
+        .execute(&mut *tx)
+        .await
+        .expect("principal");
+    sqlx::query(
+        "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key)
+         VALUES ($1, $2, $1, 'EXTERNAL', 'secret-' || $1)",
+    )
+    .bind(id)
+    .bind(agent)
+    .execute(&mut *tx)
+    .await
+    .expect("key");
+    tx.commit().await.expect("commit");
+}
+
+async fn host_agent(pool: &PgPool, id: &str) {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT set_config('authz_outbox.principal', '{\"user_id\":\"u1\"}', true), set_config('synchronous_commit', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .expect("principal");
+    sqlx::query("INSERT INTO agents (id, name, description, status) VALUES ($1, $1, '', 'READY')")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .expect("agent");
+    tx.commit().await.expect("commit");
+}
+
+async fn outbox_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM authz_outbox")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+async fn relay_conn(url: &str) -> (PgConnection, String) {
+    let mut conn = PgConnection::connect(url).await.expect("connect");
+    let slot = relay::slot_name(&mut conn)
+        .await
+        .expect("slot name")
+        .expect("WAL capture installed");
+    (conn, slot)
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_capture_is_a_message_until_the_relay_inserts_it_once(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    host_key(&pool, "k1", "a1").await;
+    assert_eq!(outbox_count(&pool).await, 0, "WAL mode inserts no row");
+
+    let (mut conn, slot) = relay_conn(&url).await;
+    // Killed after its insert committed, before the slot moved: the next
+    // relay reads the same transactions again and skips them.
+    let first = relay::step(&mut conn, &slot, 1000, StopAt::BeforeAdvance)
+        .await
+        .expect("step");
+    assert_eq!(first.relayed, 2);
+    drop(conn);
+    let (mut conn, slot) = relay_conn(&url).await;
+    let second = relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    assert_eq!((second.relayed, second.skipped), (0, 2), "{second:?}");
+    let rows: Vec<(String, String, String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT resource_type, resource_id, operation, principal FROM authz_outbox ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("agent", "a1"));
+    assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("api_key", "k1"));
+    assert_eq!(rows[1].3, Some(serde_json::json!({"user_id": "u1"})));
+    let secrets: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE attributes::text LIKE '%secret%' OR principal::text LIKE '%secret%'")
+            .fetch_one(&pool)
+            .await
+            .expect("secrets");
+    assert_eq!(secrets, 0, "no key secret in a relayed row");
+    // A third step finds nothing new.
+    let third = relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    assert_eq!((third.relayed, third.skipped), (0, 0), "{third:?}");
+    drop(conn);
+    leave_wal(&url).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn rows_of_one_resource_keep_commit_order(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    host_agent(&pool, "a2").await;
+    host_key(&pool, "k1", "a1").await;
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT set_config('authz_outbox.principal', '{\"user_id\":\"u2\"}', true), set_config('synchronous_commit', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .expect("principal");
+    sqlx::query("UPDATE agent_api_keys SET agent_id = 'a2' WHERE id = 'k1'")
+        .execute(&mut *tx)
+        .await
+        .expect("re-parent");
+    tx.commit().await.expect("commit");
+    sqlx::raw_sql("SET synchronous_commit = on; DELETE FROM agent_api_keys WHERE id = 'k1'")
+        .execute(&pool)
+        .await
+        .expect("delete");
+    let (mut conn, slot) = relay_conn(&url).await;
+    relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    let ops: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT operation, parent_id, state FROM authz_outbox WHERE resource_id = 'k1' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    let got: Vec<(&str, Option<&str>)> = ops
+        .iter()
+        .map(|(o, p, _)| (o.as_str(), p.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("register", Some("a1")),
+            ("deregister", Some("a1")),
+            ("register", Some("a2")),
+            ("deregister", Some("a2")),
+        ]
+    );
+    // The delete had no principal: it borrowed the register's creator.
+    assert!(ops.iter().all(|(_, _, s)| s == "pending"), "{ops:?}");
+    drop(conn);
+    leave_wal(&url).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_dropped_slot_is_recreated_and_recorded_as_a_gap(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    let (mut conn, slot) = relay_conn(&url).await;
+    relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .expect("drop the slot");
+    // Lost with the slot: nothing decodes it any more.
+    host_agent(&pool, "lost").await;
+    let err = relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect_err("the slot is gone");
+    let relay::RelayError::SlotLost { reason, .. } = err else {
+        panic!("not a lost slot: {err}");
+    };
+    relay::recover_lost_slot(&mut conn, &slot, &reason)
+        .await
+        .expect("recovered");
+    let (gaps, pending): (i64, bool) =
+        sqlx::query_as("SELECT gaps, reconcile_pending FROM authz_outbox_relay")
+            .fetch_one(&pool)
+            .await
+            .expect("relay row");
+    assert_eq!((gaps, pending), (1, true));
+    // `status` says so, with what to run.
+    let out = Command::new(BIN)
+        .arg("status")
+        .env("DATABASE_URL", &url)
+        .output()
+        .expect("status runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("capture: wal") && stdout.contains("gap"),
+        "{stdout}"
+    );
+    // Captures after the new slot are relayed again.
+    host_agent(&pool, "after").await;
+    relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    let ids: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM authz_outbox ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("ids");
+    assert_eq!(
+        ids,
+        ["a1", "after"],
+        "the gap's capture is lost, the next is not"
+    );
+    drop(conn);
+    leave_wal(&url).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn switching_modes_with_writes_in_flight_loses_nothing(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = database_url(&pool).await;
+    host_agent(&pool, "a1").await;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (pool, writing) = (pool.clone(), writing.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while writing.load(std::sync::atomic::Ordering::SeqCst) {
+                // Commits that return before their WAL is flushed, as a
+                // host with synchronous_commit = off makes them.
+                host_key_with(&pool, &format!("w{w}-{n}"), "a1", "off").await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let url2 = url.clone();
+    let out = tokio::task::spawn_blocking(move || migrate(&url2, &["--capture", "wal"]))
+        .await
+        .expect("join");
+    ok(&out);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url2 = url.clone();
+    let out = tokio::task::spawn_blocking(move || migrate(&url2, &["--capture", "table"]))
+        .await
+        .expect("join");
+    ok(&out);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut written = 0u32;
+    for w in writers {
+        written += w.await.expect("writer");
+    }
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT resource_id) FROM authz_outbox WHERE resource_type = 'api_key'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE resource_type = 'api_key'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert!(written > 10, "the writers wrote through both switches");
+    assert_eq!(
+        (keys, rows),
+        (i64::from(written), i64::from(written)),
+        "every key captured exactly once"
+    );
+    let slots: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("slots");
+    assert_eq!(slots, 0, "back in table mode, the slot is dropped");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_role_without_replication_is_told_what_to_change(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = database_url(&pool).await;
+    let role = format!("norepl_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN"
+    )))
+    .execute(&pool)
+    .await
+    .expect("role");
+    let mut as_role = url::Url::parse(&url).expect("url");
+    as_role.set_username(&role).expect("user");
+    let out = migrate(as_role.as_str(), &["--capture", "wal"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("ALTER ROLE {role} REPLICATION")),
+        "{stderr}"
+    );
+    let slots: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("slots");
+    assert_eq!(slots, 0, "nothing changed");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(&pool)
+        .await
+        .expect("drop role");
+}
