@@ -34,6 +34,8 @@ use crate::migrate::{MIGRATOR, MigrateOptions};
 /// The outbox's own tables, dropped only with `--drop-outbox` (children
 /// first; their sequences go with them).
 pub const OUTBOX_TABLES: &[&str] = &[
+    "authz_outbox_relay",
+    "authz_outbox_settings",
     "authz_outbox_owners",
     "authz_outbox_reconcile_findings",
     "authz_outbox_reconcile_runs",
@@ -327,6 +329,37 @@ async fn plan_in(
     .bind(OUTBOX_TABLES)
     .fetch_all(&mut **tx)
     .await?;
+    // WAL capture's slot and publication go with the capture: a slot left
+    // behind would keep the primary's WAL forever. (Messages still in it
+    // are lost: `migrate --capture table` first drains them.)
+    if ours.iter().any(|t| t == "authz_outbox_relay") {
+        let slots: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT r.slot_name FROM {} r JOIN pg_replication_slots s ON s.slot_name = r.slot_name ORDER BY 1",
+            qualified(&schema, "authz_outbox_relay")
+        )))
+        .fetch_all(&mut **tx)
+        .await?;
+        for slot in slots {
+            plan.removals.push(Removal {
+                object: format!("replication slot {slot}"),
+                sql: format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {}",
+                    crate::mapping::quote::quote_literal(&slot)
+                ),
+            });
+        }
+    }
+    let publication: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(crate::relay::PUBLICATION)
+            .fetch_one(&mut **tx)
+            .await?;
+    if publication {
+        plan.removals.push(Removal {
+            object: format!("publication {}", crate::relay::PUBLICATION),
+            sql: format!("DROP PUBLICATION IF EXISTS {}", crate::relay::PUBLICATION),
+        });
+    }
     plan.outbox_kept = !options.drop_outbox && ours.iter().any(|t| t == "authz_outbox");
     if ours.iter().any(|t| t == "authz_outbox") {
         plan.pending_rows = sqlx::query_scalar(AssertSqlSafe(format!(
@@ -338,6 +371,17 @@ async fn plan_in(
     }
 
     if !options.drop_outbox {
+        // The capture mode and the relay's slot go with the capture: the
+        // next `migrate` starts in table mode.
+        for table in ["authz_outbox_settings", "authz_outbox_relay"] {
+            if ours.iter().any(|t| t == table) {
+                let q = qualified(&schema, table);
+                plan.removals.push(Removal {
+                    object: format!("rows of {q}"),
+                    sql: format!("DELETE FROM {q}"),
+                });
+            }
+        }
         // The registry says what is installed; emptied, so that the next
         // `migrate` installs every mapping again instead of finding them
         // recorded as they are.

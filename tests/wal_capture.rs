@@ -353,3 +353,37 @@ async fn a_role_without_replication_is_told_what_to_change(pool: PgPool) {
         .await
         .expect("drop role");
 }
+
+/// Uninstall takes WAL capture's slot and publication with it (a slot left
+/// behind keeps the primary's WAL forever), and the next `migrate` starts
+/// in table mode.
+#[sqlx::test(migrations = false)]
+async fn uninstall_drops_the_slot_and_forgets_the_mode(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    let out = Command::new(BIN)
+        .args(["uninstall", "--apply"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .expect("uninstall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (slots, publications): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()),
+                (SELECT count(*) FROM pg_publication WHERE pubname = 'authz_outbox_relay')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("slots");
+    assert_eq!((slots, publications), (0, 0));
+    let out = ok(&migrate(&url, &[]));
+    assert!(!out.contains("capture mode"), "{out}");
+    host_agent(&pool, "after").await;
+    assert_eq!(
+        outbox_count(&pool).await,
+        1,
+        "table mode again: the row is inserted"
+    );
+}

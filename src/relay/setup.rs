@@ -51,11 +51,20 @@ async fn our_slot_name(conn: &mut PgConnection) -> Result<String, sqlx::Error> {
 
 /// Creates the logical slot (pgoutput). PostgreSQL waits for the
 /// transactions running now to end before it returns.
+/// On PostgreSQL 17 and later the slot is a failover slot: with
+/// `sync_replication_slots` on a physical standby, it survives a failover
+/// (docs/operations.md, WAL capture). Before 17 a failover loses it, which
+/// the relay treats as any lost slot: recreated, a gap, a reconcile.
 pub async fn create_slot(conn: &mut PgConnection, slot: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
-        .bind(slot)
-        .execute(&mut *conn)
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&mut *conn)
         .await?;
+    let sql = if version >= 170_000 {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    sqlx::query(sql).bind(slot).execute(&mut *conn).await?;
     Ok(())
 }
 
