@@ -21,7 +21,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
-    open(url, options, max_connections).await
+    open(url, options, max_connections, Duration::ZERO).await
 }
 
 /// Opens a pool for `migrate`: PostgreSQL's notices ("… does not exist,
@@ -34,6 +34,7 @@ pub async fn connect_quiet(url: &str, max_connections: u32) -> Result<PgPool, Db
         url,
         options.options([("client_min_messages", "warning")]),
         max_connections,
+        Duration::ZERO,
     )
     .await
 }
@@ -54,6 +55,7 @@ pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, D
         url,
         options.options([("synchronous_commit", "off")]),
         max_connections,
+        WORKER_PATIENCE,
     )
     .await
 }
@@ -62,6 +64,7 @@ async fn open(
     url: &str,
     options: PgConnectOptions,
     max_connections: u32,
+    patience: Duration,
 ) -> Result<PgPool, DbError> {
     // A slow statement is logged at debug: at warn, sqlx would print the
     // statement's whole text (a mapping's generated SQL, a long claim) on
@@ -71,12 +74,35 @@ async fn open(
         log::LevelFilter::Debug,
         Duration::from_secs(1),
     );
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .map_err(|e| DbError::Connect(redact(&e.to_string(), url)))
+    let started = std::time::Instant::now();
+    loop {
+        let opened = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await;
+        match opened {
+            Ok(pool) => return Ok(pool),
+            Err(e) if is_transient(&e) && started.elapsed() < patience => {
+                tracing::warn!(error = %redact(&e.to_string(), url), "PostgreSQL is not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(DbError::Connect(redact(&e.to_string(), url))),
+        }
+    }
+}
+
+/// How long a long-running worker waits for PostgreSQL at start (a restart,
+/// a failover) before it gives up: a one-shot command fails at once.
+pub const WORKER_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Opens a pool for a long-running process, waiting out a PostgreSQL that
+/// is restarting ([`WORKER_PATIENCE`]).
+pub async fn connect_patient(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
+    open(url, options, max_connections, WORKER_PATIENCE).await
 }
 
 /// Removes the URL (which may hold a password) from a driver message.

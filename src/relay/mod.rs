@@ -490,6 +490,21 @@ async fn heal_if_pending(conn: &mut PgConnection, pool: &PgPool, slot: &str, han
     if !matches!(pending, Ok(Some(true))) {
         return;
     }
+    // Rows captured before the gap are delivered first: a register still
+    // pending now would be judged "in flight" and left alone, and when it
+    // lands after the reconcile, the delete the gap lost would leave it an
+    // orphan no one comes back for.
+    let before_gap: Result<bool, _> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM authz_outbox o, authz_outbox_relay r
+                        WHERE r.slot_name = $1 AND o.state = 'pending'
+                          AND o.created_at <= r.last_gap_at)",
+    )
+    .bind(slot)
+    .fetch_one(&mut *conn)
+    .await;
+    if !matches!(before_gap, Ok(false)) {
+        return;
+    }
     match handler().await {
         Ok(()) => {
             let cleared = sqlx::query(

@@ -108,6 +108,12 @@ pub struct DriverPlan {
     /// paced storm lasts long enough for kills and the restart to land
     /// among the writes.
     pub rate: f64,
+    /// The capture is in WAL mode: keys are written and deleted with the
+    /// host's own SQL (the library's outbox ids exist only once relayed).
+    pub wal: bool,
+    /// Set while the slot dropper takes the relay's slot away: no write
+    /// is started meanwhile (see `slot_dropper` for why).
+    pub paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn agent_id(i: usize) -> String {
@@ -141,6 +147,9 @@ pub async fn drive(plan: Arc<DriverPlan>, task: usize) -> anyhow::Result<DriverO
     let interval =
         (plan.rate > 0.0).then(|| Duration::from_secs_f64(plan.tasks as f64 / plan.rate));
     for n in 0..my_ops {
+        while plan.paused.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(interval) = interval {
             tokio::time::sleep_until(started + interval * n as u32).await;
         }
@@ -567,6 +576,24 @@ async fn create(plan: &DriverPlan, key: LiveKey, retries: &mut u64) -> anyhow::R
                 key_type: key.key_type,
                 secret: None,
             };
+            if plan.wal {
+                let mut tx = plan.pool.begin().await?;
+                capture::set_principal(&mut tx, Some(who)).await?;
+                let id = uuid::Uuid::new_v4().to_string();
+                sqlx::query(
+                    "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key)
+                     VALUES ($1, $2, $3, $4::agentapikeytype, $5)",
+                )
+                .bind(&id)
+                .bind(&new.agent_id)
+                .bind(&new.name)
+                .bind(new.key_type.as_db())
+                .bind(format!("agx_chaos_{id}"))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok((id, new.agent_id));
+            }
             let created = capture::create_api_key(&plan.pool, new, Some(who)).await?;
             Ok((created.id, created.agent_id))
         }
@@ -587,6 +614,16 @@ async fn delete_by_id(plan: &DriverPlan, key: &LiveKey, retries: &mut u64) -> an
         retries,
         &format!("delete {}", key.id),
         || async move {
+            if plan.wal {
+                let mut tx = plan.pool.begin().await?;
+                capture::set_principal(&mut tx, Some(who)).await?;
+                sqlx::query("DELETE FROM agent_api_keys WHERE id = $1")
+                    .bind(&key.id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(());
+            }
             capture::delete_api_key(&plan.pool, &key.id, Some(who)).await?;
             Ok(())
         },
@@ -602,6 +639,21 @@ async fn delete_by_name(plan: &DriverPlan, key: &LiveKey, retries: &mut u64) -> 
         retries,
         &format!("delete by name {}", key.name),
         || async move {
+            if plan.wal {
+                let mut tx = plan.pool.begin().await?;
+                capture::set_principal(&mut tx, Some(who)).await?;
+                sqlx::query(
+                    "DELETE FROM agent_api_keys
+                     WHERE agent_id = $1 AND name = $2 AND api_key_type = $3::agentapikeytype",
+                )
+                .bind(&key.agent_id)
+                .bind(&key.name)
+                .bind(key.key_type.as_db())
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(());
+            }
             capture::delete_api_key_by_name(
                 &plan.pool,
                 &key.agent_id,

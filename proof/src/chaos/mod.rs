@@ -81,6 +81,14 @@ pub struct ChaosConfig {
     /// of the operations are done; `None` skips the restart.
     pub pg_restart_cmd: Option<String>,
     pub pg_restart_at: f64,
+    /// WAL capture (`migrate --capture wal`): captures reach the outbox
+    /// through the workers' relay, which the kills hit between read and
+    /// confirm like anything else.
+    pub capture_wal: bool,
+    /// With `capture_wal`: the relay's slot is dropped once when this
+    /// fraction of the operations is done (a gap the workers' reconcile
+    /// heals); `None` drops nothing.
+    pub drop_slot_at: Option<f64>,
     /// How long the outbox gets to drain once the faults are off.
     pub quiesce_timeout: Duration,
     /// Self-test of the assertions: after the drain, delete one live key's
@@ -117,6 +125,8 @@ impl ChaosConfig {
             lease: Duration::from_secs(3),
             pg_restart_cmd: None,
             pg_restart_at: 0.5,
+            capture_wal: false,
+            drop_slot_at: None,
             quiesce_timeout: Duration::from_secs(180),
             sabotage: false,
             target: Target::AgentexAuth,
@@ -164,6 +174,8 @@ pub struct ChaosSummary {
     /// (another process on the machine); restarted, reported, not a failure.
     pub workers_terminated_from_outside: Vec<String>,
     pub pg_restarts: u64,
+    /// WAL capture: times the relay's slot was dropped under it.
+    pub slot_drops: u64,
     pub faults_injected: u64,
     pub faults_by_kind: BTreeMap<String, u64>,
     pub checks: verify::CheckResults,
@@ -190,6 +202,13 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosSummary> {
     let pool = authz_outbox::db::connect(&config.database_url, (config.drivers + 4) as u32).await?;
     crate::load_host_schema(&pool).await?;
     authz_outbox::db::migrate(&pool).await?;
+    if config.capture_wal {
+        let mut conn = pool.acquire().await?;
+        authz_outbox::relay::setup::enable_wal(&mut conn).await?;
+        drop(conn);
+        // The capture functions, generated again for WAL mode.
+        authz_outbox::db::migrate(&pool).await?;
+    }
     let existing: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM authz_outbox) + (SELECT count(*) FROM agents)",
     )
@@ -274,6 +293,7 @@ async fn storm_and_verify(
     // The storm: drivers, the killer and the PostgreSQL restart at once.
     let storm = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let plan = Arc::new(DriverPlan {
         pool: pool.clone(),
         tasks: config.drivers,
@@ -285,6 +305,8 @@ async fn storm_and_verify(
         done: done.clone(),
         retry_for: Duration::from_secs(90),
         rate: config.rate,
+        wal: config.capture_wal,
+        paused: paused.clone(),
     });
     let mut drivers = tokio::task::JoinSet::new();
     for task in 0..config.drivers {
@@ -297,7 +319,14 @@ async fn storm_and_verify(
         std::mem::take(workers),
         stop_rx.clone(),
     ));
-    let restarter = tokio::spawn(pg_restarter(config.clone(), done.clone(), stop_rx));
+    let restarter = tokio::spawn(pg_restarter(config.clone(), done.clone(), stop_rx.clone()));
+    let slot_dropper = tokio::spawn(slot_dropper(
+        config.clone(),
+        pool.clone(),
+        done.clone(),
+        paused,
+        stop_rx,
+    ));
     let reporter = {
         let done = done.clone();
         let total = config.ops;
@@ -330,6 +359,7 @@ async fn storm_and_verify(
     let (returned, kills, exits) = killer.await.context("the killer panicked")??;
     *workers = returned;
     let pg_restarts = restarter.await.context("the restarter panicked")??;
+    let slot_drops = slot_dropper.await.context("the slot dropper panicked")??;
     elapsed.insert("storm", storm.elapsed().as_secs_f64());
     if let Some(e) = driver_error {
         return Err(e.context("the driver could not carry out its operations"));
@@ -348,6 +378,12 @@ async fn storm_and_verify(
         .await?;
     post_json(&http, &format!("{}/_dev/faults", auth.base_url), &json!({})).await?;
     let drain = Instant::now();
+    if config.capture_wal {
+        // Everything captured is in the outbox (the relay read past the
+        // writes), and a gap's reconcile has run, before "quiet" means
+        // anything.
+        verify::wait_for_relay(pool, config.quiesce_timeout).await?;
+    }
     let quiet = verify::wait_for_quiescence(pool, config.quiesce_timeout).await?;
     elapsed.insert("drain", drain.elapsed().as_secs_f64());
     let (faults_injected, faults_by_kind) = verify::faults_injected(&stats);
@@ -452,6 +488,7 @@ async fn storm_and_verify(
         worker_crashes: exits.crashed,
         workers_terminated_from_outside: exits.terminated_from_outside,
         pg_restarts,
+        slot_drops,
         faults_injected,
         faults_by_kind,
         checks,
@@ -475,7 +512,22 @@ async fn setup_agents(
     let admin = driver::principal("admin");
     for a in 0..config.agents {
         let id = driver::agent_id(a);
-        capture::create_agent(pool, &id, &format!("chaos agent {a}"), Some(&admin)).await?;
+        if config.capture_wal {
+            // The host's own SQL: in WAL mode the library's outbox ids
+            // exist only once the relay inserts the rows.
+            let mut tx = pool.begin().await?;
+            capture::set_principal(&mut tx, Some(&admin)).await?;
+            sqlx::query(
+                "INSERT INTO agents (id, name, description, status) VALUES ($1, $2, '', 'READY')",
+            )
+            .bind(&id)
+            .bind(format!("chaos agent {a}"))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        } else {
+            capture::create_agent(pool, &id, &format!("chaos agent {a}"), Some(&admin)).await?;
+        }
     }
     let url = format!("{base_url}/v1/authz/grant");
     let mut set = tokio::task::JoinSet::new();
@@ -574,6 +626,103 @@ async fn restart_exited(
         }
     }
     Ok(())
+}
+
+/// Drops the relay's slot once, when enough operations are done (WAL
+/// capture only), as an operator's mistake or a failover before
+/// PostgreSQL 17 would take it; whoever holds it is terminated first.
+///
+/// The writes pause around the drop, and the relay has read everything
+/// before it: a capture made while no slot exists is lost with its creator
+/// (who wrote it lives only in the writing transaction), which no reconcile
+/// can restore — a lost creation comes back as `needs_owner` drift for an
+/// operator (tests/wal_capture.rs shows that, and the healing of lost
+/// deletes and moves). What this run proves is the rest: the relay finds
+/// its slot gone under load, recreates it, records the gap, runs the
+/// reconcile, and every later capture is relayed.
+async fn slot_dropper(
+    config: ChaosConfig,
+    pool: sqlx::PgPool,
+    done: Arc<AtomicU64>,
+    paused: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let (true, Some(fraction)) = (config.capture_wal, config.drop_slot_at) else {
+        return Ok(0);
+    };
+    let at = (config.ops as f64 * fraction) as u64;
+    while done.load(Ordering::Relaxed) < at {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = stop.changed() => return Ok(0),
+        }
+    }
+    paused.store(true, Ordering::SeqCst);
+    let result = drop_slot_between_writes(&config, &pool, at).await;
+    paused.store(false, Ordering::SeqCst);
+    result
+}
+
+async fn drop_slot_between_writes(
+    config: &ChaosConfig,
+    pool: &sqlx::PgPool,
+    at: u64,
+) -> anyhow::Result<u64> {
+    // Writes in progress end (a retried one within its retry window).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    verify::wait_for_relay(pool, config.quiesce_timeout).await?;
+    for _ in 0..200 {
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(s.active_pid) FROM pg_replication_slots s
+             JOIN authz_outbox_relay r ON r.slot_name = s.slot_name
+             WHERE s.active_pid IS NOT NULL",
+        )
+        .execute(pool)
+        .await;
+        let dropped: Result<Option<String>, _> = sqlx::query_scalar(
+            "SELECT s.slot_name::text FROM pg_replication_slots s
+             JOIN authz_outbox_relay r ON r.slot_name = s.slot_name,
+             LATERAL pg_drop_replication_slot(s.slot_name) d",
+        )
+        .fetch_optional(pool)
+        .await;
+        match dropped {
+            Ok(Some(slot)) => {
+                progress(format!("dropped the relay's slot {slot} after {at} ops"));
+                // Writes resume once the relay has found it gone and made
+                // a new one.
+                let started = Instant::now();
+                loop {
+                    let gaps: Option<i64> =
+                        sqlx::query_scalar("SELECT gaps FROM authz_outbox_relay")
+                            .fetch_optional(pool)
+                            .await
+                            .unwrap_or(None);
+                    let recreated: bool = sqlx::query_scalar(
+                        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                    )
+                    .bind(&slot)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap_or(false);
+                    if gaps.unwrap_or(0) >= 1 && recreated {
+                        break;
+                    }
+                    if started.elapsed() > config.quiesce_timeout {
+                        bail!("the relay did not recreate its slot within {:?}", config.quiesce_timeout);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return Ok(1);
+            }
+            Ok(None) => return Ok(0),
+            Err(e) => {
+                tracing::debug!(error = %e, "dropping the slot failed; again");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    bail!("could not drop the relay's slot in 200 tries")
 }
 
 /// Runs the restart command once, when enough operations are done.

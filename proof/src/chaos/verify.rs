@@ -54,6 +54,31 @@ pub async fn outbox_totals(pool: &PgPool) -> anyhow::Result<OutboxTotals> {
 }
 
 /// Waits until no row is pending, up to `timeout`. Returns whether it did.
+/// WAL capture: waits until the relay has read past everything written
+/// so far and no gap awaits its reconcile.
+pub async fn wait_for_relay(pool: &PgPool, timeout: Duration) -> anyhow::Result<()> {
+    let target: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
+        .fetch_one(pool)
+        .await?;
+    let started = std::time::Instant::now();
+    loop {
+        let done: Option<bool> = sqlx::query_scalar(
+            "SELECT s.confirmed_flush_lsn >= $1::pg_lsn AND NOT r.reconcile_pending
+             FROM authz_outbox_relay r JOIN pg_replication_slots s ON s.slot_name = r.slot_name",
+        )
+        .bind(&target)
+        .fetch_optional(pool)
+        .await?;
+        if done == Some(true) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!("the WAL relay did not catch up (or heal a gap) within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn wait_for_quiescence(pool: &PgPool, timeout: Duration) -> anyhow::Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
