@@ -387,3 +387,86 @@ async fn uninstall_drops_the_slot_and_forgets_the_mode(pool: PgPool) {
         "table mode again: the row is inserted"
     );
 }
+
+/// The gap heals: a delete captured while the slot was gone never reaches
+/// the outbox, and the reconcile after the gap (here the command an
+/// operator runs, `reconcile --apply`) finds the orphan and deregisters it
+/// through the outbox; the reconcile clears the gap's warning.
+#[sqlx::test(migrations = false)]
+async fn reconcile_heals_a_delete_lost_in_the_gap(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    let dev = common::dev_server().await;
+    let grpc = dev.grpc_endpoint();
+    host_agent(&pool, "a1").await;
+    host_key(&pool, "k1", "a1").await;
+    let (mut conn, slot) = relay_conn(&url).await;
+    relay::step(&mut conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    common::run_once_spicedb(&pool, &grpc, common::config("w"), 50).await;
+    assert!(
+        !common::relationships_of(&grpc, "api_key", "k1")
+            .await
+            .is_empty(),
+        "registered before the gap"
+    );
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&slot)
+        .execute(&pool)
+        .await
+        .expect("drop the slot");
+    sqlx::raw_sql("SET synchronous_commit = on; DELETE FROM agent_api_keys WHERE id = 'k1'")
+        .execute(&pool)
+        .await
+        .expect("delete, lost with the slot");
+    let Err(relay::RelayError::SlotLost { reason, .. }) =
+        relay::step(&mut conn, &slot, 1000, StopAt::Never).await
+    else {
+        panic!("the relay did not find its slot gone");
+    };
+    relay::recover_lost_slot(&mut conn, &slot, &reason)
+        .await
+        .expect("recovered");
+    assert_eq!(
+        outbox_count(&pool).await,
+        2,
+        "the delete never reached the outbox"
+    );
+
+    // Not blocking this runtime: the SpiceDB stand-in serves on it.
+    let (url2, grpc2) = (url.clone(), grpc.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            // --force: the one key is all SpiceDB holds of its type, which
+            // the deregister cap would otherwise refuse.
+            .args(["reconcile", "--apply", "--force", "--grace", "0s"])
+            .env("DATABASE_URL", &url2)
+            .env("SPICEDB_ENDPOINT", &grpc2)
+            .env("AUTHZ_OUTBOX_TARGET", "spicedb")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("reconcile runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("orphan"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::run_once_spicedb(&pool, &grpc, common::config("w"), 50).await;
+    assert!(
+        common::relationships_of(&grpc, "api_key", "k1")
+            .await
+            .is_empty(),
+        "the orphan the gap left is deregistered"
+    );
+    let pending: bool = sqlx::query_scalar("SELECT reconcile_pending FROM authz_outbox_relay")
+        .fetch_one(&pool)
+        .await
+        .expect("relay row");
+    assert!(!pending, "the reconcile cleared the gap's warning");
+    drop(conn);
+    dev.shutdown().await;
+    leave_wal(&url).await;
+}

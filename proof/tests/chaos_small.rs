@@ -221,7 +221,11 @@ async fn a_thousand_operations_captured_through_the_wal_converge() {
     assert_eq!(summary.drift, Some(0));
     assert_eq!(summary.pg_restarts, 1);
     assert_eq!(summary.slot_drops, 1);
-    assert!(summary.kills >= 3, "expected several kills, got {}", summary.kills);
+    assert!(
+        summary.kills >= 3,
+        "expected several kills, got {}",
+        summary.kills
+    );
     assert!(summary.checks.passed > 0 && summary.checks.failed == 0);
     drop(cluster);
 }

@@ -709,7 +709,10 @@ async fn drop_slot_between_writes(
                         break;
                     }
                     if started.elapsed() > config.quiesce_timeout {
-                        bail!("the relay did not recreate its slot within {:?}", config.quiesce_timeout);
+                        bail!(
+                            "the relay did not recreate its slot within {:?}",
+                            config.quiesce_timeout
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
