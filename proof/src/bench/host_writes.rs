@@ -223,10 +223,14 @@ pub struct RoundSample {
     pub wal_bytes_per_write: f64,
 }
 
-/// Median and spread of one figure over the rounds.
+/// Median and spread of one figure over the rounds: the middle half
+/// (p25-p75, linear interpolation) and the extremes. On a shared machine
+/// one stalled round sets min or max; the middle half is the spread to read.
 #[derive(Debug, Clone, Serialize)]
 pub struct Spread {
     pub median: f64,
+    pub p25: f64,
+    pub p75: f64,
     pub min: f64,
     pub max: f64,
 }
@@ -239,13 +243,15 @@ impl Spread {
         let mut v = values.to_vec();
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        let at = |q: f64| {
+            let k = (n - 1) as f64 * q;
+            let (lo, hi) = (k.floor() as usize, k.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (k - lo as f64)
         };
         Some(Spread {
-            median,
+            median: at(0.5),
+            p25: at(0.25),
+            p75: at(0.75),
             min: v[0],
             max: v[n - 1],
         })
@@ -317,14 +323,14 @@ impl HostWritesResult {
         self.workloads.iter().find(|r| r.workload == w)
     }
 
-    /// The figures as BENCHMARKS.md shows them: median [min-max].
+    /// The figures as BENCHMARKS.md shows them: median [p25, p75].
     pub fn print(&self) {
         let spread = |s: &Option<Spread>, scale: f64, digits: usize| match s {
             Some(s) => format!(
-                "{:.d$} [{:.d$}-{:.d$}]",
+                "{:.d$} [{:.d$}, {:.d$}]",
                 s.median * scale,
-                s.min * scale,
-                s.max * scale,
+                s.p25 * scale,
+                s.p75 * scale,
                 d = digits
             ),
             None => "-".into(),
@@ -341,7 +347,7 @@ impl HostWritesResult {
             println!("  {:?}", w.workload);
             println!(
                 "    {:<32} {:>24} {:>24} {:>24}",
-                "variant", "writes/s", "db us/write", "WAL B/write"
+                "variant (median [p25, p75])", "writes/s", "db us/write", "WAL B/write"
             );
             for v in &w.variants {
                 println!(
@@ -741,4 +747,21 @@ async fn create_task(target: &Target, i: u64) -> anyhow::Result<()> {
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn spread_interpolates_its_quartiles() {
+        let s = Spread::of(&[4.0, 1.0, 3.0, 2.0, 5.0]).expect("values");
+        assert_eq!(
+            (s.min, s.p25, s.median, s.p75, s.max),
+            (1.0, 2.0, 3.0, 4.0, 5.0)
+        );
+        let s = Spread::of(&[1.0, 2.0]).expect("values");
+        assert_eq!((s.p25, s.median, s.p75), (1.25, 1.5, 1.75));
+        assert!(Spread::of(&[]).is_none());
+    }
 }
