@@ -18,6 +18,12 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-bench}
 export PG_FSYNC=on PG_SYNCHRONOUS_COMMIT=on
+# pg_stat_statements gives the host-writes benchmark its database time per
+# write. Extra lines (e.g. `wal_level = logical` for a wal-mode variant) come
+# through PG_EXTRA_CONF as for scripts/pg.sh.
+PG_EXTRA_CONF="shared_preload_libraries = 'pg_stat_statements'
+${PG_EXTRA_CONF:-}"
+export PG_EXTRA_CONF
 
 SPICEDB_LIBRARY_PATH=$(scripts/fetch-spicedb.sh)
 export SPICEDB_LIBRARY_PATH

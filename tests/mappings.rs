@@ -230,6 +230,119 @@ async fn the_hosts_hottest_task_writes_fire_no_capture_at_all(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_live_to_live_status_update_can_fire_only_the_liveness_test(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    // PostgreSQL compiles the WHEN clause of every row trigger whose OF
+    // list the statement's SET list names, once per statement: the hot
+    // `SET status = …, updated_at = now()` must reach no WHEN but the
+    // liveness test (issue 24: the identity test beside it cost a
+    // live-to-live update about a tenth of its CPU).
+    let whens: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_triggerdef(t.oid) FROM pg_trigger t
+         WHERE t.tgrelid = 'tasks'::regclass AND NOT t.tgisinternal
+           AND t.tgtype & 16 <> 0
+           AND (SELECT array_agg(a.attname::text) FROM pg_attribute a
+                WHERE a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr))
+               && ARRAY['status', 'updated_at']",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("triggers");
+    assert_eq!(whens.len(), 1, "{whens:#?}");
+    assert!(
+        whens[0].contains("(old.status IS DISTINCT FROM")
+            && !whens[0].contains("old.id")
+            && !whens[0].contains("COALESCE"),
+        "{}",
+        whens[0]
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_update_calls_the_capture_once_whichever_columns_it_changes(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    new_agent(&pool, "a1").await;
+    host_tx(
+        &pool,
+        None,
+        &[
+            r#"INSERT INTO agent_run_schedules (id, agent_id, name, creator_principal)
+             VALUES ('s1', 'a1', 'nightly', '{"user_id":"u1"}')"#,
+        ],
+    )
+    .await;
+    let mut conn = pool.acquire().await.expect("conn");
+    sqlx::query("SET track_functions = 'pl'")
+        .execute(&mut *conn)
+        .await
+        .expect("track");
+    // (statement, capture calls it makes): the selector alone, the selector
+    // and liveness together (both update triggers' columns), liveness
+    // alone, neither.
+    let cases = [
+        (
+            "UPDATE agent_run_schedules SET id = 's2' WHERE id = 's1'",
+            1,
+        ),
+        (
+            "UPDATE agent_run_schedules SET id = 's3', deleted_at = now() WHERE id = 's2'",
+            1,
+        ),
+        (
+            "UPDATE agent_run_schedules SET deleted_at = NULL WHERE id = 's3'",
+            1,
+        ),
+        (
+            "UPDATE agent_run_schedules SET version = 2, deleted_at = NULL WHERE id = 's3'",
+            0,
+        ),
+    ];
+    // Calls so far by this backend: the ones not yet flushed to the shared
+    // statistics plus the flushed ones (read without a cached snapshot).
+    sqlx::query("SET stats_fetch_consistency = none")
+        .execute(&mut *conn)
+        .await
+        .expect("no snapshot");
+    let total = "SELECT ((SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions
+                           WHERE funcname = 'authz_outbox_capture__schedule')
+                       + (SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions
+                           WHERE funcname = 'authz_outbox_capture__schedule'))::bigint";
+    for (sql, expected) in cases {
+        let before: i64 = sqlx::query_scalar(total)
+            .fetch_one(&mut *conn)
+            .await
+            .expect("stats");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .expect(sql);
+        let after: i64 = sqlx::query_scalar(total)
+            .fetch_one(&mut *conn)
+            .await
+            .expect("stats");
+        assert_eq!(after - before, expected, "{sql}");
+    }
+    let schedules: Vec<_> = ops(&pool)
+        .await
+        .into_iter()
+        .filter(|(_, r, _)| r.starts_with("schedule:"))
+        .map(|(o, _, _)| o)
+        .collect();
+    // s1 registered; moved to s2 (deregister, register); s2 moved and
+    // deleted at once (deregister only); s3 undeleted (register).
+    assert_eq!(
+        schedules,
+        [
+            "register",
+            "deregister",
+            "register",
+            "deregister",
+            "register"
+        ]
+    );
+}
+
+#[sqlx::test(migrations = false)]
 async fn a_schedule_registers_with_its_own_creator_and_soft_delete_deregisters(pool: PgPool) {
     let pool = common::host_db(pool).await;
     new_agent(&pool, "a1").await;

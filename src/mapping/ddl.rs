@@ -4,12 +4,14 @@
 //! (see [`super::catalog`]).
 //!
 //! Per mapping `N` on table `T`:
-//! - `authz_outbox_capture__N()`, fired by three triggers on `T`:
+//! - `authz_outbox_capture__N()`, fired by four triggers on `T`:
 //!   `…__insert` (only for rows inserted live), `…__delete` (only for rows
-//!   deleted live), and `…__update`, which fires only `OF` the columns the
-//!   mapping reads and only `WHEN` liveness, selector or parent changed — so
-//!   the host's hottest writes (a task going RUNNING → COMPLETED, an
-//!   `updated_at` touch) never call a function at all;
+//!   deleted live), `…__update` (only `OF` the live predicate's columns,
+//!   only `WHEN` liveness changed) and `…__update_identity` (only `OF` the
+//!   selector, parent and attribute columns, only `WHEN` one of them
+//!   changed and liveness did not) — so the host's hottest writes (a task
+//!   going RUNNING → COMPLETED, an `updated_at` touch) never call a
+//!   function at all, and compile no more `WHEN` than the liveness test;
 //! - with a join-table parent, `authz_outbox_capture__N__parent()` on the
 //!   join table and its helper `authz_outbox_reparent__N(…)`;
 //! - `authz_outbox_live__N(selector, parent)`: is this resource live (with
@@ -77,6 +79,7 @@ pub fn generated_names(name: &str) -> Vec<String> {
         "insert",
         "delete",
         "update",
+        "update_identity",
         "truncate",
         "parent",
         "parent_truncate",
@@ -202,16 +205,6 @@ fn row_creator_sql(r: &Resolved, q: &str) -> String {
             fields_sql(r)
         )
     }
-}
-
-/// Columns whose change can change liveness, selector or parent: the
-/// update trigger fires `OF` these only.
-fn watched_columns(r: &Resolved) -> Vec<String> {
-    let mut columns: std::collections::BTreeSet<String> = identity_columns(r).into_iter().collect();
-    if let Some(p) = &r.mapping.live {
-        columns.extend(p.columns(&r.table.column_names()));
-    }
-    columns.into_iter().collect()
 }
 
 /// The columns (besides the parent's) whose values the mapping's
@@ -354,24 +347,7 @@ END
         trg = quote_ident(&trigger(name, "delete")),
         when = when(live_sql(r, "OLD")),
     ));
-    let watched = watched_columns(r);
-    // Liveness is compared as a whole (RUNNING -> COMPLETED is no change);
-    // selector and parent columns one by one.
-    let mut changed = vec![format!(
-        "{} IS DISTINCT FROM {}",
-        live_sql(r, "OLD"),
-        live_sql(r, "NEW")
-    )];
-    for column in identity_columns(r) {
-        let c = quote_ident(&column);
-        changed.push(format!("OLD.{c} IS DISTINCT FROM NEW.{c}"));
-    }
-    out.push(format!(
-        "CREATE TRIGGER {trg} AFTER UPDATE OF {cols} ON {table} FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION {func}()",
-        trg = quote_ident(&trigger(name, "update")),
-        cols = watched.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
-        changed = changed.join(" OR "),
-    ));
+    out.extend(update_triggers(r, &func));
     out.extend(truncate_statements(r));
     if let (Some(parent), Some(join_table)) = (&m.parent, &r.join)
         && let Some(join) = &parent.join
@@ -379,6 +355,84 @@ END
         out.extend(join_statements(r, parent, join, join_table));
     }
     out.push(lookup_statement(r));
+    out
+}
+
+/// The two update triggers, which never both fire for one row:
+///
+/// - `…__update`, `OF` the columns the live predicate reads, `WHEN` the
+///   predicate's value changed;
+/// - `…__update_identity`, `OF` the selector, parent and attribute columns,
+///   `WHEN` one of them changed and the predicate's value did not.
+///
+/// Why two: PostgreSQL compiles a row trigger's `WHEN` clause once per
+/// statement (it re-reads the stored expression tree and prepares it), and
+/// every host write is its own one-row statement, so the compile is paid per
+/// write whenever the statement's SET list names a column of the trigger's
+/// `OF` list. The host's hottest write (`SET status = 'COMPLETED',
+/// updated_at = now()`) names `status`; it now compiles only the liveness
+/// test, as small as the predicate allows, and never the identity test (the
+/// column check rejects that trigger before its `WHEN` is read). Measured:
+/// the single trigger's larger `WHEN` cost a live→live update about 12 % of
+/// its backend CPU (`BENCHMARKS.md`, issue 24).
+///
+/// The predicate is compared raw, not through `coalesce(…, false)`: the two
+/// `WHEN`s stay exact complements, and a NULL ↔ false change (both not
+/// live) only calls the function, which compares coalesced liveness itself
+/// and enqueues nothing. As with any `OF` list, a column changed only by a
+/// host's own BEFORE trigger, not named in the SET list, is not seen.
+fn update_triggers(r: &Resolved, func: &str) -> Vec<String> {
+    let table = r.table.qualified();
+    let name = &r.mapping.name;
+    let columns = r.table.column_names();
+    let of = |cols: &[String]| {
+        cols.iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = Vec::new();
+    // (predicate over OLD) IS DISTINCT FROM (predicate over NEW), when the
+    // mapping has a predicate that reads columns.
+    let live_changed = r.mapping.live.as_ref().and_then(|p| {
+        let read: Vec<String> = p.columns(&columns).into_iter().collect();
+        (!read.is_empty()).then(|| {
+            (
+                read,
+                format!(
+                    "({}) IS DISTINCT FROM ({})",
+                    p.qualified("OLD", &columns),
+                    p.qualified("NEW", &columns)
+                ),
+            )
+        })
+    });
+    if let Some((read, changed)) = &live_changed {
+        out.push(format!(
+            "CREATE TRIGGER {trg} AFTER UPDATE OF {cols} ON {table} FOR EACH ROW WHEN ({changed}) EXECUTE FUNCTION {func}()",
+            trg = quote_ident(&trigger(name, "update")),
+            cols = of(read),
+        ));
+    }
+    let identity = identity_columns(r);
+    if !identity.is_empty() {
+        let changed: Vec<String> = identity
+            .iter()
+            .map(|c| {
+                let c = quote_ident(c);
+                format!("OLD.{c} IS DISTINCT FROM NEW.{c}")
+            })
+            .collect();
+        let when = match &live_changed {
+            Some((_, live)) => format!("({}) AND NOT ({live})", changed.join(" OR ")),
+            None => changed.join(" OR "),
+        };
+        out.push(format!(
+            "CREATE TRIGGER {trg} AFTER UPDATE OF {cols} ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION {func}()",
+            trg = quote_ident(&trigger(name, "update_identity")),
+            cols = of(&identity),
+        ));
+    }
     out
 }
 
@@ -639,7 +693,7 @@ pub fn drop_statements(
     };
     let mut out = Vec::new();
     if let Some(table) = table {
-        for event in ["insert", "delete", "update", "truncate"] {
+        for event in ["insert", "delete", "update", "update_identity", "truncate"] {
             out.push(drop_trigger(trigger(name, event), table));
         }
     }

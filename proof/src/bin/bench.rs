@@ -53,8 +53,10 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     write_round_secs: f64,
 
-    /// Rounds per host-write variant (captured / plain copies of the tables).
-    #[arg(long, default_value_t = 6)]
+    /// Interleaved rounds per host write (key creation, task creation,
+    /// live-to-live status update), each giving every variant (captured,
+    /// same tables with our triggers disabled, trigger-less copy) a turn.
+    #[arg(long, default_value_t = 10)]
     host_write_rounds: usize,
     #[arg(long, default_value_t = 2.0)]
     host_write_round_secs: f64,
@@ -162,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if runs(Which::HostWrites) {
-        eprintln!("bench: host writes (tasks)");
+        eprintln!("bench: capture cost on host writes (keys, tasks, status updates)");
         results.host_writes = Some(
             host_writes::run(
                 &env,
