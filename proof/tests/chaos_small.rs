@@ -36,6 +36,11 @@ struct PrivateCluster {
 
 impl PrivateCluster {
     fn start() -> PrivateCluster {
+        Self::start_with(std::env::var("PG_EXTRA_CONF").ok().as_deref())
+    }
+
+    /// A cluster with `extra` as its extra configuration (`None`: none).
+    fn start_with(extra: Option<&str>) -> PrivateCluster {
         let script = workspace_root().join("scripts/pg.sh");
         // pg_start registers pg_stop on the shell's EXIT; lift that so the
         // cluster outlives this shell, and stop it from Drop instead.
@@ -46,6 +51,7 @@ impl PrivateCluster {
                 script.display()
             ))
             .env_remove("PG_PORT")
+            .env("PG_EXTRA_CONF", extra.unwrap_or(""))
             .output()
             .expect("running scripts/pg.sh");
         assert!(
@@ -227,6 +233,42 @@ async fn a_thousand_operations_captured_through_the_wal_converge() {
         summary.kills
     );
     assert!(summary.checks.passed > 0 && summary.checks.failed == 0);
+    drop(cluster);
+}
+
+/// `migrate --capture wal` on a cluster without `wal_level = logical` (the
+/// default, `replica`) refuses in one line naming the setting, and changes
+/// nothing: the capture stays in table mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_capture_without_logical_wal_is_refused_in_one_line() {
+    let cluster = PrivateCluster::start_with(None);
+    let pool = sqlx::PgPool::connect(&cluster.database_url)
+        .await
+        .expect("connects");
+    authz_outbox_proof::load_host_schema(&pool)
+        .await
+        .expect("host schema");
+    let bin = chaos::ChaosConfig::full(cluster.database_url.clone())
+        .bin_dir
+        .join("authz-outbox");
+    let out = Command::new(&bin)
+        .args(["migrate", "--capture", "wal"])
+        .env("DATABASE_URL", &cluster.database_url)
+        .output()
+        .expect("migrate runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("wal_level = logical") && stderr.contains("(it is replica)"),
+        "{stderr}"
+    );
+    let installed: bool = sqlx::query_scalar("SELECT to_regclass('authz_outbox') IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("query");
+    assert!(!installed, "refused before anything changed");
+    pool.close().await;
     drop(cluster);
 }
 
