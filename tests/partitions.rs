@@ -196,6 +196,42 @@ async fn a_dead_row_survives_retention(pool: PgPool) {
     assert!(!dropped.contains(&dead_part), "{dropped:?}");
     assert!(!dropped.contains(&pending_part), "{dropped:?}");
     assert_eq!(state(&pool, dead).await, "dead");
+
+    // The day left the outbox detached; its files go in a second
+    // transaction that holds no lock a capture or a claim needs: while it is
+    // open, a capture and a read of the outbox go through at once.
+    let mut dropping = pool.begin().await.expect("begin");
+    let gone: Vec<String> = sqlx::query_scalar("SELECT authz_outbox_drop_retired()")
+        .fetch_all(&mut *dropping)
+        .await
+        .expect("the retired days are dropped");
+    let mut other = pool.acquire().await.expect("connection");
+    sqlx::query("SET lock_timeout = '1s'")
+        .execute(&mut *other)
+        .await
+        .expect("lock timeout");
+    sqlx::query(
+        r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+           VALUES ('agent', 'during-drop', 'register', '{"user_id":"u1"}')"#,
+    )
+    .execute(&mut *other)
+    .await
+    .expect("a capture does not wait for the retired day's files");
+    sqlx::query("SELECT count(*) FROM authz_outbox WHERE state = 'pending'")
+        .execute(&mut *other)
+        .await
+        .expect("a claim's read does not wait either");
+    drop(other);
+    dropping.commit().await.expect("commit");
+    assert_eq!(gone, vec![format!("{finished_part}_retired")]);
+    let still: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{finished_part}_retired"))
+        .fetch_one(&pool)
+        .await
+        .expect("regclass");
+    assert_eq!(still, None, "the retired day is dropped");
+    let kept = partitions::list(&pool).await.expect("list");
+    assert!(kept.iter().any(|p| p.name == dead_part), "{kept:?}");
     assert_eq!(state(&pool, pending).await, "pending");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE id = $1")
         .bind(finished)
@@ -425,6 +461,7 @@ async fn the_worker_role_manages_partitions_without_ddl(pool: PgPool) {
            GRANT SELECT, UPDATE, DELETE ON authz_outbox TO "{role}";
            GRANT EXECUTE ON FUNCTION authz_outbox_create_partitions(integer),
                                      authz_outbox_drop_partitions(interval),
+                                     authz_outbox_drop_retired(),
                                      authz_outbox_partitions() TO "{role}";"#
     )))
     .execute(&pool)
