@@ -46,8 +46,16 @@ BEGIN
             LOCK TABLE ONLY @s@.authz_outbox IN ACCESS EXCLUSIVE MODE;
             first := false;
         END IF;
-        -- No write reaches it between the check and the detach.
-        EXECUTE format('LOCK TABLE @s@.%I IN ACCESS EXCLUSIVE MODE', p.name);
+        -- No write reaches it between the check and the detach. NOWAIT:
+        -- while the parent's lock is held, waiting here (behind an
+        -- autovacuum of the day, which yields only after deadlock_timeout,
+        -- or a long reader) would stall every capture and claim; a busy day
+        -- is left for the next run instead.
+        BEGIN
+            EXECUTE format('LOCK TABLE @s@.%I IN ACCESS EXCLUSIVE MODE NOWAIT', p.name);
+        EXCEPTION WHEN lock_not_available THEN
+            CONTINUE;
+        END;
         -- Each probe is answered by a partial index of the partition
         -- (pending_by_operation, dead_by_time, finished_by_time), never by
         -- reading its rows.

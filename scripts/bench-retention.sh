@@ -37,6 +37,9 @@ cd "$(dirname "$0")/.."
 ROWS=${1:-7000000}
 PER_DAY=${2:-250000}
 ROUNDS=${3:-5}
+# SKIP: any of "delete claim week" to leave those parts out (the drops always run).
+SKIP=${SKIP:-}
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
 BIN=${AUTHZ_OUTBOX_BIN:-target/debug/authz-outbox}
 base=${DATABASE_URL%/*}
 db=bench_retention_$$
@@ -70,6 +73,7 @@ mapfile -t days < <(q -c "SELECT lower_bound FROM authz_outbox_partitions() WHER
 a_lo=${days[0]} b_lo=${days[1]} c_lo=${days[2]}
 echo "filling 3 x $ROWS finished rows (days $a_lo, $b_lo, $c_lo)" >&2
 for lo in "$a_lo" "$b_lo" "$c_lo"; do
+  if skip delete && [ "$lo" = "$b_lo" ]; then continue; fi
   q -c "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state,
             created_at, finished_at, delivered_at)
         SELECT 'task', 't' || g, 'register', '{\"user_id\":\"u\"}', 'delivered',
@@ -79,6 +83,7 @@ for lo in "$a_lo" "$b_lo" "$c_lo"; do
 done
 q -c "VACUUM ANALYZE authz_outbox"
 # -------------------------------------------------------------- 2. claim p50
+if ! skip claim; then
 # (the claim statement with its binds inlined: operation, limit, worker,
 # lease ms, due_by)
 claim_sql=$(sed -n '/^pub const CLAIM_SQL: &str = r#"/,/^"#;/p' src/outbox/claim.rs | sed '1d;$d' \
@@ -110,11 +115,14 @@ echo "== 2. claim (100 of 1,000 pending rows), $ROUNDS interleaved rounds of 50;
 echo "10,000 finished rows:            $(spread <"$small_all") ms"
 echo "$finished_big finished rows:  $(spread <"$big_all") ms"
 rm -f "$small_all" "$big_all"
+fi
 
 part() { q -c "SELECT name FROM authz_outbox_partitions() WHERE lower_bound = '$1'"; }
 part_a=$(part "$a_lo") part_b=$(part "$b_lo") part_c=$(part "$c_lo")
 bytes_a=$(q -c "SELECT bytes FROM authz_outbox_partitions() WHERE name = '$part_a'")
 
+delete_ms=skipped dead_b=-
+if ! skip delete; then
 delete_ms=$(q <<SQL | summed
 CREATE PROCEDURE pg_temp.prune_b() LANGUAGE plpgsql AS \$\$
 DECLARE n bigint;
@@ -137,21 +145,28 @@ SQL
 )
 sleep 1
 dead_b=$(q -c "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = '$part_b'")
+fi
 # Day B is empty now: out of the drops' way.
 q -c "ALTER TABLE authz_outbox DETACH PARTITION $part_b" >/dev/null
 
 # The probe: one capture-like insert every 5 ms, each timed.
 probe_log=$(mktemp) probe_sql=$(mktemp)
 { echo '\timing on'; for _ in $(seq 1 100000); do
-    echo "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal) VALUES ('probe', 'p', 'register', '{\"user_id\":\"u\"}');"
+    echo "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, next_attempt_at) VALUES ('probe', 'p', 'register', '{\"user_id\":\"u\"}', statement_timestamp());"
     echo "SELECT pg_sleep(0.005);"
   done; } >"$probe_sql"
 psql -qAt "$url" -f "$probe_sql" >"$probe_log" 2>&1 </dev/null &
 probe_pid=$!
 sleep 2
-# Slowest probe insert among the lines logged since line $1.
-probe_max() { tail -n +"$1" "$probe_log" | awk '/^Time: /{n++; if (n%2==1 && $2>m) m=$2} END{printf "%.1f", m}'; }
-mark() { wc -l <"$probe_log"; }
+# Each probe row holds its statement's start (next_attempt_at) and the time
+# it was formed, after its locks (created_at): the slowest probe insert that
+# started between two instants (epoch seconds from `mark`).
+mark() { date +%s.%N; }
+probe_max() {
+  q -c "SELECT coalesce(round(max(extract(epoch FROM created_at - next_attempt_at) * 1000)::numeric, 1), 0)
+        FROM authz_outbox WHERE resource_type = 'probe'
+          AND next_attempt_at BETWEEN to_timestamp($1) AND to_timestamp($2)"
+}
 
 # Day C the old way: check and DROP of the attached partition, one transaction.
 m0=$(mark)
@@ -168,8 +183,9 @@ DROP TABLE $part_c;
 COMMIT;
 SQL
 )
+m0e=$(mark)
 sleep 1
-old_probe=$(probe_max "$m0")
+old_probe=$(probe_max "$m0" "$m0e")
 
 # Day A the new way: partitions::drop_expired's two transactions. The
 # retention puts day A (and the empty pre-upgrade partition) past it, not
@@ -193,10 +209,12 @@ SELECT authz_outbox_drop_retired();
 COMMIT;
 SQL
 )
+m2e=$(mark)
 sleep 1
-detach_probe=$(probe_max "$m1")
-files_probe=$(probe_max "$m2")
-baseline_probe=$(head -n "$m0" "$probe_log" | awk '/^Time: /{n++; if (n%2==1) print $2}' | spread)
+detach_probe=$(probe_max "$m1" "$m2")
+files_probe=$(probe_max "$m2" "$m2e")
+baseline_probe=$(q -c "SELECT extract(epoch FROM created_at - next_attempt_at) * 1000 FROM authz_outbox
+                       WHERE resource_type = 'probe' AND next_attempt_at < to_timestamp($m0)" | spread)
 kill "$probe_pid" 2>/dev/null || true; probe_pid=
 gone=$(q -c "SELECT count(*) FROM pg_class WHERE relname IN ('$part_a', '${part_a}_retired', '$part_c')")
 
@@ -210,6 +228,7 @@ echo "tables left of days A and C: $gone; dead tuples of the drop path: 0 (files
 rm -f "$probe_log" "$probe_sql"
 
 # ---------------------------------------------------------------- 3. a week
+skip week && exit 0
 qd "$week" -c "SELECT authz_outbox_create_partitions(12)" >/dev/null
 first=$(qd "$week" -c "SELECT min(lower_bound) FROM authz_outbox_partitions() WHERE name <> 'authz_outbox_legacy' AND NOT is_default")
 echo "simulating 8 days x $PER_DAY rows from $first" >&2
