@@ -241,6 +241,64 @@ async fn a_dead_row_survives_retention(pool: PgPool) {
     assert_eq!(left, 0);
 }
 
+/// Retention does not wait for a day someone else holds (an autovacuum, a
+/// long reader): it holds the outbox's own lock meanwhile, so waiting would
+/// stall every capture. The day is skipped and dropped by a later run.
+#[sqlx::test(migrations = false)]
+async fn retention_skips_a_busy_day_instead_of_waiting_for_it(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let start = legacy_end(&pool).await;
+    let finished = put(
+        &pool,
+        "register",
+        "done",
+        start + chrono::Duration::hours(1),
+        "capture",
+    )
+    .await;
+    sqlx::query(
+        "UPDATE authz_outbox SET state = 'delivered', finished_at = now() - interval '30 days'
+         WHERE id = $1",
+    )
+    .bind(finished)
+    .execute(&pool)
+    .await
+    .expect("delivered");
+    let day = partition_of(&pool, finished).await;
+    let mut reader = pool.begin().await.expect("begin");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {day} IN ACCESS SHARE MODE"
+    )))
+    .execute(&mut *reader)
+    .await
+    .expect("a reader holds the day");
+
+    let retire = |pool: PgPool| async move {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = '20s'")
+            .execute(&mut *tx)
+            .await
+            .expect("lock timeout");
+        let started = std::time::Instant::now();
+        let retired: Vec<String> =
+            sqlx::query_scalar("SELECT authz_outbox_drop_partitions(interval '-10 days')")
+                .fetch_all(&mut *tx)
+                .await
+                .expect("retention runs");
+        tx.commit().await.expect("commit");
+        (retired, started.elapsed())
+    };
+    let (retired, took) = retire(pool.clone()).await;
+    assert!(!retired.contains(&day), "{retired:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "waited {took:?} for the busy day"
+    );
+    reader.rollback().await.expect("the reader is done");
+    let (retired, _) = retire(pool.clone()).await;
+    assert!(retired.contains(&day), "dropped once free: {retired:?}");
+}
+
 /// A table squatting on the next partition's name: creating ahead fails and
 /// says so, a capture for that day lands in the default partition instead
 /// of failing, the worker keeps delivering, and once the name is free the
