@@ -4,22 +4,23 @@
 
 -- Issue 25: retention's cost to the outbox. Measured at 2,000,000 finished
 -- rows (623 MB): the "anything pending, dead or recently finished?" checks
--- take 10 ms (each an index probe), the DROP itself 12 ms, and the COMMIT
--- 916 ms: PostgreSQL unlinks the partition's files at commit, and the file
--- system frees their blocks (I/O wait, proportional to the size). A
--- partition's DROP locks the parent ACCESS EXCLUSIVE, and locks are released
--- only after those files are gone, so every capture and claim waited for the
--- file system: 3.6 s for a day of 7 M rows.
+-- take 10 ms (each an index probe), the DROP statement 12 ms, and the COMMIT
+-- 916 ms: PostgreSQL unlinks the partition's files at commit and the file
+-- system frees their blocks (I/O wait, proportional to the size; 2.8-3.4 s
+-- for a day of 7 M rows). The unlink comes after the commit releases the
+-- locks, so captures do not wait for it (bench-retention's capture probe);
+-- the caller does.
 --
--- So a day now leaves in two transactions:
+-- A day now leaves in two transactions:
 --   1. `authz_outbox_drop_partitions(retention)` checks each expired day
 --      under the parent's lock, DETACHes it (a catalog change) and renames it
---      `<name>_retired`; its commit unlinks nothing, so the outbox is locked
---      for milliseconds;
+--      `<name>_retired`: the only step that holds the outbox's lock (50 ms at
+--      7 M rows), and it takes the day's lock NOWAIT, so it never waits
+--      behind an autovacuum or a reader of the day while holding the parent;
 --   2. `authz_outbox_drop_retired()` drops the retired tables. It locks only
---      them (no capture or claim can reach a detached table), so the file
---      system's work holds up nobody. A worker that dies between the two
---      leaves a retired table the next call drops.
+--      them (no capture or claim can reach a detached table); its commit is
+--      where the file system's seconds go. A worker that dies between the
+--      two leaves a retired table the next call drops.
 -- The guard is unchanged: a day with any pending or dead row, or a row that
 -- finished within retention, stays attached, whole.
 DO $functions$

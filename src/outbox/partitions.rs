@@ -70,9 +70,10 @@ pub async fn create_ahead(pool: &PgPool) -> Result<i32, sqlx::Error> {
 /// it; returns their names.
 ///
 /// Two transactions (migration 20261206100001): the first checks each
-/// expired day and detaches it, holding the outbox's lock for milliseconds;
-/// the second drops the detached days, whose files the file system frees
-/// at commit (seconds for a large day) while no capture or claim waits.
+/// expired day and detaches it, the only step holding the outbox's lock
+/// (milliseconds); the second drops the detached days, whose files the file
+/// system frees after its commit (seconds for a large day: this call waits
+/// for that, no capture or claim does).
 pub async fn drop_expired(pool: &PgPool, retention: Duration) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('lock_timeout', $1, true)")
