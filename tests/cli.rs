@@ -131,6 +131,7 @@ fn every_command_has_help() {
         vec!["agents", "create", "--help"],
         vec!["reconcile", "--help"],
         vec!["replay", "--help"],
+        vec!["purge", "--help"],
         vec!["uninstall", "--help"],
     ] {
         let out = run(&args, &[]);
@@ -1153,4 +1154,113 @@ fn the_default_metrics_port_is_not_prometheus_s() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("127.0.0.1:9464"), "{help}");
     assert!(!help.contains(":9090"), "{help}");
+}
+
+/// Inserts `n` rows of `resource_type` in `state`, finished `days_ago`.
+async fn finished_rows(pool: &PgPool, resource_type: &str, state: &str, days_ago: i32, n: i32) {
+    sqlx::query(
+        r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state,
+                                     finished_at, last_error)
+           SELECT $1, 'purge-' || $2 || '-' || $3 || '-' || g, 'register', '{"user_id":"u1"}', $2,
+                  now() - $3 * interval '1 day', 'refused'
+           FROM generate_series(1, $4) g"#,
+    )
+    .bind(resource_type)
+    .bind(state)
+    .bind(days_ago)
+    .bind(n)
+    .execute(pool)
+    .await
+    .expect("rows inserted");
+}
+
+async fn count(pool: &PgPool, resource_type: &str, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE resource_type = $1 AND state = $2")
+        .bind(resource_type)
+        .bind(state)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// `purge --dead` deletes dead rows past the age asked for, of the type
+/// asked for, all of them however many batches that takes, and nothing
+/// else: not a newer dead row, not a pending or delivered one. A dry run
+/// counts and deletes nothing; a purge without `--dead` or past the age
+/// limit is refused with one line.
+#[sqlx::test(migrations = false)]
+async fn purge_deletes_only_the_dead_rows_it_is_asked_to(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let url = url_of(&pool).await;
+    let env = [("DATABASE_URL", url.as_str())];
+    finished_rows(&pool, "task", "dead", 40, 2_500).await;
+    finished_rows(&pool, "task", "dead", 1, 3).await;
+    finished_rows(&pool, "agent", "dead", 40, 2).await;
+    finished_rows(&pool, "task", "delivered", 40, 5).await;
+    finished_rows(&pool, "task", "pending", 40, 4).await;
+
+    let out = run_async(
+        &[
+            "purge",
+            "--dead",
+            "--older-than",
+            "30d",
+            "--type",
+            "task",
+            "--dry-run",
+        ],
+        &env,
+    )
+    .await;
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("2500 dead rows would be purged"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(count(&pool, "task", "dead").await, 2_503);
+
+    let out = run_async(
+        &["purge", "--dead", "--older-than", "30d", "--type", "task"],
+        &env,
+    )
+    .await;
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("purged 2500 dead rows"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        count(&pool, "task", "dead").await,
+        3,
+        "the newer dead rows stay"
+    );
+    assert_eq!(
+        count(&pool, "agent", "dead").await,
+        2,
+        "another type's stay"
+    );
+    assert_eq!(count(&pool, "task", "delivered").await, 5);
+    assert_eq!(count(&pool, "task", "pending").await, 4);
+
+    let out = run_async(
+        &["purge", "--dead", "--older-than", "30d", "--format", "json"],
+        &env,
+    )
+    .await;
+    assert_ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["rows"], 2, "{report}");
+    assert_eq!(count(&pool, "agent", "dead").await, 0);
+    assert_eq!(count(&pool, "task", "dead").await, 3);
+
+    assert_one_line_error(
+        &run_async(&["purge", "--older-than", "30d"], &env).await,
+        "required arguments were not provided",
+    );
+    assert_one_line_error(
+        &run_async(&["purge", "--dead", "--older-than", "3651d"], &env).await,
+        "at most 3650d",
+    );
 }

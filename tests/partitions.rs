@@ -196,6 +196,42 @@ async fn a_dead_row_survives_retention(pool: PgPool) {
     assert!(!dropped.contains(&dead_part), "{dropped:?}");
     assert!(!dropped.contains(&pending_part), "{dropped:?}");
     assert_eq!(state(&pool, dead).await, "dead");
+
+    // The day left the outbox detached; its files go in a second
+    // transaction that holds no lock a capture or a claim needs: while it is
+    // open, a capture and a read of the outbox go through at once.
+    let mut dropping = pool.begin().await.expect("begin");
+    let gone: Vec<String> = sqlx::query_scalar("SELECT authz_outbox_drop_retired()")
+        .fetch_all(&mut *dropping)
+        .await
+        .expect("the retired days are dropped");
+    let mut other = pool.acquire().await.expect("connection");
+    sqlx::query("SET lock_timeout = '1s'")
+        .execute(&mut *other)
+        .await
+        .expect("lock timeout");
+    sqlx::query(
+        r#"INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+           VALUES ('agent', 'during-drop', 'register', '{"user_id":"u1"}')"#,
+    )
+    .execute(&mut *other)
+    .await
+    .expect("a capture does not wait for the retired day's files");
+    sqlx::query("SELECT count(*) FROM authz_outbox WHERE state = 'pending'")
+        .execute(&mut *other)
+        .await
+        .expect("a claim's read does not wait either");
+    drop(other);
+    dropping.commit().await.expect("commit");
+    assert_eq!(gone, vec![format!("{finished_part}_retired")]);
+    let still: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{finished_part}_retired"))
+        .fetch_one(&pool)
+        .await
+        .expect("regclass");
+    assert_eq!(still, None, "the retired day is dropped");
+    let kept = partitions::list(&pool).await.expect("list");
+    assert!(kept.iter().any(|p| p.name == dead_part), "{kept:?}");
     assert_eq!(state(&pool, pending).await, "pending");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM authz_outbox WHERE id = $1")
         .bind(finished)
@@ -203,6 +239,64 @@ async fn a_dead_row_survives_retention(pool: PgPool) {
         .await
         .expect("count");
     assert_eq!(left, 0);
+}
+
+/// Retention does not wait for a day someone else holds (an autovacuum, a
+/// long reader): it holds the outbox's own lock meanwhile, so waiting would
+/// stall every capture. The day is skipped and dropped by a later run.
+#[sqlx::test(migrations = false)]
+async fn retention_skips_a_busy_day_instead_of_waiting_for_it(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let start = legacy_end(&pool).await;
+    let finished = put(
+        &pool,
+        "register",
+        "done",
+        start + chrono::Duration::hours(1),
+        "capture",
+    )
+    .await;
+    sqlx::query(
+        "UPDATE authz_outbox SET state = 'delivered', finished_at = now() - interval '30 days'
+         WHERE id = $1",
+    )
+    .bind(finished)
+    .execute(&pool)
+    .await
+    .expect("delivered");
+    let day = partition_of(&pool, finished).await;
+    let mut reader = pool.begin().await.expect("begin");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {day} IN ACCESS SHARE MODE"
+    )))
+    .execute(&mut *reader)
+    .await
+    .expect("a reader holds the day");
+
+    let retire = |pool: PgPool| async move {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = '20s'")
+            .execute(&mut *tx)
+            .await
+            .expect("lock timeout");
+        let started = std::time::Instant::now();
+        let retired: Vec<String> =
+            sqlx::query_scalar("SELECT authz_outbox_drop_partitions(interval '-10 days')")
+                .fetch_all(&mut *tx)
+                .await
+                .expect("retention runs");
+        tx.commit().await.expect("commit");
+        (retired, started.elapsed())
+    };
+    let (retired, took) = retire(pool.clone()).await;
+    assert!(!retired.contains(&day), "{retired:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "waited {took:?} for the busy day"
+    );
+    reader.rollback().await.expect("the reader is done");
+    let (retired, _) = retire(pool.clone()).await;
+    assert!(retired.contains(&day), "dropped once free: {retired:?}");
 }
 
 /// A table squatting on the next partition's name: creating ahead fails and
@@ -425,6 +519,7 @@ async fn the_worker_role_manages_partitions_without_ddl(pool: PgPool) {
            GRANT SELECT, UPDATE, DELETE ON authz_outbox TO "{role}";
            GRANT EXECUTE ON FUNCTION authz_outbox_create_partitions(integer),
                                      authz_outbox_drop_partitions(interval),
+                                     authz_outbox_drop_retired(),
                                      authz_outbox_partitions() TO "{role}";"#
     )))
     .execute(&pool)

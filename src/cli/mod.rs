@@ -6,6 +6,7 @@ mod check;
 mod keys;
 mod mappings;
 mod migrate;
+mod purge;
 mod reconcile;
 mod replay;
 mod run;
@@ -89,6 +90,9 @@ enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// Re-drive dead outbox rows, unless a later change overtook them.
     Replay(replay::ReplayArgs),
+    /// Delete dead rows past an age (`--dead --older-than 30d`): what they
+    /// would have changed is then left to `reconcile`.
+    Purge(purge::PurgeArgs),
     /// List (default) or remove (`--apply`) every trigger, function and view
     /// authz-outbox installed; `--drop-outbox` also its tables and rows.
     Uninstall(uninstall::UninstallArgs),
@@ -136,6 +140,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agents { command } => agents::agents(command).await,
         Command::Reconcile(args) => reconcile::reconcile_command(args).await,
         Command::Replay(args) => replay::replay_command(args).await,
+        Command::Purge(args) => purge::purge_command(args).await,
         Command::Uninstall(args) => uninstall::uninstall_command(args).await,
         Command::Check(args) => check::check_command(args).await,
         Command::Ui(args) => ui::ui_command(args).await,

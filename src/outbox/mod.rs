@@ -6,12 +6,14 @@
 //! (`delivered`, `dead`, `superseded`, or back to `pending` with a later
 //! `next_attempt_at`) only while that token still holds; [`partitions`]
 //! drops whole days of finished rows past retention and [`prune`] deletes
-//! those the partitions kept.
+//! those the partitions kept; [`purge`] deletes dead rows an operator has
+//! given up on.
 
 pub mod claim;
 pub mod enqueue;
 pub mod partitions;
 pub mod prune;
+pub mod purge;
 pub mod record;
 pub mod replay;
 pub mod stats;

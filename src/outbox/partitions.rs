@@ -68,17 +68,39 @@ pub async fn create_ahead(pool: &PgPool) -> Result<i32, sqlx::Error> {
 
 /// Drops every partition past `retention` whose rows are all finished past
 /// it; returns their names.
+///
+/// Two transactions (migration 20261206100001): the first checks each
+/// expired day and detaches it, the only step holding the outbox's lock
+/// (milliseconds); the second drops the detached days, whose files the file
+/// system frees after its commit (seconds for a large day: this call waits
+/// for that, no capture or claim does).
 pub async fn drop_expired(pool: &PgPool, retention: Duration) -> Result<Vec<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('lock_timeout', $1, true)")
         .bind(LOCK_TIMEOUT)
         .execute(&mut *tx)
         .await?;
-    let dropped: Vec<String> =
+    let retired: Vec<String> =
         sqlx::query_scalar("SELECT authz_outbox_drop_partitions($1 * interval '1 millisecond')")
             .bind(retention.as_millis() as i64)
             .fetch_all(&mut *tx)
             .await?;
+    tx.commit().await?;
+    drop_retired(pool).await?;
+    Ok(retired)
+}
+
+/// Drops the days an earlier [`drop_expired`] detached (also those a worker
+/// that died between its two steps left behind); returns their table names.
+pub async fn drop_retired(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    let dropped: Vec<String> = sqlx::query_scalar("SELECT authz_outbox_drop_retired()")
+        .fetch_all(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(dropped)
 }

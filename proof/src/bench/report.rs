@@ -63,6 +63,16 @@ impl Results {
                 format!("{worst:.1} ms"),
                 worst < 200.0,
             );
+            if let Some(d) = &ui.delivery {
+                let with = super::ui::DeliveryWithPage::median(&d.with_page);
+                let slowest_without = d.without_page.iter().copied().fold(f64::INFINITY, f64::min);
+                add(
+                    "worker ceiling with /ui/ polled every second vs without (median of interleaved rounds)",
+                    "no slowdown beyond the rounds' spread",
+                    format!("{:+.1} %", d.change() * 100.0),
+                    with >= slowest_without,
+                );
+            }
         }
         if let Some(w) = &self.write_path {
             let cost = 1.0 - w.capture_vs_plain_throughput;

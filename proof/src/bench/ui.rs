@@ -6,8 +6,15 @@
 //!
 //! Loading is not measured: rows are generated with `generate_series`,
 //! triggers off, then `VACUUM ANALYZE` (as autovacuum would have).
+//!
+//! Then, on the same outbox, whether serving the page slows delivery: the
+//! worker's ceiling (`run --once` into an instant sink, as `ceiling`) with
+//! and without `/ui/` requested from the worker's own HTTP server every
+//! second, the two variants interleaved over `delivery_rounds` rounds (the
+//! order alternating), each draining `delivery_rows` fresh registers.
 
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,13 +22,18 @@ use serde::Serialize;
 use tokio::process::Command;
 
 use super::env::{Env, free_port, terminate, wait_for_port};
-use super::stats::Summary;
+use super::sink::Sink;
+use super::stats::{Summary, percentile};
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub rows: i64,
     pub dead: i64,
     pub requests: usize,
+    /// Registers per drain of the delivery comparison.
+    pub delivery_rows: i64,
+    /// Rounds of the delivery comparison (each drains twice); 0 skips it.
+    pub delivery_rounds: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +41,32 @@ pub struct UiResult {
     pub rows: i64,
     pub dead: i64,
     pub pages: Vec<PageLatency>,
+    pub delivery: Option<DeliveryWithPage>,
+}
+
+/// The worker's ceiling with and without the page polled every second.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryWithPage {
+    pub rows: i64,
+    pub rounds: usize,
+    /// Rows per second of each round, in round order.
+    pub without_page: Vec<f64>,
+    pub with_page: Vec<f64>,
+    /// Page requests answered during the polled drains, and their latency.
+    pub page_latency: Summary,
+}
+
+impl DeliveryWithPage {
+    pub fn median(samples: &[f64]) -> f64 {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        percentile(&sorted, 0.5)
+    }
+
+    /// Median with the page over median without, minus one (negative: slower).
+    pub fn change(&self) -> f64 {
+        Self::median(&self.with_page) / Self::median(&self.without_page) - 1.0
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +97,27 @@ impl UiResult {
             println!(
                 "{:<44} {:>8.1} {:>8.1} {:>8.1}",
                 p.path, p.latency.p50_ms, p.latency.p99_ms, p.latency.max_ms
+            );
+        }
+        if let Some(d) = &self.delivery {
+            let spread = |v: &[f64]| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(0.0, f64::max);
+                format!("{lo:.0}-{hi:.0}")
+            };
+            println!(
+                "Worker ceiling, {} rows per drain, {} interleaved rounds: without the page median {:.0}/s (rounds {}), \
+                 with /ui/ every second {:.0}/s ({}); change {:+.1} %; page p50 {:.1} ms, max {:.1} ms over {} requests",
+                d.rows,
+                d.rounds,
+                DeliveryWithPage::median(&d.without_page),
+                spread(&d.without_page),
+                DeliveryWithPage::median(&d.with_page),
+                spread(&d.with_page),
+                d.change() * 100.0,
+                d.page_latency.p50_ms,
+                d.page_latency.max_ms,
+                d.page_latency.count
             );
         }
     }
@@ -169,9 +228,109 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<UiResult> {
         });
     }
     terminate(&mut child).await;
+    let delivery = if config.delivery_rounds > 0 {
+        Some(delivery_with_page(env, config).await?)
+    } else {
+        None
+    };
     Ok(UiResult {
         rows: config.rows,
         dead: config.dead,
         pages,
+        delivery,
+    })
+}
+
+/// One drain of `rows` fresh registers by `run --once` into the instant
+/// sink; with `poll`, `/ui/` is requested from the worker every second.
+/// Returns rows per second (process start to exit) and the page latencies.
+async fn drain(
+    env: &Env,
+    sink: &Sink,
+    prefix: &str,
+    rows: i64,
+    poll: bool,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let pool = env.pool(1).await?;
+    env.enqueue_registers(&pool, prefix, rows).await?;
+    let port = free_port()?;
+    let started = Instant::now();
+    let mut worker = env.spawn_worker(&sink.base_url(), 512, 1000, true, port, None)?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let poller = poll.then(|| {
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let at = Instant::now();
+                // Before the server listens, or after the drain, a request
+                // fails: not a page answer, not counted.
+                if let Ok(r) = client
+                    .get(format!("http://127.0.0.1:{port}/ui/"))
+                    .send()
+                    .await
+                    && r.status().is_success()
+                    && r.bytes().await.is_ok()
+                    && let Ok(mut s) = samples.lock()
+                {
+                    s.push(at.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        })
+    });
+    let status = worker.wait().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Some(task) = poller {
+        task.abort();
+    }
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    anyhow::ensure!(
+        status.success(),
+        "authz-outbox run --once exited with {status}"
+    );
+    let delivered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM authz_outbox WHERE state = 'delivered' AND resource_id LIKE $1 || '-%'",
+    )
+    .bind(prefix)
+    .fetch_one(&pool)
+    .await?;
+    anyhow::ensure!(
+        delivered == rows,
+        "{delivered} of {rows} {prefix} rows delivered"
+    );
+    pool.close().await;
+    Ok((rows as f64 / seconds, samples))
+}
+
+/// The ceiling with and without the page, interleaved: round `r` runs
+/// "without" first when `r` is even, "with" first when odd, so a machine
+/// getting busier or quieter over the run weighs on both alike. One
+/// unmeasured drain first delivers the loaded outbox's own pending rows.
+async fn delivery_with_page(env: &Env, config: &Config) -> anyhow::Result<DeliveryWithPage> {
+    let sink = Sink::start(Duration::ZERO).await?;
+    drain(env, &sink, "warm", 1000, false).await?;
+    let (mut without_page, mut with_page, mut page) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..config.delivery_rounds {
+        for poll in [round % 2 == 1, round % 2 == 0] {
+            let prefix = format!("r{round}{}", if poll { "p" } else { "n" });
+            let (per_second, samples) =
+                drain(env, &sink, &prefix, config.delivery_rows, poll).await?;
+            eprintln!("bench: ui delivery round {round} page={poll}: {per_second:.0}/s");
+            if poll {
+                with_page.push(per_second);
+                page.extend(samples);
+            } else {
+                without_page.push(per_second);
+            }
+        }
+    }
+    Ok(DeliveryWithPage {
+        rows: config.delivery_rows,
+        rounds: config.delivery_rounds,
+        without_page,
+        with_page,
+        page_latency: Summary::of(&page),
     })
 }

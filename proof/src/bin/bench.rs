@@ -131,6 +131,12 @@ struct Args {
     /// Requests per page.
     #[arg(long, default_value_t = 50)]
     ui_requests: usize,
+    /// Registers per drain when measuring delivery with and without the page.
+    #[arg(long, default_value_t = 50_000)]
+    ui_delivery_rows: i64,
+    /// Interleaved rounds of that comparison (0 skips it).
+    #[arg(long, default_value_t = 3)]
+    ui_delivery_rounds: usize,
 }
 
 #[tokio::main]
@@ -262,6 +268,8 @@ async fn main() -> anyhow::Result<()> {
             rows: args.ui_rows,
             dead: args.ui_dead,
             requests: args.ui_requests,
+            delivery_rows: args.ui_delivery_rows,
+            delivery_rounds: args.ui_delivery_rounds,
         };
         results.ui = Some(ui::run(&env, &config).await.context("operator page")?);
     }
