@@ -10,6 +10,7 @@ mod purge;
 mod reconcile;
 mod replay;
 mod run;
+mod signal;
 mod status;
 mod ui;
 mod uninstall;

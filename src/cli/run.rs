@@ -355,7 +355,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         crate::http::router_with_ui(worker.health(), metrics, ui),
         http_cancel.clone(),
     ));
-    tokio::spawn(cancel_on_signal(
+    tokio::spawn(super::signal::cancel_on_signal(
         shutdown.clone(),
         "shutdown requested; finishing in-flight rows",
     ));
@@ -425,28 +425,6 @@ fn warn_about_the_credential(has_token: bool, url: &str) {
         return;
     }
     super::warn_if_sent_in_clear(has_token, "AGENTEX_AUTH_URL", "bearer token", url);
-}
-
-/// SIGTERM (Kubernetes) or SIGINT (a terminal) starts a graceful shutdown,
-/// logged as `message`.
-pub(super) async fn cancel_on_signal(shutdown: CancellationToken, message: &'static str) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    tracing::info!("{message}");
-    shutdown.cancel();
 }
 
 /// After the relay recreated a lost slot: a reconcile of every type, applied

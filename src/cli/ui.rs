@@ -108,7 +108,7 @@ pub async fn ui_command(args: UiArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     let app = crate::ui::router(UiState::new(pool, config));
     let cancel = CancellationToken::new();
-    tokio::spawn(super::run::cancel_on_signal(
+    tokio::spawn(super::signal::cancel_on_signal(
         cancel.clone(),
         "shutdown requested; the page stops",
     ));
