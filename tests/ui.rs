@@ -414,3 +414,48 @@ async fn the_worker_and_the_ui_command_serve_the_page(pool: PgPool) {
         "`authz-outbox ui` ignores a token: it is read-only"
     );
 }
+
+/// The overview's last-hour figures are computed once per 10 s whoever
+/// polls it: a delivery recorded between two loads within that time does
+/// not show on the second (the query that would count it did not run),
+/// while the live counts beside it are read on every load.
+#[sqlx::test(migrations = false)]
+async fn the_overview_reads_the_last_hour_once_per_ten_seconds(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let served = serve(&pool, UiConfig::read_only(None)).await;
+    let delivered = |page: &str| -> String {
+        // The "Delivered (1 h)" cell of the api_key row.
+        let row = page
+            .split("<tr>")
+            .find(|r| r.contains("<code>api_key</code>"))
+            .unwrap_or("")
+            .to_string();
+        // Cells: type, pending, in flight, dead, delivered (1 h), oldest.
+        let cell = row.split("<td").nth(5).unwrap_or("");
+        let after = cell.split_once('>').map_or("", |(_, rest)| rest);
+        after.chars().take_while(|c| c.is_ascii_digit()).collect()
+    };
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, delivered_at, finished_at)
+         VALUES ('api_key', 'k1', 'register', '{\"user_id\":\"u1\"}', 'delivered', now(), now())",
+    )
+    .execute(&pool)
+    .await
+    .expect("a delivered row");
+    let (_, first) = get(&served.base, "/ui/", None).await;
+    assert_eq!(delivered(&first), "1", "{first}");
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, delivered_at, finished_at)
+         VALUES ('api_key', 'k2', 'register', '{\"user_id\":\"u1\"}', 'delivered', now(), now()),
+                ('api_key', 'k3', 'register', '{\"user_id\":\"u1\"}', 'dead', NULL, now())",
+    )
+    .execute(&pool)
+    .await
+    .expect("more rows");
+    let (_, second) = get(&served.base, "/ui/", None).await;
+    assert_eq!(delivered(&second), "1", "reused within 10 s: {second}");
+    assert!(
+        second.contains("dead?type=api_key\">1<"),
+        "live counts are read every time: {second}"
+    );
+}

@@ -70,6 +70,24 @@ pub struct UiState {
     pub(crate) reconcile_running: Arc<tokio::sync::Mutex<()>>,
     /// What the last run started here came to (shown on the reconcile page).
     last_reconcile: Arc<std::sync::Mutex<Option<String>>>,
+    /// The overview's last-hour figures, shared for [`HOUR_FIGURES_FOR`].
+    hour: Arc<tokio::sync::Mutex<Option<Arc<HourFigures>>>>,
+}
+
+/// How long the overview's last-hour figures are reused. They read every
+/// row delivered in the hour; computed for each request of a page polled
+/// every second, they took 39 % off the worker's delivery ceiling
+/// (BENCHMARKS.md, issue 23). Reused for the page's own refresh interval,
+/// any number of viewers cost one computation per 10 s.
+pub const HOUR_FIGURES_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The overview's last-hour figures and when they were taken.
+#[derive(Debug)]
+pub struct HourFigures {
+    pub taken: std::time::Instant,
+    pub taken_at: chrono::DateTime<chrono::Utc>,
+    pub activity: std::collections::BTreeMap<String, queries::TypeActivity>,
+    pub rates: queries::Rates,
 }
 
 impl UiState {
@@ -80,7 +98,30 @@ impl UiState {
             sessions: Arc::new(auth::Sessions::default()),
             reconcile_running: Arc::new(tokio::sync::Mutex::new(())),
             last_reconcile: Arc::new(std::sync::Mutex::new(None)),
+            hour: Arc::new(tokio::sync::Mutex::new(None)),
         }
+    }
+
+    /// The last-hour figures, computed at most once per
+    /// [`HOUR_FIGURES_FOR`] whoever asks (the lock makes concurrent
+    /// viewers wait for one computation rather than each run their own).
+    pub(crate) async fn hour_figures(&self) -> Result<Arc<HourFigures>, sqlx::Error> {
+        let mut cached = self.hour.lock().await;
+        if let Some(h) = cached.as_ref()
+            && h.taken.elapsed() < HOUR_FIGURES_FOR
+        {
+            return Ok(Arc::clone(h));
+        }
+        let (activity, rates) =
+            tokio::try_join!(queries::activity(&self.pool), queries::rates(&self.pool))?;
+        let fresh = Arc::new(HourFigures {
+            taken: std::time::Instant::now(),
+            taken_at: chrono::Utc::now(),
+            activity,
+            rates,
+        });
+        *cached = Some(Arc::clone(&fresh));
+        Ok(fresh)
     }
 
     pub(crate) fn last_reconcile_message(&self) -> Option<String> {

@@ -14,13 +14,13 @@ pub async fn page(State(state): State<UiState>, headers: HeaderMap) -> Result<Ma
     let pool = &state.pool;
     // Pending and dead rows only: their partial indexes answer (the
     // delivered rows kept for retention are never counted whole).
-    let (live, activity, rates, replicas, runs) = tokio::try_join!(
+    let (live, hour, replicas, runs) = tokio::try_join!(
         stats::collect(pool, Scope::Live, 0),
-        queries::activity(pool),
-        queries::rates(pool),
+        state.hour_figures(),
         queries::replicas(pool),
         queries::runs(pool, None),
     )?;
+    let (activity, rates) = (&hour.activity, &hour.rates);
     let last_run = runs.first();
     let mut types: Vec<&String> = live.by_type.keys().chain(activity.keys()).collect();
     types.sort();
@@ -55,6 +55,7 @@ pub async fn page(State(state): State<UiState>, headers: HeaderMap) -> Result<Ma
                 }
             }
         }
+        p.muted { "In flight, delivered and the charts as of " (hour.taken_at.format("%H:%M:%S UTC")) " (taken at most every 10 s)." }
         div.charts {
             (chart::bars("Delivered per minute, last hour", &rates.delivered, "rows"))
             (chart::bars("Capture-to-delivered latency (mean per minute)", &rates.latency_ms, "ms"))
