@@ -19,9 +19,13 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-bench}
 export PG_FSYNC=on PG_SYNCHRONOUS_COMMIT=on
 # pg_stat_statements gives the host-writes benchmark its database time per
-# write. Extra lines (e.g. `wal_level = logical` for a wal-mode variant) come
-# through PG_EXTRA_CONF as for scripts/pg.sh.
+# write; wal_level = logical lets the wal-mode variants (`migrate --capture
+# wal`, issue 24) run on the same cluster as table mode, so every variant
+# runs on that level and their WAL bytes compare. Extra lines come through
+# PG_EXTRA_CONF as for scripts/pg.sh.
 PG_EXTRA_CONF="shared_preload_libraries = 'pg_stat_statements'
+wal_level = logical
+max_replication_slots = 16
 ${PG_EXTRA_CONF:-}"
 export PG_EXTRA_CONF
 

@@ -60,8 +60,10 @@ pub struct Config {
 pub enum CaptureMode {
     /// `authz-outbox migrate` (the default): the triggers insert outbox rows.
     Table,
-    // TODO(issue 24, wal mode): `Wal` — `authz-outbox migrate --capture wal`
-    // on its own database; see `variants`.
+    /// `authz-outbox migrate --capture wal` on a database of its own: the
+    /// triggers emit logical messages, and a worker's relay, running for the
+    /// whole benchmark, moves them into that database's outbox.
+    Wal,
 }
 
 /// One way of making the host's writes.
@@ -80,6 +82,7 @@ impl Variant {
     pub fn name(self) -> String {
         match self {
             Variant::Captured(CaptureMode::Table) => "captured (table mode)".into(),
+            Variant::Captured(CaptureMode::Wal) => "captured (wal mode)".into(),
             Variant::Disabled => "same tables, triggers disabled".into(),
             Variant::Copy => "trigger-less copy".into(),
         }
@@ -115,6 +118,11 @@ struct Target {
     sets_principal: bool,
     /// Whether `pg_stat_statements` can be read in this database.
     statements: bool,
+}
+
+/// What keeps the wal variant's relay running for the whole benchmark.
+pub struct WalVariant {
+    worker: super::wal::Worker,
 }
 
 const HOST_TABLES: [&str; 4] = [
@@ -155,20 +163,22 @@ impl Target {
 /// share the host's tables (their triggers toggled between turns); the copy
 /// lives beside them.
 ///
-/// TODO(issue 24, wal mode): once `authz-outbox migrate --capture wal` is on
-/// this branch, add `Variant::Captured(CaptureMode::Wal)` here: create a
-/// database of its own (`CREATE DATABASE bench_wal`), load the host schema
-/// into it ([`authz_outbox_proof::load_host_schema`]), run
-/// `authz-outbox migrate --capture wal` against it, seed it like the main
-/// one ([`seed`]), start the worker with its relay on it for the whole run
-/// (the goals are "with the relay running"), and push
-/// `Target::host_tables(Variant::Captured(CaptureMode::Wal), wal_pool, ..)`.
-/// The cluster needs `wal_level = logical`: run `scripts/bench.sh` with
-/// `PG_EXTRA_CONF="wal_level = logical"` (it keeps its
-/// `shared_preload_libraries` line), so every variant runs on that level
-/// and their WAL bytes stay comparable. Its `prepare` enables the triggers
-/// like table mode's.
-async fn variants(main: &PgPool, statements: bool) -> anyhow::Result<Vec<Target>> {
+/// With `wal_level = logical` (`scripts/bench.sh` sets it, so every variant
+/// runs on that level and their WAL bytes stay comparable) the wal-mode
+/// variant joins: its own database `bench_wal` with the host schema and
+/// `authz-outbox migrate --capture wal`, and a worker (`authz-outbox run`,
+/// its relay included; its delivery held back) on it for the whole run: the goals are "with the relay running". Its db time per
+/// write is everything its database executed during its turn (the relay's
+/// and the worker's statements included), and its turn lasts until the
+/// relay has read to the WAL's end as the writers left it (see
+/// [`measure_round`]): the relay's work is in its figures, not in the next
+/// variant's turn.
+async fn variants(
+    env: &Env,
+    main: &PgPool,
+    statements: bool,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<Target>, Option<WalVariant>)> {
     let captured = Target::host_tables(
         Variant::Captured(CaptureMode::Table),
         main.clone(),
@@ -185,7 +195,32 @@ async fn variants(main: &PgPool, statements: bool) -> anyhow::Result<Vec<Target>
         sets_principal: false,
         statements,
     };
-    Ok(vec![captured, disabled, copy])
+    let mut targets = vec![captured, disabled, copy];
+    if !super::wal::available(main).await? {
+        eprintln!("bench: wal_level is not logical: no wal-mode variant");
+        return Ok((targets, None));
+    }
+    let wal_env = super::wal::wal_env(env, "bench_wal").await?;
+    let wal_pool = wal_env.pool(concurrency as u32 + 2).await?;
+    wal_env.reset(&wal_pool).await?;
+    sqlx::raw_sql("TRUNCATE tasks CASCADE")
+        .execute(&wal_pool)
+        .await?;
+    let wal_statements = statements
+        && sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&wal_pool)
+            .await
+            .is_ok();
+    // Delivery held back (one row in flight to a sink that answers after
+    // 60 s), as table mode's rounds run with no worker: what the wal
+    // variant pays beyond its own writes is the relay.
+    let worker = super::wal::Worker::start(&wal_env, Duration::from_secs(60), 1, 1).await?;
+    targets.push(Target::host_tables(
+        Variant::Captured(CaptureMode::Wal),
+        wal_pool,
+        wal_statements,
+    ));
+    Ok((targets, Some(WalVariant { worker })))
 }
 
 /// Our triggers (`authz_outbox__…`, never a host's own or a foreign key's)
@@ -217,6 +252,9 @@ async fn set_our_triggers(pool: &PgPool, enable: bool) -> anyhow::Result<()> {
 /// One variant's figures for one round.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundSample {
+    /// WAL mode: how long after the writers stopped the relay had read
+    /// everything they committed (inside the round's time).
+    pub relay_catch_up_ms: Option<f64>,
     pub per_second: f64,
     /// Executor time per write, µs (`None` without `pg_stat_statements`).
     pub db_us_per_write: Option<f64>,
@@ -311,6 +349,9 @@ pub struct HostWritesResult {
     pub workloads: Vec<WorkloadResult>,
     /// Outbox rows written by the status rounds (must be 0).
     pub status_outbox_rows: i64,
+    /// In the wal database: outbox rows about the status rounds' tasks
+    /// (must be 0).
+    pub wal_status_outbox_rows: Option<i64>,
     pub hot_updates: Vec<HotUpdates>,
     /// Whether `pg_stat_statements` was loaded (db time per write).
     pub pg_stat_statements: bool,
@@ -371,8 +412,8 @@ impl HostWritesResult {
             println!("  {}: {} updates, {} HOT", h.table, h.updates, h.hot);
         }
         println!(
-            "  outbox rows from the status rounds: {}",
-            self.status_outbox_rows
+            "  outbox rows from the status rounds: {} (wal database: {:?})",
+            self.status_outbox_rows, self.wal_status_outbox_rows
         );
     }
 }
@@ -418,7 +459,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<HostWritesResult>
             "bench: pg_stat_statements is not loaded (shared_preload_libraries): no db time per write"
         );
     }
-    let targets = variants(&pool, statements).await?;
+    let (targets, wal) = variants(env, &pool, statements, config.concurrency).await?;
     for target in &targets {
         seed(target, config.tasks).await?;
     }
@@ -441,11 +482,29 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<HostWritesResult>
             }
         }
         // Our triggers stay on between workloads, as installed.
-        set_our_triggers(&pool, true).await?;
+        for target in &targets {
+            set_our_triggers(&target.pool, true).await?;
+        }
         if workload == Workload::StatusUpdate {
             status_outbox_rows = outbox_rows(&pool).await? - outbox_before;
         }
         workloads.push(summarise(workload, &targets, samples));
+    }
+    let mut wal_status_outbox_rows = None;
+    if let Some(wal) = wal {
+        wal.worker.stop().await;
+        if let Some(t) = targets
+            .iter()
+            .find(|t| t.variant == Variant::Captured(CaptureMode::Wal))
+        {
+            wal_status_outbox_rows = Some(
+                sqlx::query_scalar(
+                    "SELECT count(*) FROM authz_outbox WHERE resource_id LIKE 'st-%'",
+                )
+                .fetch_one(&t.pool)
+                .await?,
+            );
+        }
     }
     let hot_after = hot_updates(&pool).await?;
     let hot_updates = hot_after
@@ -469,6 +528,7 @@ pub async fn run(env: &Env, config: &Config) -> anyhow::Result<HostWritesResult>
         round_seconds: config.round.as_secs_f64(),
         workloads,
         status_outbox_rows,
+        wal_status_outbox_rows,
         hot_updates,
         pg_stat_statements: statements,
         load_average: (load_before, load_average()),
@@ -549,10 +609,22 @@ async fn measure_round(
     let (ms_before, wal_before) = account(target).await?;
     let started = Instant::now();
     let writes = round_of(target, workload, config, counter).await?;
+    // WAL mode: the turn ends when the relay has read everything the
+    // writers committed (its inserts into the outbox done), so the
+    // relay's work counts here.
+    let mut relay_catch_up_ms = None;
+    if target.variant == Variant::Captured(CaptureMode::Wal) {
+        let end: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
+            .fetch_one(&target.pool)
+            .await?;
+        let waited = super::wal::caught_up(&target.pool, &end, Duration::from_secs(120)).await?;
+        relay_catch_up_ms = Some(waited.as_secs_f64() * 1000.0);
+    }
     let seconds = started.elapsed().as_secs_f64();
     let (ms_after, wal_after) = account(target).await?;
     let n = writes.max(1) as f64;
     Ok(RoundSample {
+        relay_catch_up_ms,
         per_second: writes as f64 / seconds,
         db_us_per_write: ms_before.zip(ms_after).map(|(b, a)| (a - b) * 1000.0 / n),
         wal_bytes_per_write: (wal_after - wal_before) / n,

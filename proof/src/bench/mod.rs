@@ -21,4 +21,5 @@ pub mod stats;
 pub mod svg;
 pub mod target;
 pub mod ui;
+pub mod wal;
 pub mod write_path;

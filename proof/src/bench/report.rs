@@ -29,6 +29,10 @@ pub struct Results {
     pub delivery_target: Option<super::target::TargetResult>,
     pub ceiling: Option<CeilingResult>,
     pub latency: Option<LatencyResult>,
+    /// WAL capture: the relay's throughput into the outbox.
+    pub relay: Option<super::wal::RelayResult>,
+    /// WAL capture: the latency benchmark on a `--capture wal` database.
+    pub latency_wal: Option<LatencyResult>,
     pub reconcile: Vec<ReconcileResult>,
     /// The operator page at size (`--only ui`).
     pub ui: Option<super::ui::UiResult>,
@@ -125,6 +129,37 @@ impl Results {
                     c <= 0.15,
                 );
             }
+            let wal = Variant::Captured(CaptureMode::Wal);
+            let wal_cost =
+                |w: Workload, base: Variant| h.workload(w).and_then(|r| r.cost(wal, base));
+            if let Some(c) = wal_cost(Workload::KeyCreation, Variant::Disabled) {
+                add(
+                    "wal mode (relay running): key creation vs triggers disabled",
+                    "<= 10%",
+                    format!("{:.1}%", c * 100.0),
+                    c <= 0.10,
+                );
+            }
+            if let Some(c) = wal_cost(Workload::TaskCreation, Variant::Disabled) {
+                add(
+                    "wal mode (relay running): task creation vs triggers disabled",
+                    "<= 15%",
+                    format!("{:.1}%", c * 100.0),
+                    c <= 0.15,
+                );
+            }
+            if let Some(c) = wal_cost(Workload::StatusUpdate, Variant::Copy) {
+                add(
+                    "wal mode: live->live task status updates vs the trigger-less copy",
+                    "<= 5%",
+                    format!(
+                        "{:.1}% ({:?} outbox rows)",
+                        c * 100.0,
+                        h.wal_status_outbox_rows
+                    ),
+                    c <= 0.05 && h.wal_status_outbox_rows == Some(0),
+                );
+            }
         }
         if let Some(d) = &self.delivery_target {
             let modes = [
@@ -180,6 +215,29 @@ impl Results {
                 "< 50 MiB",
                 format!("{:.1} MiB", c.memory.peak_rss_mib),
                 c.memory.peak_rss_mib < 50.0,
+            );
+        }
+        if let Some(r) = &self.relay {
+            add(
+                "wal mode: relay, captured writes/s into the outbox (median)",
+                ">= 20,000/s",
+                format!("{:.0}/s", r.median_per_second),
+                r.median_per_second >= 20_000.0,
+            );
+        }
+        if let Some(l) = &self.latency_wal {
+            let s = &l.commit_to_delivered;
+            add(
+                "wal mode: commit-to-delivered p50",
+                "<= 5 ms",
+                format!("{:.2} ms", s.p50_ms),
+                s.p50_ms <= 5.0,
+            );
+            add(
+                "wal mode: commit-to-delivered p95",
+                "<= 25 ms",
+                format!("{:.2} ms", s.p95_ms),
+                s.p95_ms <= 25.0,
             );
         }
         if let Some(l) = &self.latency {
@@ -347,6 +405,39 @@ impl Results {
             println!(
                 "  worker RSS idle {:.1} MiB, under load {:.1} MiB",
                 l.worker_idle_rss_mib, l.worker_under_load.peak_rss_mib
+            );
+        }
+        if let Some(r) = &self.relay {
+            println!(
+                "\nWAL relay: {} captured rows ({} per transaction), {} rounds: median {:.0}/s [min {:.0}, max {:.0}] worker start to done; first batch to last median {:.0}/s (load average {:.1} -> {:.1})",
+                r.rows,
+                r.rows_per_tx,
+                r.rounds.len(),
+                r.median_per_second,
+                r.min_per_second,
+                r.max_per_second,
+                r.median_relaying_per_second,
+                r.load_average.0,
+                r.load_average.1
+            );
+        }
+        if let Some(l) = &self.latency_wal {
+            let s = &l.commit_to_delivered;
+            println!(
+                "\nLatency, wal mode, at {} keys/s for {:.0} s: commit-to-delivered p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (histogram p50<={:?} p95<={:?} p99<={:?} ms)",
+                l.rate_per_second,
+                l.seconds,
+                s.p50_ms,
+                s.p95_ms,
+                s.p99_ms,
+                l.histogram_p50_le_ms,
+                l.histogram_p95_le_ms,
+                l.histogram_p99_le_ms
+            );
+            let w = &l.commit_to_wait_returned;
+            println!(
+                "  commit-to-wait-returned p50 {:.2} ms, p95 {:.2} ms; create p50 {:.2} ms",
+                w.p50_ms, w.p95_ms, l.create.p50_ms
             );
         }
         for r in &self.reconcile {

@@ -13,7 +13,9 @@ use clap::{Parser, ValueEnum};
 
 use bench::report::{Machine, Results};
 use bench::svg::{Series, cdf_chart};
-use bench::{ceiling, delivery, env::Env, host_writes, latency, reconcile, target, ui, write_path};
+use bench::{
+    ceiling, delivery, env::Env, host_writes, latency, reconcile, target, ui, wal, write_path,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Which {
@@ -24,6 +26,11 @@ enum Which {
     Target,
     Ceiling,
     Latency,
+    /// WAL capture: the relay's throughput into the outbox.
+    Relay,
+    /// WAL capture: commit-to-delivered latency (as `latency`, on a
+    /// database migrated with `--capture wal`).
+    LatencyWal,
     Reconcile,
     /// The operator page's latency per page at a million outbox rows.
     Ui,
@@ -95,6 +102,16 @@ struct Args {
     ceiling_concurrency: usize,
     #[arg(long, default_value_t = 1000)]
     ceiling_batch_size: usize,
+
+    /// Captured rows the relay benchmark writes with no relay running,
+    /// then times the relay on.
+    #[arg(long, default_value_t = 100_000)]
+    relay_rows: i64,
+    /// Captured rows per writing transaction (1: a key per transaction).
+    #[arg(long, default_value_t = 1)]
+    relay_rows_per_tx: i64,
+    #[arg(long, default_value_t = 3)]
+    relay_rounds: usize,
 
     #[arg(long, default_value_t = 200)]
     latency_rate: u32,
@@ -229,8 +246,45 @@ async fn main() -> anyhow::Result<()> {
         let config = latency::Config {
             rate: args.latency_rate,
             duration: Duration::from_secs_f64(args.latency_secs),
+            wal: false,
         };
         results.latency = Some(latency::run(&env, &config).await.context("latency")?);
+    }
+    if runs(Which::Relay) || runs(Which::LatencyWal) {
+        let pool = env.pool(1).await?;
+        let available = wal::available(&pool).await?;
+        pool.close().await;
+        if !available {
+            eprintln!("bench: wal_level is not logical: no wal-mode relay or latency run");
+        } else {
+            if runs(Which::Relay) {
+                eprintln!("bench: WAL relay throughput");
+                let config = wal::RelayConfig {
+                    rows: args.relay_rows,
+                    rows_per_tx: args.relay_rows_per_tx,
+                    rounds: args.relay_rounds,
+                };
+                results.relay = Some(
+                    wal::relay_throughput(&env, &config)
+                        .await
+                        .context("relay throughput")?,
+                );
+            }
+            if runs(Which::LatencyWal) {
+                eprintln!("bench: latency, wal mode");
+                let wal_env = wal::wal_env(&env, "bench_wal_latency").await?;
+                let config = latency::Config {
+                    rate: args.latency_rate,
+                    duration: Duration::from_secs_f64(args.latency_secs),
+                    wal: true,
+                };
+                results.latency_wal = Some(
+                    latency::run(&wal_env, &config)
+                        .await
+                        .context("latency, wal mode")?,
+                );
+            }
+        }
     }
     if runs(Which::Reconcile) {
         let runs = [
