@@ -470,3 +470,44 @@ async fn reconcile_heals_a_delete_lost_in_the_gap(pool: PgPool) {
     dev.shutdown().await;
     leave_wal(&url).await;
 }
+
+/// Read-your-writes in WAL mode: a wait for a resource whose capture is
+/// still in the slot waits for the relay to read past the caller's commit
+/// and then finds the row (pending here, no worker runs: a timeout naming
+/// it), instead of answering "none" at once.
+#[sqlx::test(migrations = false)]
+async fn a_wait_for_a_resource_waits_for_the_relay_first(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    host_key(&pool, "k1", "a1").await;
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_as::<_, (String, Option<i64>)>(
+                "SELECT outcome, outbox_id FROM authz_outbox_wait_for_resource('api_key', 'k1', interval '3 seconds')",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("wait")
+        })
+    };
+    // The relay starts only once the wait is under way.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(relay::run(
+        relay::RelayConfig {
+            database_url: url.clone(),
+            poll: Duration::from_millis(5),
+            batch: 1000,
+        },
+        pool.clone(),
+        None,
+        cancel.clone(),
+    ));
+    let (outcome, id) = waiter.await.expect("join");
+    cancel.cancel();
+    relay.await.expect("relay stops");
+    assert_eq!(outcome, "timeout", "the row was found, pending");
+    assert!(id.is_some(), "with its id");
+    leave_wal(&url).await;
+}
