@@ -105,6 +105,18 @@ pub async fn connect_patient(url: &str, max_connections: u32) -> Result<PgPool, 
     open(url, options, max_connections, WORKER_PATIENCE).await
 }
 
+/// Opens one connection of its own (the WAL relay's, which holds a session
+/// lock), with the same redaction as the pools: the password never appears
+/// in the error.
+pub async fn connect_one(url: &str) -> Result<sqlx::PgConnection, DbError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
+    sqlx::ConnectOptions::connect(&options)
+        .await
+        .map_err(|e| DbError::Connect(redact(&e.to_string(), url)))
+}
+
 /// Removes the URL (which may hold a password) from a driver message.
 fn redact(message: &str, url: &str) -> String {
     let mut out = message.replace(url, "<DATABASE_URL>");

@@ -149,8 +149,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
         let again = migrate_with(&pool, &mappings, &options).await?;
         report.mappings.extend(again.mappings);
         if wanted == CaptureMode::Table {
-            let mut relay_conn =
-                <sqlx::PgConnection as sqlx::Connection>::connect(&args.db.database_url.0).await?;
+            let mut relay_conn = crate::db::connect_one(&args.db.database_url.0).await?;
             setup::finish_leaving_wal(&mut conn, &mut relay_conn, Duration::from_secs(300)).await?;
         }
         println!(

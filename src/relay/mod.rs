@@ -54,6 +54,8 @@ const LEADER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('authz_outbox_re
 pub enum RelayError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Connect(#[from] crate::db::DbError),
     #[error("the slot's output: {0}")]
     Decode(#[from] pgoutput::DecodeError),
     #[error("a captured message is not an outbox row: {0}")]
@@ -398,7 +400,7 @@ async fn lead(
     on_gap: Option<&GapHandler>,
     cancel: &CancellationToken,
 ) -> Result<(), RelayError> {
-    let mut conn = PgConnection::connect(&config.database_url).await?;
+    let mut conn = crate::db::connect_one(&config.database_url).await?;
     let idle = Duration::from_secs(2);
     // Another replica leads, or there is no slot: look again later.
     loop {
@@ -529,7 +531,7 @@ async fn heal_if_pending(conn: &mut PgConnection, pool: &PgPool, slot: &str, han
 /// no other relay leads (then that one does it): what a one-shot worker
 /// runs first.
 pub async fn drain_once(config: &RelayConfig) -> Result<(), RelayError> {
-    let mut conn = PgConnection::connect(&config.database_url).await?;
+    let mut conn = crate::db::connect_one(&config.database_url).await?;
     let Some(slot) = slot_name(&mut conn).await? else {
         return Ok(());
     };
