@@ -390,3 +390,27 @@ async fn wait_until_delivered_reports_terminal_states(pool: PgPool) {
         Err(capture::WaitError::NoSuchRow(_))
     ));
 }
+
+/// A capture that straddles a switch from WAL back to table mode hands the
+/// table-mode enqueue the WAL mode's unparsed principal (a JSON string):
+/// it is parsed and reduced before the row is written, never stored raw.
+#[sqlx::test(migrations = false)]
+async fn an_unparsed_principal_reaching_the_table_mode_enqueue_is_reduced(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    agent(&pool, "a1").await;
+    sqlx::query(
+        "SELECT authz_outbox_capture_enqueue('register', 'api_key', 'k-raw', 'agent', 'a1',
+                to_jsonb($1::text), 'setting', NULL)",
+    )
+    .bind(r#"{"user_id":"u9","token":"tok-NOPE"}"#)
+    .execute(&pool)
+    .await
+    .expect("enqueue");
+    let (state, principal): (String, Option<serde_json::Value>) =
+        sqlx::query_as("SELECT state, principal FROM authz_outbox WHERE resource_id = 'k-raw'")
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!(state, "pending");
+    assert_eq!(principal, Some(serde_json::json!({"user_id": "u9"})));
+}

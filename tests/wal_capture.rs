@@ -511,3 +511,113 @@ async fn a_wait_for_a_resource_waits_for_the_relay_first(pool: PgPool) {
     assert!(id.is_some(), "with its id");
     leave_wal(&url).await;
 }
+
+/// A key written with `principal` as the writing transaction's setting
+/// (NULL: not set), on `conn`.
+async fn key_as(conn: &mut PgConnection, id: &str, principal: Option<&str>) {
+    let mut tx = conn.begin().await.expect("begin");
+    sqlx::query("SELECT set_config('synchronous_commit', 'on', true)")
+        .execute(&mut *tx)
+        .await
+        .expect("commit setting");
+    if let Some(p) = principal {
+        sqlx::query("SELECT set_config('authz_outbox.principal', $1, true)")
+            .bind(p)
+            .execute(&mut *tx)
+            .await
+            .expect("principal");
+    }
+    sqlx::query(
+        "INSERT INTO agent_api_keys (id, agent_id, name, api_key_type, api_key)
+         VALUES ($1, 'a1', $1, 'EXTERNAL', 'secret-' || $1)",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await
+    .expect("key");
+    tx.commit().await.expect("commit");
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_relay_reduces_and_labels_the_principal_as_table_mode_does(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    // The login role's default principal for this database, which a
+    // session that does not set one writes with.
+    sqlx::query(
+        r#"DO $$ BEGIN EXECUTE format('ALTER ROLE CURRENT_USER IN DATABASE %I SET authz_outbox.principal = %L',
+                                      current_database(), '{"user_id":"svc"}'); END $$"#,
+    )
+    .execute(&pool)
+    .await
+    .expect("role default");
+    let mut conn = PgConnection::connect(&url).await.expect("a new session");
+    key_as(
+        &mut conn,
+        "k-cred",
+        Some(r#"{"user_id":"u2","api_key":"sk-live-NOPE","account_id":"acc"}"#),
+    )
+    .await;
+    key_as(&mut conn, "k-bad", Some("not json")).await;
+    key_as(&mut conn, "k-role", None).await;
+    key_as(&mut conn, "k-same", Some(r#"{"user_id":"svc"}"#)).await;
+    key_as(&mut conn, "k-set", Some(r#"{"user_id":"u3"}"#)).await;
+    drop(conn);
+
+    let (mut relay_conn, slot) = relay_conn(&url).await;
+    relay::step(&mut relay_conn, &slot, 1000, StopAt::Never)
+        .await
+        .expect("step");
+    drop(relay_conn);
+    let rows: Vec<(String, String, Option<serde_json::Value>, Option<String>)> = sqlx::query_as(
+        "SELECT resource_id, state, principal, principal_source FROM authz_outbox
+         WHERE resource_type = 'api_key' ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    use serde_json::json;
+    let expected = vec![
+        (
+            "k-cred",
+            "pending",
+            Some(json!({"user_id": "u2", "account_id": "acc"})),
+            Some("setting"),
+        ),
+        ("k-bad", "dead", None, Some("setting")),
+        (
+            "k-role",
+            "pending",
+            Some(json!({"user_id": "svc"})),
+            Some("role_default"),
+        ),
+        (
+            "k-same",
+            "pending",
+            Some(json!({"user_id": "svc"})),
+            Some("role_default"),
+        ),
+        (
+            "k-set",
+            "pending",
+            Some(json!({"user_id": "u3"})),
+            Some("setting"),
+        ),
+    ];
+    let got: Vec<(&str, &str, Option<serde_json::Value>, Option<&str>)> = rows
+        .iter()
+        .map(|(id, state, p, s)| (id.as_str(), state.as_str(), p.clone(), s.as_deref()))
+        .collect();
+    assert_eq!(got, expected);
+    let leaked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM authz_outbox WHERE principal::text LIKE '%NOPE%' OR last_error LIKE '%NOPE%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("leak check");
+    assert_eq!(
+        leaked, 0,
+        "the credential field is dropped before any row holds it"
+    );
+    leave_wal(&url).await;
+}

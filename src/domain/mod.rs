@@ -15,6 +15,6 @@ pub use operation::Operation;
 pub use principal::IDENTITY_FIELDS;
 pub use principal::{
     CREDENTIAL_NAMES, CREDENTIAL_WORDS, MAX_PRINCIPAL_VALUE_CHARS, Principal, PrincipalError,
-    PrincipalPolicy, is_credential_key, names_a_creator,
+    PrincipalPolicy, is_credential_key, names_a_creator, principal_from_setting,
 };
 pub use resource::{ResourceRef, ResourceRefError, ResourceType};

@@ -125,6 +125,26 @@ pub const CREDENTIAL_WORDS: &[&str] = &[
 /// Folded names that are credentials although they contain no word above.
 pub const CREDENTIAL_NAMES: &[&str] = &["pwd"];
 
+/// The longest `authz_outbox.principal` text the relay parses; a longer one
+/// names no creator (its row is dead, `replay --principal` re-drives it).
+/// The capture's own parse (table mode) has no such bound, but a principal
+/// is a few identity fields: 64 KiB is not one a host meant.
+pub const MAX_PRINCIPAL_SETTING_BYTES: usize = 64 * 1024;
+
+/// The creator a WAL capture handed on unparsed (the text of the
+/// `authz_outbox.principal` setting), reduced as the table-mode capture
+/// reduces it (`authz_outbox_principal_from_text`): `None` for blank text,
+/// text that is not JSON or not an object; else the object with only the
+/// identity fields' scalar values, no credential-named key and no string
+/// longer than [`MAX_PRINCIPAL_VALUE_CHARS`].
+pub fn principal_from_setting(raw: &str) -> Option<Value> {
+    if raw.trim().is_empty() || raw.len() > MAX_PRINCIPAL_SETTING_BYTES {
+        return None;
+    }
+    let parsed: Value = serde_json::from_str(raw).ok()?;
+    PrincipalPolicy::default().sanitize(&parsed)
+}
+
 /// Whether a principal names a creator: a non-empty `user_id` or
 /// `service_account_id` string (the host's rule for a register).
 pub fn names_a_creator(principal: &Value) -> bool {
@@ -199,6 +219,37 @@ impl PrincipalPolicy {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_setting_text_is_reduced_as_the_capture_reduces_it() {
+        assert_eq!(
+            principal_from_setting(r#"{"user_id":"u-1","principal_type":"user"}"#),
+            Some(json!({"user_id": "u-1", "principal_type": "user"}))
+        );
+        assert_eq!(
+            principal_from_setting(
+                r#"{"user_id":"u-1","api_key":"sk-live-1","account_id":7,"nested":{"a":1}}"#
+            ),
+            Some(json!({"user_id": "u-1", "account_id": 7}))
+        );
+        let long = "x".repeat(MAX_PRINCIPAL_VALUE_CHARS + 1);
+        assert_eq!(
+            principal_from_setting(&format!(r#"{{"user_id":"{long}","account_id":"a"}}"#)),
+            Some(json!({"account_id": "a"}))
+        );
+        for blank_or_bad in ["", "  ", "not json", "[1]", "\"u-1\"", "null"] {
+            assert_eq!(
+                principal_from_setting(blank_or_bad),
+                None,
+                "{blank_or_bad:?}"
+            );
+        }
+        let huge = format!(
+            r#"{{"user_id":"u-1","pad":"{}"}}"#,
+            "p".repeat(MAX_PRINCIPAL_SETTING_BYTES)
+        );
+        assert_eq!(principal_from_setting(&huge), None);
+    }
 
     #[test]
     fn the_policy_keeps_identity_scalars_only() {

@@ -43,6 +43,7 @@ use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::mapping::core::{MESSAGE_PREFIX, NO_CREATOR_ERROR};
+use crate::mapping::ddl::NO_CREATOR_NEEDED;
 
 /// The (empty) publication pgoutput needs to be named.
 pub const PUBLICATION: &str = "authz_outbox_relay";
@@ -108,6 +109,20 @@ struct Captured {
     attributes: Option<Value>,
     #[serde(default)]
     dead: bool,
+}
+
+impl Captured {
+    /// A capture hands the `authz_outbox.principal` setting on as its
+    /// unparsed text (a JSON string; `authz_outbox_current_principal` in
+    /// WAL mode): parse and reduce it here, before any row holds it, and
+    /// decide live or dead as the table-mode capture would.
+    fn reduce_principal(&mut self) {
+        if let Some(Value::String(raw)) = &self.principal {
+            self.principal = crate::domain::principal_from_setting(raw);
+            self.dead = !(names_a_creator(&self.principal)
+                || self.principal_source.as_deref() == Some(NO_CREATOR_NEEDED));
+        }
+    }
 }
 
 /// The slot the relay reads, if WAL capture is installed (or being left).
@@ -252,6 +267,7 @@ async fn insert(
         std::collections::HashMap::new();
     let mut items = Vec::with_capacity(rows.len());
     for (mut r, at, _) in rows {
+        r.reduce_principal();
         if r.operation == "register" && names_a_creator(&r.principal) {
             latest.insert(
                 (r.resource_type.clone(), r.resource_id.clone()),
