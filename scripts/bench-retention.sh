@@ -39,6 +39,11 @@ PER_DAY=${2:-250000}
 ROUNDS=${3:-5}
 # SKIP: any of "delete claim week" to leave those parts out (the drops always run).
 SKIP=${SKIP:-}
+# COLD=1: before each drop, a CHECKPOINT, a sync and the kernel's page cache
+# dropped (root only), so the day's files are as a day written a week ago
+# finds them: on disk, clean, not cached. Without it the drops unlink files
+# written seconds before, still in the page cache.
+COLD=${COLD:-}
 skip() { [[ " $SKIP " == *" $1 "* ]]; }
 BIN=${AUTHZ_OUTBOX_BIN:-target/debug/authz-outbox}
 base=${DATABASE_URL%/*}
@@ -171,7 +176,17 @@ probe_max() {
           AND next_attempt_at BETWEEN to_timestamp($1) AND to_timestamp($2)"
 }
 
+cool() {
+  [ -n "$COLD" ] || return 0
+  q -c "CHECKPOINT" >/dev/null
+  sync
+  if ! { echo 1 >/proc/sys/vm/drop_caches; } 2>/dev/null; then
+    echo "COLD=1: cannot drop the page cache (not root?); the files are only clean" >&2
+  fi
+}
+
 # Day C the old way: check and DROP of the attached partition, one transaction.
+cool
 m0=$(mark)
 old_ms=$(q <<SQL | summed
 \timing on
@@ -194,6 +209,7 @@ old_probe=$(probe_max "$m0" "$m0e")
 # retention puts day A (and the empty pre-upgrade partition) past it, not
 # the later days.
 ret="now() - '$b_lo'::timestamptz"
+cool
 m1=$(mark)
 detach_ms=$(q <<SQL | summed
 \timing on
@@ -221,7 +237,7 @@ baseline_probe=$(q -c "SELECT extract(epoch FROM created_at - next_attempt_at) *
 kill "$probe_pid" 2>/dev/null || true; probe_pid=
 gone=$(q -c "SELECT count(*) FROM pg_class WHERE relname IN ('$part_a', '${part_a}_retired', '$part_c')")
 
-echo "== 1. retention, $ROWS finished rows a day ($((bytes_a / 1048576)) MiB, $((bytes_a / ROWS)) B/row with indexes)"
+echo "== 1. retention, $ROWS finished rows a day${COLD:+ (COLD: files clean and not cached before each drop)} ($((bytes_a / 1048576)) MiB, $((bytes_a / ROWS)) B/row with indexes)"
 echo "DELETE path (day B, 1,000-row batches):            ${delete_ms} ms, $dead_b dead tuples left"
 echo "one-transaction drop (day C, before 20261206100001): ${old_ms} ms; slowest capture meanwhile ${old_probe} ms"
 echo "detach (day A, the outbox's lock):                  ${detach_ms} ms; slowest capture meanwhile ${detach_probe} ms"

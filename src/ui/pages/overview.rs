@@ -7,20 +7,19 @@ use maud::{Markup, html};
 use super::super::layout::{self, Section, age, text};
 use super::super::{UiError, UiState, auth, chart, queries};
 use crate::delivery::gate::OpenReason;
-use crate::outbox::stats::{self, Scope};
 
 pub async fn page(State(state): State<UiState>, headers: HeaderMap) -> Result<Markup, UiError> {
     let access = auth::access(&state, &headers);
-    let pool = &state.pool;
-    // Pending and dead rows only: their partial indexes answer (the
-    // delivered rows kept for retention are never counted whole).
-    let (live, hour, replicas, runs) = tokio::try_join!(
-        stats::collect(pool, Scope::Live, 0),
-        state.hour_figures(),
-        queries::replicas(pool),
-        queries::runs(pool, None),
-    )?;
-    let (activity, rates) = (&hour.activity, &hour.rates);
+    // Counted at most every 10 s whoever asks (`OVERVIEW_FIGURES_FOR`);
+    // the reconcile runs are one indexed page, read each time.
+    let (figures, runs) =
+        tokio::try_join!(state.overview_figures(), queries::runs(&state.pool, None),)?;
+    let (live, activity, rates, replicas) = (
+        &figures.live,
+        &figures.activity,
+        &figures.rates,
+        &figures.replicas,
+    );
     let last_run = runs.first();
     let mut types: Vec<&String> = live.by_type.keys().chain(activity.keys()).collect();
     types.sort();
@@ -55,7 +54,7 @@ pub async fn page(State(state): State<UiState>, headers: HeaderMap) -> Result<Ma
                 }
             }
         }
-        p.muted { "In flight, delivered and the charts as of " (hour.taken_at.format("%H:%M:%S UTC")) " (taken at most every 10 s)." }
+        p.muted { "Counts, replicas and charts as of " (figures.taken_at.format("%H:%M:%S UTC")) " (taken at most every 10 s)." }
         div.charts {
             (chart::bars("Delivered per minute, last hour", &rates.delivered, "rows"))
             (chart::bars("Capture-to-delivered latency (mean per minute)", &rates.latency_ms, "ms"))
@@ -79,7 +78,7 @@ pub async fn page(State(state): State<UiState>, headers: HeaderMap) -> Result<Ma
         table #replicas {
             thead { tr { th { "Worker" } th.num { "Leased rows" } th { "State" } } }
             tbody {
-                @for r in &replicas {
+                @for r in replicas {
                     tr {
                         td { code { (text(&r.worker_id)) } }
                         td.num { (r.leased) }
