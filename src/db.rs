@@ -47,13 +47,41 @@ pub async fn connect_quiet(url: &str, max_connections: u32) -> Result<PgPool, Db
 /// pending again together with everything claimed after it, and is simply
 /// delivered again (register and deregister are idempotent), still in order.
 /// Captured rows are written by the host's own, durable, transactions.
+///
+/// Its statements never take parallel workers ([`SERIAL`]).
 pub async fn connect_worker(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
     open(
         url,
-        options.options([("synchronous_commit", "off")]),
+        options.options([("synchronous_commit", "off"), SERIAL]),
+        max_connections,
+        WORKER_PATIENCE,
+    )
+    .await
+}
+
+/// No parallel workers for a session's statements.
+///
+/// The worker's and the operator page's reads are answered from partial
+/// indexes, but during a large backlog PostgreSQL prices a parallel scan of
+/// the whole outbox below them (a parallel plan's cost is split across its
+/// workers): the live counts at 1.4 M rows with 50 k pending took 534 ms on
+/// three processes against 34 ms for the bitmap scan of the pending index,
+/// beside a delivery that needs those cores (BENCHMARKS.md, issue 23).
+pub const SERIAL: (&str, &str) = ("max_parallel_workers_per_gather", "0");
+
+/// Opens the operator page's pool: patient as a worker's ([`WORKER_PATIENCE`])
+/// and [`SERIAL`], so however often the page is read it takes no parallel
+/// workers from the delivery beside it.
+pub async fn connect_page(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e: sqlx::Error| DbError::BadUrl(redact(&e.to_string(), url)))?;
+    open(
+        url,
+        options.options([SERIAL]),
         max_connections,
         WORKER_PATIENCE,
     )

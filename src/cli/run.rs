@@ -334,7 +334,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let ui_pool = if args.ui.no_ui {
         None
     } else {
-        Some(crate::db::connect_patient(&args.db.database_url.0, 2).await?)
+        Some(crate::db::connect_page(&args.db.database_url.0, 2).await?)
     };
     let relay_pool = pool.clone();
     let spicedb_for_gaps = args.ui_spicedb()?;

@@ -100,7 +100,7 @@ pub async fn ui_command(args: UiArgs) -> anyhow::Result<ExitCode> {
         config.ca_pem = ca_pem.clone();
         config
     });
-    let pool = args.db.connect(4).await?;
+    let pool = crate::db::connect_page(&args.db.database_url.0, 4).await?;
     let mut config = UiConfig::read_only(spicedb);
     config.selector_encoding = args.selector_encoding;
     let listener = crate::http::bind(args.listen)

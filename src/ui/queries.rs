@@ -23,66 +23,47 @@ pub struct TypeActivity {
     pub delivered_last_hour: i64,
 }
 
-/// Leased pending rows and delivered rows of the last hour, per type.
-pub async fn activity(
+/// Leased pending rows per type (the pending rows' partial indexes).
+pub async fn in_flight(
     pool: &PgPool,
-) -> Result<std::collections::BTreeMap<String, TypeActivity>, sqlx::Error> {
-    // Both read partial indexes: pending rows (authz_outbox_pending_*) and
-    // finished rows by time (authz_outbox_finished_by_time).
-    const IN_FLIGHT: &str = r#"
+) -> Result<std::collections::BTreeMap<String, i64>, sqlx::Error> {
+    const SQL: &str = r#"
         SELECT resource_type, count(*)::bigint FROM authz_outbox
         WHERE state = 'pending' AND locked_until > now()
         GROUP BY resource_type
     "#;
-    const DELIVERED: &str = r#"
-        SELECT resource_type, count(*)::bigint FROM authz_outbox
-        WHERE state = 'delivered' AND finished_at > now() - interval '1 hour'
-        GROUP BY resource_type
-    "#;
-    let mut out = std::collections::BTreeMap::<String, TypeActivity>::new();
-    let rows: Vec<(String, i64)> = sqlx::query_as(IN_FLIGHT).fetch_all(pool).await?;
-    for (t, n) in rows {
-        out.entry(t).or_default().in_flight = n;
-    }
-    let rows: Vec<(String, i64)> = sqlx::query_as(DELIVERED).fetch_all(pool).await?;
-    for (t, n) in rows {
-        out.entry(t).or_default().delivered_last_hour = n;
-    }
-    Ok(out)
+    let rows: Vec<(String, i64)> = sqlx::query_as(SQL).fetch_all(pool).await?;
+    Ok(rows.into_iter().collect())
 }
 
-/// Deliveries per minute and their mean capture-to-delivered latency, for
-/// the last 60 minutes, oldest first.
-#[derive(Debug, Clone, Default)]
-pub struct Rates {
-    pub delivered: Vec<f64>,
-    pub latency_ms: Vec<f64>,
-}
-
-pub async fn rates(pool: &PgPool) -> Result<Rates, sqlx::Error> {
+/// Deliveries per minute and type from `from` on (finished rows by time,
+/// `authz_outbox_finished_by_time`), for [`super::hour::HourWindow`].
+pub async fn deliveries_since(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+) -> Result<Vec<super::hour::Read>, sqlx::Error> {
     const SQL: &str = r#"
-        SELECT least(floor(extract(epoch FROM now() - finished_at) / 60), 59)::int AS ago,
-               count(*)::bigint,
-               coalesce(avg(extract(epoch FROM delivered_at - created_at)) * 1000, 0)::float8
+        SELECT date_trunc('minute', finished_at), resource_type, count(*)::bigint,
+               coalesce(sum(extract(epoch FROM delivered_at - created_at)) * 1000, 0)::float8
         FROM authz_outbox
-        WHERE state = 'delivered' AND finished_at > now() - interval '1 hour'
-        GROUP BY 1
+        WHERE state = 'delivered' AND finished_at >= $1
+        GROUP BY 1, 2
     "#;
-    let rows: Vec<(i32, i64, f64)> = sqlx::query_as(SQL).fetch_all(pool).await?;
-    let mut rates = Rates {
-        delivered: vec![0.0; 60],
-        latency_ms: vec![0.0; 60],
-    };
-    for (ago, n, latency) in rows {
-        let Ok(ago) = usize::try_from(ago) else {
-            continue;
-        };
-        if ago < 60 {
-            rates.delivered[59 - ago] = n as f64;
-            rates.latency_ms[59 - ago] = latency;
-        }
-    }
-    Ok(rates)
+    let rows: Vec<(DateTime<Utc>, String, i64, f64)> =
+        sqlx::query_as(SQL).bind(from).fetch_all(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(minute, t, delivered, latency_ms_sum)| {
+            (
+                minute,
+                t,
+                super::hour::Bucket {
+                    delivered,
+                    latency_ms_sum,
+                },
+            )
+        })
+        .collect())
 }
 
 /// A worker seen through the database: holding leases now, or asleep

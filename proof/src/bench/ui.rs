@@ -67,6 +67,27 @@ impl DeliveryWithPage {
     pub fn change(&self) -> f64 {
         Self::median(&self.with_page) / Self::median(&self.without_page) - 1.0
     }
+
+    /// Each round's change (its drain with the page against its own drain
+    /// without, run back to back), so a machine getting busier or quieter
+    /// over the run, which moves both drains of a round alike, cancels out.
+    pub fn paired_changes(&self) -> Vec<f64> {
+        self.with_page
+            .iter()
+            .zip(&self.without_page)
+            .map(|(with, without)| with / without - 1.0)
+            .collect()
+    }
+
+    /// The median of [`Self::paired_changes`]: the goal's figure.
+    pub fn paired_change(&self) -> f64 {
+        Self::median(&self.paired_changes())
+    }
+
+    /// The most the page may cost for "does not slow delivery measurably":
+    /// below the round-to-round spread this machine shows between two
+    /// drains of the same variant.
+    pub const MEASURABLE: f64 = -0.05;
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -107,7 +128,7 @@ impl UiResult {
             };
             println!(
                 "Worker ceiling, {} rows per drain, {} interleaved rounds: without the page median {:.0}/s (rounds {}), \
-                 with /ui/ every second {:.0}/s ({}); change {:+.1} %; page p50 {:.1} ms, max {:.1} ms over {} requests",
+                 with /ui/ every second {:.0}/s ({}); change {:+.1} %; per round {}, median {:+.1} %; page p50 {:.1} ms, max {:.1} ms over {} requests",
                 d.rows,
                 d.rounds,
                 DeliveryWithPage::median(&d.without_page),
@@ -115,6 +136,12 @@ impl UiResult {
                 DeliveryWithPage::median(&d.with_page),
                 spread(&d.with_page),
                 d.change() * 100.0,
+                d.paired_changes()
+                    .iter()
+                    .map(|c| format!("{:+.1} %", c * 100.0))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                d.paired_change() * 100.0,
                 d.page_latency.p50_ms,
                 d.page_latency.max_ms,
                 d.page_latency.count
