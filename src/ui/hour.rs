@@ -5,7 +5,8 @@
 //! delivered in it: at a few thousand deliveries a second that is hundreds
 //! of thousands of rows per refresh, taken from the delivery it reports on
 //! (BENCHMARKS.md, issue 23). A refresh now re-reads from a little before
-//! the previous one ([`OVERLAP`]) and replaces those minutes.
+//! the previous one ([`OVERLAP`]) and replaces those [`BUCKET`]s: about
+//! three refresh intervals' deliveries, whatever the hour holds.
 
 use std::collections::BTreeMap;
 
@@ -14,13 +15,19 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 /// Minutes shown (the current one included).
 pub const MINUTES: usize = 60;
 
+/// The time the deliveries are counted by (a divisor of a minute): what a
+/// refresh re-reads is rounded down to it.
+pub const BUCKET_SECONDS: i64 = 10;
+const BUCKET: Duration = Duration::seconds(BUCKET_SECONDS);
+
 /// How far before the previous refresh the next one reads again. A row's
 /// `finished_at` is its recording transaction's start, so a transaction
-/// that commits after a refresh may still add rows to a minute that refresh
-/// read; recording transactions last milliseconds, and this is minutes.
-pub const OVERLAP: Duration = Duration::minutes(2);
+/// that commits after a refresh may still add rows to a bucket that refresh
+/// read; recording transactions last milliseconds. One that took longer
+/// than this is missing from the chart (never from the outbox).
+pub const OVERLAP: Duration = Duration::seconds(20);
 
-/// Deliveries of one minute and type: how many, and the sum of their
+/// Deliveries of one bucket and type: how many, and the sum of their
 /// capture-to-delivered latencies in ms.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Bucket {
@@ -28,7 +35,7 @@ pub struct Bucket {
     pub latency_ms_sum: f64,
 }
 
-/// One row of a read: the minute (its start), the type, its bucket.
+/// One row of a read: the bucket's start, the type, what it holds.
 pub type Read = (DateTime<Utc>, String, Bucket);
 
 /// Deliveries per minute for the last hour, oldest first, with the mean
@@ -49,6 +56,10 @@ fn minute(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
 }
 
+fn bucket(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(BUCKET).unwrap_or(t)
+}
+
 /// The start of the oldest minute shown at `now`.
 fn first_minute(now: DateTime<Utc>) -> DateTime<Utc> {
     minute(now) - Duration::minutes(MINUTES as i64 - 1)
@@ -56,18 +67,18 @@ fn first_minute(now: DateTime<Utc>) -> DateTime<Utc> {
 
 impl HourWindow {
     /// Where the next read starts: the oldest minute shown on the first
-    /// read, else the minute [`OVERLAP`] before the previous read.
+    /// read, else the bucket [`OVERLAP`] before the previous read.
     pub fn read_from(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         let first = first_minute(now);
         match self.last_read {
-            Some(at) => minute(at - OVERLAP).max(first),
+            Some(at) => bucket(at - OVERLAP).max(first),
             None => first,
         }
     }
 
     /// Takes in a read made at `now` from `from` (what [`Self::read_from`]
-    /// said): every minute from `from` on is replaced by what was read, and
-    /// minutes no longer shown are dropped.
+    /// said): every bucket from `from` on is replaced by what was read, and
+    /// buckets no longer shown are dropped.
     pub fn apply(&mut self, from: DateTime<Utc>, read: Vec<Read>, now: DateTime<Utc>) {
         let first = first_minute(now);
         self.buckets.retain(|(m, _), _| *m >= first && *m < from);
@@ -93,8 +104,8 @@ impl HourWindow {
         let first = first_minute(now);
         let mut count = vec![0i64; MINUTES];
         let mut sum = vec![0f64; MINUTES];
-        for ((m, _), b) in &self.buckets {
-            let Ok(i) = usize::try_from((*m - first).num_minutes()) else {
+        for ((b_start, _), b) in &self.buckets {
+            let Ok(i) = usize::try_from((minute(*b_start) - first).num_minutes()) else {
                 continue;
             };
             if i < MINUTES {
@@ -137,7 +148,7 @@ mod tests {
         let now = at(10, 30, 20);
         assert_eq!(w.read_from(now), at(9, 31, 0));
         w.apply(w.read_from(now), vec![], now);
-        assert_eq!(w.read_from(at(10, 30, 30)), at(10, 28, 0));
+        assert_eq!(w.read_from(at(10, 30, 30)), at(10, 30, 0));
         // Hours later, never earlier than the minutes shown.
         assert_eq!(w.read_from(at(13, 0, 0)), at(12, 1, 0));
     }
@@ -156,16 +167,17 @@ mod tests {
             ],
             t0,
         );
-        // Ten seconds later: 10:29 is read again (a late commit added a
-        // row), 10:30 has more; 9:40 was not read and stays.
+        // Ten seconds later: from 10:30:00 on is read again (a late commit
+        // added rows to it); 10:29 and 9:40 were not read and stay.
         let t1 = at(10, 30, 30);
         let from = w.read_from(t1);
-        assert_eq!(from, at(10, 28, 0));
+        assert_eq!(from, at(10, 30, 0));
         w.apply(
             from,
             vec![
-                (at(10, 29, 0), "task".into(), bucket(3, 12.0)),
-                (at(10, 30, 0), "api_key".into(), bucket(4, 8.0)),
+                (at(10, 30, 0), "api_key".into(), bucket(3, 6.0)),
+                (at(10, 30, 20), "api_key".into(), bucket(1, 2.0)),
+                (at(10, 30, 20), "task".into(), bucket(1, 4.0)),
             ],
             t1,
         );
@@ -174,9 +186,10 @@ mod tests {
         assert_eq!(by_type.get("api_key"), Some(&4));
         let rates = w.rates(t1);
         assert_eq!(rates.delivered.len(), MINUTES);
-        assert_eq!(rates.delivered[MINUTES - 1], 4.0);
-        assert_eq!(rates.delivered[MINUTES - 2], 3.0);
-        assert_eq!(rates.latency_ms[MINUTES - 2], 4.0);
+        assert_eq!(rates.delivered[MINUTES - 1], 5.0, "10:30's buckets summed");
+        assert_eq!(rates.latency_ms[MINUTES - 1], 2.4);
+        assert_eq!(rates.delivered[MINUTES - 2], 2.0);
+        assert_eq!(rates.latency_ms[MINUTES - 2], 5.0);
         assert_eq!(rates.delivered[9], 5.0, "9:40 is the tenth minute shown");
     }
 
