@@ -57,10 +57,17 @@ pub struct DeliveryWithPage {
 }
 
 impl DeliveryWithPage {
+    /// The median; of an even count, the mean of the middle two (a few
+    /// rounds: nearest-rank would report one round's figure as the median).
     pub fn median(samples: &[f64]) -> f64 {
         let mut sorted = samples.to_vec();
         sorted.sort_by(f64::total_cmp);
-        percentile(&sorted, 0.5)
+        let n = sorted.len();
+        if n > 0 && n % 2 == 0 {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        } else {
+            percentile(&sorted, 0.5)
+        }
     }
 
     /// Median with the page over median without, minus one (negative: slower).
