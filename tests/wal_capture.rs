@@ -717,3 +717,30 @@ async fn a_relay_waits_while_another_client_streams_the_slot(pool: PgPool) {
     assert_eq!(gaps, 0);
     leave_wal(&url).await;
 }
+
+/// A transaction is sent by the walsender once its commit record is
+/// flushed, a moment before other sessions can see it. The relay waits for
+/// it to be visible before inserting its rows: a worker claiming the row
+/// must see the key it registers (else it supersedes the register as a key
+/// that is gone). Here a transaction still running stands for that moment.
+#[sqlx::test(migrations = false)]
+async fn the_relay_waits_for_a_sent_commit_to_be_visible(pool: PgPool) {
+    let mut running = pool.begin().await.expect("begin");
+    let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint & 4294967295")
+        .fetch_one(&mut *running)
+        .await
+        .expect("xid");
+    let mut conn = pool.acquire().await.expect("connection");
+    let waiter = tokio::spawn(async move { relay::wait_until_visible(&mut conn, &[xid]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "returned before the commit was visible"
+    );
+    running.commit().await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("returns once visible")
+        .expect("join")
+        .expect("query");
+}

@@ -24,8 +24,11 @@
 //! as they commit. The SQL functions stay for what has no stream to read
 //! ([`peek`]): a one-shot run's drain, `migrate` draining the slot before
 //! it drops it, the leader's turn while a switch back to table mode is in
-//! progress (it must let go of the slot for `migrate` to drop it), and a
-//! `DATABASE_URL` the replication client cannot dial (a Unix socket).
+//! progress (it must let go of the slot for `migrate` to drop it), and
+//! where no replication connection can be had (a Unix-socket `DATABASE_URL`,
+//! which the client cannot dial; a pooler that does not pass replication
+//! connections): then the relay polls, and tries streaming again every
+//! minute.
 //!
 //! One relay reads at a time across replicas: it holds a session advisory
 //! lock on its own connection, and every write of the outbox and the slot's
@@ -85,7 +88,8 @@ pub enum RelayError {
     SlotBusy(String),
     #[error("the replication stream: {0}")]
     Stream(String),
-    /// The replication client cannot dial this `DATABASE_URL`: the SQL
+    /// No replication connection can be had (the client cannot dial this
+    /// `DATABASE_URL`, or the server or a pooler refused it): the SQL
     /// functions read the slot instead.
     #[error("the replication stream is not available: {0}")]
     StreamUnavailable(String),
@@ -188,9 +192,53 @@ async fn apply(
     }
     let mut relayed = 0;
     if let Some(end) = last_end.filter(|&e| e > applied) {
+        let xids: Vec<i64> = txs
+            .iter()
+            .filter(|t| t.end_lsn > applied && !t.messages.is_empty())
+            .map(|t| i64::from(t.xid))
+            .collect();
+        wait_until_visible(conn, &xids).await?;
         relayed = insert(conn, slot, fresh, end).await?;
     }
     Ok((relayed, skipped, last_end))
+}
+
+/// Waits until the transactions `xids` (32-bit, as pgoutput sends them) are
+/// visible to a new snapshot.
+///
+/// A commit is decoded and sent once its record is flushed, but other
+/// sessions see it only a moment later, when the committing backend leaves
+/// the running set (and with synchronous replication, only once a standby
+/// has confirmed it). A row inserted before that would be claimed by a
+/// worker that cannot see the key it registers yet, and superseded as a
+/// key that is gone. Seen by one snapshot, a commit is seen by all later
+/// ones: the worker's checks come after this.
+pub async fn wait_until_visible(conn: &mut PgConnection, xids: &[i64]) -> Result<(), sqlx::Error> {
+    if xids.is_empty() {
+        return Ok(());
+    }
+    let mut pause = Duration::from_micros(200);
+    loop {
+        // A 32-bit xid above the snapshot's xmax (mod 2^32) is from the
+        // previous epoch.
+        let unseen: i64 = sqlx::query_scalar(
+            "WITH s AS (SELECT pg_current_snapshot() AS snap,
+                               pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+             SELECT count(*)
+             FROM unnest($1::bigint[]) AS x(xid), s
+             WHERE NOT pg_visible_in_snapshot(
+                 (((s.xmax >> 32) - (x.xid > (s.xmax & 4294967295))::int) << 32 | x.xid)::text::xid8,
+                 s.snap)",
+        )
+        .bind(xids)
+        .fetch_one(&mut *conn)
+        .await?;
+        if unseen == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 fn lsn_text(lsn: u64) -> String {
@@ -370,8 +418,10 @@ async fn lead(
 ) -> Result<(), RelayError> {
     let mut conn = crate::db::connect_one(&config.database_url).await?;
     let idle = Duration::from_secs(2);
-    // Until the replication client says it cannot dial this URL.
-    let mut streaming = true;
+    // Set while the replication connection cannot be had: the SQL
+    // functions read the slot until then, when streaming is tried again.
+    let mut stream_again_at: Option<Instant> = None;
+    let mut warned = false;
     // Another replica leads, or there is no slot: look again later.
     loop {
         let Some(slot) = slot_name(&mut conn).await? else {
@@ -393,10 +443,12 @@ async fn lead(
         loop {
             metrics::gauge!(crate::metrics::RELAY_LEADER).set(1.0);
             let mode = crate::mapping::install::capture_mode(&mut conn).await?;
+            let streaming = stream_again_at.is_none_or(|at| Instant::now() >= at);
             let turn = if mode == CaptureMode::Wal && streaming {
                 stream_turn(&mut conn, pool, &slot, config, on_gap, cancel).await
             } else {
-                poll_turn(&mut conn, pool, &slot, config, on_gap, cancel, mode).await
+                let until = stream_again_at.filter(|_| mode == CaptureMode::Wal);
+                poll_turn(&mut conn, pool, &slot, config, on_gap, cancel, mode, until).await
             };
             match turn {
                 Ok(TurnEnd::Cancelled) => return Ok(()),
@@ -422,9 +474,13 @@ async fn lead(
                     }
                 }
                 Err(RelayError::StreamUnavailable(why)) => {
-                    tracing::warn!(%why, "the relay cannot stream the slot; reading it through \
-                                          PostgreSQL's SQL functions instead (slower)");
-                    streaming = false;
+                    if !warned {
+                        tracing::warn!(%why, "the relay cannot stream the slot; reading it \
+                                              through PostgreSQL's SQL functions instead \
+                                              (slower), and trying again every minute");
+                        warned = true;
+                    }
+                    stream_again_at = Some(Instant::now() + Duration::from_secs(60));
                 }
                 Err(e) => return Err(e),
             }
@@ -442,7 +498,8 @@ enum TurnEnd {
     Cancelled,
     /// WAL capture was left: the slot is no longer ours to read.
     SlotChanged,
-    /// The capture mode changed: read the other way.
+    /// The capture mode changed, or it is time to try streaming again:
+    /// choose how to read anew.
     ModeChanged,
 }
 
@@ -455,7 +512,15 @@ async fn stream_turn(
     on_gap: Option<&GapHandler>,
     cancel: &CancellationToken,
 ) -> Result<TurnEnd, RelayError> {
-    let mut streamer = stream::Streamer::open(conn, &config.database_url, slot).await?;
+    let mut streamer = match stream::Streamer::open(conn, &config.database_url, slot).await {
+        Ok(streamer) => streamer,
+        // The relay's own connection works, the replication connection
+        // does not (a pooler that does not pass replication connections,
+        // `REPLICATION` missing from the role): the SQL functions can
+        // still read the slot.
+        Err(RelayError::Stream(why)) => return Err(RelayError::StreamUnavailable(why)),
+        Err(e) => return Err(e),
+    };
     let max_rows = config.batch.max(1) as usize;
     let mut caught_up_at = Instant::now();
     let mut looked = Instant::now();
@@ -488,8 +553,9 @@ async fn stream_turn(
 }
 
 /// Through the SQL functions ([`peek`]): while leaving WAL mode (the slot
-/// must be free for `migrate` to drop it), or where the replication client
-/// cannot dial `DATABASE_URL`.
+/// must be free for `migrate` to drop it), or, `until` it is time to try
+/// again, where no replication connection can be had.
+#[allow(clippy::too_many_arguments)]
 async fn poll_turn(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -498,6 +564,7 @@ async fn poll_turn(
     on_gap: Option<&GapHandler>,
     cancel: &CancellationToken,
     mode: CaptureMode,
+    until: Option<Instant>,
 ) -> Result<TurnEnd, RelayError> {
     let mut caught_up_at = Instant::now();
     let mut looked = Instant::now() - HOUSEKEEPING;
@@ -514,6 +581,10 @@ async fn poll_turn(
             looked = Instant::now();
             if let Some(end) = housekeeping(conn, pool, slot, on_gap, caught_up_at, mode).await? {
                 return Ok(end);
+            }
+            // Time to try the replication connection again.
+            if until.is_some_and(|at| Instant::now() >= at) {
+                return Ok(TurnEnd::ModeChanged);
             }
         }
         if s.caught_up && s.relayed == 0 {

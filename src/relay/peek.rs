@@ -5,8 +5,8 @@
 //! beside table mode"); it stays for what has no stream to read: a one-shot
 //! run's drain ([`super::drain_once`]), `migrate --capture table` draining
 //! the slot before dropping it, the relay's turn while a switch back to
-//! table mode is in progress, and a `DATABASE_URL` the replication client
-//! cannot dial (a Unix socket).
+//! table mode is in progress, and where no replication connection can be
+//! had (a Unix-socket `DATABASE_URL`, a pooler that refuses one).
 
 use sqlx::postgres::PgConnection;
 

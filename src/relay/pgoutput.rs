@@ -21,6 +21,8 @@ pub enum DecodeError {
 /// One committed transaction's messages with our prefix, in emission order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
+    /// Its transaction id (32 bits, as pgoutput sends it).
+    pub xid: u32,
     /// The end of its commit record: once the relay has inserted its rows,
     /// the slot may move here.
     pub end_lsn: u64,
@@ -94,7 +96,8 @@ fn timestamp(micros_since_2000: u64) -> DateTime<Utc> {
 #[derive(Debug)]
 pub struct Decoder {
     prefix: Vec<u8>,
-    open: Option<Vec<Vec<u8>>>,
+    /// The open transaction's xid and messages.
+    open: Option<(u32, Vec<Vec<u8>>)>,
 }
 
 impl Decoder {
@@ -122,8 +125,8 @@ impl Decoder {
             'B' => {
                 r.u64()?; // final LSN
                 r.u64()?; // commit time
-                r.u32()?; // xid
-                self.open = Some(Vec::new());
+                let xid = r.u32()?;
+                self.open = Some((xid, Vec::new()));
             }
             'M' => {
                 let flags = r.u8()?;
@@ -136,7 +139,7 @@ impl Decoder {
                 if flags & 1 == 0 {
                     return Ok(None);
                 }
-                let Some(messages) = self.open.as_mut() else {
+                let Some((_, messages)) = self.open.as_mut() else {
                     return Err(DecodeError::OutsideTransaction(kind));
                 };
                 if p == self.prefix.as_slice() {
@@ -148,10 +151,11 @@ impl Decoder {
                 r.u64()?; // commit LSN
                 let end_lsn = r.u64()?;
                 let committed_at = timestamp(r.u64()?);
-                let Some(messages) = self.open.take() else {
+                let Some((xid, messages)) = self.open.take() else {
                     return Err(DecodeError::OutsideTransaction(kind));
                 };
                 return Ok(Some(Transaction {
+                    xid,
                     end_lsn,
                     committed_at,
                     messages,
@@ -240,7 +244,10 @@ mod tests {
             .feed(&commit(120))
             .expect("decodes")
             .expect("a transaction");
-        assert_eq!((tx.end_lsn, tx.messages), (120, vec![b"one".to_vec()]));
+        assert_eq!(
+            (tx.xid, tx.end_lsn, tx.messages),
+            (7, 120, vec![b"one".to_vec()])
+        );
         assert!(!d.in_transaction());
         assert_eq!(
             d.feed(&commit(130)),

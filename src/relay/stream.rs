@@ -30,12 +30,6 @@ pub struct Batch {
     pub caught_up: bool,
 }
 
-impl Batch {
-    pub fn rows(&self) -> usize {
-        self.transactions.iter().map(|t| t.messages.len()).sum()
-    }
-}
-
 /// What one applied batch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -92,6 +86,7 @@ impl Streamer {
         max_rows: usize,
     ) -> Result<Batch, RelayError> {
         let mut batch = Batch::default();
+        let mut rows = 0;
         let mut first: Option<Instant> = None;
         let started = Instant::now();
         loop {
@@ -113,12 +108,13 @@ impl Streamer {
                 Frame::Data(data) => {
                     if let Some(tx) = self.decoder.feed(&data)? {
                         first.get_or_insert_with(Instant::now);
+                        rows += tx.messages.len();
                         batch.transactions.push(tx);
                     }
                 }
             }
             if let Some(at) = first
-                && (batch.rows() >= max_rows || at.elapsed() >= MAX_BATCH_WAIT)
+                && (rows >= max_rows || at.elapsed() >= MAX_BATCH_WAIT)
             {
                 break;
             }
@@ -171,10 +167,5 @@ impl Streamer {
     /// Whether a keepalive asked for a status update not sent yet.
     pub fn reply_owed(&self) -> bool {
         self.walsender.reply_owed()
-    }
-
-    /// The last flush position the walsender was told.
-    pub fn confirmed(&self) -> u64 {
-        self.walsender.flushed()
     }
 }

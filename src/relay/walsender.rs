@@ -65,6 +65,11 @@ pub fn replication_url(database_url: &str) -> Option<String> {
     // sqlx's own knob; libpq (whose keywords the client checks) has none.
     pairs.retain(|(k, _)| k != "statement-cache-capacity" && k != "replication");
     pairs.push(("replication".into(), "database".into()));
+    // The client connects synchronously: an unanswered dial must not hold
+    // the relay (and a shutdown waiting for it) for the kernel's minutes.
+    if !pairs.iter().any(|(k, _)| k == "connect_timeout") {
+        pairs.push(("connect_timeout".into(), "10".into()));
+    }
     url.query_pairs_mut().clear().extend_pairs(pairs);
     Some(url.into())
 }
@@ -157,10 +162,6 @@ impl Walsender {
     pub fn reply_owed(&self) -> bool {
         self.reply_owed
     }
-
-    pub fn flushed(&self) -> u64 {
-        self.flushed
-    }
 }
 
 /// What the relay does about a replication error: a lost slot is a gap, a
@@ -196,11 +197,11 @@ mod tests {
         .expect("a TCP URL");
         assert_eq!(
             url,
-            "postgres://u:p%40ss@db.internal:6432/app?sslmode=verify-full&sslrootcert=%2Fca.pem&replication=database"
+            "postgres://u:p%40ss@db.internal:6432/app?sslmode=verify-full&sslrootcert=%2Fca.pem&replication=database&connect_timeout=10"
         );
         assert_eq!(
-            replication_url("postgres://u@h/app?replication=true").as_deref(),
-            Some("postgres://u@h/app?replication=database")
+            replication_url("postgres://u@h/app?replication=true&connect_timeout=3").as_deref(),
+            Some("postgres://u@h/app?connect_timeout=3&replication=database")
         );
     }
 
