@@ -146,7 +146,7 @@ pub async fn connect_one(url: &str) -> Result<sqlx::PgConnection, DbError> {
 }
 
 /// Removes the URL (which may hold a password) from a driver message.
-fn redact(message: &str, url: &str) -> String {
+pub(crate) fn redact(message: &str, url: &str) -> String {
     let mut out = message.replace(url, "<DATABASE_URL>");
     if let Ok(parsed) = url::Url::parse(url)
         && let Some(password) = parsed.password()

@@ -258,9 +258,34 @@ async fn a_dropped_slot_is_recreated_and_recorded_as_a_gap(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn switching_modes_with_writes_in_flight_loses_nothing(pool: PgPool) {
+    switch_with_writes_in_flight(pool, false).await;
+}
+
+/// The same with a relay running throughout: it streams in WAL mode, and
+/// on the switch back lets go of the slot (draining it through the SQL
+/// functions) so that `migrate` can drop it.
+#[sqlx::test(migrations = false)]
+async fn switching_modes_with_a_streaming_relay_running_loses_nothing(pool: PgPool) {
+    switch_with_writes_in_flight(pool, true).await;
+}
+
+async fn switch_with_writes_in_flight(pool: PgPool, with_relay: bool) {
     let pool = common::host_db(pool).await;
     let url = database_url(&pool).await;
     host_agent(&pool, "a1").await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let relay = with_relay.then(|| {
+        tokio::spawn(relay::run(
+            relay::RelayConfig {
+                database_url: url.clone(),
+                poll: Duration::from_millis(5),
+                batch: 1000,
+            },
+            pool.clone(),
+            None,
+            cancel.clone(),
+        ))
+    });
     let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut writers = Vec::new();
     for w in 0..3 {
@@ -282,7 +307,16 @@ async fn switching_modes_with_writes_in_flight_loses_nothing(pool: PgPool) {
         .await
         .expect("join");
     ok(&out);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // With a relay, long enough for it to find the slot and stream.
+    let in_wal = if with_relay { 3000 } else { 300 };
+    tokio::time::sleep(Duration::from_millis(in_wal)).await;
+    if with_relay {
+        let relayed: i64 = sqlx::query_scalar("SELECT relayed FROM authz_outbox_relay")
+            .fetch_one(&pool)
+            .await
+            .expect("relay row");
+        assert!(relayed > 0, "the relay streamed while in WAL mode");
+    }
     let url2 = url.clone();
     let out = tokio::task::spawn_blocking(move || migrate(&url2, &["--capture", "table"]))
         .await
@@ -305,6 +339,10 @@ async fn switching_modes_with_writes_in_flight_loses_nothing(pool: PgPool) {
             .fetch_one(&pool)
             .await
             .expect("count");
+    cancel.cancel();
+    if let Some(relay) = relay {
+        relay.await.expect("relay stops");
+    }
     assert!(written > 10, "the writers wrote through both switches");
     assert_eq!(
         (keys, rows),
@@ -620,4 +658,198 @@ async fn the_relay_reduces_and_labels_the_principal_as_table_mode_does(pool: PgP
         "the credential field is dropped before any row holds it"
     );
     leave_wal(&url).await;
+}
+async fn slot_positions(pool: &PgPool) -> (String, String) {
+    sqlx::query_as(
+        "SELECT r.applied_lsn::text, s.confirmed_flush_lsn::text
+         FROM authz_outbox_relay r JOIN pg_replication_slots s USING (slot_name)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("positions")
+}
+
+async fn confirmed_reached_applied(pool: &PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT s.confirmed_flush_lsn >= r.applied_lsn
+         FROM authz_outbox_relay r JOIN pg_replication_slots s USING (slot_name)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("positions")
+}
+
+/// Reads and applies streamed batches until `rows` rows and `skipped`
+/// transactions are accounted for (or 10 s pass).
+async fn stream_until(
+    streamer: &mut relay::stream::Streamer,
+    conn: &mut PgConnection,
+    rows: u64,
+    skipped: u64,
+    stop: StopAt,
+) -> relay::stream::Applied {
+    let mut total = relay::stream::Applied::default();
+    let started = std::time::Instant::now();
+    while (total.relayed < rows || total.skipped < skipped)
+        && started.elapsed() < Duration::from_secs(10)
+    {
+        let batch = streamer
+            .read_batch(Duration::from_millis(500), 1000)
+            .await
+            .expect("read");
+        let done = streamer.apply(conn, batch, stop).await.expect("apply");
+        total.relayed += done.relayed;
+        total.skipped += done.skipped;
+    }
+    total
+}
+
+/// The streaming relay's exactly-once: killed after its outbox commit and
+/// before it told the walsender, it had not moved the slot (never a flush
+/// position past what the outbox holds), and the next relay is sent the
+/// same transactions again and skips them.
+#[sqlx::test(migrations = false)]
+async fn a_streaming_relay_killed_before_its_status_update_relays_nothing_twice(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    host_key(&pool, "k1", "a1").await;
+
+    let (mut conn, slot) = relay_conn(&url).await;
+    let mut streamer = relay::stream::Streamer::open(&mut conn, &url, &slot)
+        .await
+        .expect("stream");
+    let first = stream_until(&mut streamer, &mut conn, 2, 0, StopAt::BeforeAdvance).await;
+    assert_eq!((first.relayed, first.skipped), (2, 0), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (applied, confirmed) = slot_positions(&pool).await;
+    assert!(
+        !confirmed_reached_applied(&pool).await,
+        "the slot moved before the walsender was told: applied {applied}, confirmed {confirmed}"
+    );
+    drop(streamer);
+    drop(conn);
+
+    let (mut conn, slot) = relay_conn(&url).await;
+    let mut streamer = relay::stream::Streamer::open(&mut conn, &url, &slot)
+        .await
+        .expect("stream again");
+    let again = stream_until(&mut streamer, &mut conn, 0, 2, StopAt::Never).await;
+    assert_eq!((again.relayed, again.skipped), (0, 2), "{again:?}");
+    host_key(&pool, "k2", "a1").await;
+    let next = stream_until(&mut streamer, &mut conn, 1, 0, StopAt::Never).await;
+    assert_eq!(next.relayed, 1, "{next:?}");
+    let ids: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM authz_outbox ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("ids");
+    assert_eq!(
+        ids,
+        ["a1", "k1", "k2"],
+        "each capture once, in commit order"
+    );
+    // Told after the commit, the walsender moves the slot to it.
+    let started = std::time::Instant::now();
+    while !confirmed_reached_applied(&pool).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slot never reached the outbox's position: {:?}",
+            slot_positions(&pool).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(streamer);
+    drop(conn);
+    leave_wal(&url).await;
+}
+
+/// A relay that finds the slot streamed by another client (a dead leader's
+/// walsender not gone yet) waits for it to let go: not a gap, nothing
+/// recreated, nothing lost.
+#[sqlx::test(migrations = false)]
+async fn a_relay_waits_while_another_client_streams_the_slot(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    host_agent(&pool, "a1").await;
+    let (mut holder_conn, slot) = relay_conn(&url).await;
+    let holder = relay::stream::Streamer::open(&mut holder_conn, &url, &slot)
+        .await
+        .expect("the other client streams the slot");
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(relay::run(
+        relay::RelayConfig {
+            database_url: url.clone(),
+            poll: Duration::from_millis(5),
+            batch: 1000,
+        },
+        pool.clone(),
+        None,
+        cancel.clone(),
+    ));
+    // It keeps its turn (the leader lock) and waits, rather than failing
+    // and starting over, or recreating a slot it thinks lost.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..10 {
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                            WHERE locktype = 'advisory' AND granted
+                              AND objid = hashtext('authz_outbox_relay')::oid)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("locks");
+        assert!(held, "the waiting relay let go of its turn");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let gaps: i64 = sqlx::query_scalar("SELECT gaps FROM authz_outbox_relay")
+        .fetch_one(&pool)
+        .await
+        .expect("relay row");
+    assert_eq!(gaps, 0, "a busy slot is not a gap");
+    assert_eq!(outbox_count(&pool).await, 0, "the other client holds it");
+
+    drop(holder);
+    drop(holder_conn);
+    let started = std::time::Instant::now();
+    while outbox_count(&pool).await < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the relay never took its turn"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    relay.await.expect("relay stops");
+    let gaps: i64 = sqlx::query_scalar("SELECT gaps FROM authz_outbox_relay")
+        .fetch_one(&pool)
+        .await
+        .expect("relay row");
+    assert_eq!(gaps, 0);
+    leave_wal(&url).await;
+}
+
+/// A transaction is sent by the walsender once its commit record is
+/// flushed, a moment before other sessions can see it. The relay waits for
+/// it to be visible before inserting its rows: a worker claiming the row
+/// must see the key it registers (else it supersedes the register as a key
+/// that is gone). Here a transaction still running stands for that moment.
+#[sqlx::test(migrations = false)]
+async fn the_relay_waits_for_a_sent_commit_to_be_visible(pool: PgPool) {
+    let mut running = pool.begin().await.expect("begin");
+    let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint & 4294967295")
+        .fetch_one(&mut *running)
+        .await
+        .expect("xid");
+    let mut conn = pool.acquire().await.expect("connection");
+    let waiter = tokio::spawn(async move { relay::wait_until_visible(&mut conn, &[xid]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "returned before the commit was visible"
+    );
+    running.commit().await.expect("commit");
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("returns once visible")
+        .expect("join")
+        .expect("query");
 }

@@ -142,8 +142,11 @@ pub struct RunArgs {
     /// replica's does; one reads at a time). Idle in table mode.
     #[arg(long, env = "AUTHZ_OUTBOX_NO_RELAY")]
     no_relay: bool,
-    /// WAL capture: the relay's pause after a read that found nothing (its
-    /// share of commit-to-delivered latency; 1 ms to 1 s).
+    /// WAL capture: where the relay reads its slot through PostgreSQL's SQL
+    /// functions (no replication connection to be had, a switch back to
+    /// table mode in progress), its pause after a read that found nothing
+    /// (1 ms to 1 s). A relay streaming the slot is pushed each commit and
+    /// does not poll.
     #[arg(long, env = "AUTHZ_OUTBOX_RELAY_POLL_INTERVAL", default_value = "5ms",
           value_parser = relay_poll)]
     relay_poll_interval: Duration,

@@ -3,35 +3,50 @@
 //! index entry in the writing transaction), and the relay moves them from
 //! a logical replication slot into `authz_outbox`, in commit order.
 //!
-//! Follow one message. The relay peeks the slot through PostgreSQL's SQL
-//! functions (`pg_logical_slot_peek_binary_changes`, pgoutput, an empty
-//! publication: only our messages and transaction boundaries come out),
-//! inserts the messages of whole transactions into the outbox and records
-//! the end of the last one (`authz_outbox_relay.applied_lsn`) in the same
-//! transaction, and only then advances the slot. Killed anywhere, it reads
-//! again from the slot's position and skips what `applied_lsn` says is in:
-//! nothing lost, nothing twice. From the outbox on, a row is delivered,
-//! superseded, ordered and replayed exactly as in table mode.
+//! Follow one message. The relay streams the slot over the replication
+//! protocol ([`stream`], [`walsender`]; pgoutput with an empty publication:
+//! only our messages and transaction boundaries come out). The walsender
+//! decodes each transaction once, when it commits and its WAL is flushed,
+//! and pushes it. The relay inserts the messages of whole transactions into
+//! the outbox and records the end of the last one
+//! (`authz_outbox_relay.applied_lsn`) in the same transaction, and only then
+//! tells the walsender that position (a standby status update: the slot's
+//! `confirmed_flush_lsn` follows). Killed anywhere, the next relay streams
+//! again from the slot's confirmed position and skips what `applied_lsn`
+//! says is in: nothing lost, nothing twice. From the outbox on, a row is
+//! delivered, superseded, ordered and replayed exactly as in table mode.
 //!
-//! Why the SQL functions and not the replication protocol: they need no
-//! replication connection (poolers and managed services pass them), the
-//! peek-then-advance pair gives the exactly-once step above with plain
-//! transactions, and no maintained Rust crate speaks the logical
-//! replication protocol on top of sqlx. The cost is polling (see
-//! [`RelayConfig::poll`]).
+//! Why the replication protocol and not the SQL functions: every
+//! `pg_logical_slot_peek_binary_changes` decodes again from the slot's
+//! `restart_lsn` (which PostgreSQL moves only every ~15 s), so a polling
+//! relay re-read seconds of WAL per poll (BENCHMARKS.md, "WAL mode beside
+//! table mode"); a walsender keeps its decoding state and pushes changes
+//! as they commit. The SQL functions stay for what has no stream to read
+//! ([`peek`]): a one-shot run's drain, `migrate` draining the slot before
+//! it drops it, the leader's turn while a switch back to table mode is in
+//! progress (it must let go of the slot for `migrate` to drop it), and
+//! where no replication connection can be had (a Unix-socket `DATABASE_URL`,
+//! which the client cannot dial; a pooler that does not pass replication
+//! connections): then the relay polls, and tries streaming again every
+//! minute.
 //!
 //! One relay reads at a time across replicas: it holds a session advisory
-//! lock on its own connection, and every read and write of the slot goes
-//! through that connection, so a relay that lost its connection lost its
-//! turn with it.
+//! lock on its own connection, and every write of the outbox and the slot's
+//! position goes through that connection, so a relay that lost its
+//! connection lost its turn with it. The slot itself is a second guard: a
+//! walsender streams it for one client at a time, and a relay that finds it
+//! busy (a dead leader's walsender not yet gone) waits its turn.
 //!
 //! A slot found dropped or invalidated is a gap: the messages emitted while
 //! it was gone are lost. The relay recreates it, counts the gap, and marks
 //! `reconcile_pending`; a reconcile of every type (run by the worker when it
 //! can read SpiceDB, else by the operator, as `status` says) heals it.
 
+pub mod peek;
 pub mod pgoutput;
 pub mod setup;
+pub mod stream;
+pub mod walsender;
 
 use std::time::{Duration, Instant};
 
@@ -42,14 +57,20 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::mapping::core::{MESSAGE_PREFIX, NO_CREATOR_ERROR};
+use crate::mapping::core::{CaptureMode, NO_CREATOR_ERROR};
 use crate::mapping::ddl::NO_CREATOR_NEEDED;
+pub use peek::{Step, step};
 
 /// The (empty) publication pgoutput needs to be named.
 pub const PUBLICATION: &str = "authz_outbox_relay";
 
 /// The advisory lock only the relay reading the slot holds.
 const LEADER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('authz_outbox_relay'))";
+
+/// How often a leader looks up from reading: the lag metrics, a pending
+/// gap's reconcile, whether the slot or the capture mode changed, and a
+/// status update that keeps the walsender from timing the relay out.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -63,36 +84,37 @@ pub enum RelayError {
     Message(String),
     #[error("the replication slot {slot} is gone ({reason})")]
     SlotLost { slot: String, reason: String },
+    /// Another client reads the slot now: not a gap, another's turn.
+    #[error("the replication slot is in use: {0}")]
+    SlotBusy(String),
+    #[error("the replication stream: {0}")]
+    Stream(String),
+    /// No replication connection can be had (the client cannot dial this
+    /// `DATABASE_URL`, or the server or a pooler refused it): the SQL
+    /// functions read the slot instead.
+    #[error("the replication stream is not available: {0}")]
+    StreamUnavailable(String),
 }
 
 /// How the relay runs.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub database_url: String,
-    /// The pause between two peeks that found nothing: the relay's share of
-    /// commit-to-delivered latency, against one query per pause when idle.
+    /// Only where the relay reads through the SQL functions (see [`peek`]):
+    /// the pause between two peeks that found nothing. A streaming relay is
+    /// pushed each commit and does not poll.
     pub poll: Duration,
-    /// Changes read per peek (whole transactions: a large one may exceed it).
+    /// Rows per outbox transaction (whole transactions: a large one may
+    /// exceed it); for the SQL functions, changes per peek.
     pub batch: i64,
 }
 
-/// What one step did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Step {
-    /// Rows inserted into the outbox.
-    pub relayed: u64,
-    /// Transactions skipped because `applied_lsn` already covered them (a
-    /// relay that died between its insert and advancing the slot).
-    pub skipped: u64,
-    /// Whether the peek reached the WAL's end as it was at the start.
-    pub caught_up: bool,
-}
-
-/// Where a step may stop early, for the tests that kill a relay mid-step.
+/// Where a relay may stop early, for the tests that kill one mid-step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopAt {
     Never,
-    /// After the rows are committed, before the slot advances.
+    /// After the rows are committed, before the slot's position moves
+    /// (the slot advanced, or the walsender told).
     BeforeAdvance,
 }
 
@@ -148,51 +170,33 @@ fn names_a_creator(principal: &Option<Value>) -> bool {
     })
 }
 
-/// One step: peek, insert what is new, record, advance. `conn` must hold
-/// the leader lock.
-pub async fn step(
-    conn: &mut PgConnection,
-    slot: &str,
-    batch: i64,
-    stop: StopAt,
-) -> Result<Step, RelayError> {
-    // Decoding reads only flushed WAL: the flush position, not the insert
-    // position, is how far a peek that comes back short has read (with
-    // synchronous_commit = off a commit returns before its flush, and
-    // moving the slot past unflushed commits would skip them).
-    let upto: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
-        .fetch_one(&mut *conn)
-        .await?;
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::pg_lsn, $3::int,
-             'proto_version', '1', 'publication_names', $4, 'messages', 'true')",
-    )
-    .bind(slot)
-    .bind(&upto)
-    .bind(batch.clamp(1, i64::from(i32::MAX)) as i32)
-    .bind(PUBLICATION)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|e| slot_error(slot, e))?;
-    let caught_up = (rows.len() as i64) < batch;
-    let txs = pgoutput::decode(rows.iter().map(Vec::as_slice), MESSAGE_PREFIX)?;
-    let applied: u64 = sqlx::query_scalar(
+/// The end of the last transaction in the outbox (`applied_lsn`).
+async fn applied_lsn(conn: &mut PgConnection, slot: &str) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query_scalar(
         "SELECT (applied_lsn - '0/0'::pg_lsn)::bigint FROM authz_outbox_relay WHERE slot_name = $1",
     )
     .bind(slot)
     .fetch_optional(&mut *conn)
     .await?
-    .map_or(0, |v: i64| v.max(0) as u64);
-    let mut out = Step {
-        caught_up,
-        ..Step::default()
-    };
+    .map_or(0, |v: i64| v.max(0) as u64))
+}
+
+/// Puts decoded transactions into the outbox, skipping those `applied`
+/// already covers: returns the rows inserted, the transactions skipped, and
+/// the end of the last transaction (where the slot may now move).
+async fn apply(
+    conn: &mut PgConnection,
+    slot: &str,
+    txs: &[pgoutput::Transaction],
+    applied: u64,
+) -> Result<(u64, u64, Option<u64>), RelayError> {
+    let mut skipped = 0;
     let mut fresh = Vec::new();
     let mut last_end = None;
-    for tx in &txs {
+    for tx in txs {
         last_end = Some(tx.end_lsn);
         if tx.end_lsn <= applied {
-            out.skipped += 1;
+            skipped += 1;
             continue;
         }
         for m in &tx.messages {
@@ -201,56 +205,59 @@ pub async fn step(
             fresh.push((row, tx.committed_at, tx.end_lsn));
         }
     }
+    let mut relayed = 0;
     if let Some(end) = last_end.filter(|&e| e > applied) {
-        out.relayed = insert(conn, slot, fresh, end).await?;
+        let xids: Vec<i64> = txs
+            .iter()
+            .filter(|t| t.end_lsn > applied && !t.messages.is_empty())
+            .map(|t| i64::from(t.xid))
+            .collect();
+        wait_until_visible(conn, &xids).await?;
+        relayed = insert(conn, slot, fresh, end).await?;
     }
-    if stop == StopAt::BeforeAdvance {
-        return Ok(out);
+    Ok((relayed, skipped, last_end))
+}
+
+/// Waits until the transactions `xids` (32-bit, as pgoutput sends them) are
+/// visible to a new snapshot.
+///
+/// A commit is decoded and sent once its record is flushed, but other
+/// sessions see it only a moment later, when the committing backend leaves
+/// the running set (and with synchronous replication, only once a standby
+/// has confirmed it). A row inserted before that would be claimed by a
+/// worker that cannot see the key it registers yet, and superseded as a
+/// key that is gone. Seen by one snapshot, a commit is seen by all later
+/// ones: the worker's checks come after this.
+pub async fn wait_until_visible(conn: &mut PgConnection, xids: &[i64]) -> Result<(), sqlx::Error> {
+    if xids.is_empty() {
+        return Ok(());
     }
-    // Past everything read: to the WAL's end as it was, when the peek got
-    // there; else to the last whole transaction.
-    let advance_to = if caught_up {
-        Some(upto)
-    } else {
-        last_end.map(lsn_text)
-    };
-    if let Some(to) = advance_to {
-        sqlx::query(
-            "SELECT pg_replication_slot_advance($1, $2::pg_lsn)
-             FROM pg_replication_slots
-             WHERE slot_name = $1 AND confirmed_flush_lsn < $2::pg_lsn",
+    let mut pause = Duration::from_micros(200);
+    loop {
+        // A 32-bit xid above the snapshot's xmax (mod 2^32) is from the
+        // previous epoch.
+        let unseen: i64 = sqlx::query_scalar(
+            "WITH s AS (SELECT pg_current_snapshot() AS snap,
+                               pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+             SELECT count(*)
+             FROM unnest($1::bigint[]) AS x(xid), s
+             WHERE NOT pg_visible_in_snapshot(
+                 (((s.xmax >> 32) - (x.xid > (s.xmax & 4294967295))::int) << 32 | x.xid)::text::xid8,
+                 s.snap)",
         )
-        .bind(slot)
-        .bind(&to)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| slot_error(slot, e))?;
+        .bind(xids)
+        .fetch_one(&mut *conn)
+        .await?;
+        if unseen == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
-    Ok(out)
 }
 
 fn lsn_text(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
-
-/// A peek or advance that failed because the slot is gone or invalidated.
-fn slot_error(slot: &str, e: sqlx::Error) -> RelayError {
-    let code = e
-        .as_database_error()
-        .and_then(|d| d.code())
-        .map(|c| c.to_string());
-    match code.as_deref() {
-        // undefined_object: dropped; object_not_in_prerequisite_state:
-        // invalidated (its WAL removed past max_slot_wal_keep_size).
-        Some("42704") | Some("55000") => RelayError::SlotLost {
-            slot: slot.to_string(),
-            reason: e
-                .as_database_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_default(),
-        },
-        _ => RelayError::Database(e),
-    }
 }
 
 /// Inserts the rows in commit order and records `end` as applied, in one
@@ -292,6 +299,13 @@ async fn insert(
     }
     let n = items.len() as u64;
     let mut tx = conn.begin().await?;
+    // Durable before the slot may move past it: PostgreSQL writes a slot's
+    // new position to disk (when its restart_lsn moves) without flushing
+    // the WAL first, so an unflushed outbox commit could be lost in a crash
+    // that keeps the slot's position past its captures.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
     if !items.is_empty() {
         sqlx::query(
             r#"
@@ -377,8 +391,8 @@ pub async fn recover_lost_slot(
     Ok(())
 }
 
-/// The relay's loop, beside the worker's: idle while the capture is in
-/// table mode, the leader's steps otherwise. `on_gap` runs after a lost
+/// The relay's loop, beside the worker's: idle while there is no slot, the
+/// leader's turns otherwise. `on_gap` runs after a lost
 /// slot was recreated (the worker's reconcile, when it can read SpiceDB).
 pub async fn run(
     config: RelayConfig,
@@ -409,7 +423,9 @@ pub type GapHandler = std::sync::Arc<
         + Sync,
 >;
 
-/// One turn: wait for the lock, then step until cancelled or an error.
+/// One connection's leadership: wait for the lock, then read the slot
+/// (streaming in WAL mode, through the SQL functions while leaving it)
+/// until cancelled or an error.
 async fn lead(
     config: &RelayConfig,
     pool: &PgPool,
@@ -418,6 +434,10 @@ async fn lead(
 ) -> Result<(), RelayError> {
     let mut conn = crate::db::connect_one(&config.database_url).await?;
     let idle = Duration::from_secs(2);
+    // Set while the replication connection cannot be had: the SQL
+    // functions read the slot until then, when streaming is tried again.
+    let mut stream_again_at: Option<Instant> = None;
+    let mut warned = false;
     // Another replica leads, or there is no slot: look again later.
     loop {
         let Some(slot) = slot_name(&mut conn).await? else {
@@ -436,48 +456,183 @@ async fn lead(
             }
         }
         tracing::info!(slot, "leading the WAL relay");
-        metrics::gauge!(crate::metrics::RELAY_LEADER).set(1.0);
-        let mut caught_up_at = Instant::now();
-        let mut lag_checked = Instant::now() - Duration::from_secs(10);
         loop {
-            if cancel.is_cancelled() {
-                return Ok(());
-            }
-            match step(&mut conn, &slot, config.batch, StopAt::Never).await {
-                Ok(s) => {
-                    metrics::counter!(crate::metrics::RELAYED).increment(s.relayed);
-                    if s.caught_up {
-                        caught_up_at = Instant::now();
-                    }
-                    if lag_checked.elapsed() >= Duration::from_secs(1) {
-                        lag_checked = Instant::now();
-                        report_lag(&mut conn, &slot, caught_up_at.elapsed()).await?;
-                        if let Some(handler) = on_gap {
-                            heal_if_pending(&mut conn, pool, &slot, handler).await;
-                        }
-                    }
-                    if s.caught_up && s.relayed == 0 {
-                        tokio::select! {
-                            () = cancel.cancelled() => return Ok(()),
-                            () = tokio::time::sleep(config.poll) => {}
-                        }
-                    }
+            metrics::gauge!(crate::metrics::RELAY_LEADER).set(1.0);
+            let mode = crate::mapping::install::capture_mode(&mut conn).await?;
+            let streaming = stream_again_at.is_none_or(|at| Instant::now() >= at);
+            let turn = if mode == CaptureMode::Wal && streaming {
+                stream_turn(&mut conn, pool, &slot, config, on_gap, cancel).await
+            } else {
+                let until = stream_again_at.filter(|_| mode == CaptureMode::Wal);
+                poll_turn(&mut conn, pool, &slot, config, on_gap, cancel, mode, until).await
+            };
+            match turn {
+                Ok(TurnEnd::Cancelled) => return Ok(()),
+                Ok(TurnEnd::ModeChanged) => {}
+                Ok(TurnEnd::SlotChanged) => break,
+                // Back in table mode, `migrate` dropped the slot it drained:
+                // not a gap.
+                Err(RelayError::SlotLost { .. })
+                    if crate::mapping::install::capture_mode(&mut conn).await?
+                        == CaptureMode::Table =>
+                {
+                    break;
                 }
                 Err(RelayError::SlotLost { slot, reason }) => {
                     recover_lost_slot(&mut conn, &slot, &reason).await?;
                 }
+                Err(RelayError::SlotBusy(why)) => {
+                    metrics::gauge!(crate::metrics::RELAY_LEADER).set(0.0);
+                    tracing::info!(slot, %why, "another client reads the slot; waiting for it to let go");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                Err(RelayError::StreamUnavailable(why)) => {
+                    if !warned {
+                        tracing::warn!(%why, "the relay cannot stream the slot; reading it \
+                                              through PostgreSQL's SQL functions instead \
+                                              (slower), and trying again every minute");
+                        warned = true;
+                    }
+                    stream_again_at = Some(Instant::now() + Duration::from_secs(60));
+                }
                 Err(e) => return Err(e),
             }
-            // The slot may have been taken away (a switch back to table
-            // mode): go back to looking for one.
-            if slot_name(&mut conn).await?.as_deref() != Some(slot.as_str()) {
-                sqlx::query("SELECT pg_advisory_unlock_all()")
-                    .execute(&mut conn)
-                    .await?;
-                break;
+        }
+        // The slot was taken away (a switch back to table mode): go back to
+        // looking for one.
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut conn)
+            .await?;
+    }
+}
+
+/// How a leader's turn ended, short of an error.
+enum TurnEnd {
+    Cancelled,
+    /// WAL capture was left: the slot is no longer ours to read.
+    SlotChanged,
+    /// The capture mode changed, or it is time to try streaming again:
+    /// choose how to read anew.
+    ModeChanged,
+}
+
+/// WAL mode: stream the slot, one batch after another.
+async fn stream_turn(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    slot: &str,
+    config: &RelayConfig,
+    on_gap: Option<&GapHandler>,
+    cancel: &CancellationToken,
+) -> Result<TurnEnd, RelayError> {
+    let mut streamer = match stream::Streamer::open(conn, &config.database_url, slot).await {
+        Ok(streamer) => streamer,
+        // The relay's own connection works, the replication connection
+        // does not (a pooler that does not pass replication connections,
+        // `REPLICATION` missing from the role): the SQL functions can
+        // still read the slot.
+        Err(RelayError::Stream(why)) => return Err(RelayError::StreamUnavailable(why)),
+        Err(e) => return Err(e),
+    };
+    let max_rows = config.batch.max(1) as usize;
+    let mut caught_up_at = Instant::now();
+    let mut looked = Instant::now();
+    loop {
+        // Dropping a read on cancel loses what it read: the streamer goes
+        // with it, and the next relay starts from the confirmed position.
+        let batch = tokio::select! {
+            () = cancel.cancelled() => return Ok(TurnEnd::Cancelled),
+            batch = streamer.read_batch(HOUSEKEEPING, max_rows) => batch?,
+        };
+        if batch.caught_up {
+            caught_up_at = Instant::now();
+        }
+        let idle = batch.transactions.is_empty();
+        let done = streamer.apply(conn, batch, StopAt::Never).await?;
+        metrics::counter!(crate::metrics::RELAYED).increment(done.relayed);
+        let look = looked.elapsed() >= HOUSEKEEPING;
+        if idle || look || streamer.reply_owed() {
+            streamer.confirm_idle().await?;
+        }
+        if look {
+            looked = Instant::now();
+            if let Some(end) =
+                housekeeping(conn, pool, slot, on_gap, caught_up_at, CaptureMode::Wal).await?
+            {
+                return Ok(end);
             }
         }
     }
+}
+
+/// Through the SQL functions ([`peek`]): while leaving WAL mode (the slot
+/// must be free for `migrate` to drop it), or, `until` it is time to try
+/// again, where no replication connection can be had.
+#[allow(clippy::too_many_arguments)]
+async fn poll_turn(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    slot: &str,
+    config: &RelayConfig,
+    on_gap: Option<&GapHandler>,
+    cancel: &CancellationToken,
+    mode: CaptureMode,
+    until: Option<Instant>,
+) -> Result<TurnEnd, RelayError> {
+    let mut caught_up_at = Instant::now();
+    let mut looked = Instant::now() - HOUSEKEEPING;
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(TurnEnd::Cancelled);
+        }
+        let s = step(conn, slot, config.batch, StopAt::Never).await?;
+        metrics::counter!(crate::metrics::RELAYED).increment(s.relayed);
+        if s.caught_up {
+            caught_up_at = Instant::now();
+        }
+        if looked.elapsed() >= HOUSEKEEPING {
+            looked = Instant::now();
+            if let Some(end) = housekeeping(conn, pool, slot, on_gap, caught_up_at, mode).await? {
+                return Ok(end);
+            }
+            // Time to try the replication connection again.
+            if until.is_some_and(|at| Instant::now() >= at) {
+                return Ok(TurnEnd::ModeChanged);
+            }
+        }
+        if s.caught_up && s.relayed == 0 {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(TurnEnd::Cancelled),
+                () = tokio::time::sleep(config.poll) => {}
+            }
+        }
+    }
+}
+
+/// What a leader does between reads, about once a second: the lag
+/// metrics, a pending gap's reconcile, and whether its turn is over.
+async fn housekeeping(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    slot: &str,
+    on_gap: Option<&GapHandler>,
+    caught_up_at: Instant,
+    mode: CaptureMode,
+) -> Result<Option<TurnEnd>, RelayError> {
+    report_lag(conn, slot, caught_up_at.elapsed()).await?;
+    if let Some(handler) = on_gap {
+        heal_if_pending(conn, pool, slot, handler).await;
+    }
+    if slot_name(conn).await?.as_deref() != Some(slot) {
+        return Ok(Some(TurnEnd::SlotChanged));
+    }
+    if crate::mapping::install::capture_mode(conn).await? != mode {
+        return Ok(Some(TurnEnd::ModeChanged));
+    }
+    Ok(None)
 }
 
 async fn report_lag(
@@ -559,6 +714,9 @@ pub async fn drain_once(config: &RelayConfig) -> Result<(), RelayError> {
         match step(&mut conn, &slot, config.batch, StopAt::Never).await {
             Ok(s) if s.caught_up => return Ok(()),
             Ok(_) => {}
+            // A walsender still streams it (a leader that lost its lock
+            // and whose connection is not gone yet): that one's turn.
+            Err(RelayError::SlotBusy(_)) => return Ok(()),
             Err(RelayError::SlotLost { slot, reason }) => {
                 recover_lost_slot(&mut conn, &slot, &reason).await?;
                 return Ok(());

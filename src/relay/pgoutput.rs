@@ -1,5 +1,6 @@
-//! The few pgoutput messages the relay reads (protocol version 1, as
-//! `pg_logical_slot_peek_binary_changes` returns them, one per row): a
+//! The few pgoutput messages the relay reads (protocol version 1, one per
+//! XLogData message of the replication stream, or one per row of
+//! `pg_logical_slot_peek_binary_changes`): a
 //! transaction's `B`egin, its logical `M`essages and its `C`ommit. Every
 //! other message (relations, row changes of published tables: there are
 //! none, the publication is empty) is skipped. Layouts: PostgreSQL's
@@ -20,6 +21,8 @@ pub enum DecodeError {
 /// One committed transaction's messages with our prefix, in emission order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
+    /// Its transaction id (32 bits, as pgoutput sends it).
+    pub xid: u32,
     /// The end of its commit record: once the relay has inserted its rows,
     /// the slot may move here.
     pub end_lsn: u64,
@@ -87,18 +90,34 @@ fn timestamp(micros_since_2000: u64) -> DateTime<Utc> {
     Utc.timestamp_micros(micros).single().unwrap_or_default()
 }
 
-/// Decodes a peek's rows into its committed transactions, keeping the
-/// transactional messages whose prefix is `prefix`. Transactions with none
-/// are kept too (empty): the slot may still move past them.
-pub fn decode<'a>(
-    rows: impl IntoIterator<Item = &'a [u8]>,
-    prefix: &str,
-) -> Result<Vec<Transaction>, DecodeError> {
-    let mut out = Vec::new();
-    let mut open: Option<Vec<Vec<u8>>> = None;
-    for data in rows {
+/// Decodes pgoutput messages one at a time, as the walsender sends them:
+/// a transaction comes out whole at its commit. Transactions without a
+/// message of ours come out too (empty): the slot may still move past them.
+#[derive(Debug)]
+pub struct Decoder {
+    prefix: Vec<u8>,
+    /// The open transaction's xid and messages.
+    open: Option<(u32, Vec<Vec<u8>>)>,
+}
+
+impl Decoder {
+    pub fn new(prefix: &str) -> Self {
+        Decoder {
+            prefix: prefix.as_bytes().to_vec(),
+            open: None,
+        }
+    }
+
+    /// Whether a transaction has begun and not yet committed: until it
+    /// does, nothing at or past its start may be confirmed.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Takes one message; returns the transaction its commit ends.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<Transaction>, DecodeError> {
         let Some(&first) = data.first() else {
-            continue;
+            return Ok(None);
         };
         let kind = first as char;
         let mut r = Reader { kind, data, at: 1 };
@@ -106,8 +125,8 @@ pub fn decode<'a>(
             'B' => {
                 r.u64()?; // final LSN
                 r.u64()?; // commit time
-                r.u32()?; // xid
-                open = Some(Vec::new());
+                let xid = r.u32()?;
+                self.open = Some((xid, Vec::new()));
             }
             'M' => {
                 let flags = r.u8()?;
@@ -118,12 +137,12 @@ pub fn decode<'a>(
                 // Non-transactional messages are not ours (ours are emitted
                 // with `transactional = true`) and arrive outside a B…C.
                 if flags & 1 == 0 {
-                    continue;
+                    return Ok(None);
                 }
-                let Some(messages) = open.as_mut() else {
+                let Some((_, messages)) = self.open.as_mut() else {
                     return Err(DecodeError::OutsideTransaction(kind));
                 };
-                if p == prefix.as_bytes() {
+                if p == self.prefix.as_slice() {
                     messages.push(content.to_vec());
                 }
             }
@@ -132,19 +151,34 @@ pub fn decode<'a>(
                 r.u64()?; // commit LSN
                 let end_lsn = r.u64()?;
                 let committed_at = timestamp(r.u64()?);
-                let Some(messages) = open.take() else {
+                let Some((xid, messages)) = self.open.take() else {
                     return Err(DecodeError::OutsideTransaction(kind));
                 };
-                out.push(Transaction {
+                return Ok(Some(Transaction {
+                    xid,
                     end_lsn,
                     committed_at,
                     messages,
-                });
+                }));
             }
             _ => {}
         }
+        Ok(None)
     }
-    if open.is_some() {
+}
+
+/// Decodes a peek's rows into its committed transactions, keeping the
+/// transactional messages whose prefix is `prefix`.
+pub fn decode<'a>(
+    rows: impl IntoIterator<Item = &'a [u8]>,
+    prefix: &str,
+) -> Result<Vec<Transaction>, DecodeError> {
+    let mut decoder = Decoder::new(prefix);
+    let mut out = Vec::new();
+    for data in rows {
+        out.extend(decoder.feed(data)?);
+    }
+    if decoder.in_transaction() {
         return Err(DecodeError::Unfinished);
     }
     Ok(out)
@@ -198,6 +232,27 @@ mod tests {
         assert_eq!(txs[0].committed_at.timestamp(), 946_684_801);
         assert!(txs[1].messages.is_empty());
         assert_eq!(txs[1].end_lsn, 130);
+    }
+
+    #[test]
+    fn a_streamed_transaction_comes_out_at_its_commit() {
+        let mut d = Decoder::new("authz_outbox");
+        assert_eq!(d.feed(&begin()), Ok(None));
+        assert!(d.in_transaction());
+        assert_eq!(d.feed(&message("authz_outbox", b"one", true)), Ok(None));
+        let tx = d
+            .feed(&commit(120))
+            .expect("decodes")
+            .expect("a transaction");
+        assert_eq!(
+            (tx.xid, tx.end_lsn, tx.messages),
+            (7, 120, vec![b"one".to_vec()])
+        );
+        assert!(!d.in_transaction());
+        assert_eq!(
+            d.feed(&commit(130)),
+            Err(DecodeError::OutsideTransaction('C'))
+        );
     }
 
     #[test]

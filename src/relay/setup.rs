@@ -171,7 +171,9 @@ pub async fn set_mode(conn: &mut PgConnection, mode: CaptureMode) -> Result<(), 
 
 /// Leaves WAL mode once the capture functions insert again: waits for the
 /// transactions that may have emitted with the old ones, drains the slot
-/// (taking the relay's turn), and drops slot, relay row and publication.
+/// (a running relay, seeing table mode, stops streaming and drains it
+/// through the SQL functions; with none, this takes the relay's turn), and
+/// drops slot, relay row and publication.
 /// `relay_conn` is a connection of its own (it holds the relay's lock).
 pub async fn finish_leaving_wal(
     conn: &mut PgConnection,
@@ -237,11 +239,16 @@ pub async fn finish_leaving_wal(
             Ok(_) => {}
             // A slot already gone has nothing left to drain.
             Err(super::RelayError::SlotLost { .. }) => break,
+            // A walsender of a leader that is gone has not let go yet.
+            Err(super::RelayError::SlotBusy(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Err(e) => return Err(e.into()),
         }
     }
-    // The running relay may be in a peek for a moment: the drop waits.
-    let mut tries = 0;
+    // The running relay may be in a peek for a moment, or still streaming
+    // until it sees table mode (within a second) and lets go: the drop
+    // waits for it.
     loop {
         let dropped = sqlx::query(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
@@ -251,8 +258,10 @@ pub async fn finish_leaving_wal(
         .await;
         match dropped {
             Ok(_) => break,
-            Err(e) if tries < 100 => {
-                tries += 1;
+            Err(e)
+                if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55006")
+                    && started.elapsed() <= timeout =>
+            {
                 tracing::debug!(error = %e, "the slot is in use; dropping it again");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
