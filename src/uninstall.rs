@@ -40,6 +40,7 @@ pub const OUTBOX_TABLES: &[&str] = &[
     "authz_outbox_reconcile_findings",
     "authz_outbox_reconcile_runs",
     "authz_outbox_listeners",
+    "authz_outbox_delivery_minutes",
     "authz_outbox_mappings",
     "authz_outbox",
 ];

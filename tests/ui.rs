@@ -288,7 +288,8 @@ async fn every_page_renders_for_the_workers_database_role(pool: PgPool) {
                                    authz_outbox_has_creator(jsonb) TO {role};
          GRANT SELECT ON authz_outbox_mappings TO {role};
          GRANT SELECT ON authz_outbox_reconcile_runs TO {role};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON authz_outbox_listeners TO {role};"
+         GRANT SELECT, INSERT, UPDATE, DELETE ON authz_outbox_listeners TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON authz_outbox_delivery_minutes TO {role};"
     )))
     .execute(&pool)
     .await
@@ -434,27 +435,75 @@ async fn the_overview_counts_at_most_once_per_ten_seconds(pool: PgPool) {
         let after = cell.split_once('>').map_or("", |(_, rest)| rest);
         after.chars().take_while(|c| c.is_ascii_digit()).collect()
     };
-    sqlx::query(
-        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, delivered_at, finished_at)
-         VALUES ('api_key', 'k1', 'register', '{\"user_id\":\"u1\"}', 'delivered', now(), now())",
-    )
-    .execute(&pool)
-    .await
-    .expect("a delivered row");
+    // A worker's count of one delivery this minute.
+    let count_one = || {
+        sqlx::query(
+            "INSERT INTO authz_outbox_delivery_minutes AS m VALUES (date_trunc('minute', now()), 'api_key', 'w', 1, 5)
+             ON CONFLICT (minute, resource_type, worker_id) DO UPDATE SET delivered = m.delivered + 1",
+        )
+        .execute(&pool)
+    };
+    count_one().await.expect("a delivery counted");
     let (_, first) = get(&served.base, "/ui/", None).await;
     assert_eq!(delivered(&first), "1", "{first}");
+    count_one().await.expect("another delivery counted");
     sqlx::query(
         "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal, state, delivered_at, finished_at)
-         VALUES ('api_key', 'k2', 'register', '{\"user_id\":\"u1\"}', 'delivered', now(), now()),
-                ('api_key', 'k3', 'register', '{\"user_id\":\"u1\"}', 'dead', NULL, now())",
+         VALUES ('api_key', 'k3', 'register', '{\"user_id\":\"u1\"}', 'dead', NULL, now())",
     )
     .execute(&pool)
     .await
-    .expect("more rows");
+    .expect("a dead row");
     let (_, second) = get(&served.base, "/ui/", None).await;
     assert_eq!(delivered(&second), "1", "reused within 10 s: {second}");
     assert!(
         second.contains("dead?type=api_key\">0<"),
         "the pending and dead counts are reused too: {second}"
     );
+}
+
+/// What a worker delivers is in the overview's last hour, counted by the
+/// worker (the page no longer counts the outbox's delivered rows): the
+/// per-type cell and the chart's total.
+#[sqlx::test(migrations = false)]
+async fn deliveries_by_the_worker_show_in_the_overviews_hour(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    key(&pool, "a1", "one").await;
+    key(&pool, "a1", "two").await;
+    let report = run_once(&pool, &auth.url(), common::config("w")).await;
+    assert_eq!(report.delivered, 3, "{report:?}");
+    let counted: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT resource_type, sum(delivered)::bigint FROM authz_outbox_delivery_minutes
+         WHERE worker_id = 'w' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("the worker's minutes");
+    assert_eq!(
+        counted,
+        vec![("agent".to_string(), 1), ("api_key".to_string(), 2)],
+        "counted per type by the run that delivered them"
+    );
+    let served = serve(&pool, UiConfig::read_only(None)).await;
+    let (_, page) = get(&served.base, "/ui/", None).await;
+    let key_row = page
+        .split("<tr>")
+        .find(|r| r.contains("<code>api_key</code>"))
+        .unwrap_or("");
+    let cell = key_row.split("<td").nth(5).unwrap_or("");
+    assert!(
+        cell.contains(">2<"),
+        "two keys delivered in the hour: {key_row}"
+    );
+    // The chart's bars ("N min ago: M rows"), summed: the three deliveries
+    // may straddle a minute.
+    let charted: u64 = page
+        .split(" min ago: ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(" rows<"))
+        .filter_map(|(n, _)| n.parse::<u64>().ok())
+        .sum();
+    assert_eq!(charted, 3, "the chart counts all three: {page}");
 }

@@ -1,6 +1,7 @@
 //! Periodic work beside delivery: gauges from the outbox, database health for
-//! `/readyz`, the outbox's partitions created ahead, and retention: whole
-//! days dropped, then the rows of the days retention had to keep pruned.
+//! `/readyz`, the outbox's partitions created ahead, the deliveries per
+//! minute added for the operator page, and retention: whole days dropped,
+//! then the rows of the days retention had to keep pruned.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,10 +11,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::gate::OpenReason;
-use super::state::Health;
+use super::state::{Health, Progress};
 use crate::metrics as m;
 use crate::outbox::stats::{self, Scope};
-use crate::outbox::{partitions, prune};
+use crate::outbox::{minutes, partitions, prune};
 
 const TICK: Duration = Duration::from_secs(1);
 const STATS_EVERY: u32 = 5;
@@ -26,9 +27,10 @@ const PRUNE_BATCH: i64 = 1000;
 /// and the alert on `authz_outbox_partitions_ahead_seconds` fires if it lasts.
 const PARTITIONS_EVERY: u32 = 300;
 
-pub async fn run(
+pub(super) async fn run(
     pool: PgPool,
     health: Arc<Health>,
+    progress: Arc<Progress>,
     worker_id: String,
     retention: Duration,
     prune_enabled: bool,
@@ -50,12 +52,18 @@ pub async fn run(
                 Scope::Live
             };
             refresh_gauges(&pool, &health, scope).await;
+            progress.tally.flush(&pool, &worker_id).await;
             if let Err(e) = super::listener::refresh(&pool, &worker_id).await {
                 tracing::debug!(error = %e, "refreshing wake-up marks failed");
             }
         }
         metrics::gauge!(m::READY).set(f64::from(u8::from(health.ready())));
         m::upkeep();
+        if tick.is_multiple_of(PRUNE_EVERY)
+            && let Err(e) = minutes::prune(&pool).await
+        {
+            tracing::debug!(error = %e, "deleting old deliveries per minute failed");
+        }
         if prune_enabled && tick % PRUNE_EVERY == PRUNE_EVERY - 1 {
             prune_all(&pool, retention, &cancel).await;
         }

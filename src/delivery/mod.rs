@@ -23,6 +23,7 @@ mod send;
 mod settle;
 pub mod spicedb;
 mod state;
+mod tally;
 pub mod target;
 pub mod worker;
 

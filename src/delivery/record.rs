@@ -87,6 +87,11 @@ async fn write_batch(pool: &PgPool, progress: &Progress, batch: &mut Vec<Settled
                             let latency = (finished - w.created_at).to_std().unwrap_or_default();
                             metrics::histogram!(m::COMMIT_TO_DELIVERED)
                                 .record(latency.as_secs_f64());
+                            progress.tally.delivered(
+                                s.resource_type,
+                                finished,
+                                latency.as_secs_f64() * 1000.0,
+                            );
                         }
                         "delivered"
                     }

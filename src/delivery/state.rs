@@ -65,6 +65,8 @@ pub(super) struct Progress {
     pub(super) wake: Notify,
     /// Rows claimed and not yet written back.
     pub(super) outstanding: AtomicUsize,
+    /// Deliveries per minute not yet added to the database.
+    pub(super) tally: super::tally::Tally,
     report: Mutex<RunReport>,
 }
 

@@ -108,6 +108,7 @@ impl Worker {
         let housekeeping = tokio::spawn(housekeeping::run(
             self.pool.clone(),
             self.health.clone(),
+            progress.clone(),
             shared.config.worker_id.clone(),
             shared.config.retention,
             !once,
@@ -122,6 +123,7 @@ impl Worker {
             tracing::debug!(error = %e, "removing the worker's wake-up mark failed");
         }
         let credential_failure = shared.gate.open_reason() == Some(OpenReason::Credential);
+        let worker_id = shared.config.worker_id.clone();
         // Dropping the last sender ends the recorder once it has written
         // everything queued.
         drop(shared);
@@ -130,6 +132,8 @@ impl Worker {
                 tracing::error!(error = %e, "worker task ended abnormally");
             }
         }
+        // Every outcome is written: the last deliveries per minute with them.
+        progress.tally.flush(&self.pool, &worker_id).await;
         let mut report = progress.report().clone();
         report.credential_failure = credential_failure;
         report

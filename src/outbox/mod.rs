@@ -7,10 +7,12 @@
 //! `next_attempt_at`) only while that token still holds; [`partitions`]
 //! drops whole days of finished rows past retention and [`prune`] deletes
 //! those the partitions kept; [`purge`] deletes dead rows an operator has
-//! given up on.
+//! given up on. [`minutes`] keeps the deliveries per minute the operator
+//! page charts.
 
 pub mod claim;
 pub mod enqueue;
+pub mod minutes;
 pub mod partitions;
 pub mod prune;
 pub mod purge;

@@ -73,8 +73,6 @@ pub struct UiState {
     last_reconcile: Arc<std::sync::Mutex<Option<String>>>,
     /// The overview's figures, shared for [`OVERVIEW_FIGURES_FOR`].
     figures: Arc<tokio::sync::Mutex<Option<Arc<OverviewFigures>>>>,
-    /// The last hour's deliveries, kept between refreshes.
-    hour: Arc<tokio::sync::Mutex<hour::HourWindow>>,
 }
 
 /// How long the overview's figures are reused. They count the pending and
@@ -107,7 +105,6 @@ impl UiState {
             reconcile_running: Arc::new(tokio::sync::Mutex::new(())),
             last_reconcile: Arc::new(std::sync::Mutex::new(None)),
             figures: Arc::new(tokio::sync::Mutex::new(None)),
-            hour: Arc::new(tokio::sync::Mutex::new(hour::HourWindow::default())),
         }
     }
 
@@ -123,24 +120,20 @@ impl UiState {
             return Ok(Arc::clone(f));
         }
         let now = chrono::Utc::now();
-        let mut window = self.hour.lock().await;
-        let from = window.read_from(now);
         let (live, in_flight, read, replicas) = tokio::try_join!(
             stats::collect(&self.pool, Scope::Live, 0),
             queries::in_flight(&self.pool),
-            queries::deliveries_since(&self.pool, from),
+            crate::outbox::minutes::since(&self.pool, hour::first_minute(now)),
             queries::replicas(&self.pool),
         )?;
-        window.apply(from, read, now);
         let mut activity = std::collections::BTreeMap::<String, queries::TypeActivity>::new();
         for (t, n) in in_flight {
             activity.entry(t).or_default().in_flight = n;
         }
-        for (t, n) in window.delivered_by_type() {
+        for (t, n) in hour::delivered_by_type(&read, now) {
             activity.entry(t).or_default().delivered_last_hour = n;
         }
-        let rates = window.rates(now);
-        drop(window);
+        let rates = hour::rates(&read, now);
         let fresh = Arc::new(OverviewFigures {
             taken: std::time::Instant::now(),
             taken_at: now,

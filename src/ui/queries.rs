@@ -36,40 +36,6 @@ pub async fn in_flight(
     Ok(rows.into_iter().collect())
 }
 
-/// Deliveries per bucket and type from `from` on (finished rows by time,
-/// `authz_outbox_finished_by_time`), for [`super::hour::HourWindow`].
-pub async fn deliveries_since(
-    pool: &PgPool,
-    from: DateTime<Utc>,
-) -> Result<Vec<super::hour::Read>, sqlx::Error> {
-    const SQL: &str = r#"
-        SELECT pg_catalog.to_timestamp(floor(extract(epoch FROM finished_at) / $2) * $2),
-               resource_type, count(*)::bigint,
-               coalesce(sum(extract(epoch FROM delivered_at - created_at)) * 1000, 0)::float8
-        FROM authz_outbox
-        WHERE state = 'delivered' AND finished_at >= $1
-        GROUP BY 1, 2
-    "#;
-    let rows: Vec<(DateTime<Utc>, String, i64, f64)> = sqlx::query_as(SQL)
-        .bind(from)
-        .bind(super::hour::BUCKET_SECONDS as f64)
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(minute, t, delivered, latency_ms_sum)| {
-            (
-                minute,
-                t,
-                super::hour::Bucket {
-                    delivered,
-                    latency_ms_sum,
-                },
-            )
-        })
-        .collect())
-}
-
 /// A worker seen through the database: holding leases now, or asleep
 /// waiting for work.
 #[derive(Debug, Clone, sqlx::FromRow)]
