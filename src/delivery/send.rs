@@ -79,6 +79,7 @@ pub(super) async fn dispatch(
                 }
                 drop(in_flight);
                 tasks.spawn(deliver(shared.clone(), group, is_probe, permit));
+                reap(tasks);
                 continue;
             }
             Some(_) => "claimed ahead too long to send within its lease",
@@ -94,6 +95,20 @@ pub(super) async fn dispatch(
                     error: Some(reason.into()),
                 },
             );
+        }
+    }
+}
+
+/// Frees the tasks that have finished. A finished task keeps its memory
+/// (sized for the whole request future, a few KiB) until it is joined, so
+/// reaping only between claims let a 1,000-row claim hold up to 1,000 of
+/// them at once: the worker's peak memory grew with the batch size
+/// (BENCHMARKS.md, issue 25). Reaped after every spawn, the set holds
+/// about as many tasks as there are requests in flight.
+pub(super) fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(done) = tasks.try_join_next() {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "delivery task failed");
         }
     }
 }

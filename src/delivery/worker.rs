@@ -151,12 +151,7 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
     // ends, non-zero, and the next run (or a long-running worker) takes the
     // rows once their lease expires.
     while !(shutdown.is_cancelled() || once && shared.progress.gave_up()) {
-        // Reap finished tasks so the set does not grow without bound.
-        while let Some(done) = tasks.try_join_next() {
-            if let Err(e) = done {
-                tracing::error!(error = %e, "delivery task failed");
-            }
-        }
+        send::reap(&mut tasks);
         let (claimed, is_probe, claimed_at) = match claimer.next(shared, once, shutdown).await {
             Claim::Rows {
                 rows,
