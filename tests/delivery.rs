@@ -310,6 +310,7 @@ async fn a_stale_worker_cannot_overwrite_the_new_holders_outcome(pool: PgPool) {
         &pool,
         &[Recorded {
             id: stale[0].id,
+            created_at: stale[0].created_at,
             lease_token: stale[0].lease_token,
             update: RowUpdate::Dead {
                 status: Some(500),
@@ -335,6 +336,7 @@ async fn a_stale_worker_cannot_overwrite_the_new_holders_outcome(pool: PgPool) {
         &pool,
         &[Recorded {
             id: holder[0].id,
+            created_at: holder[0].created_at,
             lease_token: holder[0].lease_token,
             update: RowUpdate::Delivered {
                 consistency_token: None,

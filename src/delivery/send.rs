@@ -10,15 +10,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::gate::{OpenReason, Signal};
 use super::outcome::Verdict;
 use super::prepare::Deliverable;
 use super::settle::decide;
-use super::state::Settled;
-use super::state::Shared;
-use crate::domain::Operation;
+use super::state::{InFlight, Settled, Shared};
 use crate::metrics as m;
 use crate::outbox::record::{Recorded, RowUpdate};
 
@@ -70,11 +67,12 @@ pub(super) async fn dispatch(
                 for d in &group {
                     in_flight.insert(
                         d.row.id,
-                        (
-                            d.row.lease_token,
-                            d.operation,
-                            m::type_label(&d.row.resource_type),
-                        ),
+                        InFlight {
+                            created_at: d.row.created_at,
+                            lease_token: d.row.lease_token,
+                            operation: d.operation,
+                            resource_type: m::type_label(&d.row.resource_type),
+                        },
                     );
                 }
                 drop(in_flight);
@@ -189,18 +187,18 @@ pub(super) async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<(
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let cut_off: Vec<(i64, Uuid, Operation, &'static str)> = shared
+    let cut_off: Vec<(i64, InFlight)> = shared
         .in_flight
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .map(|(id, (token, op, kind))| (*id, *token, *op, *kind))
+        .map(|(id, row)| (*id, *row))
         .collect();
     tracing::info!(
         rows = cut_off.len(),
         "shutdown deadline reached; releasing in-flight rows"
     );
-    for (id, lease_token, operation, resource_type) in cut_off {
+    for (id, row) in cut_off {
         shared
             .in_flight
             .lock()
@@ -209,15 +207,16 @@ pub(super) async fn finish_in_flight(shared: &Arc<Shared>, tasks: &mut JoinSet<(
         let _ = shared.settled.send(Settled {
             recorded: Recorded {
                 id,
-                lease_token,
+                created_at: row.created_at,
+                lease_token: row.lease_token,
                 update: RowUpdate::Release {
                     at: Utc::now(),
                     status: None,
                     error: Some("released at shutdown".into()),
                 },
             },
-            operation,
-            resource_type,
+            operation: row.operation,
+            resource_type: row.resource_type,
         });
     }
 }

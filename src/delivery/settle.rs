@@ -105,6 +105,7 @@ impl Shared {
         let settled = Settled {
             recorded: Recorded {
                 id: row.id,
+                created_at: row.created_at,
                 lease_token: row.lease_token,
                 update,
             },

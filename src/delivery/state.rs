@@ -100,7 +100,7 @@ pub(super) struct Shared {
     pub(super) gate: Arc<Gate>,
     pub(super) progress: Arc<Progress>,
     /// Rows whose request is in flight: released if shutdown cuts them off.
-    pub(super) in_flight: Mutex<HashMap<i64, (Uuid, Operation, &'static str)>>,
+    pub(super) in_flight: Mutex<HashMap<i64, InFlight>>,
     pub(super) settled: mpsc::UnboundedSender<Settled>,
     /// For `--once`: only rows due when the run started.
     pub(super) due_by: Option<chrono::DateTime<Utc>>,
@@ -110,6 +110,15 @@ pub(super) struct Shared {
     /// installed mappings' `principal_fields` (see [`Shared::principal_policy`]).
     pub(super) principal_policies: HashMap<String, PrincipalPolicy>,
     pub(super) default_policy: PrincipalPolicy,
+}
+
+/// What releasing an in-flight row at shutdown needs of it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct InFlight {
+    pub(super) created_at: chrono::DateTime<Utc>,
+    pub(super) lease_token: Uuid,
+    pub(super) operation: Operation,
+    pub(super) resource_type: &'static str,
 }
 
 /// A row settled by a delivery task (or without one), waiting to be written.

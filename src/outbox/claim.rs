@@ -23,9 +23,14 @@ use crate::domain::Operation;
 /// under 1 ms once vacuumed). The range keeps the order that only
 /// `authz_outbox_pending_by_operation (operation, id) WHERE state =
 /// 'pending'` provides.
+///
+/// The update joins on `created_at` as well as `id`: `created_at` is the
+/// partition key, so each claimed row is looked up in its own day's
+/// partition (run-time pruning) instead of in the primary key of every
+/// partition, a cost that grew with retention (BENCHMARKS.md, issue 25).
 pub const CLAIM_SQL: &str = r#"
         WITH due AS (
-            SELECT o.id
+            SELECT o.id, o.created_at
             FROM authz_outbox o
             WHERE o.state = 'pending'
               AND o.operation BETWEEN $1 AND $1
@@ -47,7 +52,7 @@ pub const CLAIM_SQL: &str = r#"
             lease_token = gen_random_uuid(),
             attempts = o.attempts + 1
         FROM due
-        WHERE o.id = due.id
+        WHERE o.id = due.id AND o.created_at = due.created_at
         RETURNING o.id, o.resource_type, o.resource_id, o.parent_type, o.parent_id,
                   o.operation, o.principal, o.attempts, o.created_at, o.lease_token,
                   o.guarded, o.origin, o.last_error, o.attributes

@@ -55,6 +55,9 @@ impl RowUpdate {
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub id: i64,
+    /// The row's partition key: the update looks in that day's partition
+    /// only, not in the primary key of every partition.
+    pub created_at: DateTime<Utc>,
     pub lease_token: Uuid,
     pub update: RowUpdate,
 }
@@ -67,11 +70,10 @@ pub struct Written {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// Records many outcomes in one statement. Returns the rows actually written:
-/// a row missing from the answer had lost its lease (expired and claimed by
-/// another worker, or released), and its outcome was rightly dropped.
-pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>, sqlx::Error> {
-    const SQL: &str = r#"
+/// The record statement (public so a test can check its plan): binds one
+/// array per column of [`Recorded`] and its update, in the order
+/// [`record`] builds them, `created_at` last.
+pub const RECORD_SQL: &str = r#"
         UPDATE authz_outbox o
         SET state = u.state,
             attempts = CASE WHEN u.refund THEN greatest(o.attempts - 1, 0) ELSE o.attempts END,
@@ -85,11 +87,18 @@ pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>
             locked_until = NULL,
             lease_token = NULL
         FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[],
-                    $6::int[], $7::text[], $8::bool[])
-             AS u(id, token, state, next_attempt_at, last_error, last_status, consistency_token, refund)
-        WHERE o.id = u.id AND o.lease_token = u.token AND o.state = 'pending'
+                    $6::int[], $7::text[], $8::bool[], $9::timestamptz[])
+             AS u(id, token, state, next_attempt_at, last_error, last_status, consistency_token, refund,
+                  created_at)
+        WHERE o.id = u.id AND o.created_at = u.created_at
+          AND o.lease_token = u.token AND o.state = 'pending'
         RETURNING o.id, o.created_at, o.finished_at
-    "#;
+"#;
+
+/// Records many outcomes in one statement. Returns the rows actually written:
+/// a row missing from the answer had lost its lease (expired and claimed by
+/// another worker, or released), and its outcome was rightly dropped.
+pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>, sqlx::Error> {
     if outcomes.is_empty() {
         return Ok(Vec::new());
     }
@@ -102,8 +111,10 @@ pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>
     let mut statuses = Vec::with_capacity(n);
     let mut ctokens = Vec::with_capacity(n);
     let mut refunds = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
     for o in outcomes {
         ids.push(o.id);
+        created.push(o.created_at);
         tokens.push(o.lease_token);
         states.push(o.update.state());
         let (at, error, status, ctoken, refund) = match &o.update {
@@ -125,7 +136,7 @@ pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>
         ctokens.push(ctoken);
         refunds.push(refund);
     }
-    sqlx::query_as(SQL)
+    sqlx::query_as(RECORD_SQL)
         .bind(&ids)
         .bind(&tokens)
         .bind(&states)
@@ -134,6 +145,7 @@ pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>
         .bind(&statuses)
         .bind(&ctokens)
         .bind(&refunds)
+        .bind(&created)
         .fetch_all(pool)
         .await
 }
