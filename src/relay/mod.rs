@@ -260,6 +260,51 @@ fn lsn_text(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
 }
 
+/// A batch's rows as one array per outbox column, for [`insert`].
+#[derive(Default)]
+struct Columns {
+    resource_type: Vec<String>,
+    resource_id: Vec<String>,
+    parent_type: Vec<Option<String>>,
+    parent_id: Vec<Option<String>>,
+    operation: Vec<String>,
+    principal: Vec<Option<Value>>,
+    principal_source: Vec<Option<String>>,
+    attributes: Vec<Option<Value>>,
+    dead: Vec<bool>,
+    created_at: Vec<DateTime<Utc>>,
+}
+
+impl Columns {
+    fn with_capacity(n: usize) -> Self {
+        Columns {
+            resource_type: Vec::with_capacity(n),
+            resource_id: Vec::with_capacity(n),
+            parent_type: Vec::with_capacity(n),
+            parent_id: Vec::with_capacity(n),
+            operation: Vec::with_capacity(n),
+            principal: Vec::with_capacity(n),
+            principal_source: Vec::with_capacity(n),
+            attributes: Vec::with_capacity(n),
+            dead: Vec::with_capacity(n),
+            created_at: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, r: Captured, at: DateTime<Utc>) {
+        self.resource_type.push(r.resource_type);
+        self.resource_id.push(r.resource_id);
+        self.parent_type.push(r.parent_type);
+        self.parent_id.push(r.parent_id);
+        self.operation.push(r.operation);
+        self.principal.push(r.principal);
+        self.principal_source.push(r.principal_source);
+        self.attributes.push(r.attributes);
+        self.dead.push(r.dead);
+        self.created_at.push(at);
+    }
+}
+
 /// Inserts the rows in commit order and records `end` as applied, in one
 /// transaction. A deregister the capture found no creator for borrows its
 /// resource's last register's, from this batch or the outbox (in WAL mode
@@ -272,7 +317,8 @@ async fn insert(
 ) -> Result<u64, RelayError> {
     let mut latest: std::collections::HashMap<(String, String), (Option<Value>, Option<String>)> =
         std::collections::HashMap::new();
-    let mut items = Vec::with_capacity(rows.len());
+    let n = rows.len();
+    let mut c = Columns::with_capacity(n);
     for (mut r, at, _) in rows {
         r.reduce_principal();
         if r.operation == "register" && names_a_creator(&r.principal) {
@@ -289,15 +335,9 @@ async fn insert(
             r.principal_source = s.clone();
             r.dead = false;
         }
-        items.push(serde_json::json!({
-            "resource_type": r.resource_type, "resource_id": r.resource_id,
-            "parent_type": r.parent_type, "parent_id": r.parent_id,
-            "operation": r.operation, "principal": r.principal,
-            "principal_source": r.principal_source, "attributes": r.attributes,
-            "dead": r.dead, "created_at": at,
-        }));
+        c.push(r, at);
     }
-    let n = items.len() as u64;
+    let n = n as u64;
     let mut tx = conn.begin().await?;
     // Durable before the slot may move past it: PostgreSQL writes a slot's
     // new position to disk (when its restart_lsn moves) without flushing
@@ -306,7 +346,10 @@ async fn insert(
     sqlx::query("SET LOCAL synchronous_commit = on")
         .execute(&mut *tx)
         .await?;
-    if !items.is_empty() {
+    if n > 0 {
+        // One typed array per column (not a JSON document per row):
+        // PostgreSQL reads them without parsing JSON, which was a large
+        // part of the relay's insert.
         sqlx::query(
             r#"
             INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation,
@@ -317,12 +360,12 @@ async fn insert(
                    r.attributes, r.created_at,
                    CASE WHEN r.dead AND b.principal IS NULL THEN 'dead' ELSE 'pending' END,
                    CASE WHEN r.dead AND b.principal IS NULL THEN now() END,
-                   CASE WHEN r.dead AND b.principal IS NULL THEN $2 END
-            FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(doc, n)
-            CROSS JOIN LATERAL jsonb_to_record(e.doc)
-                 AS r(resource_type text, resource_id text, parent_type text, parent_id text,
-                      operation text, principal jsonb, principal_source text, attributes jsonb,
-                      dead boolean, created_at timestamptz)
+                   CASE WHEN r.dead AND b.principal IS NULL THEN $11 END
+            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                        $6::jsonb[], $7::text[], $8::jsonb[], $9::bool[], $10::timestamptz[])
+                 WITH ORDINALITY
+                 AS r(resource_type, resource_id, parent_type, parent_id, operation,
+                      principal, principal_source, attributes, dead, created_at, n)
             LEFT JOIN LATERAL (
                 SELECT o.principal, o.principal_source FROM authz_outbox o
                 WHERE r.dead AND r.operation = 'deregister'
@@ -332,10 +375,19 @@ async fn insert(
                        OR coalesce(o.principal->>'service_account_id', '') <> '')
                 ORDER BY o.id DESC LIMIT 1
             ) b ON true
-            ORDER BY e.n
+            ORDER BY r.n
             "#,
         )
-        .bind(Value::Array(items))
+        .bind(c.resource_type)
+        .bind(c.resource_id)
+        .bind(c.parent_type)
+        .bind(c.parent_id)
+        .bind(c.operation)
+        .bind(c.principal)
+        .bind(c.principal_source)
+        .bind(c.attributes)
+        .bind(c.dead)
+        .bind(c.created_at)
         .bind(NO_CREATOR_ERROR)
         .execute(&mut *tx)
         .await?;
