@@ -6,19 +6,15 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 use sqlx::PgPool;
 
-use crate::outbox::minutes::{self, Minute};
+use crate::outbox::minutes::{self, Minute, minute_of};
 
 /// Counts not yet added to the database, by minute and resource type.
 #[derive(Debug, Default)]
 pub(super) struct Tally {
     pending: Mutex<HashMap<(DateTime<Utc>, &'static str), Minute>>,
-}
-
-fn minute_of(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
 }
 
 impl Tally {
@@ -34,33 +30,31 @@ impl Tally {
         finished: DateTime<Utc>,
         latency_ms: f64,
     ) {
-        let mut pending = self.lock();
-        let m = pending
+        *self
+            .lock()
             .entry((minute_of(finished), resource_type))
-            .or_default();
-        m.delivered += 1;
-        m.latency_ms_sum += latency_ms;
+            .or_default() += Minute {
+            delivered: 1,
+            latency_ms_sum: latency_ms,
+        };
     }
 
     /// Adds what was counted to the database. A failed write keeps the
     /// counts for the next one, except minutes the page no longer shows, so
     /// an unreachable database never makes the tally grow past an hour.
     pub(super) async fn flush(&self, pool: &PgPool, worker_id: &str) {
-        let taken: Vec<_> = self.lock().drain().collect();
+        let taken: Vec<(DateTime<Utc>, &'static str, Minute)> =
+            self.lock().drain().map(|((at, t), m)| (at, t, m)).collect();
         if taken.is_empty() {
             return;
         }
-        let counts: Vec<(DateTime<Utc>, &str, Minute)> =
-            taken.iter().map(|((at, t), m)| (*at, *t, *m)).collect();
-        if let Err(e) = minutes::add(pool, worker_id, &counts).await {
+        if let Err(e) = minutes::add(pool, worker_id, &taken).await {
             tracing::debug!(error = %e, "adding deliveries per minute failed; kept for the next try");
             let oldest = Utc::now() - Duration::hours(1);
             let mut pending = self.lock();
-            for ((at, t), m) in taken {
+            for (at, t, m) in taken {
                 if at >= oldest {
-                    let kept = pending.entry((at, t)).or_default();
-                    kept.delivered += m.delivered;
-                    kept.latency_ms_sum += m.latency_ms_sum;
+                    *pending.entry((at, t)).or_default() += m;
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! ([`since`]): at most 60 × types × workers rows, however many deliveries
 //! they stand for.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
 use sqlx::PgPool;
 
 /// How long minutes are kept: the page's hour and as much again, for a
@@ -20,6 +20,19 @@ pub struct Minute {
     pub delivered: i64,
     /// The sum of the deliveries' capture-to-delivered latencies, in ms.
     pub latency_ms_sum: f64,
+}
+
+impl std::ops::AddAssign for Minute {
+    fn add_assign(&mut self, other: Minute) {
+        self.delivered += other.delivered;
+        self.latency_ms_sum += other.latency_ms_sum;
+    }
+}
+
+/// The start of the minute `t` falls in: the table's key, and the page's
+/// chart column.
+pub fn minute_of(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
 }
 
 /// Adds a worker's counts to the minutes they belong to (one statement for

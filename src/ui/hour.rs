@@ -9,9 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Duration, Utc};
 
-use crate::outbox::minutes::Minute;
+use crate::outbox::minutes::{Minute, minute_of};
 
 /// Minutes shown (the current one included).
 pub const MINUTES: usize = 60;
@@ -27,18 +27,14 @@ pub struct Rates {
     pub latency_ms: Vec<f64>,
 }
 
-fn minute(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(Duration::minutes(1)).unwrap_or(t)
-}
-
 /// The start of the oldest minute shown at `now`: what the page reads from.
 pub fn first_minute(now: DateTime<Utc>) -> DateTime<Utc> {
-    minute(now) - Duration::minutes(MINUTES as i64 - 1)
+    minute_of(now) - Duration::minutes(MINUTES as i64 - 1)
 }
 
 /// Where in the chart a minute falls at `now`, if it is shown.
 fn index(at: DateTime<Utc>, now: DateTime<Utc>) -> Option<usize> {
-    let i = usize::try_from((minute(at) - first_minute(now)).num_minutes()).ok()?;
+    let i = usize::try_from((minute_of(at) - first_minute(now)).num_minutes()).ok()?;
     (i < MINUTES).then_some(i)
 }
 
@@ -55,20 +51,23 @@ pub fn delivered_by_type(read: &[Read], now: DateTime<Utc>) -> BTreeMap<String, 
 
 /// All types' deliveries and mean latency per minute shown at `now`.
 pub fn rates(read: &[Read], now: DateTime<Utc>) -> Rates {
-    let mut count = vec![0i64; MINUTES];
-    let mut sum = vec![0f64; MINUTES];
+    let mut per = vec![Minute::default(); MINUTES];
     for (at, _, m) in read {
         if let Some(i) = index(*at, now) {
-            count[i] += m.delivered;
-            sum[i] += m.latency_ms_sum;
+            per[i] += *m;
         }
     }
     Rates {
-        delivered: count.iter().map(|&n| n as f64).collect(),
-        latency_ms: count
+        delivered: per.iter().map(|m| m.delivered as f64).collect(),
+        latency_ms: per
             .iter()
-            .zip(&sum)
-            .map(|(&n, &s)| if n > 0 { s / n as f64 } else { 0.0 })
+            .map(|m| {
+                if m.delivered > 0 {
+                    m.latency_ms_sum / m.delivered as f64
+                } else {
+                    0.0
+                }
+            })
             .collect(),
     }
 }
