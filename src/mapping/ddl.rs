@@ -21,6 +21,7 @@
 //! parent)` and the view `authz_outbox_desired` (what SpiceDB should hold).
 
 use super::catalog::Resolved;
+use super::core::CaptureMode;
 use super::quote::{dollar_quote, qualified, quote_ident, quote_literal};
 use super::{CreatorSource, IDENTITY_FIELDS};
 
@@ -130,12 +131,6 @@ pub const NO_CREATOR_NEEDED: &str = "not_needed";
 /// as `principal_source`, so a host that writes everything as its role
 /// default is visible at a glance.
 fn creator_sql(r: &Resolved, q: &str, who: &str, src: &str) -> String {
-    let default_fields = r
-        .mapping
-        .principal_fields
-        .iter()
-        .map(String::as_str)
-        .eq(IDENTITY_FIELDS.iter().copied());
     if r.mapping.creator.is_empty() {
         // `creator = []`: nobody to name. The source tells the enqueue that
         // a row without a creator is expected, not a writer's mistake.
@@ -145,7 +140,7 @@ fn creator_sql(r: &Resolved, q: &str, who: &str, src: &str) -> String {
         );
     }
     let setting_source = format!("{}()", ours(r, "authz_outbox_setting_source"));
-    if r.mapping.creator == [CreatorSource::Setting] && default_fields {
+    if creator_is_the_setting(r) {
         // The common case keeps its fast path (no array, no loop).
         return format!(
             "{who} := {}(); {src} := {setting_source};",
@@ -177,6 +172,51 @@ fn creator_sql(r: &Resolved, q: &str, who: &str, src: &str) -> String {
         labels.join(", "),
         fields_sql(r),
         pick = ours(r, "authz_outbox_pick_creator"),
+    )
+}
+
+/// Whether the mapping's creator is the writing transaction's setting alone,
+/// kept to the identity fields: the common case, with fast paths.
+fn creator_is_the_setting(r: &Resolved) -> bool {
+    r.mapping.creator == [CreatorSource::Setting]
+        && r.mapping
+            .principal_fields
+            .iter()
+            .map(String::as_str)
+            .eq(IDENTITY_FIELDS.iter().copied())
+}
+
+/// PL/pgSQL statements that register the resource `sel` under `parent`
+/// with the creator of the write to the row `q`. When the creator is the
+/// setting alone: in WAL mode the message itself, emitted here (see
+/// [`super::core::wal_register`]), in table mode one call of
+/// [`super::core::REGISTER`], which resolves the creator. Else the creator
+/// resolved here and [`super::core::ENQUEUE`].
+fn register_sql(
+    r: &Resolved,
+    mode: CaptureMode,
+    q: &str,
+    sel: &str,
+    parent: &str,
+    attrs: &str,
+) -> String {
+    let rtype = quote_literal(r.mapping.resource_type.as_str());
+    let ptype = parent_type_sql(r);
+    if creator_is_the_setting(r) {
+        return match mode {
+            CaptureMode::Wal => {
+                super::core::wal_register(&r.schema, &rtype, sel, &ptype, parent, attrs)
+            }
+            CaptureMode::Table => format!(
+                "enqueued := {}({rtype}, {sel}, {ptype}, {parent}, {attrs});",
+                ours(r, super::core::REGISTER)
+            ),
+        };
+    }
+    format!(
+        "{}\n        enqueued := {}('register', {rtype}, {sel}, {ptype}, {parent}, who, src, {attrs});",
+        creator_sql(r, q, "who", "src"),
+        ours(r, super::core::ENQUEUE)
     )
 }
 
@@ -244,7 +284,7 @@ fn identity_columns(r: &Resolved) -> Vec<String> {
 
 /// Statements that install a mapping's capture and lookup (run in order,
 /// in one transaction, after [`drop_statements`] of its previous version).
-pub fn install_statements(r: &Resolved) -> Vec<String> {
+pub fn install_statements(r: &Resolved, mode: CaptureMode) -> Vec<String> {
     let m = &r.mapping;
     let name = &m.name;
     let table = r.table.qualified();
@@ -279,11 +319,20 @@ DECLARE
     src        text;
     enqueued   boolean;
 BEGIN
-    IF TG_OP <> 'INSERT' THEN
-        old_live := {live_old};
-        old_sel := {sel_old};
-        old_parent := {parent_old};{attrs_old}
+    -- A host's creation, the hot path: a register at most, and nothing to
+    -- compare with (its trigger's WHEN has checked the predicate already;
+    -- checked again here, as it costs next to nothing).
+    IF TG_OP = 'INSERT' THEN
+        new_sel := {sel_new};
+        new_parent := {parent_new};{attrs_new}
+        IF {live_new} AND new_sel IS NOT NULL{has_parent} THEN
+            {register_new}
+        END IF;
+        RETURN NULL;
     END IF;
+    old_live := {live_old};
+    old_sel := {sel_old};
+    old_parent := {parent_old};{attrs_old}
     IF TG_OP <> 'DELETE' THEN
         new_live := {live_new};
         new_sel := {sel_new};
@@ -301,8 +350,7 @@ BEGIN
     IF new_live AND new_sel IS NOT NULL{has_parent}
        AND (NOT old_live OR old_sel IS DISTINCT FROM new_sel OR old_parent IS DISTINCT FROM new_parent
             OR old_attrs IS DISTINCT FROM new_attrs) THEN
-        {who_new}
-        enqueued := {enqueue}('register', {rtype}, new_sel, {ptype}, new_parent, who, src, new_attrs);
+        {register_new}
     END IF;
     RETURN NULL;
 END
@@ -312,7 +360,7 @@ END
         sel_old = m.selector.sql("OLD"),
         sel_new = m.selector.sql("NEW"),
         who_old = creator_sql(r, "OLD", "who", "src"),
-        who_new = creator_sql(r, "NEW", "who", "src"),
+        register_new = register_sql(r, mode, "NEW", "new_sel", "new_parent", "new_attrs"),
         attrs_old = if attrs {
             format!("\n        old_attrs := {};", attributes_sql(r, "OLD"))
         } else {
@@ -352,7 +400,7 @@ END
     if let (Some(parent), Some(join_table)) = (&m.parent, &r.join)
         && let Some(join) = &parent.join
     {
-        out.extend(join_statements(r, parent, join, join_table));
+        out.extend(join_statements(r, mode, parent, join, join_table));
     }
     out.push(lookup_statement(r));
     out
@@ -515,6 +563,7 @@ END
 /// live resource (deregister under the old parent, register under the new).
 fn join_statements(
     r: &Resolved,
+    mode: CaptureMode,
     parent: &super::Parent,
     join: &super::JoinSpec,
     join_table: &super::catalog::Table,
@@ -546,26 +595,28 @@ BEGIN
     IF sel IS NULL THEN
         RETURN;
     END IF;
-    SELECT min(j.{col}::text) INTO after_parent FROM {jt} AS j WHERE j.{on} = p_ref;
-    SELECT min(v) INTO before_parent FROM (
-        SELECT j.{col}::text AS v FROM {jt} AS j
-        WHERE j.{on} = p_ref AND (p_added IS NULL OR j.{col}::text <> p_added)
-        UNION ALL SELECT p_removed
-    ) AS s;
+    -- The parent now, and the parent before this change: the least of the
+    -- links but the one added, and the one removed (one scan of the links).
+    SELECT min(j.{col}::text),
+           min(j.{col}::text) FILTER (WHERE p_added IS NULL OR j.{col}::text <> p_added)
+    INTO after_parent, before_parent
+    FROM {jt} AS j WHERE j.{on} = p_ref;
+    before_parent := LEAST(before_parent, p_removed);
     IF before_parent IS NOT DISTINCT FROM after_parent THEN
         RETURN;
     END IF;
-    {who_t}
     IF before_parent IS NOT NULL THEN
+        {who_t}
         enqueued := {enqueue}('deregister', {rtype}, sel, {ptype}, before_parent, who, src, NULL);
     END IF;
     IF after_parent IS NOT NULL THEN
-        enqueued := {enqueue}('register', {rtype}, sel, {ptype}, after_parent, who, src, NULL);
+        {register_t}
     END IF;
 END
 "#,
         sel_t = m.selector.sql("t"),
         who_t = creator_sql(r, "t", "who", "src"),
+        register_t = register_sql(r, mode, "t", "sel", "after_parent", "NULL"),
         table = r.table.qualified(),
         refs = quote_ident(&join.references),
         live_x = live_sql(r, "x"),

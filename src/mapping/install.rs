@@ -193,6 +193,9 @@ pub async fn plan(
         legacy
     };
 
+    // The capture functions are generated for the mode (`migrate
+    // --capture`), so a switch reinstalls them with the core.
+    let mode = capture_mode(tx).await?;
     let mut plan = Plan::default();
     let current: BTreeSet<&str> = resolved.iter().map(|r| r.mapping.name.as_str()).collect();
     for (name, (table, join, _)) in &previous {
@@ -222,7 +225,7 @@ pub async fn plan(
         });
     }
     for r in &resolved {
-        let install = ddl::install_statements(r);
+        let install = ddl::install_statements(r, mode);
         let text = install.join(";\n");
         let name = &r.mapping.name;
         let definition = serde_json::to_string(&r.mapping.spec).unwrap_or_else(|_| "{}".into());
@@ -347,7 +350,6 @@ ON CONFLICT (name) DO UPDATE SET resource_type = EXCLUDED.resource_type,
     .fetch_optional(&mut **tx)
     .await?
     .flatten();
-    let mode = capture_mode(tx).await?;
     if pending_migrations || core_comment.as_deref() != Some(mode.core_comment().as_str()) {
         let core: Vec<Statement> = super::core::core_statements_for(&schema, mode)
             .into_iter()
