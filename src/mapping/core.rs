@@ -253,28 +253,12 @@ END
 DECLARE
     raw      text := pg_catalog.current_setting('authz_outbox.principal', true);
     defaults text;
+    src      text;
 BEGIN
-    IF raw IS NULL OR pg_catalog.btrim(raw) = '' THEN
-        RETURN NULL;
-    END IF;
-    defaults := pg_catalog.current_setting({cache}, true);
-    IF defaults IS NULL OR pg_catalog.left(defaults, 3) <> 'v1:' THEN
-        SELECT 'v1:' || coalesce(pg_catalog.jsonb_agg(c.value)::text, '[]') INTO defaults
-        FROM pg_catalog.pg_db_role_setting AS d
-        CROSS JOIN LATERAL pg_catalog.unnest(d.setconfig) AS c(value)
-        WHERE d.setdatabase IN (0, (SELECT b.oid FROM pg_catalog.pg_database AS b
-                                    WHERE b.datname = pg_catalog.current_database()))
-          AND d.setrole IN (0, (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = session_user))
-          AND pg_catalog.starts_with(c.value, 'authz_outbox.principal=');
-        PERFORM pg_catalog.set_config({cache}, defaults, false);
-    END IF;
-    IF pg_catalog.substr(defaults, 4)::jsonb ? ('authz_outbox.principal=' || raw) THEN
-        RETURN 'role_default';
-    END IF;
-    RETURN 'setting';
+{source}    RETURN src;
 END
 ",
-                cache = quote_literal(SESSION_DEFAULTS),
+                source = source_statements("src"),
             ),
         ),
         // The first candidate that names a creator, reduced to the kept
@@ -499,40 +483,78 @@ fn emit_message(operation: &str, who: &str, source: &str) -> String {
     .emit()
 }
 
-/// A register in WAL mode whose creator is the setting alone, as one
-/// statement a capture function runs inline: no PL/pgSQL call at all but
-/// the setting's source (each call pays its start-up again in every
-/// transaction, and a host's creation is one capture per transaction).
+/// A register in WAL mode whose creator is the setting alone, as the
+/// statements a capture function runs inline: no PL/pgSQL call at all
+/// (each call pays its start-up again in every transaction, and a host's
+/// creation is one capture per transaction). Needs the variables `raw`,
+/// `defaults` (text) and `src` (text) in scope.
+///
 /// The principal is the setting's text, unparsed, as a JSON string (as
 /// `authz_outbox_current_principal` hands it on in WAL mode), and the row
 /// is marked dead, as [`ENQUEUE`] marks every row whose principal names no
 /// creator yet: the relay parses and reduces the text and decides live or
 /// dead (`relay::Captured::reduce_principal`).
 pub fn wal_register(
-    schema: &str,
     resource_type: &str,
     resource_id: &str,
     parent_type: &str,
     parent_id: &str,
     attributes: &str,
 ) -> String {
-    let setting = "pg_catalog.current_setting('authz_outbox.principal', true)";
-    let principal = format!(
-        "CASE WHEN pg_catalog.btrim({setting}) <> '' THEN pg_catalog.to_jsonb({setting}) END"
-    );
-    let source = format!("{}()", qualified(schema, "authz_outbox_setting_source"));
-    Message {
+    let emit = Message {
         resource_type,
         resource_id,
         parent_type,
         parent_id,
         operation: "'register'",
-        principal: &principal,
-        source: &source,
+        principal: "CASE WHEN pg_catalog.btrim(raw) <> '' THEN pg_catalog.to_jsonb(raw) END",
+        source: "src",
         attributes,
         dead: "true",
     }
-    .emit()
+    .emit();
+    format!(
+        "raw := pg_catalog.current_setting('authz_outbox.principal', true);
+{source}    {emit}",
+        source = source_statements("src"),
+    )
+}
+
+/// PL/pgSQL statements that set `var` to where the setting's text `raw`
+/// came from (`authz_outbox_setting_source`): NULL when unset,
+/// `role_default` when it is a default the session's login role or
+/// database carries, else `setting`. Needs the text variables `raw` and
+/// `defaults` in scope. Shared by that function and by the captures that
+/// inline it (a PL/pgSQL call costs its start-up in every transaction).
+///
+/// The defaults are read from the catalog once per session and kept in
+/// [`SESSION_DEFAULTS`] (PostgreSQL applies them at connection time only).
+/// With none (the common case) no JSON is parsed.
+pub fn source_statements(var: &str) -> String {
+    format!(
+        "    {var} := NULL;
+    IF raw IS NOT NULL AND pg_catalog.btrim(raw) <> '' THEN
+        defaults := pg_catalog.current_setting({cache}, true);
+        IF defaults IS NULL OR pg_catalog.left(defaults, 3) <> 'v1:' THEN
+            SELECT 'v1:' || coalesce(pg_catalog.jsonb_agg(c.value)::text, '[]') INTO defaults
+            FROM pg_catalog.pg_db_role_setting AS d
+            CROSS JOIN LATERAL pg_catalog.unnest(d.setconfig) AS c(value)
+            WHERE d.setdatabase IN (0, (SELECT b.oid FROM pg_catalog.pg_database AS b
+                                        WHERE b.datname = pg_catalog.current_database()))
+              AND d.setrole IN (0, (SELECT r.oid FROM pg_catalog.pg_roles AS r WHERE r.rolname = session_user))
+              AND pg_catalog.starts_with(c.value, 'authz_outbox.principal=');
+            PERFORM pg_catalog.set_config({cache}, defaults, false);
+        END IF;
+        IF defaults <> 'v1:[]'
+           AND pg_catalog.substr(defaults, 4)::jsonb ? ('authz_outbox.principal=' || raw) THEN
+            {var} := 'role_default';
+        ELSE
+            {var} := 'setting';
+        END IF;
+    END IF;
+",
+        cache = quote_literal(SESSION_DEFAULTS),
+    )
 }
 
 /// The body of [`REGISTER`]: what `authz_outbox_current_principal`,
@@ -545,19 +567,21 @@ pub fn wal_register(
 fn register_body(schema: &str, mode: CaptureMode) -> String {
     let s = |name: &str| qualified(schema, name);
     let has_creator = s("authz_outbox_has_creator");
-    let source = s("authz_outbox_setting_source");
     match mode {
         // What a table-mode capture function calls; a WAL-mode one emits
         // the message inline instead, and this is the same statement.
         CaptureMode::Wal => format!(
             "
+DECLARE
+    raw      text;
+    defaults text;
+    src      text;
 BEGIN
     {emit}
     RETURN false;
 END
 ",
             emit = wal_register(
-                schema,
                 "p_resource_type",
                 "p_resource_id",
                 "p_parent_type",
@@ -568,12 +592,12 @@ END
         CaptureMode::Table => format!(
             "
 DECLARE
-    raw text := pg_catalog.current_setting('authz_outbox.principal', true);
-    who jsonb;
-    src text;
+    raw      text := pg_catalog.current_setting('authz_outbox.principal', true);
+    defaults text;
+    who      jsonb;
+    src      text;
 BEGIN
-{reduce}    src := {source}();
-    IF {has_creator}(who) THEN
+{reduce}{source}    IF {has_creator}(who) THEN
         {write_live}
         RETURN true;
     END IF;
@@ -582,6 +606,7 @@ BEGIN
 END
 ",
             reduce = reduce_principal(schema, "who"),
+            source = source_statements("src"),
             write_live = write_row(schema, false, "'register'"),
             enqueue = s(ENQUEUE),
         ),

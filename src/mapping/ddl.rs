@@ -204,9 +204,7 @@ fn register_sql(
     let ptype = parent_type_sql(r);
     if creator_is_the_setting(r) {
         return match mode {
-            CaptureMode::Wal => {
-                super::core::wal_register(&r.schema, &rtype, sel, &ptype, parent, attrs)
-            }
+            CaptureMode::Wal => super::core::wal_register(&rtype, sel, &ptype, parent, attrs),
             CaptureMode::Table => format!(
                 "enqueued := {}({rtype}, {sel}, {ptype}, {parent}, {attrs});",
                 ours(r, super::core::REGISTER)
@@ -317,6 +315,8 @@ DECLARE
     new_attrs  jsonb;
     who        jsonb;
     src        text;
+    raw        text;
+    defaults   text;
     enqueued   boolean;
 BEGIN
     -- A host's creation, the hot path: a register at most, and nothing to
@@ -585,6 +585,8 @@ DECLARE
     sel           text;
     who           jsonb;
     src           text;
+    raw           text;
+    defaults      text;
     enqueued      boolean;
 BEGIN
     SELECT x.* INTO t FROM {table} AS x WHERE x.{refs} = p_ref AND {live_x};
