@@ -258,10 +258,22 @@ async fn settle_stale(
         .filter(|d| d.operation == Operation::Register && d.row.never_attempted())
         .map(|d| &d.row)
         .collect();
+    let registers: Vec<&ClaimedRow> = checked
+        .iter()
+        .filter(|d| d.operation == Operation::Register)
+        .map(|d| &d.row)
+        .collect();
+    let guarded: Vec<&ClaimedRow> = checked
+        .iter()
+        .filter(|d| d.operation == Operation::Deregister && d.row.guarded)
+        .map(|d| &d.row)
+        .collect();
+    let to_check: Vec<&ClaimedRow> = registers.iter().chain(&guarded).copied().collect();
+    let found = claim::supersede_and_check(&shared.pool, &fresh_registers, &to_check).await?;
     // These were written by the statement itself; count them here.
     // The statement returns both rows of each pair; ours are the registers.
-    let pairs: Vec<i64> = claim::supersede_create_then_delete(&shared.pool, &fresh_registers)
-        .await?
+    let pairs: Vec<i64> = found
+        .superseded
         .into_iter()
         .filter(|id| fresh_registers.iter().any(|r| r.id == *id))
         .collect();
@@ -285,22 +297,15 @@ async fn settle_stale(
             .fetch_sub(pairs.len(), Ordering::SeqCst);
         shared.progress.wake.notify_one();
     }
-    let registers: Vec<&ClaimedRow> = checked
-        .iter()
-        .filter(|d| d.operation == Operation::Register && !pairs.contains(&d.row.id))
-        .map(|d| &d.row)
+    let registers: Vec<&ClaimedRow> = registers
+        .into_iter()
+        .filter(|r| !pairs.contains(&r.id))
         .collect();
-    let guarded: Vec<&ClaimedRow> = checked
-        .iter()
-        .filter(|d| d.operation == Operation::Deregister && d.row.guarded)
-        .map(|d| &d.row)
-        .collect();
-    let existing_registers = claim::existing_resources(&shared.pool, &registers).await?;
-    let existing_guarded = claim::existing_resources(&shared.pool, &guarded).await?;
+    let live = &found.live;
 
     let mut stale = pairs;
     for row in registers {
-        if !existing_registers.contains(&row.id) {
+        if !live.contains(&row.id) {
             stale.push(row.id);
             shared.settle(
                 row,
@@ -312,7 +317,7 @@ async fn settle_stale(
         }
     }
     for row in guarded {
-        if existing_guarded.contains(&row.id) {
+        if live.contains(&row.id) {
             stale.push(row.id);
             shared.settle(
                 row,

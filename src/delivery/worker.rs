@@ -168,13 +168,6 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             Claim::Failed => continue,
             Claim::GiveUp => break,
         };
-        if asleep {
-            // Busy again: it claims by itself now, captures need not notify.
-            if let Err(e) = listener::mark_awake(&shared.pool, &shared.config.worker_id).await {
-                tracing::debug!(error = %e, "marking the worker awake failed");
-            }
-            asleep = false;
-        }
         let Some(deliverables) =
             settle::without_request_or_release(shared, claimed, is_probe, once).await
         else {
@@ -193,6 +186,15 @@ async fn claim_loop(shared: &Arc<Shared>, shutdown: &CancellationToken, once: bo
             shutdown,
         )
         .await;
+        if asleep {
+            // Busy again: it claims by itself now, captures need not
+            // notify. Marked once the requests are on their way, not before:
+            // a woken worker's first row should not wait for this write.
+            if let Err(e) = listener::mark_awake(&shared.pool, &shared.config.worker_id).await {
+                tracing::debug!(error = %e, "marking the worker awake failed");
+            }
+            asleep = false;
+        }
     }
     tasks
 }
