@@ -16,7 +16,8 @@
 # agent_task_tracker in one transaction). Prints each round's mean latency
 # per transaction in µs, then the median per write and database.
 # AUTHZ_OUTBOX_BIN defaults to target/release/authz-outbox. The scratch
-# databases (capture_cost_*) are dropped first and left for inspection.
+# databases (capture_cost_*) are dropped first and left for inspection
+# (the WAL one without its slot, which nothing reads).
 # EXTRA="db1 db2" adds databases prepared by hand (e.g. migrated by an
 # older binary, for a before/after comparison) to every round; each needs
 # the host's tables and the agent 'bench-agent'.
@@ -81,3 +82,5 @@ for write in key task; do
       | awk -v w="$write" -v m="$mode" '{v[NR] = $1} END {med = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%s %s %.0f (min %.0f, max %.0f)\n", w, m, med, v[1], v[NR]}'
   done
 done
+# The WAL database's slot has no reader: drop it, or it keeps WAL forever.
+psql "$DATABASE_URL" -qc "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'capture_cost_wal'" >/dev/null
