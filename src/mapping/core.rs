@@ -307,6 +307,9 @@ END
                 s("authz_outbox_pick_creator")
             ),
         ),
+        // No capture calls it any more (the write reads the listeners
+        // inline, see `write_row`); the migrations created it SECURITY
+        // DEFINER, so it is still re-created here with its path pinned.
         function(
             schema,
             "authz_outbox_workers_asleep",
@@ -561,8 +564,9 @@ pub fn source_statements(var: &str) -> String {
 /// `authz_outbox_setting_source` and [`ENQUEUE`] do for a register, in one
 /// PL/pgSQL call. Each PL/pgSQL call pays its own start-up in every
 /// transaction (its expressions are prepared again), and a host's creation
-/// is one capture per transaction; folding the three took 45 µs off a key
-/// creation's 230 µs of capture (BENCHMARKS.md, issue 24). A register
+/// is one capture per transaction; with the other inlining of capture core
+/// 10 a key creation's capture went from 223 to 198 µs (BENCHMARKS.md,
+/// issue 24). A register
 /// without a creator goes through [`ENQUEUE`], which writes it dead.
 fn register_body(schema: &str, mode: CaptureMode) -> String {
     let s = |name: &str| qualified(schema, name);
