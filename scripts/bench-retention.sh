@@ -303,7 +303,8 @@ read -r live_rows days_left outbox_bytes outbox_heap < <(qd "$week" -F' ' -c "
          (SELECT count(*) FROM authz_outbox_partitions() p WHERE NOT is_default AND name <> 'authz_outbox_legacy'
             AND EXISTS (SELECT 1 FROM authz_outbox o WHERE o.created_at >= p.lower_bound AND o.created_at < p.upper_bound)),
          (SELECT sum(bytes) FROM authz_outbox_partitions()),
-         (SELECT sum(pg_relation_size(quote_ident(name))) FROM authz_outbox_partitions())")
+         (SELECT sum(pg_relation_size(t.relid)) FROM authz_outbox_partitions() p
+            CROSS JOIN LATERAL pg_partition_tree(quote_ident(p.name)::regclass) t WHERE t.isleaf)")
 read -r fresh_bytes fresh_heap tuple_bytes < <(qd "$week" -F' ' -c "
   SELECT pg_total_relation_size('fresh'), pg_relation_size('fresh'), (SELECT sum(pg_column_size(f.*)) FROM fresh f)")
 echo "== 3. a simulated week: 8 days x $PER_DAY rows, 7 days' retention ($week_secs s to simulate)"

@@ -8,11 +8,14 @@
 //! drops whole days of finished rows past retention and [`prune`] deletes
 //! those the partitions kept; [`purge`] deletes dead rows an operator has
 //! given up on. [`minutes`] keeps the deliveries per minute the operator
-//! page charts.
+//! page charts. A day's rows live in two halves, open and done, and a row
+//! moves between them as it finishes; [`moved`] retries the statements
+//! that race such a move.
 
 pub mod claim;
 pub mod enqueue;
 pub mod minutes;
+pub mod moved;
 pub mod partitions;
 pub mod prune;
 pub mod purge;

@@ -31,9 +31,10 @@ pub struct Partition {
     /// `None` for the default partition.
     pub upper_bound: Option<DateTime<Utc>>,
     pub is_default: bool,
-    /// Table, indexes and TOAST.
+    /// Table, indexes and TOAST (of both halves of a day split by state).
     pub bytes: i64,
-    /// The planner's estimate (`reltuples`), free to read; -1 if never analyzed.
+    /// The planner's estimate (`reltuples`, summed over a day's open and
+    /// done halves), free to read; -1 if never analyzed.
     pub rows_estimate: i64,
 }
 
@@ -43,8 +44,11 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Partition>, sqlx::Error> {
         SELECT p.name,
                nullif(p.lower_bound, '-infinity') AS lower_bound,
                p.upper_bound, p.is_default, p.bytes,
-               coalesce((SELECT c.reltuples::bigint FROM pg_catalog.pg_class c
-                         WHERE c.oid = to_regclass(quote_ident(p.name))), -1) AS rows_estimate
+               coalesce((SELECT CASE WHEN bool_and(c.reltuples < 0) THEN -1
+                                     ELSE sum(greatest(c.reltuples, 0))::bigint END
+                         FROM pg_catalog.pg_partition_tree(to_regclass(quote_ident(p.name))) t
+                         JOIN pg_catalog.pg_class c ON c.oid = t.relid
+                         WHERE t.isleaf), -1) AS rows_estimate
         FROM authz_outbox_partitions() p
     "#;
     sqlx::query_as(SQL).fetch_all(pool).await

@@ -97,7 +97,9 @@ pub const RECORD_SQL: &str = r#"
 
 /// Records many outcomes in one statement. Returns the rows actually written:
 /// a row missing from the answer had lost its lease (expired and claimed by
-/// another worker, or released), and its outcome was rightly dropped.
+/// another worker, or released, or finished by someone else meanwhile), and
+/// its outcome was rightly dropped. A row that finishes here moves to its
+/// day's `_done` half ([`super::moved`]).
 pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>, sqlx::Error> {
     if outcomes.is_empty() {
         return Ok(Vec::new());
@@ -136,16 +138,18 @@ pub async fn record(pool: &PgPool, outcomes: &[Recorded]) -> Result<Vec<Written>
         ctokens.push(ctoken);
         refunds.push(refund);
     }
-    sqlx::query_as(RECORD_SQL)
-        .bind(&ids)
-        .bind(&tokens)
-        .bind(&states)
-        .bind(&next)
-        .bind(&errors)
-        .bind(&statuses)
-        .bind(&ctokens)
-        .bind(&refunds)
-        .bind(&created)
-        .fetch_all(pool)
-        .await
+    super::moved::retry(|| {
+        sqlx::query_as(RECORD_SQL)
+            .bind(&ids)
+            .bind(&tokens)
+            .bind(&states)
+            .bind(&next)
+            .bind(&errors)
+            .bind(&statuses)
+            .bind(&ctokens)
+            .bind(&refunds)
+            .bind(&created)
+            .fetch_all(pool)
+    })
+    .await
 }
