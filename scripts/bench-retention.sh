@@ -86,7 +86,8 @@ echo "== machine: $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -
 
 # ---------------------------------------------------------------- 1. retention
 q -c "SELECT authz_outbox_create_partitions(6)" >/dev/null
-mapfile -t days < <(q -c "SELECT lower_bound FROM authz_outbox_partitions() WHERE name <> 'authz_outbox_legacy' AND NOT is_default ORDER BY lower_bound LIMIT 3")
+# Days after today: the probe below writes into today's.
+mapfile -t days < <(q -c "SELECT lower_bound FROM authz_outbox_partitions() WHERE name <> 'authz_outbox_legacy' AND NOT is_default AND lower_bound > now() ORDER BY lower_bound LIMIT 3")
 a_lo=${days[0]} b_lo=${days[1]} c_lo=${days[2]}
 echo "filling 3 x $ROWS finished rows (days $a_lo, $b_lo, $c_lo)" >&2
 for lo in "$a_lo" "$b_lo" "$c_lo"; do
