@@ -428,3 +428,52 @@ async fn refuses_to_resurrect_a_soft_deleted_resource_of_any_type(pool: PgPool) 
         "only the live agent is re-driven: {states:?}"
     );
 }
+
+/// Replay locks the rows it decides on. A selected row that another
+/// transaction finishes meanwhile (here an operator's update; a second
+/// replay or a worker does the same) moves to its day's `_done` half, which
+/// PostgreSQL reports to the waiting replay as a serialization failure.
+/// Replay runs again from the start and reports the row as it now is,
+/// instead of failing.
+#[sqlx::test(migrations = false)]
+async fn a_replay_racing_a_move_of_its_row_runs_again(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let (_auth, k) = dead_key(&pool).await;
+    let id = k.outbox_id;
+    let mut other = pool.begin().await.expect("begin");
+    sqlx::query(
+        "UPDATE authz_outbox SET state = 'superseded', finished_at = now(), last_error = 'by hand'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *other)
+    .await
+    .expect("the other transaction finishes the row");
+    let replaying = tokio::spawn({
+        let pool = pool.clone();
+        async move { replay(&pool, &by_ids(&[id])).await }
+    });
+    common::until(
+        std::time::Duration::from_secs(10),
+        "replay waits for the row",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("activity");
+            waiting == 1
+        },
+    )
+    .await;
+    other.commit().await.expect("commit");
+
+    let report = replaying
+        .await
+        .expect("replay task")
+        .expect("replay runs again, not failed");
+    assert_eq!(report.count(ReplayAction::Skipped), 1, "{report:?}");
+    assert_eq!(row(&pool, id).await.state, "superseded");
+}

@@ -30,15 +30,27 @@ pub fn is_moved(e: &sqlx::Error) -> bool {
 
 /// Runs `statement` again while it fails because a row it reached for was
 /// moved meanwhile; any other outcome is returned as it is.
-pub async fn retry<T, F, Fut>(mut statement: F) -> Result<T, sqlx::Error>
+pub async fn retry<T, F, Fut>(statement: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
+    retry_when(is_moved, statement).await
+}
+
+/// [`retry`] for work whose error wraps the database's: `moved` tells
+/// which errors are a moved row. The work must be safe to run again from
+/// the start (one statement, or one transaction that rolled back).
+pub async fn retry_when<T, E, F, Fut>(moved: impl Fn(&E) -> bool, mut statement: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
     let mut attempt = 1;
     loop {
         match statement().await {
-            Err(e) if is_moved(&e) && attempt < ATTEMPTS => {
+            Err(e) if moved(&e) && attempt < ATTEMPTS => {
                 tracing::debug!(error = %e, attempt, "a row moved to another partition meanwhile; running the statement again");
                 attempt += 1;
             }

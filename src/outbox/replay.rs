@@ -116,8 +116,19 @@ struct Candidate {
     later_register: Option<i64>,
 }
 
-/// Replays the selected rows in one transaction.
+/// Replays the selected rows in one transaction. Run again from the start
+/// when a selected row was moved between a day's halves meanwhile (a worker
+/// finished it as replay reached for it, [`super::moved`]): the next run
+/// sees it finished and decides again.
 pub async fn replay(pool: &PgPool, options: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    super::moved::retry_when(
+        |e: &ReplayError| matches!(e, ReplayError::Database(d) if super::moved::is_moved(d)),
+        || replay_once(pool, options),
+    )
+    .await
+}
+
+async fn replay_once(pool: &PgPool, options: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     // The selected rows are locked; the facts about later rows and the
     // resource's row are read in the same statement, after the lock.
     const SELECT: &str = r#"
