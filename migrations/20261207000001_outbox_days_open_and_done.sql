@@ -95,6 +95,10 @@ BEGIN
         EXECUTE format(
             'WITH moved AS (DELETE FROM @s@.authz_outbox_default WHERE created_at >= $1 AND created_at < $2 RETURNING *)
              INSERT INTO @s@.%I SELECT * FROM moved', part) USING lo, hi;
+        -- Each half's indexes first, named after it (so a plan names
+        -- `<day>_open_pending_by_operation`); the day's own then adopt them.
+        PERFORM @s@.authz_outbox_index_partition(part || '_open');
+        PERFORM @s@.authz_outbox_index_partition(part || '_done');
         PERFORM @s@.authz_outbox_index_partition(part);
         EXECUTE format('ALTER TABLE @s@.authz_outbox ATTACH PARTITION @s@.%I FOR VALUES FROM (%L) TO (%L)', part, lo, hi);
         made := made + 1;

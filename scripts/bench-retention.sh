@@ -105,7 +105,7 @@ if ! skip claim; then
 # (the claim statement with its binds inlined: operation, limit, worker,
 # lease ms, due_by)
 claim_sql=$(sed -n '/^pub const CLAIM_SQL: &str = r#"/,/^"#;/p' src/outbox/claim.rs | sed '1d;$d' \
-  | sed -e "s/\$1/'register'/g" -e 's/\$2/100/g' -e "s/\$3/'bench'/g" -e 's/\$4/30000/g' -e 's/\$5/NULL::timestamptz/g')
+  | sed -e "s/\$1/'register'/g" -e 's/\$2/100/g' -e "s/\$3/'bench'/g" -e 's/\$4/30000/g' -e 's/\$5/NULL::timestamptz/g' -e "s/\$6/'register'/g")
 # The same days created ahead as the retention database: a claim's cost
 # grows with the number of partitions, which is not the question here.
 qd "$small" -c "SELECT authz_outbox_create_partitions(6)" >/dev/null

@@ -377,13 +377,14 @@ async fn a_claim_reads_the_pending_index_whatever_the_statistics_say(pool: PgPoo
             .bind("w")
             .bind(30_000_i64)
             .bind(None::<chrono::DateTime<chrono::Utc>>)
+            .bind("register")
             .fetch_all(&pool)
             .await
             .expect("explain");
     let plan = plan.join("\n");
     assert!(
-        // Each partition's copy of `authz_outbox_pending_by_operation`.
-        plan.contains("_pending_by_operation"),
+        // Today's open half's copy of `authz_outbox_pending_by_operation`.
+        plan.contains("_open_pending_by_operation"),
         "the claim does not read the pending index:\n{plan}"
     );
 }
@@ -544,6 +545,33 @@ async fn deregisters_are_delivered_before_registers(pool: PgPool) {
     };
     run_once(&pool, &auth.url(), one_at_a_time).await;
     let seen = auth.seen();
+    assert_eq!(seen[before].path, "/v1/authz/deregister");
+    assert_eq!(seen[before + 1].path, "/v1/authz/register");
+}
+
+/// One claim takes the deregister and the register together (one
+/// statement for both operations); the deregister still goes out first,
+/// though its id is the later one.
+#[sqlx::test(migrations = false)]
+async fn deregisters_go_first_within_one_claim_too(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    agent(&pool, "a1").await;
+    let old = key(&pool, "a1", "old").await;
+    run_once(&pool, &auth.url(), config("w")).await;
+    let _new = key(&pool, "a1", "new").await;
+    capture::delete_api_key(&pool, &old.id, None)
+        .await
+        .expect("delete");
+    let before = auth.seen().len();
+    let one_request_at_a_time = authz_outbox::config::WorkerConfig {
+        concurrency: 1,
+        batch_size: 10,
+        ..config("w")
+    };
+    run_once(&pool, &auth.url(), one_request_at_a_time).await;
+    let seen = auth.seen();
+    assert_eq!(seen.len(), before + 2);
     assert_eq!(seen[before].path, "/v1/authz/deregister");
     assert_eq!(seen[before + 1].path, "/v1/authz/register");
 }

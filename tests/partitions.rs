@@ -678,6 +678,7 @@ async fn a_claim_reads_only_the_days_open_halves(pool: PgPool) {
     .bind("w")
     .bind(30_000_i64)
     .bind(None::<DateTime<Utc>>)
+    .bind("register")
     .fetch_all(&mut *tx)
     .await
     .expect("explain the claim");

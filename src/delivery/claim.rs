@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::retry_delay;
 use super::gate::Admit;
 use super::state::Shared;
-use crate::domain::Operation;
 use crate::outbox::{ClaimedRow, claim};
 
 /// Consecutive failed claims after which a `--once` run stops (about 15 s
@@ -150,32 +149,17 @@ impl Claimer {
 }
 
 /// Deregisters first (revoking access is more urgent than granting it), then
-/// registers with the room left.
+/// registers with the room left, in one statement.
 async fn claim_batch(shared: &Shared, limit: usize) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let c = &shared.config;
-    let mut rows = claim::claim(
+    let rows = claim::claim_due(
         &shared.pool,
         &c.worker_id,
-        Operation::Deregister,
         c.lease,
         limit as i64,
         shared.due_by,
     )
     .await?;
-    let left = limit.saturating_sub(rows.len());
-    if left > 0 {
-        rows.extend(
-            claim::claim(
-                &shared.pool,
-                &c.worker_id,
-                Operation::Register,
-                c.lease,
-                left as i64,
-                shared.due_by,
-            )
-            .await?,
-        );
-    }
     shared
         .progress
         .outstanding
