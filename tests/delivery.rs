@@ -526,27 +526,38 @@ async fn an_attempted_register_of_a_deleted_key_is_superseded_and_its_deregister
     );
 }
 
-#[sqlx::test(migrations = false)]
-async fn deregisters_are_delivered_before_registers(pool: PgPool) {
-    let pool = common::host_db(pool).await;
+/// A key created, then an older key of the same agent deleted: the new
+/// key's register (the earlier id) and the old key's deregister wait
+/// together; one worker, one request at a time, claiming `batch_size` rows
+/// at once, delivers them. Returns the paths sent, in order.
+async fn register_and_deregister_sent(pool: &PgPool, batch_size: usize) -> Vec<String> {
     let auth = ScriptedAuth::always(Answer::ok()).await;
-    agent(&pool, "a1").await;
-    let old = key(&pool, "a1", "old").await;
-    run_once(&pool, &auth.url(), config("w")).await;
-    let _new = key(&pool, "a1", "new").await;
-    capture::delete_api_key(&pool, &old.id, None)
+    agent(pool, "a1").await;
+    let old = key(pool, "a1", "old").await;
+    run_once(pool, &auth.url(), config("w")).await;
+    let _new = key(pool, "a1", "new").await;
+    capture::delete_api_key(pool, &old.id, None)
         .await
         .expect("delete");
     let before = auth.seen().len();
-    let one_at_a_time = authz_outbox::config::WorkerConfig {
+    let one_request_at_a_time = authz_outbox::config::WorkerConfig {
         concurrency: 1,
-        batch_size: 1,
+        batch_size,
         ..config("w")
     };
-    run_once(&pool, &auth.url(), one_at_a_time).await;
-    let seen = auth.seen();
-    assert_eq!(seen[before].path, "/v1/authz/deregister");
-    assert_eq!(seen[before + 1].path, "/v1/authz/register");
+    run_once(pool, &auth.url(), one_request_at_a_time).await;
+    auth.seen()[before..]
+        .iter()
+        .map(|s| s.path.clone())
+        .collect()
+}
+
+#[sqlx::test(migrations = false)]
+async fn deregisters_are_delivered_before_registers(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let sent = register_and_deregister_sent(&pool, 1).await;
+    assert_eq!(sent[0], "/v1/authz/deregister");
+    assert_eq!(sent[1], "/v1/authz/register");
 }
 
 /// One claim takes the deregister and the register together (one
@@ -555,25 +566,10 @@ async fn deregisters_are_delivered_before_registers(pool: PgPool) {
 #[sqlx::test(migrations = false)]
 async fn deregisters_go_first_within_one_claim_too(pool: PgPool) {
     let pool = common::host_db(pool).await;
-    let auth = ScriptedAuth::always(Answer::ok()).await;
-    agent(&pool, "a1").await;
-    let old = key(&pool, "a1", "old").await;
-    run_once(&pool, &auth.url(), config("w")).await;
-    let _new = key(&pool, "a1", "new").await;
-    capture::delete_api_key(&pool, &old.id, None)
-        .await
-        .expect("delete");
-    let before = auth.seen().len();
-    let one_request_at_a_time = authz_outbox::config::WorkerConfig {
-        concurrency: 1,
-        batch_size: 10,
-        ..config("w")
-    };
-    run_once(&pool, &auth.url(), one_request_at_a_time).await;
-    let seen = auth.seen();
-    assert_eq!(seen.len(), before + 2);
-    assert_eq!(seen[before].path, "/v1/authz/deregister");
-    assert_eq!(seen[before + 1].path, "/v1/authz/register");
+    let sent = register_and_deregister_sent(&pool, 10).await;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0], "/v1/authz/deregister");
+    assert_eq!(sent[1], "/v1/authz/register");
 }
 
 #[sqlx::test(migrations = false)]

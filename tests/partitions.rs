@@ -389,14 +389,7 @@ async fn a_partition_that_cannot_be_created_refuses_no_capture(pool: PgPool) {
 /// and each resource's rows reached agentex-auth in the order written.
 #[sqlx::test(migrations = false)]
 async fn the_upgrade_under_load_loses_duplicates_and_reorders_nothing(pool: PgPool) {
-    sqlx::raw_sql(common::HOST_SCHEMA)
-        .execute(&pool)
-        .await
-        .expect("host schema");
-    authz_outbox::migrate::MIGRATOR
-        .run_to(20261205000003, &pool)
-        .await
-        .expect("the release before partitions");
+    common::host_db_at(&pool, 20261205000003).await;
     let relkind: String = sqlx::query_scalar(
         "SELECT relkind::text FROM pg_class WHERE oid = 'authz_outbox'::regclass",
     )
@@ -802,21 +795,7 @@ async fn a_record_racing_a_move_of_its_row_drops_the_outcome_without_failing(poo
         let pool = pool.clone();
         async move { record(&pool, &outcome).await }
     });
-    common::until(
-        Duration::from_secs(10),
-        "the record waits for the row",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-             WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE authz_outbox o%'",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("activity");
-            waiting == 1
-        },
-    )
-    .await;
+    common::until_a_session_waits_for_a_lock(&pool, "the record waits for the row").await;
     operator.commit().await.expect("the operator commits");
 
     let written = recording
@@ -833,14 +812,7 @@ async fn a_record_racing_a_move_of_its_row_drops_the_outcome_without_failing(poo
 /// pre-upgrade table.
 #[sqlx::test(migrations = false)]
 async fn the_reshape_replaces_only_empty_days(pool: PgPool) {
-    sqlx::raw_sql(common::HOST_SCHEMA)
-        .execute(&pool)
-        .await
-        .expect("host schema");
-    authz_outbox::migrate::MIGRATOR
-        .run_to(20261206200001, &pool)
-        .await
-        .expect("the release before the split");
+    common::host_db_at(&pool, 20261206200001).await;
     let old = put(&pool, "register", "a1", Utc::now(), "capture").await;
     let kept = put(
         &pool,

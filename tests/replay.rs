@@ -453,21 +453,7 @@ async fn a_replay_racing_a_move_of_its_row_runs_again(pool: PgPool) {
         let pool = pool.clone();
         async move { replay(&pool, &by_ids(&[id])).await }
     });
-    common::until(
-        std::time::Duration::from_secs(10),
-        "replay waits for the row",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&pool)
-            .await
-            .expect("activity");
-            waiting == 1
-        },
-    )
-    .await;
+    common::until_a_session_waits_for_a_lock(&pool, "replay waits for the row").await;
     other.commit().await.expect("commit");
 
     let report = replaying

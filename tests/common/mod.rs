@@ -286,6 +286,35 @@ pub async fn database_url(pool: &PgPool) -> String {
     url.to_string()
 }
 
+/// Waits until a session of this test's database is blocked on a lock (the
+/// statement a race test started and wants waiting before it lets go).
+pub async fn until_a_session_waits_for_a_lock(pool: &PgPool, what: &str) {
+    until(Duration::from_secs(10), what, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("activity");
+        waiting == 1
+    })
+    .await;
+}
+
+/// The host's schema and authz-outbox's migrations up to `version`: a
+/// database as an earlier release left it, for upgrade tests.
+pub async fn host_db_at(pool: &PgPool, version: i64) {
+    sqlx::raw_sql(HOST_SCHEMA)
+        .execute(pool)
+        .await
+        .expect("host schema");
+    authz_outbox::migrate::MIGRATOR
+        .run_to(version, pool)
+        .await
+        .expect("the earlier release's migrations");
+}
+
 /// Polls `done` every 10 ms until it holds; panics naming `what` after `limit`.
 pub async fn until<F, Fut>(limit: Duration, what: &str, mut done: F)
 where
