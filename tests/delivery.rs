@@ -1174,6 +1174,50 @@ async fn a_commit_wakes_an_idle_worker(pool: PgPool) {
     run.await.expect("worker");
 }
 
+/// The WAL relay beside a worker wakes it through [`Worker::waker`], not
+/// through a `NOTIFY` (a row written without one stands for it here): an
+/// idle worker with a poll interval far longer than the test delivers it.
+#[sqlx::test(migrations = false)]
+async fn the_waker_wakes_an_idle_worker_without_a_notification(pool: PgPool) {
+    let pool = common::host_db(pool).await;
+    let auth = ScriptedAuth::always(Answer::ok()).await;
+    live_tasks(&pool, &["t1".to_string()]).await;
+    let cfg = authz_outbox::config::WorkerConfig {
+        poll_interval: Duration::from_secs(600),
+        ..config("w")
+    };
+    let worker = common::worker(&pool, &auth.url(), cfg);
+    let waker = worker.waker();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone(), false));
+    common::until(Duration::from_secs(5), "the worker asleep", || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM authz_outbox_listeners WHERE sleeping_since IS NOT NULL)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("listeners")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query(
+        "INSERT INTO authz_outbox (resource_type, resource_id, operation, principal)
+         VALUES ('task', 't1', 'register', '{\"user_id\":\"u\"}')",
+    )
+    .execute(&pool)
+    .await
+    .expect("insert");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(auth.seen().is_empty(), "nothing woke it yet");
+    waker.wake();
+    common::until(Duration::from_secs(10), "the row sent", || async {
+        !auth.seen().is_empty()
+    })
+    .await;
+    stop.cancel();
+    run.await.expect("worker");
+}
+
 #[sqlx::test(migrations = false)]
 async fn pruning_removes_only_finished_rows_past_retention_in_batches(pool: PgPool) {
     let pool = common::host_db(pool).await;

@@ -94,6 +94,13 @@ async fn outbox_count(pool: &PgPool) -> i64 {
         .expect("count")
 }
 
+async fn applied_lsn(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT applied_lsn::text FROM authz_outbox_relay")
+        .fetch_one(pool)
+        .await
+        .expect("relay row")
+}
+
 async fn relay_conn(url: &str) -> (PgConnection, String) {
     let mut conn = PgConnection::connect(url).await.expect("connect");
     let slot = relay::slot_name(&mut conn)
@@ -282,7 +289,7 @@ async fn switch_with_writes_in_flight(pool: PgPool, with_relay: bool) {
                 batch: 1000,
             },
             pool.clone(),
-            None,
+            relay::Beside::default(),
             cancel.clone(),
         ))
     });
@@ -539,7 +546,7 @@ async fn a_wait_for_a_resource_waits_for_the_relay_first(pool: PgPool) {
             batch: 1000,
         },
         pool.clone(),
-        None,
+        relay::Beside::default(),
         cancel.clone(),
     ));
     let (outcome, id) = waiter.await.expect("join");
@@ -782,7 +789,7 @@ async fn a_relay_waits_while_another_client_streams_the_slot(pool: PgPool) {
             batch: 1000,
         },
         pool.clone(),
-        None,
+        relay::Beside::default(),
         cancel.clone(),
     ));
     // It keeps its turn (the leader lock) and waits, rather than failing
@@ -828,28 +835,103 @@ async fn a_relay_waits_while_another_client_streams_the_slot(pool: PgPool) {
 }
 
 /// A transaction is sent by the walsender once its commit record is
-/// flushed, a moment before other sessions can see it. The relay waits for
-/// it to be visible before inserting its rows: a worker claiming the row
-/// must see the key it registers (else it supersedes the register as a key
-/// that is gone). Here a transaction still running stands for that moment.
+/// flushed, a moment before other sessions can see it. The relay inserts
+/// its rows only once it is visible: a worker claiming the row must see the
+/// key it registers (else it supersedes the register as a key that is
+/// gone). Here a transaction still running stands for that moment: a batch
+/// naming it is not inserted, nor its position recorded, until it commits.
 #[sqlx::test(migrations = false)]
-async fn the_relay_waits_for_a_sent_commit_to_be_visible(pool: PgPool) {
+async fn the_relay_inserts_a_sent_commit_only_once_it_is_visible(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
     let mut running = pool.begin().await.expect("begin");
     let xid: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint & 4294967295")
         .fetch_one(&mut *running)
         .await
         .expect("xid");
-    let mut conn = pool.acquire().await.expect("connection");
-    let waiter = tokio::spawn(async move { relay::wait_until_visible(&mut conn, &[xid]).await });
+    let end: i64 = sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+        .fetch_one(&pool)
+        .await
+        .expect("lsn");
+    let sent = relay::pgoutput::Transaction {
+        xid: u32::try_from(xid).expect("32-bit xid"),
+        end_lsn: u64::try_from(end).expect("lsn") + 1,
+        committed_at: chrono::Utc::now(),
+        messages: vec![
+            br#"{"resource_type":"api_key","resource_id":"k1","parent_type":"agent","parent_id":"a1","operation":"register","principal":{"user_id":"u1"}}"#.to_vec(),
+        ],
+    };
+    let applied_before = applied_lsn(&pool).await;
+    let (mut conn, slot) = relay_conn(&url).await;
+    let applier = tokio::spawn(async move {
+        let applied = relay::apply(&mut conn, &slot, &[sent], 0).await;
+        (applied.map(|(relayed, _, _)| relayed), conn)
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        !waiter.is_finished(),
-        "returned before the commit was visible"
+        !applier.is_finished(),
+        "inserted before the commit was visible"
+    );
+    assert_eq!(outbox_count(&pool).await, 0);
+    assert_eq!(
+        applied_lsn(&pool).await,
+        applied_before,
+        "the batch's end was recorded before its rows"
     );
     running.commit().await.expect("commit");
-    tokio::time::timeout(Duration::from_secs(5), waiter)
+    let (relayed, _conn) = tokio::time::timeout(Duration::from_secs(5), applier)
         .await
-        .expect("returns once visible")
-        .expect("join")
-        .expect("query");
+        .expect("inserts once visible")
+        .expect("join");
+    assert_eq!(relayed.expect("apply"), 1);
+    assert_eq!(outbox_count(&pool).await, 1);
+    assert_ne!(applied_lsn(&pool).await, applied_before);
+    leave_wal(&url).await;
+}
+
+/// Counts wake-ups, standing for the worker's claimer.
+#[derive(Default)]
+struct Woken(std::sync::atomic::AtomicUsize);
+
+impl authz_outbox::delivery::listener::Wake for Woken {
+    fn wake(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The relay wakes the claimer of its own process directly once it has
+/// committed rows (the `NOTIFY` is for other replicas): not woken while
+/// nothing is relayed, woken once a capture is in the outbox.
+#[sqlx::test(migrations = false)]
+async fn the_relay_wakes_its_own_processs_claimer_once_rows_are_in(pool: PgPool) {
+    let (pool, url) = wal_db(pool).await;
+    let woken = std::sync::Arc::new(Woken::default());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(relay::run(
+        relay::RelayConfig {
+            database_url: url.clone(),
+            poll: Duration::from_millis(5),
+            batch: 1000,
+        },
+        pool.clone(),
+        relay::Beside {
+            on_gap: None,
+            wake: Some(woken.clone()),
+        },
+        cancel.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(woken.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    host_agent(&pool, "a1").await;
+    let started = std::time::Instant::now();
+    while woken.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the relay never woke the claimer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(outbox_count(&pool).await, 1, "woken once the row is in");
+    cancel.cancel();
+    relay.await.expect("relay stops");
+    leave_wal(&url).await;
 }

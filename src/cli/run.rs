@@ -342,6 +342,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let relay_pool = pool.clone();
     let spicedb_for_gaps = args.ui_spicedb()?;
     let worker = Worker::new(pool, target, config)?;
+    let wake = worker.waker();
     let ui = match (
         ui_pool,
         args.ui
@@ -381,7 +382,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(crate::relay::run(
             relay_config,
             relay_pool.clone(),
-            gap_handler(relay_pool.clone(), spicedb_for_gaps.clone(), args.target),
+            crate::relay::Beside {
+                on_gap: gap_handler(relay_pool.clone(), spicedb_for_gaps.clone(), args.target),
+                wake: Some(wake.clone()),
+            },
             shutdown.clone(),
         ))
     });

@@ -48,6 +48,7 @@ pub struct Worker {
     target: Target,
     config: WorkerConfig,
     health: Arc<Health>,
+    progress: Arc<Progress>,
 }
 
 impl Worker {
@@ -73,6 +74,7 @@ impl Worker {
             target: target.into(),
             config,
             health,
+            progress: Arc::new(Progress::default()),
         })
     }
 
@@ -80,11 +82,19 @@ impl Worker {
         self.health.clone()
     }
 
+    /// Wakes this worker's claimer from inside the process: the WAL relay
+    /// beside it calls this once it has committed new rows, so the claim
+    /// does not wait for its own `NOTIFY` to come back through the
+    /// listening connection (other replicas still get the `NOTIFY`).
+    pub fn waker(&self) -> Arc<dyn listener::Wake> {
+        self.progress.clone()
+    }
+
     /// Delivers until `shutdown` fires, or — with `once` — until no row is due.
     pub async fn run(self, shutdown: CancellationToken, once: bool) -> RunReport {
         let principal_policies = settle::principal_policies(&self.pool).await;
         let (tx, rx) = mpsc::unbounded_channel();
-        let progress = Arc::new(Progress::default());
+        let progress = self.progress;
         let shared = Arc::new(Shared {
             pool: self.pool.clone(),
             target: self.target,

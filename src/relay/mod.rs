@@ -48,15 +48,17 @@ pub mod setup;
 pub mod stream;
 pub mod walsender;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
+use sqlx::PgPool;
 use sqlx::postgres::PgConnection;
-use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::listener::Wake;
 use crate::mapping::core::{CaptureMode, NO_CREATOR_ERROR};
 use crate::mapping::ddl::NO_CREATOR_NEEDED;
 pub use peek::{Step, step};
@@ -183,8 +185,9 @@ async fn applied_lsn(conn: &mut PgConnection, slot: &str) -> Result<u64, sqlx::E
 
 /// Puts decoded transactions into the outbox, skipping those `applied`
 /// already covers: returns the rows inserted, the transactions skipped, and
-/// the end of the last transaction (where the slot may now move).
-async fn apply(
+/// the end of the last transaction (where the slot may now move). `conn`
+/// must hold the leader lock (the streaming and polling turns call this).
+pub async fn apply(
     conn: &mut PgConnection,
     slot: &str,
     txs: &[pgoutput::Transaction],
@@ -212,47 +215,43 @@ async fn apply(
             .filter(|t| t.end_lsn > applied && !t.messages.is_empty())
             .map(|t| i64::from(t.xid))
             .collect();
-        wait_until_visible(conn, &xids).await?;
-        relayed = insert(conn, slot, fresh, end).await?;
+        relayed = insert(conn, slot, fresh, &xids, end).await?;
     }
     Ok((relayed, skipped, last_end))
 }
 
-/// Waits until the transactions `xids` (32-bit, as pgoutput sends them) are
-/// visible to a new snapshot.
-///
-/// A commit is decoded and sent once its record is flushed, but other
-/// sessions see it only a moment later, when the committing backend leaves
-/// the running set (and with synchronous replication, only once a standby
-/// has confirmed it). A row inserted before that would be claimed by a
-/// worker that cannot see the key it registers yet, and superseded as a
-/// key that is gone. Seen by one snapshot, a commit is seen by all later
-/// ones: the worker's checks come after this.
-pub async fn wait_until_visible(conn: &mut PgConnection, xids: &[i64]) -> Result<(), sqlx::Error> {
-    if xids.is_empty() {
-        return Ok(());
-    }
-    let mut pause = Duration::from_micros(200);
-    loop {
-        // A 32-bit xid above the snapshot's xmax (mod 2^32) is from the
-        // previous epoch.
-        let unseen: i64 = sqlx::query_scalar(
-            "WITH s AS (SELECT pg_current_snapshot() AS snap,
-                               pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-             SELECT count(*)
-             FROM unnest($1::bigint[]) AS x(xid), s
-             WHERE NOT pg_visible_in_snapshot(
-                 (((s.xmax >> 32) - (x.xid > (s.xmax & 4294967295))::int) << 32 | x.xid)::text::xid8,
-                 s.snap)",
+/// Whether every transaction in the parameter `$p` (32-bit xids, as
+/// pgoutput sends them) is visible to the statement's snapshot. A 32-bit
+/// xid above the snapshot's xmax (mod 2^32) is from the previous epoch.
+macro_rules! all_visible {
+    ($p:literal) => {
+        concat!(
+            "NOT EXISTS (
+    SELECT 1
+    FROM unnest(",
+            $p,
+            "::bigint[]) AS x(xid),
+         (SELECT pg_current_snapshot() AS snap,
+                 pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax) s
+    WHERE NOT pg_visible_in_snapshot(
+        (((s.xmax >> 32) - (x.xid > (s.xmax & 4294967295))::int) << 32 | x.xid)::text::xid8,
+        s.snap))"
         )
-        .bind(xids)
-        .fetch_one(&mut *conn)
-        .await?;
-        if unseen == 0 {
-            return Ok(());
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
+    };
+}
+
+/// The pause between two looks at a commit not yet visible: short, since
+/// the moment it stands for is short.
+struct Pause(Duration);
+
+impl Pause {
+    fn new() -> Self {
+        Pause(Duration::from_micros(200))
+    }
+
+    async fn sleep(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -306,13 +305,25 @@ impl Columns {
 }
 
 /// Inserts the rows in commit order and records `end` as applied, in one
-/// transaction. A deregister the capture found no creator for borrows its
-/// resource's last register's, from this batch or the outbox (in WAL mode
-/// the register may have been in the slot when the capture looked).
+/// statement (one round trip, its own transaction), once the transactions
+/// `xids` they came from are visible. A deregister the capture found no
+/// creator for borrows its resource's last register's, from this batch or
+/// the outbox (in WAL mode the register may have been in the slot when the
+/// capture looked).
+///
+/// Why wait for visibility: a commit is decoded and sent once its record is
+/// flushed, but other sessions see it only a moment later, when the
+/// committing backend leaves the running set (with synchronous replication,
+/// once a standby has confirmed it). A row inserted before that would be
+/// claimed by a worker that cannot see the key it registers yet, and
+/// superseded as a key that is gone. The statement checks its own snapshot
+/// and inserts nothing until they are all in it; seen by one snapshot, a
+/// commit is seen by every later one, and the worker's checks come later.
 async fn insert(
     conn: &mut PgConnection,
     slot: &str,
     rows: Vec<(Captured, DateTime<Utc>, u64)>,
+    xids: &[i64],
     end: u64,
 ) -> Result<u64, RelayError> {
     let mut latest: std::collections::HashMap<(String, String), (Option<Value>, Option<String>)> =
@@ -337,77 +348,91 @@ async fn insert(
         }
         c.push(r, at);
     }
-    let n = n as u64;
-    let mut tx = conn.begin().await?;
-    // Durable before the slot may move past it: PostgreSQL writes a slot's
-    // new position to disk (when its restart_lsn moves) without flushing
-    // the WAL first, so an unflushed outbox commit could be lost in a crash
-    // that keeps the slot's position past its captures.
-    sqlx::query("SET LOCAL synchronous_commit = on")
-        .execute(&mut *tx)
-        .await?;
-    if n > 0 {
-        // One typed array per column (not a JSON document per row):
-        // PostgreSQL reads them without parsing JSON, which was a large
-        // part of the relay's insert.
-        sqlx::query(
-            r#"
-            INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation,
-                                      principal, principal_source, attributes, created_at,
-                                      state, finished_at, last_error)
-            SELECT r.resource_type, r.resource_id, r.parent_type, r.parent_id, r.operation,
-                   coalesce(b.principal, r.principal), coalesce(b.principal_source, r.principal_source),
-                   r.attributes, r.created_at,
-                   CASE WHEN r.dead AND b.principal IS NULL THEN 'dead' ELSE 'pending' END,
-                   CASE WHEN r.dead AND b.principal IS NULL THEN now() END,
-                   CASE WHEN r.dead AND b.principal IS NULL THEN $11 END
-            FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                        $6::jsonb[], $7::text[], $8::jsonb[], $9::bool[], $10::timestamptz[])
-                 WITH ORDINALITY
-                 AS r(resource_type, resource_id, parent_type, parent_id, operation,
-                      principal, principal_source, attributes, dead, created_at, n)
-            LEFT JOIN LATERAL (
-                SELECT o.principal, o.principal_source FROM authz_outbox o
-                WHERE r.dead AND r.operation = 'deregister'
-                  AND o.resource_type = r.resource_type AND o.resource_id = r.resource_id
-                  AND o.operation = 'register'
-                  AND (coalesce(o.principal->>'user_id', '') <> ''
-                       OR coalesce(o.principal->>'service_account_id', '') <> '')
-                ORDER BY o.id DESC LIMIT 1
-            ) b ON true
-            ORDER BY r.n
-            "#,
-        )
-        .bind(c.resource_type)
-        .bind(c.resource_id)
-        .bind(c.parent_type)
-        .bind(c.parent_id)
-        .bind(c.operation)
-        .bind(c.principal)
-        .bind(c.principal_source)
-        .bind(c.attributes)
-        .bind(c.dead)
-        .bind(c.created_at)
-        .bind(NO_CREATOR_ERROR)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("SELECT pg_notify('authz_outbox', '')")
-            .execute(&mut *tx)
+    let end = lsn_text(end);
+    let mut pause = Pause::new();
+    loop {
+        // `synchronous_commit = on`: the rows are durable before the slot
+        // may move past them. PostgreSQL writes a slot's new position to
+        // disk (when its restart_lsn moves) without flushing the WAL first,
+        // so an unflushed outbox commit could be lost in a crash that keeps
+        // the slot's position past its captures. The relay's connection
+        // sets it for its session (`relay_session`).
+        let (inserted, _woken): (Option<i64>, i64) = sqlx::query_as(INSERT_SQL)
+            .bind(slot)
+            .bind(&c.resource_type)
+            .bind(&c.resource_id)
+            .bind(&c.parent_type)
+            .bind(&c.parent_id)
+            .bind(&c.operation)
+            .bind(&c.principal)
+            .bind(&c.principal_source)
+            .bind(&c.attributes)
+            .bind(&c.dead)
+            .bind(&c.created_at)
+            .bind(NO_CREATOR_ERROR)
+            .bind(xids)
+            .bind(&end)
+            .fetch_one(&mut *conn)
             .await?;
+        match inserted {
+            Some(n) => return Ok(n.max(0) as u64),
+            None => pause.sleep().await,
+        }
     }
-    sqlx::query(
-        "UPDATE authz_outbox_relay
-         SET applied_lsn = $2::pg_lsn, applied_at = now(), relayed = relayed + $3
-         WHERE slot_name = $1",
-    )
-    .bind(slot)
-    .bind(lsn_text(end))
-    .bind(n as i64)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(n)
 }
+
+/// The relay's one statement per batch (see [`insert`]): NULL, and nothing
+/// written, while a source transaction is not visible yet; else the rows
+/// inserted. One typed array per column (not a JSON document per row):
+/// PostgreSQL reads them without parsing JSON, which was a large part of
+/// the relay's insert. Data-modifying `WITH` parts run once each, whether
+/// or not the outer query reads them.
+const INSERT_SQL: &str = concat!(
+    "WITH visible AS (SELECT ",
+    all_visible!("$13"),
+    r#" AS yes),
+    ins AS (
+        INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation,
+                                  principal, principal_source, attributes, created_at,
+                                  state, finished_at, last_error)
+        SELECT r.resource_type, r.resource_id, r.parent_type, r.parent_id, r.operation,
+               coalesce(b.principal, r.principal), coalesce(b.principal_source, r.principal_source),
+               r.attributes, r.created_at,
+               CASE WHEN r.dead AND b.principal IS NULL THEN 'dead' ELSE 'pending' END,
+               CASE WHEN r.dead AND b.principal IS NULL THEN now() END,
+               CASE WHEN r.dead AND b.principal IS NULL THEN $12 END
+        FROM visible v,
+             unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    $7::jsonb[], $8::text[], $9::jsonb[], $10::bool[], $11::timestamptz[])
+             WITH ORDINALITY
+             AS r(resource_type, resource_id, parent_type, parent_id, operation,
+                  principal, principal_source, attributes, dead, created_at, n)
+        LEFT JOIN LATERAL (
+            SELECT o.principal, o.principal_source FROM authz_outbox o
+            WHERE r.dead AND r.operation = 'deregister'
+              AND o.resource_type = r.resource_type AND o.resource_id = r.resource_id
+              AND o.operation = 'register'
+              AND (coalesce(o.principal->>'user_id', '') <> ''
+                   OR coalesce(o.principal->>'service_account_id', '') <> '')
+            ORDER BY o.id DESC LIMIT 1
+        ) b ON true
+        WHERE v.yes
+        ORDER BY r.n
+        RETURNING 1
+    ),
+    counted AS (SELECT count(*) AS n FROM ins),
+    bookkept AS (
+        UPDATE authz_outbox_relay
+        SET applied_lsn = $14::pg_lsn, applied_at = now(), relayed = relayed + counted.n
+        FROM visible v, counted
+        WHERE slot_name = $1 AND v.yes
+    ),
+    woken AS (SELECT pg_notify('authz_outbox', '') FROM visible v, counted
+              WHERE v.yes AND counted.n > 0)
+    SELECT CASE WHEN v.yes THEN counted.n END, (SELECT count(*) FROM woken)
+    FROM visible v, counted
+    "#
+);
 
 /// Recreates a lost slot and records the gap (see the module docs).
 pub async fn recover_lost_slot(
@@ -444,17 +469,11 @@ pub async fn recover_lost_slot(
 }
 
 /// The relay's loop, beside the worker's: idle while there is no slot, the
-/// leader's turns otherwise. `on_gap` runs after a lost
-/// slot was recreated (the worker's reconcile, when it can read SpiceDB).
-pub async fn run(
-    config: RelayConfig,
-    pool: PgPool,
-    on_gap: Option<GapHandler>,
-    cancel: CancellationToken,
-) {
+/// leader's turns otherwise.
+pub async fn run(config: RelayConfig, pool: PgPool, beside: Beside, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
-        match lead(&config, &pool, on_gap.as_ref(), &cancel).await {
+        match lead(&config, &pool, &beside, &cancel).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(error = %e, "the WAL relay stopped; retrying");
@@ -468,8 +487,29 @@ pub async fn run(
     }
 }
 
+/// What runs beside the relay in its process.
+#[derive(Default, Clone)]
+pub struct Beside {
+    /// Runs after a lost slot was recreated (the worker's reconcile, when
+    /// it can read SpiceDB).
+    pub on_gap: Option<GapHandler>,
+    /// The worker's claimer, woken directly once new rows are committed
+    /// (its `NOTIFY` takes a round trip through the listening connection).
+    pub wake: Option<Arc<dyn Wake>>,
+}
+
+impl Beside {
+    fn relayed(&self, rows: u64) {
+        if rows > 0
+            && let Some(wake) = &self.wake
+        {
+            wake.wake();
+        }
+    }
+}
+
 /// Runs after a gap was recorded; errors are logged and retried later.
-pub type GapHandler = std::sync::Arc<
+pub type GapHandler = Arc<
     dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>
         + Send
         + Sync,
@@ -481,10 +521,10 @@ pub type GapHandler = std::sync::Arc<
 async fn lead(
     config: &RelayConfig,
     pool: &PgPool,
-    on_gap: Option<&GapHandler>,
+    beside: &Beside,
     cancel: &CancellationToken,
 ) -> Result<(), RelayError> {
-    let mut conn = crate::db::connect_one(&config.database_url).await?;
+    let mut conn = relay_connection(&config.database_url).await?;
     let idle = Duration::from_secs(2);
     // Set while the replication connection cannot be had: the SQL
     // functions read the slot until then, when streaming is tried again.
@@ -513,10 +553,10 @@ async fn lead(
             let mode = crate::mapping::install::capture_mode(&mut conn).await?;
             let streaming = stream_again_at.is_none_or(|at| Instant::now() >= at);
             let turn = if mode == CaptureMode::Wal && streaming {
-                stream_turn(&mut conn, pool, &slot, config, on_gap, cancel).await
+                stream_turn(&mut conn, pool, &slot, config, beside, cancel).await
             } else {
                 let until = stream_again_at.filter(|_| mode == CaptureMode::Wal);
-                poll_turn(&mut conn, pool, &slot, config, on_gap, cancel, mode, until).await
+                poll_turn(&mut conn, pool, &slot, config, beside, cancel, mode, until).await
             };
             match turn {
                 Ok(TurnEnd::Cancelled) => return Ok(()),
@@ -561,6 +601,17 @@ async fn lead(
     }
 }
 
+/// The relay's own connection. Its commits wait for the WAL flush whatever
+/// the database's default: the slot may move past a capture only once the
+/// outbox row holding it is durable (see [`insert`]).
+async fn relay_connection(database_url: &str) -> Result<PgConnection, RelayError> {
+    let mut conn = crate::db::connect_one(database_url).await?;
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
 /// How a leader's turn ended, short of an error.
 enum TurnEnd {
     Cancelled,
@@ -577,7 +628,7 @@ async fn stream_turn(
     pool: &PgPool,
     slot: &str,
     config: &RelayConfig,
-    on_gap: Option<&GapHandler>,
+    beside: &Beside,
     cancel: &CancellationToken,
 ) -> Result<TurnEnd, RelayError> {
     let mut streamer = match stream::Streamer::open(conn, &config.database_url, slot).await {
@@ -604,6 +655,7 @@ async fn stream_turn(
         }
         let idle = batch.transactions.is_empty();
         let done = streamer.apply(conn, batch, StopAt::Never).await?;
+        beside.relayed(done.relayed);
         metrics::counter!(crate::metrics::RELAYED).increment(done.relayed);
         let look = looked.elapsed() >= HOUSEKEEPING;
         if idle || look || streamer.reply_owed() {
@@ -612,7 +664,7 @@ async fn stream_turn(
         if look {
             looked = Instant::now();
             if let Some(end) =
-                housekeeping(conn, pool, slot, on_gap, caught_up_at, CaptureMode::Wal).await?
+                housekeeping(conn, pool, slot, beside, caught_up_at, CaptureMode::Wal).await?
             {
                 return Ok(end);
             }
@@ -629,7 +681,7 @@ async fn poll_turn(
     pool: &PgPool,
     slot: &str,
     config: &RelayConfig,
-    on_gap: Option<&GapHandler>,
+    beside: &Beside,
     cancel: &CancellationToken,
     mode: CaptureMode,
     until: Option<Instant>,
@@ -641,13 +693,14 @@ async fn poll_turn(
             return Ok(TurnEnd::Cancelled);
         }
         let s = step(conn, slot, config.batch, StopAt::Never).await?;
+        beside.relayed(s.relayed);
         metrics::counter!(crate::metrics::RELAYED).increment(s.relayed);
         if s.caught_up {
             caught_up_at = Instant::now();
         }
         if looked.elapsed() >= HOUSEKEEPING {
             looked = Instant::now();
-            if let Some(end) = housekeeping(conn, pool, slot, on_gap, caught_up_at, mode).await? {
+            if let Some(end) = housekeeping(conn, pool, slot, beside, caught_up_at, mode).await? {
                 return Ok(end);
             }
             // Time to try the replication connection again.
@@ -670,12 +723,12 @@ async fn housekeeping(
     conn: &mut PgConnection,
     pool: &PgPool,
     slot: &str,
-    on_gap: Option<&GapHandler>,
+    beside: &Beside,
     caught_up_at: Instant,
     mode: CaptureMode,
 ) -> Result<Option<TurnEnd>, RelayError> {
     report_lag(conn, slot, caught_up_at.elapsed()).await?;
-    if let Some(handler) = on_gap {
+    if let Some(handler) = &beside.on_gap {
         heal_if_pending(conn, pool, slot, handler).await;
     }
     if slot_name(conn).await?.as_deref() != Some(slot) {
@@ -754,7 +807,7 @@ async fn heal_if_pending(conn: &mut PgConnection, pool: &PgPool, slot: &str, han
 /// no other relay leads (then that one does it): what a one-shot worker
 /// runs first.
 pub async fn drain_once(config: &RelayConfig) -> Result<(), RelayError> {
-    let mut conn = crate::db::connect_one(&config.database_url).await?;
+    let mut conn = relay_connection(&config.database_url).await?;
     let Some(slot) = slot_name(&mut conn).await? else {
         return Ok(());
     };
