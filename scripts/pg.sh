@@ -2,6 +2,9 @@
 # Throwaway PostgreSQL cluster for tests, the demo and benchmarks.
 # Source this file, then call `pg_start`; it exports DATABASE_URL and
 # PG_DIR and registers `pg_stop` on EXIT. `pg_restart` restarts the server.
+# `pg_start` may be called again for a second cluster (another port and
+# directory; DATABASE_URL and PG_DIR then name the last one): `pg_stop`
+# stops every cluster started.
 # PG_FSYNC / PG_SYNCHRONOUS_COMMIT (default off) and PG_EXTRA_CONF (lines
 # appended to postgresql.conf, e.g. to preload pg_stat_statements) tune it.
 #
@@ -50,7 +53,12 @@ pg_start() {
   fi
   PG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/authz-outbox-pg.XXXXXX")
   [ "$(id -u)" -eq 0 ] && chown postgres "$PG_DIR"
-  PG_PORT=${PG_PORT:-$(pg_free_port)}
+  PG_STARTED_DIRS="${PG_STARTED_DIRS:-} $PG_DIR"
+  # A port the caller chose is for the first cluster only.
+  if [ -z "${PG_PORT:-}" ] || [ -n "${PG_PORT_STARTED:-}" ]; then
+    PG_PORT=$(pg_free_port)
+  fi
+  PG_PORT_STARTED=1
   pg_as_owner "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 >"$PG_DIR/initdb.log" 2>&1 \
     || { cat "$PG_DIR/initdb.log" >&2; return 1; }
   # Durability is irrelevant for a throwaway cluster; speed is not.
@@ -78,8 +86,11 @@ pg_restart() {
 }
 
 pg_stop() {
-  if [ -n "${PG_DIR:-}" ] && [ -d "$PG_DIR/data" ]; then
-    pg_as_owner "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
-    rm -rf "$PG_DIR"
-  fi
+  local dir
+  for dir in ${PG_STARTED_DIRS:-} ${PG_DIR:-}; do
+    if [ -d "$dir/data" ]; then
+      pg_as_owner "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+      rm -rf "$dir"
+    fi
+  done
 }

@@ -24,6 +24,14 @@ export SPICEDB_LIBRARY_PATH
 PG_EXTRA_CONF=${PG_EXTRA_CONF:-$'wal_level = logical\nmax_replication_slots = 64\nmax_wal_senders = 16'}
 export PG_EXTRA_CONF
 pg_start
+# Its wal_level test needs the opposite: a second, small cluster left at
+# wal_level = replica, where `migrate --capture wal` must refuse. The main
+# cluster's variables are put back after it.
+main=("$DATABASE_URL" "$PG_DIR" "$PG_PORT" "$PG_EXTRA_CONF")
+PG_EXTRA_CONF=$'wal_level = replica\nshared_buffers = 16MB\nmax_connections = 20'
+pg_start
+export WAL_REPLICA_DATABASE_URL=$DATABASE_URL
+DATABASE_URL=${main[0]} PG_DIR=${main[1]} PG_PORT=${main[2]} PG_EXTRA_CONF=${main[3]}
 
 cargo build --workspace --all-targets
 # The quickstart guide's first block builds these (tests/guides.rs runs it

@@ -399,6 +399,68 @@ async fn a_role_without_replication_is_told_what_to_change(pool: PgPool) {
         .expect("drop role");
 }
 
+/// `migrate --capture wal` on a cluster below `wal_level = logical` (the
+/// second cluster scripts/test.sh starts at `replica`,
+/// `WAL_REPLICA_DATABASE_URL`): one line naming the setting to change and
+/// what it is now, a non-zero exit, and the database left in table mode
+/// with no slot.
+#[tokio::test]
+async fn a_cluster_below_logical_wal_level_is_told_what_to_change() {
+    let admin_url = std::env::var("WAL_REPLICA_DATABASE_URL").expect(
+        "WAL_REPLICA_DATABASE_URL: scripts/test.sh starts a cluster at wal_level = replica for this test",
+    );
+    let mut admin = PgConnection::connect(&admin_url).await.expect("connect");
+    let level: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(&mut admin)
+        .await
+        .expect("wal_level");
+    assert_eq!(level, "replica", "the cluster this test needs");
+    let db = format!("wal_level_{}", std::process::id());
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await
+            .expect("database");
+    }
+    let mut url = url::Url::parse(&admin_url).expect("url");
+    url.set_path(&db);
+    let pool = PgPool::connect(url.as_str()).await.expect("connect");
+    sqlx::raw_sql(common::HOST_SCHEMA)
+        .execute(&pool)
+        .await
+        .expect("host schema");
+    ok(&migrate(url.as_str(), &[]));
+
+    let out = migrate(url.as_str(), &["--capture", "wal"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("wal_level = logical (it is replica)")
+            && stderr.contains("restart PostgreSQL"),
+        "{stderr}"
+    );
+    let mut conn = pool.acquire().await.expect("connection");
+    let mode = authz_outbox::mapping::install::capture_mode(&mut conn)
+        .await
+        .expect("mode");
+    assert_eq!(mode.as_str(), "table", "nothing changed");
+    let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("slots");
+    assert_eq!(slots, 0);
+    drop(conn);
+    pool.close().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {db}")))
+        .execute(&mut admin)
+        .await
+        .expect("drop database");
+}
+
 /// Uninstall takes WAL capture's slot and publication with it (a slot left
 /// behind keeps the primary's WAL forever), and the next `migrate` starts
 /// in table mode.
