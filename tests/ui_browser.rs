@@ -154,8 +154,23 @@ async fn sign_in(client: &Client, base: &str, token: &str) {
         .form(Locator::Css("form[action='/ui/login']"))
         .await
         .expect("form");
-    form.set_by_name("token", token).await.expect("token typed");
+    client
+        .find(Locator::Css("input[name=token]"))
+        .await
+        .expect("token field")
+        .send_keys(token)
+        .await
+        .expect("token typed");
     form.submit().await.expect("sent");
+    // Submitting does not wait for the answer: a page opened before it
+    // arrives cancels it, cookie and all. It has arrived once the page
+    // offers to sign out, or says the token was refused.
+    client
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css("form[action='/ui/logout'], #refused"))
+        .await
+        .expect("the sign-in answered");
 }
 
 #[sqlx::test(migrations = false)]
