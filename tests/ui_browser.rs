@@ -132,6 +132,29 @@ async fn text_of(client: &Client, css: &str) -> String {
 }
 
 /// Waits until the browser shows `path`.
+/// The page now shown, to tell with [`until_replaced`] when the next one
+/// has arrived.
+async fn this_page(client: &Client) -> fantoccini::elements::Element {
+    client
+        .find(Locator::Css("html"))
+        .await
+        .expect("the page's root")
+}
+
+/// Waits until `page` has been replaced by the answer to a form sent from
+/// it. A click that sends a form does not always wait for the answer, and
+/// a page opened before the answer arrives cancels the request (the
+/// browser drops it: the server never acts).
+async fn until_replaced(page: &fantoccini::elements::Element, what: &str) {
+    for _ in 0..100 {
+        if page.tag_name().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: the answer's page never came");
+}
+
 async fn wait_for_path(client: &Client, path: &str) {
     for _ in 0..50 {
         if client.current_url().await.is_ok_and(|u| u.path() == path) {
@@ -318,6 +341,7 @@ async fn an_operator_works_through_the_page_in_a_browser(pool: PgPool) {
             .contains("replayed")
     );
     screenshot(&client, "replay-confirm").await;
+    let confirm_page = this_page(&client).await;
     client
         .find(Locator::Css("button.danger"))
         .await
@@ -329,7 +353,7 @@ async fn an_operator_works_through_the_page_in_a_browser(pool: PgPool) {
         .accept_alert()
         .await
         .expect("the confirmation dialog");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_replaced(&confirm_page, "replay").await;
     assert!(text_of(&client, "main").await.contains("Replayed 1"));
     assert_eq!(row(&pool, agent_row).await.state, "pending");
     let report = run_once(&pool, &dev.base_url(), common::config("w")).await;
@@ -369,6 +393,7 @@ async fn an_operator_works_through_the_page_in_a_browser(pool: PgPool) {
         .goto(&format!("{base}/ui/reconcile"))
         .await
         .expect("reconcile");
+    let reconcile_page = this_page(&client).await;
     client
         .find(Locator::Css("form[action='/ui/reconcile/dry-run'] button"))
         .await
@@ -376,6 +401,7 @@ async fn an_operator_works_through_the_page_in_a_browser(pool: PgPool) {
         .click()
         .await
         .expect("started");
+    until_replaced(&reconcile_page, "the dry run's start").await;
     let mut done = false;
     for _ in 0..100 {
         client
