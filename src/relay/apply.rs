@@ -101,26 +101,6 @@ pub async fn apply(
     Ok((relayed, skipped, last_end))
 }
 
-/// Whether every transaction in the parameter `$p` (32-bit xids, as
-/// pgoutput sends them) is visible to the statement's snapshot. A 32-bit
-/// xid above the snapshot's xmax (mod 2^32) is from the previous epoch.
-macro_rules! all_visible {
-    ($p:literal) => {
-        concat!(
-            "NOT EXISTS (
-    SELECT 1
-    FROM unnest(",
-            $p,
-            "::bigint[]) AS x(xid),
-         (SELECT pg_current_snapshot() AS snap,
-                 pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax) s
-    WHERE NOT pg_visible_in_snapshot(
-        (((s.xmax >> 32) - (x.xid > (s.xmax & 4294967295))::int) << 32 | x.xid)::text::xid8,
-        s.snap))"
-        )
-    };
-}
-
 /// The pause between two looks at a commit not yet visible: short, since
 /// the moment it stands for is short.
 struct Pause(Duration);
@@ -237,7 +217,7 @@ async fn insert(
         // disk (when its restart_lsn moves) without flushing the WAL first,
         // so an unflushed outbox commit could be lost in a crash that keeps
         // the slot's position past its captures. The relay's connection
-        // sets it for its session (`relay_session`).
+        // sets it for its session (`relay_connection`).
         let (inserted, _woken): (Option<i64>, i64) = sqlx::query_as(INSERT_SQL)
             .bind(slot)
             .bind(&c.resource_type)
@@ -268,10 +248,22 @@ async fn insert(
 /// PostgreSQL reads them without parsing JSON, which was a large part of
 /// the relay's insert. Data-modifying `WITH` parts run once each, whether
 /// or not the outer query reads them.
-const INSERT_SQL: &str = concat!(
-    "WITH visible AS (SELECT ",
-    all_visible!("$13"),
-    r#" AS yes),
+///
+/// `visible`: whether every source transaction in `$13` (32-bit xids, as
+/// pgoutput sends them) is visible to the statement's snapshot; a 32-bit
+/// xid above the snapshot's xmax (mod 2^32) is from the previous epoch.
+const INSERT_SQL: &str = r#"
+    WITH visible AS (
+        SELECT NOT EXISTS (
+            SELECT 1
+            FROM unnest($13::bigint[]) AS x(xid),
+                 (SELECT pg_current_snapshot() AS snap,
+                         pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax) s
+            WHERE NOT pg_visible_in_snapshot(
+                (((s.xmax >> 32) - (x.xid > (s.xmax & 4294967295))::int) << 32 | x.xid)::text::xid8,
+                s.snap)
+        ) AS yes
+    ),
     ins AS (
         INSERT INTO authz_outbox (resource_type, resource_id, parent_type, parent_id, operation,
                                   principal, principal_source, attributes, created_at,
@@ -312,5 +304,4 @@ const INSERT_SQL: &str = concat!(
               WHERE v.yes AND counted.n > 0)
     SELECT CASE WHEN v.yes THEN counted.n END, (SELECT count(*) FROM woken)
     FROM visible v, counted
-    "#
-);
+"#;
