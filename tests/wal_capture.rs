@@ -101,6 +101,26 @@ async fn applied_lsn(pool: &PgPool) -> String {
         .expect("relay row")
 }
 
+/// A relay leading on `url`'s database until `cancel`, as `run` starts it
+/// (fast polling where it polls).
+fn spawn_relay(
+    url: &str,
+    pool: &PgPool,
+    beside: relay::Beside,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(relay::run(
+        relay::RelayConfig {
+            database_url: url.to_string(),
+            poll: Duration::from_millis(5),
+            batch: 1000,
+        },
+        pool.clone(),
+        beside,
+        cancel.clone(),
+    ))
+}
+
 async fn relay_conn(url: &str) -> (PgConnection, String) {
     let mut conn = PgConnection::connect(url).await.expect("connect");
     let slot = relay::slot_name(&mut conn)
@@ -281,18 +301,7 @@ async fn switch_with_writes_in_flight(pool: PgPool, with_relay: bool) {
     let url = database_url(&pool).await;
     host_agent(&pool, "a1").await;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let relay = with_relay.then(|| {
-        tokio::spawn(relay::run(
-            relay::RelayConfig {
-                database_url: url.clone(),
-                poll: Duration::from_millis(5),
-                batch: 1000,
-            },
-            pool.clone(),
-            relay::Beside::default(),
-            cancel.clone(),
-        ))
-    });
+    let relay = with_relay.then(|| spawn_relay(&url, &pool, relay::Beside::default(), &cancel));
     let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut writers = Vec::new();
     for w in 0..3 {
@@ -601,16 +610,7 @@ async fn a_wait_for_a_resource_waits_for_the_relay_first(pool: PgPool) {
     // The relay starts only once the wait is under way.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cancel = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(relay::run(
-        relay::RelayConfig {
-            database_url: url.clone(),
-            poll: Duration::from_millis(5),
-            batch: 1000,
-        },
-        pool.clone(),
-        relay::Beside::default(),
-        cancel.clone(),
-    ));
+    let relay = spawn_relay(&url, &pool, relay::Beside::default(), &cancel);
     let (outcome, id) = waiter.await.expect("join");
     cancel.cancel();
     relay.await.expect("relay stops");
@@ -844,16 +844,7 @@ async fn a_relay_waits_while_another_client_streams_the_slot(pool: PgPool) {
         .expect("the other client streams the slot");
 
     let cancel = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(relay::run(
-        relay::RelayConfig {
-            database_url: url.clone(),
-            poll: Duration::from_millis(5),
-            batch: 1000,
-        },
-        pool.clone(),
-        relay::Beside::default(),
-        cancel.clone(),
-    ));
+    let relay = spawn_relay(&url, &pool, relay::Beside::default(), &cancel);
     // It keeps its turn (the leader lock) and waits, rather than failing
     // and starting over, or recreating a slot it thinks lost.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -968,19 +959,15 @@ async fn the_relay_wakes_its_own_processs_claimer_once_rows_are_in(pool: PgPool)
     let (pool, url) = wal_db(pool).await;
     let woken = std::sync::Arc::new(Woken::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let relay = tokio::spawn(relay::run(
-        relay::RelayConfig {
-            database_url: url.clone(),
-            poll: Duration::from_millis(5),
-            batch: 1000,
-        },
-        pool.clone(),
+    let relay = spawn_relay(
+        &url,
+        &pool,
         relay::Beside {
             on_gap: None,
             wake: Some(woken.clone()),
         },
-        cancel.clone(),
-    ));
+        &cancel,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(woken.0.load(std::sync::atomic::Ordering::SeqCst), 0);
     host_agent(&pool, "a1").await;

@@ -342,7 +342,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let relay_pool = pool.clone();
     let spicedb_for_gaps = args.ui_spicedb()?;
     let worker = Worker::new(pool, target, config)?;
-    let wake = worker.waker();
     let ui = match (
         ui_pool,
         args.ui
@@ -384,7 +383,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             relay_pool.clone(),
             crate::relay::Beside {
                 on_gap: gap_handler(relay_pool.clone(), spicedb_for_gaps.clone(), args.target),
-                wake: Some(wake.clone()),
+                wake: Some(worker.waker()),
             },
             shutdown.clone(),
         ))
